@@ -1,0 +1,1 @@
+"""Backbones (torchvision), Res-Inc, STFN, STCB and baseline heads. Import from the submodules."""

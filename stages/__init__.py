@@ -1,0 +1,1 @@
+"""One module per pipeline stage; each declares a Stage (see pipeline.cache)."""
