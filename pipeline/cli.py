@@ -1,0 +1,175 @@
+"""The ``pipeline`` command: a Click group with one thin command per stage, plus ``status``.
+
+Each stage command is generated from the stage's parameter dataclass (every field becomes an option with its
+help text and default), builds the params object (defaults < ``--config`` TOML < options) and calls
+:func:`pipeline.cache.run_stage`. Everything here is callable from Python through ``run_stage`` directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import typing
+from pathlib import Path
+
+import click
+
+from pipeline import config as cfg
+from pipeline.cache import StageError, StageFailures, run_stage, status
+from pipeline.config import ConfigError
+
+log = logging.getLogger("pipeline")
+
+
+def _setup_logging(verbose: bool) -> None:
+    root = logging.getLogger("pipeline")
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        root.addHandler(h)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _click_type(params_type: type, f: dataclasses.Field):
+    tp = cfg._base(typing.get_type_hints(params_type)[f.name])
+    if f.metadata.get("choices"):
+        return click.Choice(list(f.metadata["choices"]))
+    if tp is Path:
+        return click.Path(path_type=Path)
+    if tp in (int, float):
+        return tp
+    return str
+
+
+def _default_text(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def param_options(params_type: type):
+    """Decorator adding one option per parameter field (``--short-side``, ``--frame-codec``, ...)."""
+    hints = typing.get_type_hints(params_type)
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(params_type)):
+            if not f.metadata.get("cli", True):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_text = f"{f.metadata.get('help', '')} [default: {_default_text(default)}]"
+            if cfg._base(hints[f.name]) is bool:
+                fn = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None,
+                                  help=help_text)(fn)
+            else:
+                fn = click.option(flag, f.name, type=_click_type(params_type, f), default=None,
+                                  help=help_text)(fn)
+        return fn
+
+    return decorate
+
+
+def common_options(fn):
+    fn = click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+                      help="TOML config file with a table per stage (see README).")(fn)
+    fn = click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                      help=f"Cache root for all stage outputs [default: ${cfg.CACHE_ENV} or cache/ at the "
+                           "repository root].")(fn)
+    fn = click.option("--allow-failures", is_flag=True, default=False,
+                      help="Finish with exit status 0 even if some videos failed (they are recorded).")(fn)
+    fn = click.option("--force", is_flag=True, default=False,
+                      help="Recompute even if the output is fresh.")(fn)
+    fn = click.option("-v", "--verbose", is_flag=True, default=False, help="Debug logging.")(fn)
+    return fn
+
+
+def resolve_cache_dir(cache_dir: Path | None, config: dict) -> Path:
+    if cache_dir is not None:
+        return cache_dir
+    from_config = cfg.pipeline_setting(config, "cache_dir")
+    return Path(from_config) if from_config else cfg.default_cache_dir()
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def make_stage_command(stage):
+    def command(config_path, cache_dir, allow_failures, force, verbose, **overrides):
+        _setup_logging(verbose)
+        try:
+            conf = cfg.load_config(config_path)
+            params = cfg.build_params(stage.params_type, conf, stage.name, overrides, config_path=config_path)
+            root = resolve_cache_dir(cache_dir, conf)
+            result = run_stage(stage, params, root, allow_failures=allow_failures, force=force)
+        except StageFailures as e:
+            _fail(str(e), 1)
+        except (StageError, ConfigError) as e:
+            _fail(str(e), 2)
+        click.echo(result.message)
+
+    doc = (stage.run.__module__ and sys.modules[stage.run.__module__].__doc__) or stage.help
+    command.__doc__ = doc
+    command = param_options(stage.params_type)(common_options(command))
+    return click.command(stage.name, help=doc, short_help=stage.help)(command)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="stfn-pipeline")
+def main():
+    """Two-stream STFN action recognition, as cached stages that run in order.
+
+    \b
+    Stages: decode -> extract-flow -> finetune (rgb, flow) -> extract-features -> train-head -> refine -> evaluate.
+    Every stage caches its output under the cache folder; re-running an unchanged, finished stage does nothing,
+    and `pipeline status` shows which outputs are fresh, stale (and why) or missing.
+    """
+
+
+def _register() -> None:
+    from stages import all_stages
+
+    for stage in all_stages():
+        main.add_command(make_stage_command(stage))
+    for extra in extra_commands():
+        main.add_command(extra)
+
+
+def extra_commands() -> list:
+    from stages import extra_commands as ec
+
+    return ec()
+
+
+@main.command("status")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Cache root.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="TOML config.")
+def status_command(cache_dir, config_path):
+    """Which stage outputs are fresh, stale (and which upstream change made them so), incomplete or missing."""
+    from stages import all_stages
+
+    try:
+        conf = cfg.load_config(config_path)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    root = resolve_cache_dir(cache_dir, conf)
+    rows = status(root, all_stages())
+    click.echo(f"cache: {root}")
+    width = max([len(r.key) for r in rows] + [5])
+    click.echo(f"{'stage':<{width}}  {'state':<10}  {'fingerprint':<12}  {'finished':<25}  {'done':>6}  "
+               f"{'failed':>6}  why")
+    for r in rows:
+        click.echo(f"{r.key:<{width}}  {r.state:<10}  {r.fingerprint[:12]:<12}  {r.finished:<25}  "
+                   f"{r.done:>6}  {r.failed:>6}  {r.reason}")
+
+
+_register()
+
+if __name__ == "__main__":
+    main()

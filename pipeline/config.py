@@ -1,0 +1,144 @@
+"""Typed stage parameters: defaults from the dataclasses, a TOML config file, then command-line overrides.
+
+A config file has one table per stage, named like the command, plus an optional ``[pipeline]`` table::
+
+    [pipeline]
+    cache_dir = "/data/stfn-cache"
+
+    [decode]
+    dataset = "ucf101"
+    root = "/data/UCF-101"
+    splits = "/data/ucfTrainTestlist"
+
+    [train-head]
+    head = "stfn"
+    segments = 7
+
+Precedence: dataclass default < config file < command-line option.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CACHE_ENV = "PIPELINE_CACHE_DIR"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A config file or a parameter value is invalid; the message names the file or the parameter."""
+
+
+def default_cache_dir() -> Path:
+    """``$PIPELINE_CACHE_DIR``, else ``cache/`` at the repository root (or the working directory when installed)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    if (REPO_ROOT / "pyproject.toml").exists():
+        return REPO_ROOT / "cache"
+    return Path.cwd() / "cache"
+
+
+def load_config(path: Path | None) -> dict[str, dict[str, Any]]:
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from e
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a [table] named after a stage")
+    # Relative paths in a config file are relative to the file's folder.
+    return {k: {**v, "__base__": path.parent} for k, v in data.items()}
+
+
+def _type_of(params_type: type, name: str) -> Any:
+    return typing.get_type_hints(params_type)[name]
+
+
+def _base(tp: Any) -> Any:
+    """The concrete type of ``X | None``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def coerce(params_type: type, name: str, value: Any, *, base: Path | None = None, source: str = "") -> Any:
+    """Convert a config/CLI value to the field's type, with a clear error naming the parameter."""
+    fld = {f.name: f for f in dataclasses.fields(params_type)}[name]
+    tp = _base(_type_of(params_type, name))
+    where = f" (in {source})" if source else ""
+    if value is None:
+        return None
+    try:
+        if tp is Path:
+            p = Path(value).expanduser()
+            return (base / p) if base is not None and not p.is_absolute() else p
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp in (int, float, str):
+            out = tp(value)
+        elif typing.get_origin(tp) is tuple:
+            inner = typing.get_args(tp)[0]
+            items = value.split(",") if isinstance(value, str) else list(value)
+            out = tuple(inner(v) for v in items if str(v).strip() != "")
+        else:
+            out = value
+    except (TypeError, ValueError):
+        raise ConfigError(f"parameter {name!r}{where}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") \
+            from None
+    choices = fld.metadata.get("choices")
+    if choices and out not in choices:
+        raise ConfigError(f"parameter {name!r}{where}: {out!r} is not one of {', '.join(map(str, choices))}")
+    return out
+
+
+def build_params(params_type: type, config: Mapping[str, Mapping[str, Any]], section: str,
+                 overrides: Mapping[str, Any], *, config_path: Path | None = None) -> Any:
+    """Dataclass defaults, then the config file's ``[section]`` table, then non-None ``overrides``."""
+    names = {f.name for f in dataclasses.fields(params_type)}
+    values: dict[str, Any] = {}
+    table = dict(config.get(section, {}))
+    base = table.pop("__base__", None)
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise ConfigError(f"{config_path or 'config'}: [{section}] has unknown parameter {key!r}; "
+                              f"known: {', '.join(sorted(n.replace('_', '-') for n in names))}")
+        values[name] = coerce(params_type, name, value, base=base, source=f"{config_path} [{section}]")
+    for name, value in overrides.items():
+        if value is not None and name in names:
+            values[name] = coerce(params_type, name, value)
+    params = params_type(**values)
+    validate = getattr(params, "validate", None)
+    if callable(validate):
+        validate()
+    return params
+
+
+def pipeline_setting(config: Mapping[str, Mapping[str, Any]], key: str) -> Any:
+    table = config.get("pipeline", {})
+    value = table.get(key)
+    if key == "cache_dir" and value is not None:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else Path(table["__base__"]) / p
+    return value

@@ -1,0 +1,480 @@
+"""Frame, flow and feature stores over Zarr (v3) and HDF5, behind one interface.
+
+Layout (see ``docs/formats.md`` for the full description and plain h5py / zarr examples):
+
+* Frames and flow are **per-video containers** under a store folder: ``<root>/<video_id>.zarr`` (a Zarr v3
+  group, i.e. a folder) or ``<root>/<video_id>.h5`` (one HDF5 file). One container per video makes every
+  video an atomic unit: it is written under a temporary name and renamed into place, so a killed run never
+  leaves a half-written video under its final name, and HDF5's lack of crash safety cannot damage other
+  videos.
+* An image sequence inside a container is stored either as JPEG-in-array (``<name>/jpeg``: all JPEG bytes
+  of the sequence concatenated in a 1-D uint8 array, ``<name>/offsets``: int64 (T+1,) byte offsets) or as
+  raw uint8 chunks (``<name>/raw``: (T, H, W, C) uint8, one frame per chunk, compressed losslessly).
+* Features are one consolidated container (``features.zarr`` / ``features.h5``) holding every video;
+  written once, atomically, at the end of ``extract-features``.
+
+Nothing here knows about stages; the stages decide what to store.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+#: Bumped when a stored layout changes incompatibly; checked on open.
+FORMAT_VERSION = 1
+
+BACKENDS = ("zarr", "h5")
+IMAGE_CODECS = ("jpeg", "raw")
+_EXT = {"zarr": ".zarr", "h5": ".h5"}
+
+
+class StoreError(RuntimeError):
+    """A store on disk is missing, unreadable, or written by an incompatible version."""
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown store backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def _json_attr(value: Any) -> Any:
+    """Attributes are stored as JSON-compatible values (numpy scalars and paths converted)."""
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_json_attr(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_attr(v) for k, v in value.items()}
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JPEG helpers (torchvision's libjpeg-turbo bindings; CUDA decode through nvjpeg where available)
+# ----------------------------------------------------------------------------------------------------------
+
+def encode_jpeg_frames(frames: np.ndarray, quality: int = 95) -> tuple[np.ndarray, np.ndarray]:
+    """Encode RGB frames to one concatenated JPEG byte array.
+
+    Args:
+        frames: (T, H, W, 3) uint8 RGB (or (T, H, W, 1) / (T, H, W) grayscale).
+    Returns:
+        data: (sum of sizes,) uint8, offsets: (T + 1,) int64 with frame t in ``data[offsets[t]:offsets[t+1]]``.
+    """
+    import cv2
+
+    if frames.ndim == 3:
+        frames = frames[..., None]
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] not in (1, 3):
+        raise ValueError(f"expected (T, H, W, 3|1) uint8 frames, got {frames.shape} {frames.dtype}")
+    params = [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)]
+    chunks = []
+    for frame in frames:
+        img = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR) if frame.shape[-1] == 3 else frame[..., 0]
+        ok, buf = cv2.imencode(".jpg", img, params)
+        if not ok:
+            raise StoreError("JPEG encoding failed")
+        chunks.append(buf.reshape(-1))
+    offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+    np.cumsum([len(c) for c in chunks], out=offsets[1:])
+    data = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
+    return data, offsets
+
+
+def decode_jpeg_frames(data: np.ndarray, offsets: np.ndarray, indices: Sequence[int], device: str = "cpu"):
+    """Decode frames ``indices`` of a JPEG-in-array sequence; returns a (k, H, W, C) uint8 torch tensor."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    bufs = [torch.from_numpy(np.ascontiguousarray(data[offsets[i]:offsets[i + 1]])) for i in indices]
+    if not bufs:
+        raise ValueError("no frame indices given")
+    imgs = decode_jpeg(bufs, mode=ImageReadMode.UNCHANGED, device=device)
+    return torch.stack(imgs).permute(0, 2, 3, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-video containers
+# ----------------------------------------------------------------------------------------------------------
+
+class _Container:
+    """Backend-neutral view of one open container: named arrays plus a JSON attribute dict."""
+
+    def __init__(self, backend: str, handle: Any):
+        self.backend = backend
+        self.handle = handle
+
+    # -- writing --
+    def create(self, name: str, data: np.ndarray, *, chunks: tuple[int, ...] | None = None,
+               compress: bool = True) -> None:
+        data = np.ascontiguousarray(data)
+        if self.backend == "h5":
+            kw: dict[str, Any] = {}
+            if data.size and chunks is not None:
+                kw["chunks"] = tuple(min(c, s) for c, s in zip(chunks, data.shape)) or None
+            if compress and data.size:
+                kw["compression"] = "lzf"
+            self.handle.create_dataset(name, data=data, **kw)
+        else:
+            import zarr
+            from zarr.codecs import BloscCodec
+
+            if data.dtype.kind in "US":  # variable-length UTF-8, the string type with a Zarr v3 spec
+                arr = zarr.create_array(self.handle.store, name=f"{self.handle.path}/{name}".lstrip("/"),
+                                        shape=data.shape, dtype=str, chunks=tuple(max(1, s) for s in data.shape))
+                arr[...] = data.astype(str).astype(object)
+                return
+            compressors = [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle" if data.dtype == np.uint8
+                                      else "shuffle")] if compress else None
+            chunk_shape = chunks if chunks is not None else "auto"
+            if data.size == 0:
+                chunk_shape = tuple(max(1, s) for s in data.shape) or (1,)
+            elif chunks is not None:
+                chunk_shape = tuple(max(1, min(c, s)) for c, s in zip(chunks, data.shape))
+            arr = zarr.create_array(self.handle.store, name=f"{self.handle.path}/{name}".lstrip("/"),
+                                    shape=data.shape, dtype=data.dtype, chunks=chunk_shape,
+                                    compressors=compressors)
+            arr[...] = data
+
+    def set_attrs(self, attrs: Mapping[str, Any]) -> None:
+        if self.backend == "h5":
+            for k, v in attrs.items():
+                self.handle.attrs[k] = json.dumps(_json_attr(v))
+        else:
+            self.handle.attrs.update({k: _json_attr(v) for k, v in attrs.items()})
+
+    # -- reading --
+    @property
+    def attrs(self) -> dict[str, Any]:
+        if self.backend == "h5":
+            return {k: json.loads(v) for k, v in self.handle.attrs.items()}
+        return dict(self.handle.attrs)
+
+    def __contains__(self, name: str) -> bool:
+        if self.backend == "h5":
+            return name in self.handle
+        try:
+            self.handle[name]
+            return True
+        except KeyError:
+            return False
+
+    def __getitem__(self, name: str):
+        """The named array (h5py.Dataset or zarr.Array): slice it to read."""
+        try:
+            return self.handle[name]
+        except KeyError:
+            raise KeyError(f"no array {name!r} in {self.handle}") from None
+
+    def close(self) -> None:
+        if self.backend == "h5":
+            self.handle.close()
+
+
+def _open_container(path: Path, backend: str, mode: str) -> _Container:
+    if backend == "h5":
+        import h5py
+
+        return _Container("h5", h5py.File(path, mode))
+    import zarr
+
+    return _Container("zarr", zarr.open_group(str(path), mode=mode, zarr_format=3))
+
+
+class ContainerWriter(_Container):
+    """What :meth:`VideoStore.writer` yields: create arrays and image sequences, set attributes."""
+
+    def write_images(self, name: str, frames: np.ndarray, *, codec: str = "jpeg", quality: int = 95) -> None:
+        """Store an image sequence (T, H, W, C) uint8 as ``<name>/jpeg`` + ``<name>/offsets`` or ``<name>/raw``."""
+        if codec not in IMAGE_CODECS:
+            raise ValueError(f"unknown image codec {codec!r}; choose one of {', '.join(IMAGE_CODECS)}")
+        if codec == "jpeg":
+            data, offsets = encode_jpeg_frames(frames, quality)
+            self.create(f"{name}/jpeg", data, chunks=(1 << 20,), compress=False)
+            self.create(f"{name}/offsets", offsets, compress=False)
+        else:
+            if frames.ndim == 3:
+                frames = frames[..., None]
+            self.create(f"{name}/raw", frames, chunks=(1, *frames.shape[1:]))
+
+
+class ContainerReader(_Container):
+    """A read-only open container."""
+
+    def image_codec(self, name: str) -> str:
+        if f"{name}/jpeg" in self:
+            return "jpeg"
+        if f"{name}/raw" in self:
+            return "raw"
+        raise KeyError(f"no image sequence {name!r} in this container")
+
+    def num_images(self, name: str) -> int:
+        if self.image_codec(name) == "jpeg":
+            return int(self[f"{name}/offsets"].shape[0]) - 1
+        return int(self[f"{name}/raw"].shape[0])
+
+    def read_images(self, name: str, indices: Sequence[int] | None = None, *, device: str = "cpu"):
+        """Frames ``indices`` (all when None) as a (k, H, W, C) uint8 torch tensor (on ``device``)."""
+        import torch
+
+        n = self.num_images(name)
+        idx = list(range(n)) if indices is None else [int(i) for i in indices]
+        bad = [i for i in idx if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"frame indices {bad[:5]} out of range for {n} images")
+        if self.image_codec(name) == "jpeg":
+            offsets = np.asarray(self[f"{name}/offsets"][...])
+            data = self[f"{name}/jpeg"]
+            need = int(sum(offsets[i + 1] - offsets[i] for i in set(idx)))
+            lo, hi = offsets[min(idx)], offsets[max(idx) + 1]
+            if hi - lo <= 2 * need:  # dense request: one contiguous read
+                block = np.asarray(data[lo:hi])
+                return decode_jpeg_frames(block, offsets - lo, idx, device=device)
+            parts = {i: np.asarray(data[offsets[i]:offsets[i + 1]]) for i in sorted(set(idx))}
+            bufs = [parts[i] for i in idx]
+            offs = np.zeros(len(bufs) + 1, np.int64)
+            np.cumsum([len(b) for b in bufs], out=offs[1:])
+            return decode_jpeg_frames(np.concatenate(bufs), offs, range(len(bufs)), device=device)
+        arr = self[f"{name}/raw"]
+        uniq = sorted(set(idx))
+        if uniq[-1] - uniq[0] + 1 <= 2 * len(uniq):
+            block = np.asarray(arr[uniq[0]:uniq[-1] + 1])
+            pos = {u: u - uniq[0] for u in uniq}
+        else:  # sparse request: read only the frames' chunks
+            block = np.stack([np.asarray(arr[u]) for u in uniq])
+            pos = {u: k for k, u in enumerate(uniq)}
+        out = torch.from_numpy(np.ascontiguousarray(block[[pos[i] for i in idx]]))
+        return out.to(device) if device != "cpu" else out
+
+
+@dataclass
+class VideoStore:
+    """A folder of per-video containers: ``root/<video_id>.zarr`` or ``root/<video_id>.h5``.
+
+    Video ids may contain ``/`` (``Class/v_Class_g01_c01``); they map to sub-folders.
+    """
+
+    root: Path
+    backend: str = "zarr"
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        _check_backend(self.backend)
+
+    def path(self, video_id: str) -> Path:
+        if not video_id or video_id.startswith("/") or ".." in video_id.split("/"):
+            raise ValueError(f"invalid video id {video_id!r}")
+        return self.root / (video_id + _EXT[self.backend])
+
+    def exists(self, video_id: str) -> bool:
+        return self.path(video_id).exists()
+
+    def video_ids(self) -> list[str]:
+        """Every committed video in the store (temporary, unfinished containers are not listed)."""
+        ext = _EXT[self.backend]
+        found: list[str] = []
+
+        def walk(folder: Path, prefix: str) -> None:
+            for entry in os.scandir(folder):
+                if entry.name.startswith(".tmp-"):
+                    continue
+                if entry.name.endswith(ext):
+                    found.append(prefix + entry.name[: -len(ext)])
+                elif entry.is_dir():
+                    walk(Path(entry.path), prefix + entry.name + "/")
+
+        if self.root.is_dir():
+            walk(self.root, "")
+        return sorted(found)
+
+    @contextmanager
+    def writer(self, video_id: str) -> Iterator[ContainerWriter]:
+        """Write one video's container atomically: a temporary sibling renamed into place on success.
+
+        An exception inside the block removes the temporary container and leaves any existing one untouched.
+        """
+        final = self.path(video_id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_sibling(final)
+        raw = _open_container(tmp, self.backend, "w")
+        w = ContainerWriter(raw.backend, raw.handle)
+        try:
+            yield w
+            w.set_attrs({"format_version": FORMAT_VERSION, "video_id": video_id})
+            w.close()
+            if final.exists():
+                _remove(final)
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                w.close()
+            finally:
+                _remove(tmp)
+            raise
+
+    @contextmanager
+    def reader(self, video_id: str) -> Iterator[ContainerReader]:
+        path = self.path(video_id)
+        if not path.exists():
+            raise StoreError(f"{path}: no stored data for video {video_id!r}")
+        try:
+            raw = _open_container(path, self.backend, "r")
+        except Exception as e:  # noqa: BLE001 - report any backend failure with the path
+            raise StoreError(f"{path}: cannot open ({type(e).__name__}: {e})") from e
+        r = ContainerReader(raw.backend, raw.handle)
+        try:
+            version = r.attrs.get("format_version")
+            if version != FORMAT_VERSION:
+                raise StoreError(f"{path}: written by store format {version}, this pipeline reads format "
+                                 f"{FORMAT_VERSION}; re-run the stage that wrote it (or use another --cache-dir)")
+            yield r
+        finally:
+            r.close()
+
+    def clean_temporary(self) -> int:
+        """Remove containers left under temporary names by a killed run; returns how many."""
+        if not self.root.is_dir():
+            return 0
+        stale = [p for p in self.root.rglob(".tmp-*")]
+        for p in stale:
+            _remove(p)
+        return len(stale)
+
+    def remove(self, video_id: str) -> None:
+        _remove(self.path(video_id))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Frames: a VideoStore whose containers hold "frames" plus metadata
+# ----------------------------------------------------------------------------------------------------------
+
+def read_frames(store: VideoStore, video_id: str, indices: Sequence[int] | None = None, *, device: str = "cpu"):
+    """Decoded RGB frames of a video as a (k, H, W, 3) uint8 torch tensor."""
+    with store.reader(video_id) as r:
+        return r.read_images("frames", indices, device=device)
+
+
+def frame_info(store: VideoStore, video_id: str) -> dict[str, Any]:
+    """The metadata recorded with a video's frames: num_frames, fps, height, width, source, ..."""
+    with store.reader(video_id) as r:
+        return r.attrs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Features: one consolidated container for every video
+# ----------------------------------------------------------------------------------------------------------
+
+FEATURE_TABLE_KEYS = ("video_ids", "labels", "split", "groups")
+
+
+@dataclass
+class FeatureSet:
+    """Everything a feature store holds, in memory.
+
+    streams: name -> (V, P, views, D) array (float16 by default); positions: (V, P) float32 frame positions;
+    video_ids, split, groups: (V,) str; labels: (V,) int64; class_names: (C,) str; attrs: JSON metadata.
+    """
+
+    streams: dict[str, np.ndarray]
+    positions: np.ndarray
+    video_ids: np.ndarray
+    labels: np.ndarray
+    split: np.ndarray
+    groups: np.ndarray
+    class_names: np.ndarray
+    attrs: dict[str, Any]
+
+
+def feature_store_path(folder: Path, backend: str) -> Path:
+    return Path(folder) / ("features" + _EXT[_check_backend(backend)])
+
+
+def write_feature_store(path: Path, fs: FeatureSet) -> None:
+    """Write a FeatureSet atomically to ``path`` (backend from the suffix: ``.zarr`` or ``.h5``)."""
+    path = Path(path)
+    backend = "zarr" if path.suffix == ".zarr" else "h5" if path.suffix == ".h5" else None
+    if backend is None:
+        raise ValueError(f"{path}: feature store name must end in .zarr or .h5")
+    V = len(fs.video_ids)
+    for name, arr in fs.streams.items():
+        if arr.ndim != 4 or arr.shape[0] != V:
+            raise ValueError(f"stream {name!r}: expected (V={V}, P, views, D), got {arr.shape}")
+    tmp = _tmp_sibling(path)
+    c = _open_container(tmp, backend, "w")
+    w = ContainerWriter(c.backend, c.handle)
+    try:
+        for name, arr in fs.streams.items():
+            w.create(f"streams/{name}", arr, chunks=(min(256, V), *arr.shape[1:]))
+        w.create("positions", fs.positions.astype(np.float32))
+        w.create("labels", fs.labels.astype(np.int64))
+        for key in ("video_ids", "split", "groups", "class_names"):
+            # HDF5: UTF-8 encoded bytes; Zarr: variable-length UTF-8 strings.
+            w.create(key, np.char.encode(np.asarray(getattr(fs, key)).astype(str), "utf-8")
+                     if backend == "h5" else np.asarray(getattr(fs, key)).astype(str), compress=False)
+        w.set_attrs({**fs.attrs, "format_version": FORMAT_VERSION, "streams": list(fs.streams)})
+        w.close()
+        if path.exists():
+            _remove(path)
+        os.replace(tmp, path)
+    except BaseException:
+        w.close()
+        _remove(tmp)
+        raise
+
+
+def read_feature_store(path: Path, streams: Sequence[str] | None = None) -> FeatureSet:
+    """Load a feature store written by :func:`write_feature_store` (or by ``extract-features``)."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: feature store not found (run `pipeline extract-features` first)")
+    backend = "zarr" if path.suffix == ".zarr" else "h5"
+    c = _open_container(path, backend, "r")
+    r = ContainerReader(c.backend, c.handle)
+    try:
+        attrs = r.attrs
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{path}: written by store format {attrs.get('format_version')}, this pipeline "
+                             f"reads format {FORMAT_VERSION}; re-run extract-features")
+        names = list(attrs["streams"]) if streams is None else list(streams)
+        missing = [s for s in names if s not in attrs["streams"]]
+        if missing:
+            raise StoreError(f"{path}: no stream(s) {missing}; it holds {attrs['streams']}")
+
+        def strings(key: str) -> np.ndarray:
+            a = np.asarray(r[key][...])
+            if a.dtype.kind == "S":
+                return np.char.decode(a, "utf-8")
+            return np.array([str(x) for x in a.ravel()]).reshape(a.shape)
+
+        return FeatureSet(
+            streams={s: np.asarray(r[f"streams/{s}"][...]) for s in names},
+            positions=np.asarray(r["positions"][...]),
+            video_ids=strings("video_ids"), labels=np.asarray(r["labels"][...]),
+            split=strings("split"), groups=strings("groups"), class_names=strings("class_names"),
+            attrs=attrs,
+        )
+    finally:
+        r.close()

@@ -1,0 +1,233 @@
+"""``decode``: videos to frames.
+
+Every video of the dataset (train, test and unused in any split, so one decode serves all three official
+splits) is decoded with PyAV, resized so the short side is ``short_side`` (256 by default, seed 000 §4.2:
+"resized to make the smaller side as 256"), and stored as one container per video in ``<out>/frames/``
+(JPEG-in-array by default, see docs/formats.md for the measurement behind that choice). Videos are spread
+over ``workers`` processes; each worker writes its video's container atomically and the main process
+journals it, so a killed run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from pipeline import datasets as ds
+from pipeline.cache import Plan, Stage, StageContext, StageError, Upstream, digest, param
+from pipeline.store import BACKENDS, IMAGE_CODECS, VideoStore
+from pipeline.table import VideoTable
+
+VERSION = "1"
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    dataset: str = param("demo", "Dataset layout: ucf101, hmdb51, folder (a folder per class), csv "
+                         "(path,label[,split[,group]] list) or demo (the built-in synthetic dataset).",
+                         choices=ds.DATASET_KINDS)
+    root: Path | None = param(None, "Dataset root folder (for demo: where to generate it; default "
+                              "<cache>/demo-data).")
+    splits: Path | None = param(None, "Folder with the official split files (ucf101: classInd.txt, "
+                                "trainlist0N.txt, testlist0N.txt; hmdb51: <class>_test_splitN.txt). "
+                                "Default: looked for in and beside the root.")
+    list: Path | None = param(None, "CSV list for --dataset csv (default <root>/list.csv).")
+    test_fraction: float = param(0.3, "For --dataset folder: fraction of groups held out as the test split "
+                                 "(0 puts every video in train).")
+    short_side: int = param(256, "Resize frames so the short side has this many pixels, aspect kept "
+                            "(seed 000 §4.2); 0 keeps the source size.")
+    frame_codec: str = param("jpeg", "How frames are stored: jpeg (JPEG-in-array, ~10x smaller) or raw "
+                             "(lossless uint8 chunks, faster to read). See docs/formats.md.", choices=IMAGE_CODECS)
+    jpeg_quality: int = param(95, "JPEG quality for --frame-codec jpeg.")
+    backend: str = param("zarr", "Store back end: zarr (a folder per video) or h5 (an HDF5 file per video).",
+                         choices=BACKENDS)
+    max_frames: int = param(0, "Decode at most this many frames per video (0: all).")
+    demo_seed: int = param(0, "Seed of the synthetic demo dataset (--dataset demo).")
+    allow_missing: bool = param(False, "Accept split lists that name videos missing on disk (they are listed "
+                                "and skipped) instead of stopping.")
+    workers: int = param(0, "Decoding processes (0: one per CPU core).", fingerprint=False)
+
+    def validate(self) -> None:
+        if self.dataset != "demo" and self.root is None:
+            raise StageError(f"--root is required for --dataset {self.dataset}")
+        if self.short_side < 0 or (0 < self.short_side < 16):
+            raise StageError(f"--short-side must be 0 or at least 16 (got {self.short_side})")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise StageError(f"--jpeg-quality must be in 1..100 (got {self.jpeg_quality})")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise StageError(f"--test-fraction must be in [0, 1) (got {self.test_fraction})")
+
+
+def demo_root(params: DecodeParams, cache_root: Path) -> Path:
+    return Path(params.root) if params.root is not None else Path(cache_root) / "demo-data"
+
+
+def load_tables(params: DecodeParams, cache_root: Path) -> VideoTable:
+    """Read the dataset (every split it defines) into a :class:`VideoTable` without frame information."""
+    kind = params.dataset
+    if kind == "demo":
+        from pipeline.demo import make_demo
+
+        root = demo_root(params, cache_root)
+        make_demo(root, seed=params.demo_seed)
+    else:
+        root = Path(params.root)
+    split_ids: list[int] = [1, 2, 3] if kind in ("ucf101", "hmdb51") else [1]
+    loaded: dict[int, ds.Dataset] = {}
+    for sid in split_ids:
+        kw: dict = {"allow_missing": params.allow_missing} if kind != "folder" else {}
+        if kind in ("ucf101", "hmdb51"):
+            kw.update(splits_dir=params.splits, split=sid)
+        elif kind == "csv":
+            kw.update(csv=params.list)
+        elif kind == "folder":
+            kw.update(test_fraction=params.test_fraction or None)
+        try:
+            loaded[sid] = ds.load_dataset(kind, root, **kw)
+        except ds.DatasetError as e:
+            if sid == 1 or "split" not in str(e).lower() or "not found" not in str(e).lower():
+                raise StageError(str(e)) from None
+            # Splits 2 and 3 are optional: a user may have only the first split's lists.
+    first = loaded[1]
+    records = {v.video_id: v for d in loaded.values() for v in d.videos}
+    ids = sorted(records)
+    for sid, d in loaded.items():
+        if d.classes != first.classes:
+            raise StageError(f"split {sid} of {root} defines different classes than split 1")
+    split_of = {str(sid): {v.video_id: v.split for v in d.videos} for sid, d in loaded.items()}
+    return VideoTable(
+        dataset=kind, root=str(root), classes=list(first.classes), video_ids=ids,
+        labels=[records[i].label for i in ids], groups=[records[i].group for i in ids],
+        sources=[str(records[i].path) for i in ids],
+        splits={sid: [m.get(i, "unused") for i in ids] for sid, m in split_of.items()},
+        missing={str(sid): list(d.missing) for sid, d in loaded.items() if d.missing},
+    )
+
+
+def _decode_one(source: str, video_id: str, store_root: str, backend: str, short_side: int, codec: str,
+                quality: int, max_frames: int) -> dict:
+    """Worker: decode one video and commit its container. Returns its info or raises VideoDecodeError."""
+    from pipeline.video import decode_video
+
+    t0 = time.perf_counter()
+    video = decode_video(source, short_side=short_side, max_frames=max_frames)
+    n, h, w, _ = video.frames.shape
+    store = VideoStore(Path(store_root), backend)
+    with store.writer(video_id) as c:
+        c.write_images("frames", video.frames, codec=codec, quality=quality)
+        c.set_attrs({"num_frames": n, "fps": video.fps, "height": h, "width": w, "source": source,
+                     "source_size": list(video.source_size), "source_codec": video.codec})
+    return {"num_frames": n, "fps": video.fps, "height": h, "width": w, "seconds": time.perf_counter() - t0}
+
+
+def plan(params: DecodeParams, upstream: Upstream) -> Plan:
+    table = load_tables(params, upstream.cache_root)
+    if not table.video_ids:
+        raise StageError(f"dataset {params.dataset} at {table.root} has no videos")
+    stats = []
+    for vid, src in zip(table.video_ids, table.sources):
+        st = os.stat(src)
+        stats.append((vid, st.st_size, st.st_mtime_ns))
+    # The input digest covers the dataset's content as the split files and the disk describe it.
+    inputs = digest({"classes": table.classes, "labels": table.labels, "splits": table.splits,
+                     "groups": table.groups, "files": stats})
+    missing = sum(len(m) for m in table.missing.values())
+    describe = f"{len(table)} videos, {len(table.classes)} classes, splits {', '.join(table.splits)}" + \
+               (f", {missing} listed videos missing" if missing else "")
+    return Plan(inputs, table, describe)
+
+
+def run(ctx: StageContext, plan: Plan) -> dict:
+    p: DecodeParams = ctx.params
+    table: VideoTable = plan.data
+    store_root = ctx.dir / "frames"
+    store = VideoStore(store_root, p.backend)
+    if store.clean_temporary():
+        ctx.log.info("removed unfinished containers left by an interrupted run")
+    todo = [(vid, src) for vid, src in zip(table.video_ids, table.sources) if not ctx.journal.is_done(vid)]
+    for missing in table.missing.values():
+        for m in missing[:10]:
+            ctx.log.warning("listed in the split files but not on disk: %s", m)
+    workers = p.workers or os.cpu_count() or 1
+    t0 = time.perf_counter()
+    frames = 0
+    bar = ctx.progress(len(table), "decode", initial=len(table) - len(todo))
+    args = (str(store_root), p.backend, p.short_side, p.frame_codec, p.jpeg_quality, p.max_frames)
+
+    def finish(vid: str, fut) -> None:
+        nonlocal frames
+        try:
+            info = fut.result()
+        except Exception as e:  # noqa: BLE001 - a per-video failure is recorded, not fatal
+            ctx.journal.record_failure(vid, f"{type(e).__name__}: {e}")
+        else:
+            ctx.journal.record_ok(vid, **info)
+            frames += info["num_frames"]
+        bar.update(1)
+        bar.set_postfix_str(f"{frames / max(time.perf_counter() - t0, 1e-9):.0f} frames/s")
+
+    if workers == 1 or len(todo) <= 1:
+        from concurrent.futures import Future
+
+        for vid, src in todo:
+            fut: Future = Future()
+            try:
+                fut.set_result(_decode_one(src, vid, *args))
+            except Exception as e:  # noqa: BLE001
+                fut.set_exception(e)
+            finish(vid, fut)
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            pending = {}
+            queue = iter(todo)
+            for vid, src in queue:  # keep a bounded number in flight so a kill loses little work
+                pending[pool.submit(_decode_one, src, vid, *args)] = vid
+                if len(pending) >= 4 * workers:
+                    break
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    finish(pending.pop(fut), fut)
+                    nxt = next(queue, None)
+                    if nxt is not None:
+                        pending[pool.submit(_decode_one, nxt[1], nxt[0], *args)] = nxt[0]
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    # The table downstream stages read: every decoded video with its frame information.
+    ok = [i for i, vid in enumerate(table.video_ids) if vid in ctx.journal.done]
+    rec = [ctx.journal.done[table.video_ids[i]] for i in ok]
+    out = VideoTable(
+        dataset=table.dataset, root=table.root, classes=table.classes,
+        video_ids=[table.video_ids[i] for i in ok], labels=[table.labels[i] for i in ok],
+        groups=[table.groups[i] for i in ok], sources=[table.sources[i] for i in ok],
+        splits={s: [m[i] for i in ok] for s, m in table.splits.items()},
+        num_frames=[r["num_frames"] for r in rec], fps=[r["fps"] for r in rec],
+        sizes=[[r["height"], r["width"]] for r in rec], missing=table.missing,
+    )
+    out.save(ctx.dir)
+    total_frames = sum(out.num_frames)
+    line = (f"decode: {len(ok)} videos ({len(ctx.journal.failed)} failed), {frames} frames decoded in "
+            f"{seconds:.1f} s ({frames / max(seconds, 1e-9):.0f} frames/s, {workers} workers); "
+            f"{total_frames} frames stored")
+    ctx.log.info(line)
+    return {"line": line, "videos": len(ok), "frames": total_frames, "frames_this_run": frames,
+            "seconds": seconds, "frames_per_s": frames / max(seconds, 1e-9), "workers": workers,
+            "classes": len(out.classes)}
+
+
+STAGE = Stage(
+    name="decode", version=VERSION, params_type=DecodeParams, plan=plan, run=run,
+    help="Decode videos to frames (UCF101, HMDB51, folder per class, CSV list, or the built-in demo).",
+)
+
+
+def frame_store(decode_dir: Path) -> VideoStore:
+    """The frame store a finished decode wrote (back end read from its manifest)."""
+    import json
+
+    manifest = json.loads((Path(decode_dir) / "manifest.json").read_text())
+    return VideoStore(Path(decode_dir) / "frames", manifest["params"]["backend"])

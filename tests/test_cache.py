@@ -1,0 +1,170 @@
+"""The stage contract with toy stages: fingerprints, no-op re-runs, resume, failures, lock, status."""
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline.cache import (CACHE_FORMAT, Plan, Stage, StageError, StageFailures, StageLocked, _Lock, param,
+                            run_stage, status)
+
+
+@dataclass(frozen=True)
+class CountParams:
+    n: int = param(5, "how many items")
+    scale: int = param(1, "multiplier")
+    workers: int = param(1, "not part of the fingerprint", fingerprint=False)
+    fail: str = param("", "comma-separated item ids that fail")
+
+
+calls: list[str] = []
+
+
+def count_run(ctx, plan):
+    for i in range(ctx.params.n):
+        vid = f"v{i:04d}"
+        if ctx.journal.is_done(vid):
+            continue
+        calls.append(vid)
+        if vid in ctx.params.fail.split(","):
+            ctx.journal.record_failure(vid, "bad item")
+            continue
+        (ctx.dir / f"{vid}.txt").write_text(str(i * ctx.params.scale))
+        ctx.journal.record_ok(vid, value=i * ctx.params.scale)
+    return {"line": f"count: {len(ctx.journal.done)} items"}
+
+
+COUNT = Stage("count", "1", CountParams, run=count_run)
+
+
+@dataclass(frozen=True)
+class SumParams:
+    offset: int = param(0, "added to the sum")
+
+
+def sum_run(ctx, plan):
+    src = ctx.upstream.dir("count")
+    total = sum(int(p.read_text()) for p in src.glob("v*.txt")) + ctx.params.offset
+    (ctx.dir / "sum.txt").write_text(str(total))
+    return {"line": f"sum = {total}"}
+
+
+SUM = Stage("sum", "1", SumParams, run=sum_run, upstream=lambda p: ("count",))
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    calls.clear()
+
+
+def test_rerun_unchanged_is_noop_and_param_change_recomputes(tmp_path):
+    r1 = run_stage(COUNT, CountParams(), tmp_path)
+    assert not r1.skipped and len(calls) == 5
+    r2 = run_stage(COUNT, CountParams(workers=4), tmp_path)  # execution-only knob: same fingerprint
+    assert r2.skipped and "nothing to do" in r2.message and len(calls) == 5
+    r3 = run_stage(COUNT, CountParams(scale=2), tmp_path)
+    assert not r3.skipped and r3.fingerprint != r1.fingerprint and len(calls) == 10
+    assert (tmp_path / "count" / "v0004.txt").read_text() == "8"
+
+
+def test_manifest_contents(tmp_path):
+    run_stage(COUNT, CountParams(n=3), tmp_path)
+    m = json.loads((tmp_path / "count" / "manifest.json").read_text())
+    assert m["complete"] and m["done"] == 3 and m["failed"] == 0 and m["params"]["n"] == 3
+    assert m["cache_format"] == CACHE_FORMAT and "torch" in m["versions"] and m["seconds"] >= 0
+
+
+def test_resume_skips_journaled_items(tmp_path):
+    # Simulate a killed run: run.json and a journal holding two finished items, no manifest.
+    run_stage(COUNT, CountParams(n=2), tmp_path)
+    out = tmp_path / "count"
+    info = json.loads((out / "run.json").read_text())
+    (out / "manifest.json").unlink()
+    # Same fingerprint for n=2; now pretend the run was n=4 and was killed after 2 items.
+    from pipeline.cache import Upstream, compute_fingerprint
+
+    fp4 = compute_fingerprint(COUNT, CountParams(n=4), Upstream(tmp_path, {}), Plan())
+    info["fingerprint"] = fp4
+    (out / "run.json").write_text(json.dumps(info))
+    calls.clear()
+    r = run_stage(COUNT, CountParams(n=4), tmp_path)
+    assert calls == ["v0002", "v0003"] and r.manifest["resumed"] and r.manifest["done"] == 4
+
+
+def test_torn_journal_line_is_ignored(tmp_path):
+    run_stage(COUNT, CountParams(n=2), tmp_path)
+    out = tmp_path / "count"
+    (out / "manifest.json").unlink()
+    with open(out / "journal.jsonl", "a") as f:
+        f.write('{"video": "v0002", "ok": tr')  # killed mid-write
+    calls.clear()
+    r = run_stage(COUNT, CountParams(n=2), tmp_path)
+    assert calls == [] and r.manifest["done"] == 2
+
+
+def test_failures_recorded_and_fatal_unless_allowed(tmp_path):
+    with pytest.raises(StageFailures, match="v0001: bad item"):
+        run_stage(COUNT, CountParams(n=3, fail="v0001"), tmp_path)
+    m = json.loads((tmp_path / "count" / "manifest.json").read_text())
+    assert not m["complete"] and m["failures"] == {"v0001": "bad item"} and m["done"] == 2
+    # Downstream refuses an incomplete upstream.
+    with pytest.raises(StageError, match="incomplete"):
+        run_stage(SUM, SumParams(), tmp_path)
+    # Re-running retries only the failed item; allowing failures completes the stage.
+    calls.clear()
+    r = run_stage(COUNT, CountParams(n=3, fail="v0001"), tmp_path, allow_failures=True)
+    assert calls == ["v0001"] and r.manifest["complete"] and r.manifest["failed"] == 1
+
+
+def test_missing_upstream_names_the_command(tmp_path):
+    with pytest.raises(StageError, match="run `pipeline count` first"):
+        run_stage(SUM, SumParams(), tmp_path)
+
+
+def test_lock_refuses_second_run(tmp_path):
+    with _Lock(tmp_path / "count.lock", "count"):
+        with pytest.raises(StageLocked, match="being written by pid"):
+            run_stage(COUNT, CountParams(), tmp_path)
+    run_stage(COUNT, CountParams(), tmp_path)  # released
+
+
+def test_status_downstream_stale_after_upstream_change(tmp_path):
+    run_stage(COUNT, CountParams(), tmp_path)
+    run_stage(SUM, SumParams(), tmp_path)
+    rows = {r.key: r for r in status(tmp_path, [COUNT, SUM])}
+    assert rows["count"].state == "fresh" and rows["sum"].state == "fresh"
+    run_stage(COUNT, CountParams(scale=3), tmp_path)
+    rows = {r.key: r for r in status(tmp_path, [COUNT, SUM])}
+    assert rows["count"].state == "fresh"
+    assert rows["sum"].state == "stale" and "upstream count changed" in rows["sum"].reason
+    # Only the stale stage recomputes.
+    r = run_stage(SUM, SumParams(), tmp_path)
+    assert not r.skipped and (tmp_path / "sum" / "sum.txt").read_text() == str(3 * sum(range(5)))
+    assert all(r.state == "fresh" for r in status(tmp_path, [COUNT, SUM]))
+
+
+def test_status_missing_and_code_version_change(tmp_path):
+    rows = {r.key: r for r in status(tmp_path, [COUNT, SUM])}
+    assert rows["count"].state == rows["sum"].state == "missing"
+    run_stage(COUNT, CountParams(), tmp_path)
+    bumped = Stage("count", "2", CountParams, run=count_run)
+    rows = {r.key: r for r in status(tmp_path, [bumped])}
+    assert rows["count"].state == "stale" and "version changed" in rows["count"].reason
+
+
+def test_incompatible_cache_format_is_refused(tmp_path):
+    run_stage(COUNT, CountParams(), tmp_path)
+    path = tmp_path / "count" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["cache_format"] = CACHE_FORMAT + 7
+    path.write_text(json.dumps(m))
+    with pytest.raises(StageError, match="cache format"):
+        run_stage(COUNT, CountParams(), tmp_path)
+
+
+def test_noop_rerun_of_1000_videos_under_one_second(tmp_path):
+    run_stage(COUNT, CountParams(n=1000), tmp_path)
+    t0 = time.perf_counter()
+    r = run_stage(COUNT, CountParams(n=1000), tmp_path)
+    assert r.skipped and time.perf_counter() - t0 < 1.0
