@@ -87,10 +87,12 @@ def load_tables(params: DecodeParams, cache_root: Path) -> VideoTable:
             kw.update(test_fraction=params.test_fraction or None)
         try:
             loaded[sid] = ds.load_dataset(kind, root, **kw)
-        except ds.DatasetError as e:
-            if sid == 1 or "split" not in str(e).lower() or "not found" not in str(e).lower():
+        except ds.MissingSplitFile as e:
+            if sid == 1:
                 raise StageError(str(e)) from None
             # Splits 2 and 3 are optional: a user may have only the first split's lists.
+        except ds.DatasetError as e:
+            raise StageError(str(e)) from None
     first = loaded[1]
     records = {v.video_id: v for d in loaded.values() for v in d.videos}
     ids = sorted(records)
