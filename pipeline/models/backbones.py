@@ -1,0 +1,475 @@
+"""Two-stream ConvNet backbones: torchvision ResNets and Inception-V3 behind one timm-like API.
+
+Seed 000 §4.2 ("Two-stream ConvNets"): ResNet-101 and Inception-V3, initialised from ImageNet,
+with the classification layer replaced by a C-way layer. The appearance stream takes RGB
+frames, the motion stream a stack of L = 10 optical flow fields (2L = 20 input channels) whose
+first convolution is initialised by cross-modality averaging (TSN, Wang et al. 2016, §3.2).
+
+Every backbone shares the API that feature extraction and the heads need::
+
+    model = create_backbone("resnet101", num_classes=101, in_channels=20, weights="imagenet")
+    feats = model.forward_features(x)   # (B, D) globally average-pooled features
+    logits = model.forward_head(feats)  # (B, C): dropout, then the C-way linear layer
+    model.num_features                  # D: 2048 (ResNet-50/101/152, Inception-V3), 512 (ResNet-18/34)
+
+Input normalisation lives here too, because it belongs to the ImageNet weights:
+:func:`normalize_rgb` for uint8 frames and :func:`normalize_flow` for uint8 quantized flow.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import (
+    Inception3,
+    Inception_V3_Weights,
+    ResNet18_Weights,
+    ResNet34_Weights,
+    ResNet50_Weights,
+    ResNet101_Weights,
+    ResNet152_Weights,
+    WeightsEnum,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Backbone",
+    "create_backbone",
+    "cross_modality_init",
+    "imagenet_weights_path",
+    "list_backbones",
+    "normalize_flow",
+    "normalize_rgb",
+]
+
+# ImageNet statistics the torchvision weights were trained with (RGB order, on [0, 1] pixels).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Inception-V3's stride-2 valid convolutions and poolings leave nothing below 75 x 75 pixels
+# (74 x 74 fails in Mixed_7a); 299 x 299 is its native ImageNet size, 224 x 224 works as well.
+INCEPTION_MIN_INPUT = 75
+
+
+# --------------------------------------------------------------------------------------------
+# Input normalisation
+# --------------------------------------------------------------------------------------------
+
+
+def normalize_rgb(x: Tensor) -> Tensor:
+    """uint8 RGB frames to the float input the ImageNet weights expect.
+
+    Args:
+        x: ``(B, 3, H, W)`` or ``(B, T, 3, H, W)`` uint8 (or float already on the 0..255 scale),
+            channels in RGB order, on any device.
+
+    Returns:
+        float32 tensor of the same shape, ``(x / 255 - mean) / std`` per colour channel with
+        :data:`IMAGENET_MEAN` and :data:`IMAGENET_STD`.
+    """
+    if x.dim() not in (4, 5) or x.shape[-3] != 3:
+        raise ValueError(f"normalize_rgb expects (B, 3, H, W) or (B, T, 3, H, W), got shape {tuple(x.shape)}")
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return (x.to(torch.float32) / 255.0 - mean) / std
+
+
+def normalize_flow(x: Tensor) -> Tensor:
+    """uint8 quantized flow to the float input of the motion stream.
+
+    The flow store quantizes each component as ``q = round((f + bound) * 255 / (2 * bound))``
+    clipped to [0, 255] (denseflow / TSN convention, ``bound`` = 20 px by default). This maps
+    ``q`` back to ``(q - 127.5) / 127.5``, i.e. ``f / bound`` in [-1, 1], zero flow at 0 and
+    independent of ``bound``. No per-channel mean/std: the cross-modality initialised first
+    convolution is followed by batch normalisation, so only the scale's order of magnitude
+    matters (TSN normalises flow to about [-2.2, 2.2], same shape up to a factor).
+
+    Args:
+        x: ``(..., H, W)`` uint8, e.g. ``(B, 2L, H, W)`` with channels ``x0, y0, x1, y1, ...``.
+
+    Returns:
+        float32 tensor of the same shape in [-1, 1].
+    """
+    return (x.to(torch.float32) - 127.5) / 127.5
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-modality initialisation
+# --------------------------------------------------------------------------------------------
+
+
+def cross_modality_init(conv_rgb_weight: Tensor, in_channels: int) -> Tensor:
+    """First-conv weights for a ``in_channels``-channel input from RGB weights (TSN §3.2).
+
+    "Average the weights across the RGB channels and replicate this average by the channel
+    number of the temporal network input" (Wang et al., Temporal Segment Networks, 2016).
+
+    Args:
+        conv_rgb_weight: ``(O, 3, kH, kW)`` weights of the RGB network's first convolution.
+        in_channels: input channels of the new network (``2L`` = 20 for 10 flow fields).
+
+    Returns:
+        ``(O, in_channels, kH, kW)`` tensor with ``out[:, c] == conv_rgb_weight.mean(1)`` for
+        every ``c`` (a new contiguous tensor, same dtype and device).
+    """
+    if conv_rgb_weight.dim() != 4 or conv_rgb_weight.shape[1] != 3:
+        raise ValueError(
+            f"cross_modality_init expects RGB conv weights of shape (O, 3, kH, kW), got {tuple(conv_rgb_weight.shape)}"
+        )
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    mean = conv_rgb_weight.detach().mean(dim=1, keepdim=True)
+    return mean.expand(-1, in_channels, -1, -1).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# The uniform backbone
+# --------------------------------------------------------------------------------------------
+
+
+class Backbone(nn.Module):
+    """A torchvision classification network split into pooled features and a C-way head.
+
+    Attributes:
+        arch: registry name, e.g. ``"resnet101"``.
+        in_channels: input channels (3 for RGB, ``2L`` for a flow stack).
+        num_features: ``D``, the width of :meth:`forward_features`.
+        num_classes: ``C``; 0 means no classifier (:meth:`forward` returns features).
+        input_size: native square input side (224 for ResNets, 299 for Inception-V3).
+        min_input_size: the smallest side the network accepts.
+        trunk: the torchvision network with its classifier (and Inception's dropout and
+            auxiliary head) removed; its forward returns ``(B, D)`` pooled features.
+        head_drop, fc: the head, dropout then ``nn.Linear(D, C)``.
+
+    The state dict is the torchvision one with ``trunk.`` prepended, plus ``fc.weight`` and
+    ``fc.bias`` for the head.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        trunk: nn.Module,
+        *,
+        num_features: int,
+        num_classes: int,
+        in_channels: int,
+        first_conv: str,
+        input_size: int,
+        min_input_size: int,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.arch = arch
+        self.trunk = trunk
+        self.num_features = num_features
+        self.in_channels = in_channels
+        self.first_conv = first_conv
+        self.input_size = input_size
+        self.min_input_size = min_input_size
+        self.head_drop = nn.Dropout(dropout)
+        self.num_classes = 0
+        self.fc: nn.Module = nn.Identity()
+        self.reset_classifier(num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a fresh ``num_classes``-way linear layer (0: no classifier).
+
+        The new layer is initialised as in TSN (weights ~ N(0, 0.001), zero bias).
+        """
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        self.num_classes = num_classes
+        if num_classes == 0:
+            self.fc = nn.Identity()
+            return
+        fc = nn.Linear(self.num_features, num_classes)
+        nn.init.normal_(fc.weight, mean=0.0, std=0.001)
+        nn.init.zeros_(fc.bias)
+        if isinstance(self.fc, nn.Linear):
+            fc = fc.to(device=self.fc.weight.device, dtype=self.fc.weight.dtype)
+        self.fc = fc
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, in_channels, H, W)`` normalised input -> ``(B, num_features)`` pooled features."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{self.arch} expects input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f"{self.arch} needs inputs of at least {self.min_input_size}x{self.min_input_size} pixels, "
+                f"got {x.shape[-2]}x{x.shape[-1]} (native size {self.input_size})"
+            )
+        return self.trunk(x)
+
+    def forward_head(self, feats: Tensor, pre_logits: bool = False) -> Tensor:
+        """``(B, num_features)`` -> ``(B, num_classes)`` logits (after dropout when training).
+
+        With ``pre_logits=True`` return the features unchanged (timm's convention).
+        """
+        if pre_logits:
+            return feats
+        return self.fc(self.head_drop(feats))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, in_channels, H, W)`` -> ``(B, num_classes)`` logits (features if ``num_classes == 0``)."""
+        return self.forward_head(self.forward_features(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    builder: Callable[..., nn.Module]
+    weights: WeightsEnum
+    num_features: int
+    first_conv: str  # dotted name of the first nn.Conv2d inside the torchvision model
+    input_size: int
+    min_input_size: int
+
+
+_SPECS: dict[str, _Spec] = {
+    # Native input sizes: torchvision's ImageNet recipes. ResNets pad every strided layer and end
+    # with adaptive average pooling, so any input size works (the last map is at least 1 x 1).
+    "resnet18": _Spec(resnet18, ResNet18_Weights.DEFAULT, 512, "conv1", 224, 1),
+    "resnet34": _Spec(resnet34, ResNet34_Weights.DEFAULT, 512, "conv1", 224, 1),
+    "resnet50": _Spec(resnet50, ResNet50_Weights.DEFAULT, 2048, "conv1", 224, 1),
+    "resnet101": _Spec(resnet101, ResNet101_Weights.DEFAULT, 2048, "conv1", 224, 1),
+    "resnet152": _Spec(resnet152, ResNet152_Weights.DEFAULT, 2048, "conv1", 224, 1),
+    "inception_v3": _Spec(
+        Inception3, Inception_V3_Weights.DEFAULT, 2048, "Conv2d_1a_3x3.conv", 299, INCEPTION_MIN_INPUT
+    ),
+}
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by :func:`create_backbone`."""
+    return sorted(_SPECS)
+
+
+def _spec(arch: str) -> _Spec:
+    try:
+        return _SPECS[arch]
+    except KeyError:
+        raise ValueError(f"unknown backbone {arch!r}; valid names: {', '.join(list_backbones())}") from None
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """Where the ImageNet weights of ``arch`` must be: ``torch.hub.get_dir()/checkpoints/<file>``.
+
+    The file name is the last part of the torchvision weights URL (e.g. ``resnet101-cd907fc2.pth``
+    for ``ResNet101_Weights.IMAGENET1K_V2``), the same place ``torch.hub`` downloads it to.
+    """
+    url = _spec(arch).weights.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _build_trunk(arch: str, in_channels: int, random_init: bool) -> nn.Module:
+    """The torchvision network of ``arch`` without classifier, with ``in_channels`` inputs."""
+    spec = _spec(arch)
+    if arch == "inception_v3":
+        # No auxiliary classifier (it only adds a training loss at 17 x 17; left out for
+        # simplicity). transform_input re-normalises ImageNet-normalised RGB to the [-1, 1]
+        # range the ported Google weights expect; it is hard-wired to 3 channels, so it is off
+        # for flow. It depends only on (arch, in_channels), so a checkpoint behaves the same
+        # whichever weights it started from.
+        trunk = Inception3(aux_logits=False, transform_input=in_channels == 3, init_weights=random_init)
+        trunk.dropout = nn.Identity()  # the head's dropout is Backbone.head_drop
+    else:
+        trunk = spec.builder(weights=None)
+    trunk.fc = nn.Identity()
+
+    if in_channels != 3:
+        parent_name, _, leaf = spec.first_conv.rpartition(".")
+        parent = trunk.get_submodule(parent_name) if parent_name else trunk
+        old: nn.Conv2d = getattr(parent, leaf)
+        new = nn.Conv2d(
+            in_channels,
+            old.out_channels,
+            kernel_size=old.kernel_size,
+            stride=old.stride,
+            padding=old.padding,
+            bias=old.bias is not None,
+        )
+        # Same random initialisation as the network's own first conv.
+        if arch == "inception_v3":
+            nn.init.trunc_normal_(new.weight, mean=0.0, std=0.1, a=-2, b=2)
+        else:
+            nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+        setattr(parent, leaf, new)
+    return trunk
+
+
+def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], Mapping | None]:
+    """Load ``path`` and split it into (trunk, head) state dicts with torchvision key names.
+
+    Accepts a torchvision state dict (keys ``conv1.weight``, ..., ``fc.weight``) or our
+    checkpoint format, a dict with a ``"model"`` entry holding :class:`Backbone` state
+    (keys ``trunk.*``, ``fc.*``; a ``module.`` prefix from DistributedDataParallel is removed).
+    The third value is the checkpoint dict for our format, None for a plain state dict.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors alike
+        raise ValueError(f"cannot read weights file {path}: {exc}") from exc
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"weights file {path} holds a {type(obj).__name__}, not a state dict or checkpoint")
+    is_checkpoint = "model" in obj and isinstance(obj["model"], Mapping)
+    state = obj["model"] if is_checkpoint else obj
+    trunk: dict[str, Tensor] = {}
+    head: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"weights file {path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        key = key.removeprefix("module.")
+        if key.startswith("trunk."):
+            trunk[key.removeprefix("trunk.")] = value
+        elif key.startswith("fc."):
+            head[key] = value
+        elif key.startswith("AuxLogits."):
+            continue  # Inception-V3's auxiliary classifier is not part of our backbone
+        else:
+            trunk[key] = value
+    return trunk, head, obj if is_checkpoint else None
+
+
+def _load_trunk(model: Backbone, state: dict[str, Tensor], source: str) -> None:
+    """Load ``state`` into ``model.trunk``; a 3-channel first conv feeds cross-modality init."""
+    conv_key = f"{model.first_conv}.weight"
+    expected = model.trunk.state_dict()
+    if conv_key in state and model.in_channels != 3 and state[conv_key].shape[1] == 3:
+        state = dict(state)
+        state[conv_key] = cross_modality_init(state[conv_key], model.in_channels)
+
+    # torchvision's ImageNet files predate BatchNorm's num_batches_tracked buffer.
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    missing = sorted(set(expected) - set(state) - optional)
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatch(es), e.g. " + "; ".join(mismatched[:3]))
+        if missing:
+            problems.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
+        raise ValueError(
+            f"weights file {source} does not fit {model.arch} with in_channels={model.in_channels}: "
+            + "; ".join(problems)
+        )
+    model.trunk.load_state_dict(state, strict=False)
+
+
+def _load_imagenet(model: Backbone) -> None:
+    path = imagenet_weights_path(model.arch)
+    if not path.is_file():
+        url = _spec(model.arch).weights.url
+        raise FileNotFoundError(
+            f"ImageNet weights for {model.arch} not found: expected the file {path.name} at {path}. "
+            f"This pipeline never downloads; on a machine with internet fetch {url} and copy it there "
+            f"(or set TORCH_HOME so that torch.hub.get_dir() points at a folder with checkpoints/{path.name})."
+        )
+    trunk, _, _ = _read_state_dict(path)  # the ImageNet classifier is replaced (seed 000 §4.2)
+    _load_trunk(model, trunk, str(path))
+
+
+def _load_file(model: Backbone, path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    trunk, head, checkpoint = _read_state_dict(path)
+    arch = checkpoint.get("arch") if checkpoint is not None else None
+    if isinstance(arch, str) and arch != model.arch:
+        raise ValueError(f"checkpoint {path} holds a {arch} backbone, not {model.arch}")
+    _load_trunk(model, trunk, str(path))
+    if checkpoint is None or model.num_classes == 0:
+        return  # a torchvision file's classifier is the source task's: start a fresh head
+    if not head:
+        raise ValueError(f"checkpoint {path} has no classifier (fc.weight, fc.bias)")
+    if head["fc.weight"].shape != model.fc.weight.shape:
+        raise ValueError(
+            f"checkpoint {path} has a {head['fc.weight'].shape[0]}-way classifier over "
+            f"{head['fc.weight'].shape[1]} features; the model needs {model.num_classes}-way over {model.num_features}"
+        )
+    model.fc.load_state_dict({k.removeprefix("fc."): v for k, v in head.items()})
+
+
+def create_backbone(
+    arch: str,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    weights: str | os.PathLike | None = "none",
+    dropout: float = 0.0,
+) -> Backbone:
+    """Build a two-stream backbone (seed 000 §4.2).
+
+    Args:
+        arch: one of :func:`list_backbones` (resnet18/34/50/101/152, inception_v3).
+        num_classes: ``C``, the width of the new classification layer (0: none).
+        in_channels: 3 for the appearance stream, ``2L`` (20 for L = 10) for the motion stream.
+        weights: ``"none"`` (or None) trains from scratch; ``"imagenet"`` loads torchvision's
+            default ImageNet weights from the torch hub cache (:func:`imagenet_weights_path`),
+            never downloading; a path loads a torchvision state dict for ``arch`` or one of our
+            checkpoints (a dict with a ``"model"`` entry). From an RGB file, a first conv with
+            ``in_channels != 3`` is filled by :func:`cross_modality_init`. The classifier is
+            always new, except from one of our checkpoints with the same ``num_classes``.
+        dropout: dropout before the classifier.
+
+    Inception-V3 is built without its auxiliary classifier; its native input is 299 x 299, it
+    works at 224 x 224 too, and inputs below 75 x 75 are refused with a clear error.
+
+    Raises:
+        ValueError: unknown ``arch``, bad arguments, or a weights file that does not fit.
+        FileNotFoundError: missing ImageNet weights (naming the file, folder and URL) or path.
+    """
+    spec = _spec(arch)
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be an int >= 1, got {in_channels!r}")
+    if weights is None:
+        weights = "none"
+    if isinstance(weights, str) and weights in ("none", "imagenet"):
+        kind = weights
+    elif isinstance(weights, (str, os.PathLike)):
+        kind = "file"
+    else:
+        raise ValueError(f"weights must be 'none', 'imagenet' or a path, got {weights!r}")
+
+    trunk = _build_trunk(arch, in_channels, random_init=kind == "none")
+    model = Backbone(
+        arch,
+        trunk,
+        num_features=spec.num_features,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        first_conv=spec.first_conv,
+        input_size=spec.input_size,
+        min_input_size=spec.min_input_size,
+        dropout=dropout,
+    )
+    if kind == "imagenet":
+        _load_imagenet(model)
+    elif kind == "file":
+        _load_file(model, Path(weights))
+    return model

@@ -1,0 +1,300 @@
+"""Backbones: shapes, cross-modality init, weight files and the offline ImageNet cache (no downloads)."""
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.models import Inception3, resnet18, resnet34
+
+from pipeline.models import backbones as B
+
+
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch):
+    """An empty torch hub dir; any attempt to download fails the test."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"attempted a download: {args}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    yield tmp_path / "hub"
+    torch.hub.set_dir(old)
+
+
+@pytest.fixture(scope="module")
+def tv_resnet18():
+    torch.manual_seed(0)
+    return resnet18(weights=None).eval()
+
+
+@pytest.fixture(scope="module")
+def tv_resnet18_file(tmp_path_factory, tv_resnet18):
+    path = tmp_path_factory.mktemp("weights") / "resnet18_random.pth"
+    torch.save(tv_resnet18.state_dict(), path)
+    return path
+
+
+def _pooled(tv_model, x):
+    """torchvision's own forward with the classifier removed: the pooled features."""
+    fc, tv_model.fc = tv_model.fc, torch.nn.Identity()
+    try:
+        with torch.no_grad():
+            return tv_model(x)
+    finally:
+        tv_model.fc = fc
+
+
+# ---------------------------------------------------------------- registry and shapes
+
+
+def test_unknown_arch_lists_valid_names():
+    with pytest.raises(ValueError, match="resnet101.*") as info:
+        B.create_backbone("vgg16", num_classes=10)
+    for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "inception_v3"):
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize("arch, dim", [("resnet18", 512), ("resnet50", 2048)])
+@pytest.mark.parametrize("in_channels", [3, 20])
+def test_resnet_feature_and_logit_shapes(arch, dim, in_channels):
+    torch.manual_seed(0)
+    model = B.create_backbone(arch, num_classes=7, in_channels=in_channels, dropout=0.5).eval()
+    assert model.num_features == dim
+    x = torch.randn(1, in_channels, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        logits = model(x)
+    assert feats.shape == (1, dim) and logits.shape == (1, 7)
+    assert torch.isfinite(feats).all()
+    # eval: dropout is off, forward = linear layer on the pooled features
+    torch.testing.assert_close(logits, feats @ model.fc.weight.T + model.fc.bias)
+
+
+def test_resnet101_constructor_only():
+    model = B.create_backbone("resnet101", num_classes=101, in_channels=20)
+    assert model.num_features == 2048  # seed 000 §4.2: 2048-d for ResNet-101
+    assert model.trunk.conv1.weight.shape == (64, 20, 7, 7)
+    assert model.fc.weight.shape == (101, 2048)
+
+
+def test_gradients_reach_first_conv_of_flow_stream():
+    model = B.create_backbone("resnet18", num_classes=3, in_channels=20)
+    model(torch.randn(2, 20, 64, 64)).sum().backward()
+    assert model.trunk.conv1.weight.grad is not None and model.trunk.conv1.weight.grad.abs().sum() > 0
+
+
+def test_reset_classifier_and_feature_mode():
+    model = B.create_backbone("resnet18", num_classes=0).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert model(x).shape == (1, 512)  # num_classes=0: forward gives features
+        model.reset_classifier(5)
+        assert model(x).shape == (1, 5)
+    # TSN's head initialisation: N(0, 0.001) weights, zero bias
+    assert model.fc.weight.std() < 0.002 and torch.all(model.fc.bias == 0)
+    assert torch.equal(model.forward_head(torch.ones(1, 512), pre_logits=True), torch.ones(1, 512))
+
+
+@pytest.fixture(scope="module")
+def tv_inception(tmp_path_factory):
+    """A random torchvision Inception-V3 as its ImageNet builder makes it (aux head, transform_input)."""
+    torch.manual_seed(0)
+    tv = Inception3(aux_logits=True, init_weights=False, transform_input=True).eval()
+    path = tmp_path_factory.mktemp("weights") / "inception.pth"
+    torch.save(tv.state_dict(), path)
+    tv.fc = torch.nn.Identity()
+    tv.dropout = torch.nn.Identity()
+    return tv, path
+
+
+@pytest.fixture(scope="module")
+def inception_rgb(tv_inception):
+    return B.create_backbone("inception_v3", num_classes=4, weights=tv_inception[1]).eval()
+
+
+def test_inception_v3_at_minimum_size_reproduces_torchvision(tv_inception, inception_rgb):
+    # 75 x 75 is the smallest input Inception-V3 accepts (native 299); the AuxLogits of the file
+    # are dropped and torchvision's own forward gives the same pooled features.
+    assert inception_rgb.num_features == 2048 and inception_rgb.input_size == 299
+    x = torch.randn(1, 3, 75, 75)
+    with torch.no_grad():
+        feats = inception_rgb.forward_features(x)
+        assert feats.shape == (1, 2048)
+        torch.testing.assert_close(feats, tv_inception[0](x))
+        assert inception_rgb.forward_head(feats).shape == (1, 4)
+
+
+def test_inception_v3_below_minimum_size_is_clear(inception_rgb):
+    with pytest.raises(ValueError, match="at least 75x75"):
+        inception_rgb(torch.randn(1, 3, 74, 100))
+
+
+def test_inception_v3_flow_stream_from_scratch():
+    model = B.create_backbone("inception_v3", num_classes=4, in_channels=20).eval()
+    assert model.trunk.Conv2d_1a_3x3.conv.weight.shape == (32, 20, 3, 3)
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(1, 20, 75, 75)).shape == (1, 2048)
+
+
+def test_inception_v3_flow_stream_cross_modality(tv_inception):
+    tv, path = tv_inception
+    model = B.create_backbone("inception_v3", num_classes=4, in_channels=20, weights=path)
+    assert torch.equal(model.trunk.Conv2d_1a_3x3.conv.weight[:, 19], tv.Conv2d_1a_3x3.conv.weight.mean(1))
+    assert torch.equal(model.trunk.Mixed_7c.branch1x1.conv.weight, tv.Mixed_7c.branch1x1.conv.weight)
+
+
+def test_wrong_input_channels_is_clear():
+    model = B.create_backbone("resnet18", num_classes=2, in_channels=20)
+    with pytest.raises(ValueError, match=r"\(B, 20, H, W\)"):
+        model(torch.randn(1, 3, 64, 64))
+
+
+# ---------------------------------------------------------------- cross-modality initialisation
+
+
+def test_cross_modality_init_exact():
+    rgb = torch.randn(64, 3, 7, 7)
+    out = B.cross_modality_init(rgb, 20)
+    assert out.shape == (64, 20, 7, 7)
+    mean = (rgb[:, 0] + rgb[:, 1] + rgb[:, 2]) / 3
+    for c in range(20):
+        torch.testing.assert_close(out[:, c], mean, rtol=0, atol=1e-6)
+        assert torch.equal(out[:, c], rgb.mean(1))
+
+
+def test_cross_modality_init_rejects_non_rgb():
+    with pytest.raises(ValueError, match=r"\(O, 3, kH, kW\)"):
+        B.cross_modality_init(torch.randn(64, 20, 7, 7), 20)
+
+
+def test_flow_backbone_from_rgb_file_uses_cross_modality_init(tv_resnet18, tv_resnet18_file):
+    model = B.create_backbone("resnet18", num_classes=5, in_channels=20, weights=tv_resnet18_file)
+    rgb_conv = tv_resnet18.conv1.weight
+    for c in range(20):
+        assert torch.equal(model.trunk.conv1.weight[:, c], rgb_conv.mean(1))
+    assert torch.equal(model.trunk.layer3[1].conv2.weight, tv_resnet18.layer3[1].conv2.weight)
+    assert torch.equal(model.trunk.bn1.running_var, tv_resnet18.bn1.running_var)
+    assert model.fc.weight.shape == (5, 512)  # the 1000-way classifier is replaced
+
+
+def test_rgb_backbone_from_file_reproduces_torchvision_features(tv_resnet18, tv_resnet18_file):
+    model = B.create_backbone("resnet18", num_classes=5, weights=str(tv_resnet18_file)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), _pooled(tv_resnet18, x))
+
+
+# ---------------------------------------------------------------- our checkpoints and bad files
+
+
+def test_own_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(1)
+    src = B.create_backbone("resnet18", num_classes=6, in_channels=20)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": src.state_dict(), "arch": "resnet18", "epoch": 3}, path)
+    dst = B.create_backbone("resnet18", num_classes=6, in_channels=20, weights=path)
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value), key
+
+
+def test_own_checkpoint_with_ddp_prefix(tmp_path):
+    src = B.create_backbone("resnet18", num_classes=2)
+    path = tmp_path / "ddp.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
+    dst = B.create_backbone("resnet18", num_classes=2, weights=path)
+    assert torch.equal(dst.fc.weight, src.fc.weight)
+    assert torch.equal(dst.trunk.conv1.weight, src.trunk.conv1.weight)
+
+
+def test_checkpoint_with_other_class_count_is_clear(tmp_path):
+    path = tmp_path / "ckpt101.pt"
+    torch.save({"model": B.create_backbone("resnet18", num_classes=101).state_dict()}, path)
+    with pytest.raises(ValueError, match="ckpt101.pt.*101-way"):
+        B.create_backbone("resnet18", num_classes=51, weights=path)
+
+
+def test_checkpoint_of_other_arch_is_clear(tmp_path):
+    path = tmp_path / "r18.pt"
+    torch.save({"model": B.create_backbone("resnet18", num_classes=2).state_dict(), "arch": "resnet18"}, path)
+    with pytest.raises(ValueError, match="r18.pt holds a resnet18 backbone, not resnet34"):
+        B.create_backbone("resnet34", num_classes=2, weights=path)
+
+
+def test_state_dict_of_other_arch_is_clear(tv_resnet18_file):
+    with pytest.raises(ValueError, match="resnet18_random.pth does not fit resnet34.*missing"):
+        B.create_backbone("resnet34", num_classes=2, weights=tv_resnet18_file)
+
+
+def test_flow_checkpoint_into_rgb_model_is_clear(tmp_path):
+    path = tmp_path / "flow.pt"
+    torch.save({"model": B.create_backbone("resnet18", num_classes=2, in_channels=20).state_dict()}, path)
+    with pytest.raises(ValueError, match=r"flow.pt does not fit resnet18 with in_channels=3.*conv1.weight"):
+        B.create_backbone("resnet18", num_classes=2, weights=path)
+
+
+def test_missing_or_unreadable_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        B.create_backbone("resnet18", num_classes=2, weights=tmp_path / "nope.pth")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="bad.pth"):
+        B.create_backbone("resnet18", num_classes=2, weights=bad)
+
+
+# ---------------------------------------------------------------- ImageNet weights, offline
+
+
+def test_missing_imagenet_weights_error_names_file_path_and_url(hub_dir):
+    expected = hub_dir / "checkpoints" / "resnet18-f37072fd.pth"  # ResNet18_Weights.IMAGENET1K_V1
+    with pytest.raises(FileNotFoundError) as info:
+        B.create_backbone("resnet18", num_classes=10, in_channels=20, weights="imagenet")
+    message = str(info.value)
+    assert "resnet18-f37072fd.pth" in message
+    assert str(expected) in message
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert not expected.exists()
+
+
+def test_imagenet_weights_path_resnet101(hub_dir):
+    assert B.imagenet_weights_path("resnet101") == hub_dir / "checkpoints" / "resnet101-cd907fc2.pth"
+
+
+def test_imagenet_weights_found_in_hub_cache(hub_dir, tv_resnet18):
+    target = hub_dir / "checkpoints" / "resnet18-f37072fd.pth"
+    target.parent.mkdir(parents=True)
+    torch.save(tv_resnet18.state_dict(), target)
+    model = B.create_backbone("resnet18", num_classes=10, in_channels=20, weights="imagenet")
+    assert torch.equal(model.trunk.conv1.weight[:, 13], tv_resnet18.conv1.weight.mean(1))
+    assert torch.equal(model.trunk.layer4[0].conv1.weight, tv_resnet18.layer4[0].conv1.weight)
+
+
+def test_bad_weights_argument():
+    with pytest.raises(ValueError, match="weights must be"):
+        B.create_backbone("resnet18", num_classes=2, weights=3)
+
+
+# ---------------------------------------------------------------- input normalisation
+
+
+def test_normalize_rgb_matches_torchvision_normalize():
+    x = torch.randint(0, 256, (2, 3, 5, 6), dtype=torch.uint8)
+    ref = TF.normalize(x.float() / 255, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    torch.testing.assert_close(B.normalize_rgb(x), ref)
+    clip = torch.randint(0, 256, (2, 4, 3, 5, 6), dtype=torch.uint8)
+    out = B.normalize_rgb(clip)
+    assert out.shape == clip.shape and out.dtype == torch.float32
+    ref = TF.normalize(clip[1, 2].float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    torch.testing.assert_close(out[1, 2], ref)
+    with pytest.raises(ValueError, match="normalize_rgb"):
+        B.normalize_rgb(torch.zeros(2, 20, 5, 5, dtype=torch.uint8))
+
+
+def test_normalize_flow_inverts_quantization():
+    bound = 20.0
+    f = torch.linspace(-bound, bound, 101)
+    q = torch.clamp(torch.round((f + bound) * 255 / (2 * bound)), 0, 255).to(torch.uint8)
+    out = B.normalize_flow(q)
+    assert out.min() == -1 and out.max() == 1
+    assert (out * bound - f).abs().max() <= bound / 255 + 1e-5  # half a step of 2*bound/255
