@@ -12,3 +12,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent (it sits beside the checkout in CI)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests run small tensors on a shared 2-core machine: one intra-op thread avoids oversubscription."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield

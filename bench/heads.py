@@ -1,0 +1,103 @@
+"""Training throughput of a temporal head on synthetic in-memory features (not a test).
+
+Default: the paper's STFN head (arch a, avg fusion, bi-directional, N = 7 segments) at UCF101
+split-1 scale: 9,537 training videos, 2 x 2048-d features at P = 25 positions, 101 classes,
+batch 32, RMSProp. Prints videos/s for one training epoch (pipeline.headtrain.train_one_epoch)
+and for test-time prediction (5 sequences per video), on CPU and on CUDA when present.
+
+``--videos`` runs a fraction of the epoch; the full-epoch time is extrapolated linearly
+(videos / throughput) and printed as such.
+
+    .venv/bin/python bench/heads.py --videos 256 --device cpu
+    .venv/bin/python bench/heads.py                       # full epoch, CPU and CUDA
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from pipeline.headtrain import predict_views, train_one_epoch
+from pipeline.models.heads import create_head
+
+UCF101_SPLIT1_TRAIN = 9537
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(device: torch.device, args: argparse.Namespace) -> None:
+    g = torch.Generator(device=device).manual_seed(0)
+    v, p, d = args.videos, args.positions, args.dim
+    rgb = torch.rand(v, p, d, generator=g, device=device)
+    flow = torch.rand(v, p, d, generator=g, device=device)
+    labels = torch.randint(0, args.classes, (v,), generator=g, device=device)
+    torch.manual_seed(0)
+    head = create_head(args.head, num_classes=args.classes, rgb_dim=d, flow_dim=d,
+                       num_segments=args.segments).to(device)
+    optimizer = torch.optim.RMSprop(head.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    n_params = sum(q.numel() for q in head.parameters())
+
+    # Warm-up (allocator, cuDNN autotuning, lazy init) on a few batches.
+    warm = min(v, 4 * args.batch_size)
+    train_one_epoch(head, optimizer, rgb[:warm], flow[:warm], labels[:warm],
+                    num_segments=args.segments, batch_size=args.batch_size, generator=gen)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.epochs):
+        train_one_epoch(head, optimizer, rgb, flow, labels, num_segments=args.segments,
+                        batch_size=args.batch_size, generator=gen)
+    _sync(device)
+    train_s = (time.perf_counter() - t0) / args.epochs
+    train_vps = v / train_s
+
+    _sync(device)
+    t0 = time.perf_counter()
+    predict_views(head, rgb, flow, args.segments, num_test=5, batch_size=256)
+    _sync(device)
+    test_vps = v / (time.perf_counter() - t0)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    scale = "" if v == UCF101_SPLIT1_TRAIN else f" (extrapolated from {v} videos)"
+    print(f"[{name}] head={args.head} params={n_params / 1e6:.1f}M N={args.segments} P={p} D={d} "
+          f"batch={args.batch_size}")
+    print(f"  train: {train_vps:,.0f} videos/s; one UCF101 split-1 epoch ({UCF101_SPLIT1_TRAIN} videos): "
+          f"{UCF101_SPLIT1_TRAIN / train_vps:.2f} s{scale}")
+    print(f"  test (5 sequences/video): {test_vps:,.0f} videos/s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--head", default="stfn")
+    ap.add_argument("--videos", type=int, default=UCF101_SPLIT1_TRAIN)
+    ap.add_argument("--positions", type=int, default=25)
+    ap.add_argument("--segments", type=int, default=7)
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--classes", type=int, default=101)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 matmul/conv on CUDA")
+    args = ap.parse_args()
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    devices = []
+    if args.device in ("all", "cpu"):
+        devices.append(torch.device("cpu"))
+    if args.device in ("all", "cuda"):
+        if torch.cuda.is_available():
+            devices.append(torch.device("cuda"))
+        elif args.device == "cuda":
+            raise SystemExit("CUDA requested but not available")
+    for device in devices:
+        bench(device, args)
+
+
+if __name__ == "__main__":
+    main()

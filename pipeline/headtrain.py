@@ -1,0 +1,362 @@
+"""Training and evaluation of temporal heads on in-memory segment features (no store access).
+
+Feature layout: per stream a tensor (V, P, D) of features at P cached temporal positions per
+video, position k at the centre of the k-th of P equal parts of the video; labels (V,).
+Segment s of N covers positions [floor(s P / N), floor((s + 1) P / N)).
+
+Protocol (seed 000 §4.2):
+- training: one random position per segment, fresh each epoch;
+- testing: ``num_test`` = 5 sequences, sequence j taking in every segment the position
+  start + floor((j + 1/2) L / num_test) (L the segment's length: uniformly spaced, centred),
+  the class probabilities averaged over the sequences (or SCI-fused, :mod:`pipeline.scores`);
+- RMSProp, learning rate 1e-4 divided by 10 whenever the validation error stops improving for
+  ``patience`` epochs, down to 1e-7; when it stops improving at 1e-7, training ends. The
+  weights of the best validation epoch are restored. "Improving" compares (error, loss)
+  lexicographically: a lower validation error, or the same error with a lower validation
+  loss (small validation sets make the error alone coarse).
+
+Features are moved to the training device once; batches are gathered there by indexing.
+Runs are deterministic for a given seed on CPU (the global RNG is forked, not disturbed); on
+CUDA, index_add (STCB) and cuDNN backward are not bitwise deterministic unless
+``torch.use_deterministic_algorithms(True)`` is set by the caller.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .scores import fuse_scores
+
+__all__ = [
+    "segment_positions",
+    "sample_train",
+    "test_sequences",
+    "gather_segments",
+    "train_one_epoch",
+    "predict_views",
+    "predict",
+    "fit_head",
+    "History",
+    "evaluate",
+    "Evaluation",
+    "group_holdout",
+]
+
+# Seed 000 §4.2: 5 test sequences per video; RMSProp with lr 1e-4 decayed by 10 down to 1e-7.
+NUM_TEST = 5
+LR = 1e-4
+MIN_LR = 1e-7
+FACTOR = 0.1
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def segment_positions(P: int, N: int) -> np.ndarray:
+    """(N, 2) int64 array of [start, stop) position ranges of the N segments over P positions."""
+    if N < 1:
+        raise ValueError(f"number of segments must be >= 1, got {N}")
+    if P < N:
+        raise ValueError(f"{P} cached positions cannot be split into {N} segments (need P >= N)")
+    s = np.arange(N + 1, dtype=np.int64)
+    edges = (s * P) // N
+    bounds = np.stack([edges[:-1], edges[1:]], axis=1)
+    empty = np.flatnonzero(bounds[:, 1] <= bounds[:, 0])
+    if empty.size:
+        raise ValueError(f"segments {empty.tolist()} of {N} get no position out of P={P}")
+    return bounds
+
+
+def sample_train(P: int, N: int, generator: torch.Generator, num_videos: int | None = None) -> Tensor:
+    """One uniformly random position per segment: (N,) or (num_videos, N) int64 (CPU)."""
+    bounds = torch.from_numpy(segment_positions(P, N))
+    start, length = bounds[:, 0], bounds[:, 1] - bounds[:, 0]
+    shape = (N,) if num_videos is None else (num_videos, N)
+    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    offset = torch.minimum((u * length).long(), length - 1)
+    return start + offset
+
+
+def test_sequences(P: int, N: int, num: int = NUM_TEST) -> Tensor:
+    """(num, N) int64: sequence j takes start + floor((2j+1) L / (2 num)) in each segment."""
+    if num < 1:
+        raise ValueError(f"num test sequences must be >= 1, got {num}")
+    bounds = torch.from_numpy(segment_positions(P, N))
+    start, length = bounds[:, 0], bounds[:, 1] - bounds[:, 0]
+    j = torch.arange(num, dtype=torch.int64)[:, None]
+    return start + ((2 * j + 1) * length) // (2 * num)
+
+
+test_sequences.__test__ = False  # a protocol helper, not a test, when imported into test modules
+
+
+def gather_segments(features: Tensor, videos: Tensor, positions: Tensor) -> Tensor:
+    """features (V, P, D), videos (B,), positions (B, N) or (N,) -> (B, N, D)."""
+    positions = positions.to(features.device)
+    if positions.dim() == 1:
+        positions = positions.expand(videos.shape[0], -1)
+    return features[videos.to(features.device)[:, None], positions]
+
+
+def _check_split(name: str, rgb: Tensor, flow: Tensor, labels: Tensor | None) -> None:
+    if rgb.dim() != 3 or flow.dim() != 3:
+        raise ValueError(f"{name}: features must be (V, P, D), got rgb {tuple(rgb.shape)}, flow {tuple(flow.shape)}")
+    if rgb.shape[:2] != flow.shape[:2]:
+        raise ValueError(f"{name}: rgb {tuple(rgb.shape)} and flow {tuple(flow.shape)} differ in (V, P)")
+    if labels is not None and (labels.dim() != 1 or labels.shape[0] != rgb.shape[0]):
+        raise ValueError(f"{name}: labels must be ({rgb.shape[0]},), got {tuple(labels.shape)}")
+    if rgb.shape[0] == 0:
+        raise ValueError(f"{name}: no videos")
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_one_epoch(head: nn.Module, optimizer: torch.optim.Optimizer, rgb: Tensor, flow: Tensor,
+                    labels: Tensor, *, num_segments: int, batch_size: int,
+                    generator: torch.Generator) -> float:
+    """One pass over the videos in random order, one random position per segment.
+
+    rgb (V, P, Da), flow (V, P, Dm), labels (V,) already on the head's device. A final batch
+    with a single segment feature (batch of 1 video at N = 1) is skipped: BatchNorm needs more
+    than one value per channel. Returns the mean training loss.
+    """
+    v, p = rgb.shape[:2]
+    head.train()
+    order = torch.randperm(v, generator=generator)
+    positions = sample_train(p, num_segments, generator, num_videos=v)
+    total, count = 0.0, 0
+    for i in range(0, v, batch_size):
+        idx = order[i : i + batch_size]
+        if idx.numel() * num_segments < 2:
+            continue
+        pos = positions[idx]
+        idx_dev = idx.to(rgb.device)
+        loss = head.loss(gather_segments(rgb, idx_dev, pos), gather_segments(flow, idx_dev, pos),
+                         labels[idx_dev])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * idx.numel()
+        count += idx.numel()
+    return float(total / max(count, 1))
+
+
+@torch.no_grad()
+def predict_views(head: nn.Module, rgb: Tensor, flow: Tensor, num_segments: int,
+                  num_test: int = NUM_TEST, batch_size: int = 256) -> Tensor:
+    """Class probabilities of every test sequence: (V, num_test, C) float32 on CPU.
+
+    rgb (V, P, Da), flow (V, P, Dm) on any device; batches go to the head's device.
+    """
+    _check_split("predict", rgb, flow, None)
+    device = next(head.parameters()).device
+    was_training = head.training
+    head.eval()
+    v, p = rgb.shape[:2]
+    seqs = test_sequences(p, num_segments, num_test)  # (num_test, N)
+    out = []
+    try:
+        for i in range(0, v, batch_size):
+            idx = torch.arange(i, min(i + batch_size, v), device=rgb.device)
+            views = []
+            for j in range(num_test):
+                a = gather_segments(rgb, idx, seqs[j]).to(device, non_blocking=True)
+                m = gather_segments(flow, idx, seqs[j]).to(device, non_blocking=True)
+                views.append(head(a, m).float().exp())
+            out.append(torch.stack(views, dim=1).cpu())
+    finally:
+        head.train(was_training)
+    return torch.cat(out)
+
+
+def predict(head: nn.Module, rgb: Tensor, flow: Tensor, num_segments: int, num_test: int = NUM_TEST,
+            *, fusion: str = "mean", batch_size: int = 256) -> Tensor:
+    """Video scores (V, C) (CPU float32 probabilities): the ``num_test`` sequences' probabilities
+    fused by ``mean`` (seed 000 §4.2) or ``sci`` (seed 003 eq. 6)."""
+    return fuse_scores(predict_views(head, rgb, flow, num_segments, num_test, batch_size), fusion)
+
+
+@dataclass
+class History:
+    """Per-epoch records and the outcome of :func:`fit_head`."""
+
+    epochs: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_error: float = math.inf
+    best_val_loss: float = math.inf
+    stop_reason: str = ""
+
+    def as_dict(self) -> dict:
+        return {"epochs": self.epochs, "best_epoch": self.best_epoch,
+                "best_val_error": self.best_val_error, "best_val_loss": self.best_val_loss,
+                "stop_reason": self.stop_reason}
+
+
+def _val_metrics(probs: Tensor, labels: Tensor) -> tuple[float, float]:
+    labels = labels.cpu()
+    error = float((probs.argmax(dim=1) != labels).float().mean())
+    loss = float(-probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean())
+    return error, loss
+
+
+def fit_head(head: nn.Module, train: tuple[Tensor, Tensor, Tensor], val: tuple[Tensor, Tensor, Tensor], *,
+             num_segments: int | None = None, lr: float = LR, min_lr: float = MIN_LR,
+             factor: float = FACTOR, patience: int = 3, batch_size: int = 32, max_epochs: int = 100,
+             num_test: int = NUM_TEST, device: str | torch.device | None = None, seed: int = 0,
+             log: Callable[[dict], None] | None = None) -> History:
+    """Train ``head`` on train = (rgb (V, P, Da), flow (V, P, Dm), labels (V,)), select on val.
+
+    Args:
+        num_segments: N (default: ``head.num_segments``).
+        lr, min_lr, factor, patience: RMSProp learning rate, its floor, the decay factor and the
+            number of epochs without validation improvement before each decay (§4.2).
+        batch_size, max_epochs: mini-batch size (videos) and a hard cap on epochs.
+        num_test: test sequences per video for validation (§4.2: 5).
+        device: training device (default: CUDA when available, else CPU).
+        seed: seeds the order, the positions and dropout.
+        log: called with each epoch's record (dict).
+
+    Returns the :class:`History`; ``head`` is left on ``device`` with the best weights loaded.
+    """
+    num_segments = int(num_segments if num_segments is not None else head.num_segments)
+    if not (0 < min_lr <= lr) or not (0 < factor < 1) or patience < 1 or batch_size < 1 or max_epochs < 1:
+        raise ValueError(
+            f"need 0 < min_lr <= lr, 0 < factor < 1, patience >= 1, batch_size >= 1, max_epochs >= 1; got "
+            f"lr={lr}, min_lr={min_lr}, factor={factor}, patience={patience}, batch_size={batch_size}, "
+            f"max_epochs={max_epochs}"
+        )
+    _check_split("train", *train)
+    _check_split("val", *val)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Moved once; every batch is then gathered on the device.
+    tr_rgb, tr_flow, tr_labels = (t.to(device) for t in train)
+    va_rgb, va_flow, va_labels = (t.to(device) for t in val)
+    tr_labels, va_labels = tr_labels.long(), va_labels.long()
+    segment_positions(tr_rgb.shape[1], num_segments)  # fail early on P < N
+
+    head.to(device)
+    optimizer = torch.optim.RMSprop(head.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    history = History()
+    best_state = None
+    current_lr, since_best = lr, 0
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        for epoch in range(1, max_epochs + 1):
+            t0 = time.perf_counter()
+            train_loss = train_one_epoch(head, optimizer, tr_rgb, tr_flow, tr_labels,
+                                         num_segments=num_segments, batch_size=batch_size,
+                                         generator=generator)
+            probs = fuse_scores(predict_views(head, va_rgb, va_flow, num_segments, num_test), "mean")
+            val_error, val_loss = _val_metrics(probs, va_labels)
+            improved = (val_error, val_loss) < (history.best_val_error, history.best_val_loss)
+            if improved:
+                history.best_epoch, history.best_val_error, history.best_val_loss = epoch, val_error, val_loss
+                best_state = copy.deepcopy(head.state_dict())
+                since_best = 0
+            else:
+                since_best += 1
+            record = {"epoch": epoch, "lr": current_lr, "train_loss": train_loss, "val_loss": val_loss,
+                      "val_error": val_error, "improved": improved,
+                      "seconds": time.perf_counter() - t0}
+            history.epochs.append(record)
+            if log is not None:
+                log(record)
+            if since_best >= patience:
+                if current_lr <= min_lr * (1 + 1e-6):
+                    history.stop_reason = f"validation error saturated at the minimum learning rate {min_lr:g}"
+                    break
+                current_lr = max(current_lr * factor, min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = current_lr
+                since_best = 0
+        else:
+            history.stop_reason = f"reached max_epochs={max_epochs}"
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    return history
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@dataclass
+class Evaluation:
+    """Accuracy figures of video scores against labels."""
+
+    top1: float
+    mean_class_accuracy: float
+    per_class_accuracy: np.ndarray  # (C,), NaN for classes absent from the labels
+    confusion: np.ndarray  # (C, C) int64, rows = true class, columns = predicted class
+    class_names: list[str]
+
+    def as_dict(self) -> dict:
+        """JSON-friendly copy (NaN accuracies as None)."""
+        return {
+            "top1": self.top1,
+            "mean_class_accuracy": self.mean_class_accuracy,
+            "per_class_accuracy": {n: (None if math.isnan(a) else float(a))
+                                   for n, a in zip(self.class_names, self.per_class_accuracy)},
+            "confusion": self.confusion.tolist(),
+            "class_names": list(self.class_names),
+        }
+
+
+def evaluate(scores: Tensor | np.ndarray, labels: Tensor | np.ndarray,
+             class_names: Sequence[str] | None = None) -> Evaluation:
+    """Top-1, mean class accuracy (over classes present), per-class accuracy, confusion matrix.
+
+    scores (V, C), labels (V,) integers in [0, C).
+    """
+    scores = np.asarray(scores.detach().cpu() if isinstance(scores, Tensor) else scores)
+    labels = np.asarray(labels.detach().cpu() if isinstance(labels, Tensor) else labels).astype(np.int64)
+    if scores.ndim != 2 or labels.ndim != 1 or scores.shape[0] != labels.shape[0] or scores.shape[0] == 0:
+        raise ValueError(f"need scores (V, C) and labels (V,), got {scores.shape} and {labels.shape}")
+    c = scores.shape[1]
+    names = [str(i) for i in range(c)] if class_names is None else list(class_names)
+    if len(names) != c:
+        raise ValueError(f"{len(names)} class names for {c} score columns")
+    if labels.min() < 0 or labels.max() >= c:
+        raise ValueError(f"labels must lie in [0, {c}), got range [{labels.min()}, {labels.max()}]")
+    pred = scores.argmax(axis=1)
+    confusion = np.zeros((c, c), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    support = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
+    return Evaluation(top1=float((pred == labels).mean()),
+                      mean_class_accuracy=float(np.nanmean(per_class)),
+                      per_class_accuracy=per_class, confusion=confusion, class_names=names)
+
+
+def group_holdout(groups: Sequence, frac: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices 0..V-1 into (train, val) with whole groups held out for validation.
+
+    Groups (e.g. UCF101's "<class>_g08") are shuffled with ``seed`` and moved to validation
+    until it holds at least ``frac`` of the clips; every clip of a group lands on one side.
+    Both sides are non-empty. Returns two sorted int64 index arrays.
+    """
+    if not 0.0 < frac < 1.0:
+        raise ValueError(f"frac must be in (0, 1), got {frac}")
+    keys = np.asarray([str(g) for g in groups])
+    unique = np.unique(keys)
+    if unique.size < 2:
+        raise ValueError(f"need at least 2 groups to hold one out, got {unique.size}")
+    order = np.random.default_rng(seed).permutation(unique.size)
+    counts = {g: n for g, n in zip(*np.unique(keys, return_counts=True))}
+    target = frac * keys.size
+    chosen, held = [], 0
+    for g in unique[order][:-1]:  # the last group always stays in training
+        if held >= target:
+            break
+        chosen.append(g)
+        held += counts[g]
+    val_mask = np.isin(keys, chosen)
+    return np.flatnonzero(~val_mask).astype(np.int64), np.flatnonzero(val_mask).astype(np.int64)

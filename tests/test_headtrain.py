@@ -1,0 +1,191 @@
+"""Head training loop: sampling tables (seed 000 §4.2), fit_head, predict/evaluate, group hold-out."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.headtrain import (
+    evaluate,
+    fit_head,
+    gather_segments,
+    group_holdout,
+    predict,
+    predict_views,
+    sample_train,
+    segment_positions,
+    test_sequences,
+)
+from pipeline.models.heads import create_head
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "p, n, expected",
+    [
+        (25, 7, [[0, 3], [3, 7], [7, 10], [10, 14], [14, 17], [17, 21], [21, 25]]),
+        (25, 5, [[0, 5], [5, 10], [10, 15], [15, 20], [20, 25]]),
+        (10, 3, [[0, 3], [3, 6], [6, 10]]),
+        (4, 4, [[0, 1], [1, 2], [2, 3], [3, 4]]),
+        (25, 1, [[0, 25]]),
+    ],
+)
+def test_segment_positions_table(p, n, expected):
+    assert segment_positions(p, n).tolist() == expected
+
+
+def test_too_few_positions_refused():
+    with pytest.raises(ValueError, match="P >= N"):
+        segment_positions(4, 5)
+    with pytest.raises(ValueError, match=">= 1"):
+        segment_positions(4, 0)
+
+
+def test_test_sequences_tables():
+    # P=25, N=5: segments of 5 -> offsets floor((2j+1)*5/10) = j.
+    assert test_sequences(25, 5).tolist() == [[0 + j, 5 + j, 10 + j, 15 + j, 20 + j] for j in range(5)]
+    # P=25, N=7, segment [0, 3): floor((2j+1)*3/10) = 0, 0, 1, 2, 2; segment [3, 7): 0, 1, 2, 2, 3.
+    seqs = test_sequences(25, 7)
+    assert seqs.shape == (5, 7)
+    assert seqs[:, 0].tolist() == [0, 0, 1, 2, 2]
+    assert seqs[:, 1].tolist() == [3, 4, 5, 5, 6]
+
+
+def test_sample_train_stays_in_segments_and_covers_them():
+    g = torch.Generator().manual_seed(0)
+    pos = sample_train(25, 7, g, num_videos=2000)
+    bounds = torch.from_numpy(segment_positions(25, 7))
+    assert pos.shape == (2000, 7) and pos.dtype == torch.int64
+    assert ((pos >= bounds[:, 0]) & (pos < bounds[:, 1])).all()
+    for s, (a, b) in enumerate(bounds.tolist()):
+        assert sorted(pos[:, s].unique().tolist()) == list(range(a, b))
+    again = sample_train(25, 7, torch.Generator().manual_seed(0), num_videos=2000)
+    assert torch.equal(pos, again)
+    assert sample_train(25, 7, g).shape == (7,)
+
+
+def test_gather_segments_by_hand():
+    feats = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)  # value = 4 v + p
+    out = gather_segments(feats, torch.tensor([1, 0]), torch.tensor([[0, 3], [2, 1]]))
+    assert out[..., 0].tolist() == [[4.0, 7.0], [2.0, 1.0]]
+
+
+def _order_problem(v, seed, p=8, d=8, noise=0.5):
+    """Two classes built from the same two patterns, differing only in their temporal order:
+    class 0 shows pattern A in the first half of the video and B in the second, class 1 the
+    reverse. The time-averaged feature has the same distribution for both classes, so TSN's
+    average consensus is at chance while a temporal model separates them."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(v) % 2
+    a, b = 2 * torch.eye(d)[0], 2 * torch.eye(d)[1]
+    first = torch.where(labels[:, None] == 0, a, b)
+    second = torch.where(labels[:, None] == 0, b, a)
+    seq = torch.cat([first[:, None].expand(v, p // 2, d), second[:, None].expand(v, p - p // 2, d)], 1)
+    rgb = (seq + noise * torch.randn(v, p, d, generator=g)).relu()
+    flow = (seq + noise * torch.randn(v, p, d, generator=g)).relu()
+    return rgb, flow, labels
+
+
+def _fit(name, seed=0, **kw):
+    train, val = _order_problem(64, 0), _order_problem(32, 1)
+    torch.manual_seed(seed)
+    head = create_head(name, num_classes=2, rgb_dim=8, flow_dim=8, num_segments=4, dropout=0.0)
+    records = []
+    hist = fit_head(head, train, val, lr=3e-3, min_lr=3e-6, patience=2, batch_size=16,
+                    device="cpu", seed=seed, log=records.append, **kw)
+    return head, hist, records
+
+
+def test_stfn_learns_temporal_order_tsn_cannot():
+    test = _order_problem(64, 2)
+    stfn, hist, records = _fit("stfn", max_epochs=10)
+    tsn, _, _ = _fit("tsn", max_epochs=10)
+    acc_stfn = evaluate(predict(stfn, test[0], test[1], 4), test[2]).top1
+    acc_tsn = evaluate(predict(tsn, test[0], test[1], 4), test[2]).top1
+    assert acc_stfn >= 0.95
+    assert acc_tsn <= 0.7  # chance is 0.5
+    assert acc_stfn > acc_tsn + 0.25
+    assert records == hist.epochs and len(records) >= 1
+    # The best epoch's weights are the ones returned.
+    val = _order_problem(32, 1)
+    probs = predict(stfn, val[0], val[1], 4)
+    assert math.isclose(evaluate(probs, val[2]).top1, 1 - hist.best_val_error)
+
+
+def test_fit_is_deterministic_for_a_seed():
+    h1, hist1, _ = _fit("concat", max_epochs=3)
+    h2, hist2, _ = _fit("concat", max_epochs=3)
+    assert [r["train_loss"] for r in hist1.epochs] == [r["train_loss"] for r in hist2.epochs]
+    for a, b in zip(h1.state_dict().values(), h2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_lr_divided_by_ten_down_to_min_then_stop():
+    # Random labels: validation never improves for long, so the schedule runs to its floor.
+    g = torch.Generator().manual_seed(0)
+    feats = lambda v: (torch.randn(v, 4, 8, generator=g), torch.randn(v, 4, 8, generator=g),  # noqa: E731
+                       torch.randint(0, 2, (v,), generator=g))
+    head = create_head("concat", num_classes=2, rgb_dim=8, flow_dim=8, num_segments=2, dropout=0.0)
+    hist = fit_head(head, feats(32), feats(16), lr=1e-4, min_lr=1e-7, patience=1, batch_size=8,
+                    max_epochs=200, device="cpu", seed=0)
+    lrs = [r["lr"] for r in hist.epochs]
+    assert all(b <= a for a, b in zip(lrs, lrs[1:]))
+    distinct = sorted(set(lrs), reverse=True)
+    np.testing.assert_allclose(distinct, [1e-4, 1e-5, 1e-6, 1e-7][: len(distinct)], rtol=1e-9)
+    assert len(distinct) == 4 and "minimum learning rate" in hist.stop_reason
+
+
+def test_predict_views_shape_and_mean():
+    rgb, flow, _ = _order_problem(6, 3)
+    head = create_head("stfn", num_classes=2, rgb_dim=8, flow_dim=8, num_segments=4).eval()
+    views = predict_views(head, rgb, flow, 4, num_test=5, batch_size=4)
+    assert views.shape == (6, 5, 2)
+    torch.testing.assert_close(views.sum(-1), torch.ones(6, 5))
+    torch.testing.assert_close(predict(head, rgb, flow, 4), views.mean(1))
+    # Each view is the head applied to the hand-picked positions of that test sequence.
+    seq = test_sequences(8, 4)[2]
+    with torch.no_grad():
+        direct = head(rgb[:, seq], flow[:, seq]).exp()
+    torch.testing.assert_close(views[:, 2], direct)
+    assert not head.training
+
+
+def test_evaluate_by_hand():
+    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.5, 0.4, 0.1]])
+    labels = np.array([0, 1, 1, 2, 0])
+    ev = evaluate(scores, labels, ["a", "b", "c"])
+    assert ev.top1 == pytest.approx(4 / 5)
+    np.testing.assert_allclose(ev.per_class_accuracy, [1.0, 0.5, 1.0])
+    assert ev.mean_class_accuracy == pytest.approx(2.5 / 3)
+    assert ev.confusion.tolist() == [[2, 0, 0], [1, 1, 0], [0, 0, 1]]
+    d = ev.as_dict()
+    assert d["per_class_accuracy"] == {"a": 1.0, "b": 0.5, "c": 1.0}
+    absent = evaluate(np.eye(3)[[0, 0]], np.array([0, 0]))
+    assert math.isnan(absent.per_class_accuracy[1]) and absent.mean_class_accuracy == 1.0
+    with pytest.raises(ValueError, match="class names"):
+        evaluate(scores, labels, ["a"])
+
+
+def test_group_holdout_keeps_groups_whole():
+    groups = [f"g{i // 5:02d}" for i in range(50)] + ["g99"] * 3
+    train, val = group_holdout(groups, 0.2, seed=0)
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(53))
+    val_groups = {groups[i] for i in val}
+    assert val_groups.isdisjoint({groups[i] for i in train})
+    assert len(val) >= 0.2 * 53 and len(train) > 0
+    again = group_holdout(groups, 0.2, seed=0)
+    assert np.array_equal(again[1], val)
+    assert not np.array_equal(group_holdout(groups, 0.2, seed=1)[1], val)
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        group_holdout(["a"] * 4, 0.5)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        group_holdout(groups, 1.0)
