@@ -194,12 +194,17 @@ class Journal:
     recorded success has its output on disk. A torn last line (a kill mid-write) is ignored.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, read_all_ranks: bool = True):
         self.path = path
         self.done: dict[str, dict] = {}
         self.failed: dict[str, str] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
+        # Under torchrun each rank appends to its own file (journal.jsonl for rank 0, journal.rank<R>.jsonl);
+        # every rank reads them all, so a resumed run skips what any rank finished.
+        files = sorted(path.parent.glob("journal*.jsonl")) if read_all_ranks else [path]
+        for file in files:
+            if not file.exists():
+                continue
+            for line in file.read_text().splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
@@ -208,7 +213,7 @@ class Journal:
                 if rec.get("ok"):
                     self.done[vid] = rec
                     self.failed.pop(vid, None)
-                else:
+                elif vid not in self.done:
                     self.failed[vid] = rec.get("reason", "unknown")
         self._fh = open(path, "a")
 
@@ -251,12 +256,18 @@ class StageContext:
     fingerprint: str
     allow_failures: bool = False
     log: logging.Logger = log
+    rank: int = 0
+    world_size: int = 1
+
+    def shard(self, items):
+        """This rank's share of ``items`` under torchrun (round robin); all of them in a single process."""
+        return list(items[self.rank::self.world_size])
 
     def progress(self, total: int, desc: str, unit: str = "video", **kw):
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
-                    disable=kw.pop("disable", None), **kw)
+        disable = kw.pop("disable", None) if self.rank == 0 else True
+        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, disable=disable, **kw)
 
 
 @dataclass
@@ -326,18 +337,58 @@ def _attach_log_file(path: Path) -> logging.Handler:
 
 def run_stage(stage: Stage, params: Any, cache_root: Path, *, allow_failures: bool = False,
               force: bool = False) -> RunResult:
-    """Run ``stage`` with ``params`` under ``cache_root`` following the contract in the module docstring."""
+    """Run ``stage`` with ``params`` under ``cache_root`` following the contract in the module docstring.
+
+    Under ``torchrun`` every rank calls this: rank 0 takes the lock, decides (fresh / clear / resume),
+    writes run.json and, after every rank's ``run`` returned, the manifest; the other ranks follow its
+    decision and run their share (``StageContext.shard``), each journaling to its own file.
+    """
+    from pipeline import dist
+
     cache_root = Path(cache_root)
     key = stage.output_key(params)
     out = cache_root / key
-    upstream = load_upstream(cache_root, stage.upstream(params), stage.name)
-    plan = stage.plan(params, upstream)
-    fp = compute_fingerprint(stage, params, upstream, plan)
+    world, rank = dist.world_size(), dist.rank()
+    if world > 1:
+        dist.init()
+    if rank != 0:
+        decision = dist.broadcast_object(None)
+        if decision["action"] == "error":
+            raise StageError(decision["message"])
+        if decision["action"] == "skip":
+            return RunResult(key, decision["fingerprint"], True, decision["manifest"], decision["message"])
+        upstream = load_upstream(cache_root, stage.upstream(params), stage.name)
+        plan = stage.plan(params, upstream)
+        journal = Journal(out / f"journal.rank{rank}.jsonl")
+        try:
+            ctx = StageContext(stage, params, out, upstream, journal, decision["fingerprint"], allow_failures,
+                               rank=rank, world_size=world)
+            stage.run(ctx, plan)
+        finally:
+            journal.close()
+            dist.barrier()  # every rank finished its share
+        dist.barrier()  # rank 0 wrote the manifest
+        manifest = read_manifest(out) or {}
+        return RunResult(key, decision["fingerprint"], False, manifest, f"{key}: rank {rank} finished its share")
 
-    with _Lock(cache_root / f"{key}.lock", key):
-        manifest = read_manifest(out)
+    try:
+        upstream = load_upstream(cache_root, stage.upstream(params), stage.name)
+        plan = stage.plan(params, upstream)
+        fp = compute_fingerprint(stage, params, upstream, plan)
+        lock = _Lock(cache_root / f"{key}.lock", key)
+        lock.__enter__()
+    except StageError as e:
+        dist.broadcast_object({"action": "error", "message": str(e)})
+        raise
+    try:
+        try:
+            manifest = read_manifest(out)
+        except StageError as e:
+            dist.broadcast_object({"action": "error", "message": str(e)})
+            raise
         if manifest and manifest.get("complete") and manifest["fingerprint"] == fp and not force:
             msg = (f"{key}: fresh (fingerprint {fp[:12]}, finished {manifest.get('finished')}); nothing to do")
+            dist.broadcast_object({"action": "skip", "fingerprint": fp, "manifest": manifest, "message": msg})
             return RunResult(key, fp, True, manifest, msg)
 
         run_info = None
@@ -351,26 +402,32 @@ def run_stage(stage: Stage, params: Any, cache_root: Path, *, allow_failures: bo
             # Parameters, code version or upstream changed (or the user forced it): previous output is stale.
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        resumed = (out / "journal.jsonl").exists()
+        resumed = any(out.glob("journal*.jsonl"))
         if (out / "manifest.json").exists():
             (out / "manifest.json").unlink()  # a manifest only ever describes a finished run
         started = _now()
         write_json_atomic(out / "run.json", {
             "cache_format": CACHE_FORMAT, "stage": stage.name, "version": stage.version, "fingerprint": fp,
             "params": params_dict(params), "upstream": upstream.fingerprints(), "started": started,
+            "world_size": world,
         })
+        dist.broadcast_object({"action": "run", "fingerprint": fp})
         handler = _attach_log_file(out / "log.txt")
         journal = Journal(out / "journal.jsonl")
         t0 = time.perf_counter()
         try:
-            log.info("%s: %s run, fingerprint %s%s", key, "resuming" if resumed else "starting", fp[:12],
-                     f" ({plan.describe})" if plan.describe else "")
-            ctx = StageContext(stage, params, out, upstream, journal, fp, allow_failures)
+            log.info("%s: %s run, fingerprint %s%s%s", key, "resuming" if resumed else "starting", fp[:12],
+                     f" ({plan.describe})" if plan.describe else "", f", {world} ranks" if world > 1 else "")
+            ctx = StageContext(stage, params, out, upstream, journal, fp, allow_failures, rank=0, world_size=world)
             summary = stage.run(ctx, plan) or {}
         finally:
             journal.close()
             logging.getLogger("pipeline").removeHandler(handler)
             handler.close()
+            dist.barrier()
+        if world > 1:
+            journal = Journal(out / "journal.jsonl")  # re-read: every rank's records
+            journal.close()
         seconds = time.perf_counter() - t0
         failures = dict(sorted(journal.failed.items()))
         complete = not failures or allow_failures
@@ -379,16 +436,19 @@ def run_stage(stage: Stage, params: Any, cache_root: Path, *, allow_failures: bo
             "fingerprint": fp, "params": params_dict(params), "upstream": upstream.fingerprints(),
             "started": started, "finished": _now(), "seconds": round(seconds, 3), "resumed": resumed,
             "done": len(journal.done), "failed": len(failures), "failures": failures,
-            "complete": complete, "summary": summary, "versions": library_versions(),
+            "complete": complete, "summary": summary, "versions": library_versions(), "world_size": world,
         }
         write_json_atomic(out / "manifest.json", manifest)
-        line = summary.get("line") or f"{key}: {len(journal.done)} done, {len(failures)} failed in {seconds:.1f} s"
-        if failures and not allow_failures:
-            shown = "\n".join(f"  {v}: {r}" for v, r in list(failures.items())[:20])
-            more = f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else ""
-            raise StageFailures(f"{line}\n{len(failures)} video(s) failed (details in {out / 'manifest.json'}):\n"
-                                f"{shown}{more}\nRe-run to retry them, or pass --allow-failures to accept them.")
-        return RunResult(key, fp, False, manifest, line)
+        dist.barrier()
+    finally:
+        lock.__exit__(None, None, None)
+    line = summary.get("line") or f"{key}: {len(journal.done)} done, {len(failures)} failed in {seconds:.1f} s"
+    if failures and not allow_failures:
+        shown = "\n".join(f"  {v}: {r}" for v, r in list(failures.items())[:20])
+        more = f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else ""
+        raise StageFailures(f"{line}\n{len(failures)} video(s) failed (details in {out / 'manifest.json'}):\n"
+                            f"{shown}{more}\nRe-run to retry them, or pass --allow-failures to accept them.")
+    return RunResult(key, fp, False, manifest, line)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -168,3 +168,49 @@ def test_noop_rerun_of_1000_videos_under_one_second(tmp_path):
     t0 = time.perf_counter()
     r = run_stage(COUNT, CountParams(n=1000), tmp_path)
     assert r.skipped and time.perf_counter() - t0 < 1.0
+
+
+TORCHRUN_SCRIPT = r'''
+import sys, json
+from dataclasses import dataclass
+from pathlib import Path
+from pipeline.cache import Stage, param, run_stage
+
+@dataclass(frozen=True)
+class P:
+    n: int = param(10, "items")
+
+def run(ctx, plan):
+    for i in ctx.shard(range(ctx.params.n)):
+        vid = f"v{i:03d}"
+        if not ctx.journal.is_done(vid):
+            (ctx.dir / f"{vid}.txt").write_text(f"{i * i} by rank {ctx.rank}")
+            ctx.journal.record_ok(vid)
+    return {"line": "toy done"}
+
+r = run_stage(Stage("toy", "1", P, run=run), P(), Path(sys.argv[1]))
+sys.stdout.write(f"RESULT {r.skipped} {r.manifest.get('done')}\n"); sys.stdout.flush()
+'''
+
+
+def test_torchrun_two_ranks_share_the_work(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "toy.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+           str(script), str(tmp_path / "cache")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("RESULT False 10") == 2
+    out = tmp_path / "cache" / "toy"
+    texts = {p.name: p.read_text() for p in out.glob("v*.txt")}
+    assert len(texts) == 10 and texts["v003.txt"] == "9 by rank 1" and texts["v004.txt"] == "16 by rank 0"
+    assert sorted(p.name for p in out.glob("journal*.jsonl")) == ["journal.jsonl", "journal.rank1.jsonl"]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and m["done"] == 10 and m["world_size"] == 2
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0 and res.stdout.count("RESULT True 10") == 2  # fresh on every rank

@@ -1,0 +1,82 @@
+"""torch.distributed helpers: the same commands run on one process or under ``torchrun``.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is created once with ``cpu:gloo,cuda:nccl`` so
+that CPU tensors (object broadcasts, CPU training) go through gloo and CUDA tensors through NCCL.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init() -> bool:
+    """Initialise the default process group when launched by torchrun; returns whether distributed is on."""
+    if world_size() <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank() % torch.cuda.device_count())
+        dist.init_process_group(backend=backend)
+    return True
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        init()
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (picklable objects)."""
+    if world_size() <= 1:
+        return obj
+    import torch.distributed as dist
+
+    init()
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This rank's share of ``items`` (round robin: rank r takes items r, r + W, r + 2W, ...)."""
+    return list(items[rank()::world_size()])
+
+
+def device(name: str = "auto") -> str:
+    """``auto`` -> this rank's CUDA device when CUDA is available, else ``cpu``."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return f"cuda:{local_rank() % torch.cuda.device_count()}"
+        return "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+    if name == "cuda" and world_size() > 1:
+        return f"cuda:{local_rank() % torch.cuda.device_count()}"
+    return name
