@@ -6,10 +6,8 @@ help text and default), builds the params object (defaults < ``--config`` TOML <
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
-import typing
 from pathlib import Path
 
 import click
@@ -17,6 +15,7 @@ import click
 from pipeline import config as cfg
 from pipeline.cache import StageError, StageFailures, run_stage, status
 from pipeline.config import ConfigError
+from pipeline.options import _fail, param_options
 
 log = logging.getLogger("pipeline")
 
@@ -29,49 +28,6 @@ def _setup_logging(verbose: bool) -> None:
         h.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         root.addHandler(h)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
-def _click_type(params_type: type, f: dataclasses.Field):
-    tp = cfg._base(typing.get_type_hints(params_type)[f.name])
-    if f.metadata.get("choices"):
-        return click.Choice(list(f.metadata["choices"]))
-    if tp is Path:
-        return click.Path(path_type=Path)
-    if tp in (int, float):
-        return tp
-    return str
-
-
-def _default_text(value) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return str(value)
-
-
-def param_options(params_type: type):
-    """Decorator adding one option per parameter field (``--short-side``, ``--frame-codec``, ...)."""
-    hints = typing.get_type_hints(params_type)
-
-    def decorate(fn):
-        for f in reversed(dataclasses.fields(params_type)):
-            if not f.metadata.get("cli", True):
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            help_text = f"{f.metadata.get('help', '')} [default: {_default_text(default)}]"
-            if cfg._base(hints[f.name]) is bool:
-                fn = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None,
-                                  help=help_text)(fn)
-            else:
-                fn = click.option(flag, f.name, type=_click_type(params_type, f), default=None,
-                                  help=help_text)(fn)
-        return fn
-
-    return decorate
 
 
 def common_options(fn):
@@ -93,11 +49,6 @@ def resolve_cache_dir(cache_dir: Path | None, config: dict) -> Path:
         return cache_dir
     from_config = cfg.pipeline_setting(config, "cache_dir")
     return Path(from_config) if from_config else cfg.default_cache_dir()
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"Error: {message}", err=True)
-    sys.exit(code)
 
 
 def make_stage_command(stage):
