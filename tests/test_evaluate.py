@@ -1,0 +1,146 @@
+"""evaluate: per-stream and late-fusion rows (seed 000 Table 5), external scores, re-runs, bad input."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cache import Plan, Stage, param, run_stage, status
+from pipeline.cli import main
+from pipeline.results import TestScores, save_test_scores
+from stages import all_stages
+from stages.finetune import VERSION as FINETUNE_VERSION
+
+CLASSES = ["a", "b"]
+IDS = ["a/v1", "a/v2", "b/v3", "b/v4"]
+LABELS = [0, 0, 1, 1]
+# Hand-made probabilities; predictions marked: rgb right on v1, v4 (top-1 0.5); flow right on v2, v3, v4.
+RGB = [[0.6, 0.4], [0.4, 0.6], [0.7, 0.3], [0.2, 0.8]]
+FLOW = [[0.3, 0.7], [0.8, 0.2], [0.45, 0.55], [0.1, 0.9]]
+
+
+@dataclass(frozen=True)
+class FakeFinetuneParams:
+    stream: str = param("rgb", "stream")
+    tag: str = param("", "changes the fingerprint")
+
+
+def finetune_output(root: Path, stream: str, scores, ids=IDS, labels=LABELS, classes=CLASSES, tag="") -> None:
+    """A finished finetune/<stream> output with the given test scores (test-only stage, real version)."""
+    def run(ctx, plan):
+        save_test_scores(ctx.dir / "test_scores.npz", TestScores(np.array(scores), ids, labels, classes))
+        return {}
+
+    stage = Stage(name="finetune", version=FINETUNE_VERSION, params_type=FakeFinetuneParams, run=run,
+                  key=lambda p: f"finetune/{p.stream}", plan=lambda p, u: Plan(json.dumps(scores)))
+    run_stage(stage, FakeFinetuneParams(stream, tag), root)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def rows_of(root: Path) -> dict:
+    return {r["name"]: r for r in json.loads((root / "evaluate" / "results.json").read_text())["rows"]}
+
+
+def test_streams_and_late_fusion_by_hand(tmp_path):
+    root = tmp_path / "cache"
+    finetune_output(root, "rgb", RGB)
+    finetune_output(root, "flow", FLOW)
+    res = invoke("evaluate", "--streams", "--cache-dir", root)
+    assert res.exit_code == 0, res.output
+    rows = rows_of(root)
+    assert rows["rgb stream"]["top1"] == pytest.approx(0.5)
+    assert rows["flow stream"]["top1"] == pytest.approx(0.75)
+    assert rows["flow stream"]["per_class_accuracy"] == {"a": 0.5, "b": 1.0}
+    assert rows["flow stream"]["mean_class_accuracy"] == pytest.approx(0.75)
+    # Late fusion 1 : 1.5, by hand: v1 (.6 + 1.5 * .3) / 2.5 = .42 -> b (wrong); v2 .64 -> a (right);
+    # v3 .55 -> a (wrong); v4 .14 -> b (right).
+    late = rows["late fusion rgb+flow (1:1.5)"]
+    assert late["top1"] == pytest.approx(0.5) and late["confusion"] == [[1, 1], [1, 1]]
+    text = (root / "evaluate" / "results.md").read_text()
+    assert "| rgb stream | finetune/rgb | 4 | 50.0 | 50.0 |" in text
+    assert "## Per-class accuracy" in text
+    assert (root / "evaluate" / "confusion" / "flow_stream.png").is_file()
+    assert "late fusion" in res.output and "75.0" in res.output  # the table is printed
+    # Unchanged: a no-op; another flow weight: recomputed. With w = 0 late fusion is the rgb stream.
+    assert "nothing to do" in invoke("evaluate", "--streams", "--cache-dir", root).output
+    res = invoke("evaluate", "--streams", "--flow-weight", 0, "--cache-dir", root)
+    assert res.exit_code == 0 and "nothing to do" not in res.output
+    assert rows_of(root)["late fusion rgb+flow (1:0)"]["confusion"] == rows_of(root)["rgb stream"]["confusion"]
+
+
+def test_external_scores_averaged_by_hand(tmp_path):
+    root = tmp_path / "cache"
+    finetune_output(root, "rgb", RGB)
+    finetune_output(root, "flow", FLOW)
+    # Classes in another column order, ids without the class folder (matched by their last component).
+    ext = tmp_path / "mifs.csv"
+    ext.write_text("video_id,b,a\nv1,0.1,0.9\nv2,0.1,0.9\nv3,0.9,0.1\nv4,0.15,0.85\nextra,0.5,0.5\n")
+    res = invoke("evaluate", "--streams", "--external-scores", ext, "--external-name", "MIFS", "--cache-dir", root)
+    assert res.exit_code == 0, res.output
+    rows = rows_of(root)
+    # rgb + MIFS: v1 (.75, .25) a ok; v2 (.65, .35) a ok; v3 (.4, .6) b ok; v4 (.525, .475) a wrong.
+    assert rows["rgb stream"]["external"]["top1"] == pytest.approx(0.75)
+    assert rows["rgb stream"]["external"]["mean_class_accuracy"] == pytest.approx(0.75)
+    # flow + MIFS: v1 (.6, .4), v2 (.85, .15), v3 (.275, .725), v4 (.475, .525): all right.
+    assert rows["flow stream"]["external"]["top1"] == pytest.approx(1.0)
+    assert "+MIFS top-1 (%)" in (root / "evaluate" / "results.md").read_text()
+    # The same scores as .npz, classes named: same figures.
+    npz = tmp_path / "mifs.npz"
+    np.savez(npz, video_ids=np.array(["v1", "v2", "v3", "v4"]), class_names=np.array(["b", "a"]),
+             scores=np.array([[0.1, 0.9], [0.1, 0.9], [0.9, 0.1], [0.15, 0.85]]))
+    assert invoke("evaluate", "--streams", "--external-scores", npz, "--cache-dir", root).exit_code == 0
+    assert rows_of(root)["rgb stream"]["external"]["top1"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("video_id,a,b\nv1,1,0\nv2,1,0\nv3,0,1\n", "no scores for 1 of our 4 test videos"),
+    ("video_id,a,c\nv1,1,0\nv2,1,0\nv3,0,1\nv4,0,1\n", "classes differ from ours"),
+    ("video_id,a,b,c\nv1,1,0,0\nv2,1,0,0\nv3,0,1,0\nv4,0,1,0\n", "classes differ from ours"),
+    ("video_id,a,b\nv1,1,x\n", "non-numeric score"),
+])
+def test_external_scores_mismatch_is_a_clear_error(tmp_path, content, message):
+    root = tmp_path / "cache"
+    finetune_output(root, "rgb", RGB)
+    ext = tmp_path / "ext.csv"
+    ext.write_text(content)
+    res = invoke("evaluate", "--external-scores", ext, "--cache-dir", root)
+    assert res.exit_code == 2 and message in res.output and "ext.csv" in res.output, res.output
+
+
+def test_mismatched_stream_videos_and_nothing_to_evaluate(tmp_path):
+    root = tmp_path / "cache"
+    res = invoke("evaluate", "--cache-dir", root)
+    assert res.exit_code == 2 and "nothing to evaluate" in res.output
+    finetune_output(root, "rgb", RGB)
+    finetune_output(root, "flow", FLOW[:3], ids=IDS[:3], labels=LABELS[:3])
+    res = invoke("evaluate", "--streams", "--cache-dir", root)
+    assert res.exit_code == 2 and "test videos differ" in res.output, res.output
+
+
+def test_head_rows_and_staleness(tmp_path):
+    from tests.test_train_head import build_upstream, make_features
+
+    root = tmp_path / "cache"
+    build_upstream(root, make_features())
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[train-head]\nmax_epochs = 1\nsegments = 2\ndevice = "cpu"\n')
+    assert invoke("train-head", "--head", "tsn", "--config", cfg, "--cache-dir", root).exit_code == 0
+    res = invoke("evaluate", "--cache-dir", root)
+    assert res.exit_code == 0, res.output
+    row = rows_of(root)["tsn-n2-s0"]
+    with np.load(root / "train-head" / "tsn-n2-s0" / "test_scores.npz") as z:
+        assert row["top1"] == pytest.approx(float((z["scores"].argmax(1) == z["labels"]).mean()))
+    # --streams with no finetune output: nothing to evaluate.
+    assert "nothing to evaluate" in invoke("evaluate", "--streams", "--cache-dir", root).output
+    # The head changes: evaluate is stale, then recomputes.
+    assert invoke("train-head", "--head", "tsn", "--dropout", 0.1, "--config", cfg, "--cache-dir", root).exit_code == 0
+    state = {r.key: r for r in status(root, all_stages())}
+    assert state["evaluate"].state == "stale" and "train-head/tsn-n2-s0" in state["evaluate"].reason
+    res = invoke("evaluate", "--cache-dir", root)
+    assert res.exit_code == 0 and "nothing to do" not in res.output
+    assert {r.key: r.state for r in status(root, all_stages())}["evaluate"] == "fresh"

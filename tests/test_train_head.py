@@ -1,0 +1,284 @@
+"""train-head and ablate: the CLI end to end on tiny synthetic feature stores (zarr and h5)."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cache import Plan, Stage, param, run_stage, status
+from pipeline.cli import main
+from pipeline.store import FeatureSet, feature_store_path, write_feature_store
+from stages import all_stages
+from stages.extract_features import VERSION as FEATURES_VERSION
+from stages.train_head import load_head_checkpoint
+
+CLASSES = ("AThenB", "BThenA", "Steady")
+
+
+def make_features(*, groups_per_class=5, clips_per_group=3, P=8, D=8, views=1, flow_dim=None,
+                  streams=("rgb", "flow"), seed=0) -> FeatureSet:
+    """Three classes: two built from the same two patterns in opposite temporal order (only a temporal
+    model separates them; TSN's average consensus sees identical bags), one steady pattern. Groups g01, g02
+    of every class are the test split (as UCF101 split 1), the others train."""
+    rng = np.random.default_rng(seed)
+    ids, labels, groups, split = [], [], [], []
+    for c, name in enumerate(CLASSES):
+        for g in range(1, groups_per_class + 1):
+            for k in range(1, clips_per_group + 1):
+                ids.append(f"{name}/v_{name}_g{g:02d}_c{k:02d}")
+                labels.append(c)
+                groups.append(f"{name}_g{g:02d}")
+                split.append("test" if g <= 2 else "train")
+    labels = np.array(labels)
+    v = len(ids)
+    a, b, s = np.eye(D)[0] * 2, np.eye(D)[1] * 2, np.eye(D)[2] * 2
+    first = np.where(labels[:, None] == 0, a, np.where(labels[:, None] == 1, b, s))
+    second = np.where(labels[:, None] == 0, b, np.where(labels[:, None] == 1, a, s))
+    seq = np.concatenate([np.repeat(first[:, None], P // 2, 1), np.repeat(second[:, None], P - P // 2, 1)], 1)
+    out = {}
+    for name in streams:
+        d = flow_dim if (name == "flow" and flow_dim) else D
+        base = seq if d == D else np.concatenate([seq, np.zeros((v, P, d - D))], -1)[..., :d]
+        x = base[:, :, None] + 0.3 * rng.standard_normal((v, P, views, d))
+        out[name] = np.maximum(x, 0).astype(np.float16)
+    return FeatureSet(streams=out, positions=np.tile(np.arange(P, dtype=np.float32), (v, 1)),
+                      video_ids=np.array(ids), labels=labels, split=np.array(split), groups=np.array(groups),
+                      class_names=np.array(CLASSES), attrs={"split_id": "1",
+                                                            "view_names": ["center"] if views == 1 else
+                                                            [f"v{i}" for i in range(views)]})
+
+
+@dataclass(frozen=True)
+class FakeFeatureParams:
+    backend: str = param("zarr", "store back end")
+    tag: str = param("", "changes the fingerprint")
+
+
+def build_upstream(root: Path, fs: FeatureSet, backend: str = "zarr", tag: str = "") -> Path:
+    """A finished extract-features output holding ``fs`` (a test-only stage with the real stage's version)."""
+    def run(ctx, plan):
+        write_feature_store(feature_store_path(ctx.dir, ctx.params.backend), fs)
+        return {}
+
+    stage = Stage(name="extract-features", version=FEATURES_VERSION, params_type=FakeFeatureParams, run=run,
+                  plan=lambda p, u: Plan(str(np.asarray(fs.streams["rgb"], dtype=np.float64).sum())))
+    run_stage(stage, FakeFeatureParams(backend, tag), root, force=True)
+    return feature_store_path(root / "extract-features", backend)
+
+
+FAST = ('[train-head]\nlr = 3e-3\nmin_lr = 3e-5\npatience = 2\nmax_epochs = 30\nbatch_size = 16\n'
+        'dropout = 0.0\nsegments = 4\ndevice = "cpu"\n')
+
+
+def _config(tmp_path, text=FAST):
+    path = tmp_path / "fast.toml"
+    path.write_text(text)
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _test_scores_by_hand(ckpt_dir: Path, fs: FeatureSet, n: int) -> np.ndarray:
+    """Reference test scores: the checkpointed head on the 5 test sequences of seed 000 §4.2, positions
+    computed here from the segment rule of docs/formats.md, probabilities averaged."""
+    head, ckpt = load_head_checkpoint(ckpt_dir / "best.pt")
+    head.eval()
+    P = fs.positions.shape[1]
+    test = np.flatnonzero(fs.split == "test")
+    rgb = torch.from_numpy(fs.streams["rgb"][test, :, 0].astype(np.float32))
+    flow = torch.from_numpy(fs.streams["flow"][test, :, 0].astype(np.float32))
+    probs = []
+    for j in range(5):
+        pos = []
+        for s in range(n):
+            start, stop = (s * P) // n, ((s + 1) * P) // n
+            pos.append(start + ((2 * j + 1) * (stop - start)) // 10)
+        with torch.no_grad():
+            probs.append(head(rgb[:, pos], flow[:, pos]).exp().numpy())
+    return np.mean(probs, axis=0)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "h5"])
+def test_cli_end_to_end(tmp_path, backend):
+    root = tmp_path / "cache"
+    fs = make_features()
+    build_upstream(root, fs, backend)
+    cfg = _config(tmp_path)
+    res = invoke("train-head", "--head", "stfn", "--fusion", "avg", "--dir", "bi", "--segments", 4,
+                 "--config", cfg, "--cache-dir", root)
+    assert res.exit_code == 0, res.output
+    out = root / "train-head" / "stfn-a-avg-bi-n4-s0"
+    assert "train-head/stfn-a-avg-bi-n4-s0: top-1" in res.output
+    for f in ("best.pt", "results.json", "test_scores.npz", "confusion.png", "curves.png", "manifest.json"):
+        assert (out / f).is_file(), f
+    r = json.loads((out / "results.json").read_text())
+    with np.load(out / "test_scores.npz") as z:
+        scores, labels, ids = z["scores"], z["labels"], z["video_ids"]
+    test = fs.split == "test"
+    assert ids.tolist() == fs.video_ids[test].tolist() and labels.tolist() == fs.labels[test].tolist()
+    # Accuracy figures against numpy on the stored scores.
+    pred = scores.argmax(1)
+    assert r["top1"] == pytest.approx(float((pred == labels).mean()))
+    per_class = [float((pred[labels == c] == c).mean()) for c in range(3)]
+    assert [r["per_class_accuracy"][c] for c in CLASSES] == pytest.approx(per_class)
+    assert r["mean_class_accuracy"] == pytest.approx(np.mean(per_class))
+    assert np.array(r["confusion"]).sum() == test.sum() and np.trace(np.array(r["confusion"])) == (pred == labels).sum()
+    assert r["videos"]["test"] == 18 and r["videos"]["train"] + r["videos"]["val"] == 27
+    # The stored scores are the checkpointed head's on the 5 test sequences, averaged.
+    np.testing.assert_allclose(scores, _test_scores_by_hand(out, fs, 4), atol=1e-5)
+    # The temporal head solves the order-only pair.
+    assert r["top1"] >= 0.9, r["per_class_accuracy"]
+    # Unchanged re-run: a no-op.
+    before = (out / "manifest.json").read_text()
+    res = invoke("train-head", "--head", "stfn", "--segments", 4, "--config", cfg, "--cache-dir", root)
+    assert res.exit_code == 0 and "nothing to do" in res.output
+    assert (out / "manifest.json").read_text() == before
+
+
+def test_stfn_beats_tsn_on_order_only_classes(tmp_path):
+    root = tmp_path / "cache"
+    build_upstream(root, make_features(), "h5")
+    cfg = _config(tmp_path)
+    acc = {}
+    for head in ("stfn", "tsn"):
+        lr = ("--lr", 3e-2) if head == "tsn" else ()  # a linear head: a larger step converges in a few epochs
+        res = invoke("train-head", "--head", head, *lr, "--segments", 4, "--config", cfg, "--cache-dir", root)
+        assert res.exit_code == 0, res.output
+        key = "stfn-a-avg-bi-n4-s0" if head == "stfn" else "tsn-n4-s0"
+        acc[head] = json.loads((root / "train-head" / key / "results.json").read_text())["per_class_accuracy"]
+    pair = lambda a: (a["AThenB"] + a["BThenA"]) / 2  # noqa: E731
+    assert pair(acc["stfn"]) >= 0.9
+    assert pair(acc["tsn"]) <= 0.75  # identical bags of features: chance within the pair is 0.5
+    assert acc["tsn"]["Steady"] == 1.0
+
+
+def test_changing_one_head_recomputes_only_that_head(tmp_path):
+    root = tmp_path / "cache"
+    build_upstream(root, make_features())
+    cfg = _config(tmp_path, FAST.replace("max_epochs = 30", "max_epochs = 2"))
+    common = ("--segments", 4, "--config", cfg, "--cache-dir", root)
+    assert invoke("train-head", "--head", "stfn", *common).exit_code == 0
+    assert invoke("train-head", "--head", "tsn", *common).exit_code == 0
+    stfn, tsn = root / "train-head" / "stfn-a-avg-bi-n4-s0", root / "train-head" / "tsn-n4-s0"
+    tsn_manifest = (tsn / "manifest.json").read_text()
+    stfn_fp = json.loads((stfn / "manifest.json").read_text())["fingerprint"]
+    # An option of one head: that head recomputes, the other is untouched.
+    res = invoke("train-head", "--head", "stfn", "--dropout", 0.3, *common)
+    assert res.exit_code == 0 and "nothing to do" not in res.output
+    assert json.loads((stfn / "manifest.json").read_text())["fingerprint"] != stfn_fp
+    assert (tsn / "manifest.json").read_text() == tsn_manifest
+    # An option that does not apply to the head (STFN's fusion for TSN) changes nothing.
+    res = invoke("train-head", "--head", "tsn", "--fusion", "max", "--arch", "b", *common)
+    assert res.exit_code == 0 and "nothing to do" in res.output
+    # A structural option makes a new head beside the others.
+    assert invoke("train-head", "--head", "stfn", "--fusion", "max", *common).exit_code == 0
+    rows = {r.key: r.state for r in status(root, all_stages())}
+    assert rows["train-head/stfn-a-avg-bi-n4-s0"] == rows["train-head/tsn-n4-s0"] == "fresh"
+    assert rows["train-head/stfn-a-max-bi-n4-s0"] == "fresh"
+    res = invoke("status", "--cache-dir", root)
+    assert "train-head/tsn-n4-s0" in res.output
+    # New features make every head stale.
+    build_upstream(root, make_features(seed=1))
+    rows = {r.key: r for r in status(root, all_stages())}
+    assert rows["train-head/tsn-n4-s0"].state == "stale" and "extract-features" in rows["train-head/tsn-n4-s0"].reason
+
+
+def test_views_train_on_centre_and_test_on_all(tmp_path):
+    root = tmp_path / "cache"
+    fs = make_features(views=3)
+    fs.attrs["view_names"] = ["left", "center", "right"]
+    build_upstream(root, fs)
+    cfg = _config(tmp_path, FAST.replace("max_epochs = 30", "max_epochs = 2"))
+    res = invoke("train-head", "--head", "rgb", "--segments", 2, "--config", cfg, "--cache-dir", root)
+    assert res.exit_code == 0, res.output
+    out = root / "train-head" / "rgb-n2-s0"
+    head, _ = load_head_checkpoint(out / "best.pt")
+    head.eval()
+    test = np.flatnonzero(fs.split == "test")
+    feats = torch.from_numpy(fs.streams["rgb"][test].astype(np.float32))
+    # P = 8, N = 2: segment [0, 4) and [4, 8); sequence j takes offset floor((2j + 1) 4 / 10) = 0, 1, 2, 2, 3.
+    seqs = [[o, 4 + o] for o in (0, 1, 2, 2, 3)]
+    with torch.no_grad():
+        ref = np.mean([head(feats[:, s, k], feats[:, s, k]).exp().numpy() for k in range(3) for s in seqs], 0)
+    with np.load(out / "test_scores.npz") as z:
+        np.testing.assert_allclose(z["scores"], ref, atol=1e-5)
+    assert json.loads((out / "results.json").read_text())["distinct_test_sequences"] == 4
+
+
+@pytest.mark.parametrize("kind, fs_kwargs, args, message", [
+    ("missing stream", {"streams": ("rgb",)}, (), "missing ['flow']"),
+    ("mismatched dims", {"flow_dim": 12}, ("--head", "stfn"), "--fused-dim"),
+    ("d not divisible by 4", {"D": 6}, ("--head", "stfn"), "divisible by 4"),
+    ("segments > positions", {"P": 4}, ("--segments", 5), "cannot be split into --segments 5"),
+    ("no group to hold out", {"groups_per_class": 3}, (), "hold out validation videos by group"),
+])
+def test_bad_input_stops_before_training(tmp_path, kind, fs_kwargs, args, message):
+    root = tmp_path / "cache"
+    build_upstream(root, make_features(**fs_kwargs))
+    res = invoke("train-head", *args, "--config", _config(tmp_path), "--cache-dir", root)
+    assert res.exit_code == 2, res.output
+    assert message in res.output, res.output
+    assert not (root / "train-head").exists()  # nothing was started
+
+
+def test_mismatched_dims_train_with_fused_dim(tmp_path):
+    root = tmp_path / "cache"
+    build_upstream(root, make_features(flow_dim=12))
+    cfg = _config(tmp_path, FAST.replace("max_epochs = 30", "max_epochs = 1"))
+    res = invoke("train-head", "--fused-dim", 8, "--segments", 2, "--config", cfg, "--cache-dir", root)
+    assert res.exit_code == 0, res.output
+    assert (root / "train-head" / "stfn-a-avg-bi-f8-n2-s0" / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--head", "lstm"), "Invalid value for '--head'"),
+    (("--fusion", "sum"), "Invalid value for '--fusion'"),
+    (("--dir", "up"), "Invalid value for '--dir'"),
+    (("--segments", 0), "--segments must be >= 1"),
+    (("--name", "../x"), "plain folder name"),
+])
+def test_bad_options(tmp_path, args, message):
+    res = invoke("train-head", *args, "--cache-dir", tmp_path / "cache")
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_missing_upstream(tmp_path):
+    res = invoke("train-head", "--cache-dir", tmp_path / "cache")
+    assert res.exit_code == 2 and "extract-features" in res.output
+
+
+def test_ablate_tables_chart_seeds_and_skipped_rows(tmp_path):
+    root = tmp_path / "cache"
+    build_upstream(root, make_features(P=4, groups_per_class=4, clips_per_group=2))
+    cfg = _config(tmp_path, FAST.replace("max_epochs = 30", "max_epochs = 1").replace("segments = 4", "segments = 3")
+                  + '[ablate]\ngrid = "reduced"\nseeds = 2\n')
+    res = invoke("ablate", "--config", cfg, "--cache-dir", root)
+    assert res.exit_code == 0, res.output
+    out = root / "ablate"
+    stems = ("table1_architecture", "table2_fusion", "table3_direction", "table4_segments", "baselines")
+    for stem in stems:
+        assert (out / f"{stem}.md").is_file(), stem
+    assert (out / "ablate.png").stat().st_size > 0
+    # N = 5 does not fit 4 positions: reported as skipped with the reason, not dropped.
+    t4 = (out / "table4_segments.md").read_text()
+    assert "N = 5" in t4 and "skipped" in t4 and "cannot be split into --segments 5" in t4
+    assert "row(s) skipped" in res.output
+    # Every other row: mean ± sample std of the two seeds' results.
+    t1 = (out / "table1_architecture.md").read_text()
+    r0, r1 = (json.loads((root / "train-head" / f"stfn-c-n3-s{s}" / "results.json").read_text())["top1"]
+              for s in (0, 1))
+    expected = f"{100 * np.mean([r0, r1]):.1f} ± {100 * np.std([r0, r1], ddof=1):.1f}"
+    line = next(ln for ln in t1.splitlines() if ln.startswith("| arch c"))
+    assert expected in line, (line, expected)
+    # Re-running recomputes nothing.
+    manifests = {p: p.read_text() for p in (root / "train-head").glob("*/manifest.json")}
+    # a-avg-bi (shared by every table), c, mul, m2a, rgb, flow, tsn at N = 3; x 2 seeds
+    assert len(manifests) == 7 * 2
+    res = invoke("ablate", "--config", cfg, "--cache-dir", root)
+    assert res.exit_code == 0 and res.output.count("nothing to do") == 14
+    assert all(p.read_text() == text for p, text in manifests.items())
