@@ -115,12 +115,20 @@ class Stage:
     params_type: type
     run: Callable[["StageContext", Plan], dict]
     plan: Callable[[Any, "Upstream"], Plan] = lambda params, upstream: Plan()
-    upstream: Callable[[Any], tuple[str, ...]] = lambda params: ()
+    upstream: Callable[..., tuple[str, ...]] = lambda params: ()
     key: Callable[[Any], str] | None = None
     help: str = ""
 
     def output_key(self, params: Any) -> str:
         return self.key(params) if self.key else self.name
+
+    def upstream_keys(self, params: Any, cache_root: Path) -> tuple[str, ...]:
+        """The upstream outputs this run reads. ``upstream`` takes ``(params)``, or ``(params, cache_root)``
+        for a stage whose inputs are discovered in the cache (``evaluate`` reads every finished head)."""
+        import inspect
+
+        n = len(inspect.signature(self.upstream).parameters)
+        return tuple(self.upstream(params, cache_root) if n >= 2 else self.upstream(params))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -357,7 +365,7 @@ def run_stage(stage: Stage, params: Any, cache_root: Path, *, allow_failures: bo
             raise StageError(decision["message"])
         if decision["action"] == "skip":
             return RunResult(key, decision["fingerprint"], True, decision["manifest"], decision["message"])
-        upstream = load_upstream(cache_root, stage.upstream(params), stage.name)
+        upstream = load_upstream(cache_root, stage.upstream_keys(params, cache_root), stage.name)
         plan = stage.plan(params, upstream)
         journal = Journal(out / f"journal.rank{rank}.jsonl")
         try:
@@ -372,7 +380,7 @@ def run_stage(stage: Stage, params: Any, cache_root: Path, *, allow_failures: bo
         return RunResult(key, decision["fingerprint"], False, manifest, f"{key}: rank {rank} finished its share")
 
     try:
-        upstream = load_upstream(cache_root, stage.upstream(params), stage.name)
+        upstream = load_upstream(cache_root, stage.upstream_keys(params, cache_root), stage.name)
         plan = stage.plan(params, upstream)
         fp = compute_fingerprint(stage, params, upstream, plan)
         lock = _Lock(cache_root / f"{key}.lock", key)
@@ -388,6 +396,8 @@ def run_stage(stage: Stage, params: Any, cache_root: Path, *, allow_failures: bo
             raise
         if manifest and manifest.get("complete") and manifest["fingerprint"] == fp and not force:
             msg = (f"{key}: fresh (fingerprint {fp[:12]}, finished {manifest.get('finished')}); nothing to do")
+            if (manifest.get("summary") or {}).get("line"):
+                msg += f"\nlast run: {manifest['summary']['line']}"
             dist.broadcast_object({"action": "skip", "fingerprint": fp, "manifest": manifest, "message": msg})
             return RunResult(key, fp, True, manifest, msg)
 

@@ -427,7 +427,10 @@ def write_feature_store(path: Path, fs: FeatureSet) -> None:
     w = ContainerWriter(c.backend, c.handle)
     try:
         for name, arr in fs.streams.items():
-            w.create(f"streams/{name}", arr, chunks=(min(256, V), *arr.shape[1:]))
+            # About 8 MiB per chunk: a few videos' (P, views, D) blocks, so reading one video decompresses
+            # little (256 videos of 45 x 10 x 2048 float16 would be a 470 MB chunk).
+            per_video = max(1, arr[:1].nbytes)
+            w.create(f"streams/{name}", arr, chunks=(max(1, min(V, (8 << 20) // per_video)), *arr.shape[1:]))
         w.create("positions", fs.positions.astype(np.float32))
         w.create("labels", fs.labels.astype(np.int64))
         for key in ("video_ids", "split", "groups", "class_names"):
@@ -443,6 +446,19 @@ def write_feature_store(path: Path, fs: FeatureSet) -> None:
         w.close()
         _remove(tmp)
         raise
+
+
+def feature_store_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of the streams of a feature store, (V, P, views, D) each, without reading the arrays."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: feature store not found (run `pipeline extract-features` first)")
+    c = _open_container(path, "zarr" if path.suffix == ".zarr" else "h5", "r")
+    r = ContainerReader(c.backend, c.handle)
+    try:
+        return {s: tuple(int(x) for x in r[f"streams/{s}"].shape) for s in r.attrs.get("streams", [])}
+    finally:
+        r.close()
 
 
 def read_feature_store(path: Path, streams: Sequence[str] | None = None) -> FeatureSet:

@@ -75,10 +75,6 @@ def plan(params: EvaluateParams, upstream: Upstream) -> Plan:
         what = "finetune/*" if params.streams else "finetune/*, train-head/* or refine/*"
         raise StageError(f"nothing to evaluate: no finished {what} output with {SCORES_FILE} in "
                          f"{upstream.cache_root} (run `pipeline finetune` / `pipeline train-head` first)")
-    # What this stage reads is discovered, not declared: record it as upstream, so its fingerprints enter
-    # this stage's fingerprint and manifest (and `pipeline status` can tell when one of them changed).
-    for key, manifest in found:
-        upstream.manifests[key] = manifest
     ext = ""
     if params.external_scores is not None:
         ext = hashlib.sha256(Path(params.external_scores).read_bytes()).hexdigest()
@@ -196,5 +192,8 @@ def run(ctx: StageContext, plan: Plan) -> dict:
 
 STAGE = Stage(
     name="evaluate", version=VERSION, params_type=EvaluateParams, plan=plan, run=run,
+    # What evaluate reads is discovered in the cache, so that every finished head's fingerprint enters its
+    # own fingerprint and manifest (and `pipeline status` tells when one of them changed).
+    upstream=lambda params, cache_root: tuple(k for k, _ in _sources(params, cache_root)),
     help="Results table of every finished stream, head and refined model in the cache (+ external scores).",
 )

@@ -213,14 +213,10 @@ def feature_store_file(folder: Path) -> Path:
 
 def _stream_shapes(path: Path, streams) -> dict[str, tuple[int, ...]]:
     """Shapes of the stored streams without reading them."""
-    from pipeline.store import ContainerReader, _open_container
+    from pipeline.store import feature_store_shapes
 
-    c = _open_container(path, "zarr" if path.suffix == ".zarr" else "h5", "r")
-    r = ContainerReader(c.backend, c.handle)
-    try:
-        return {s: tuple(int(x) for x in r[f"streams/{s}"].shape) for s in streams}
-    finally:
-        r.close()
+    shapes = feature_store_shapes(path)
+    return {s: shapes[s] for s in streams if s in shapes}
 
 
 _LOADED: dict[tuple, FeatureSet] = {}
