@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 
 #: Stage modules in pipeline order.
-STAGE_MODULES = ("decode", "extract_flow", "train_head", "evaluate")
+STAGE_MODULES = ("decode", "extract_flow", "extract_features", "train_head", "evaluate")
 
 
 def all_stages() -> list:

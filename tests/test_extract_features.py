@@ -1,0 +1,407 @@
+"""extract-features: layout, values against an independent forward, views, resume after SIGKILL, 2 ranks,
+non-finite features and bad input.
+
+Upstream outputs come from the real decode stage and two test-only stages named "extract-flow" and
+"finetune" (random uint8 flow; random-initialised ResNet-18 checkpoints with a fixed seed): the point is
+the plumbing, so a random backbone is as good as a trained one, and the reference forward below is built
+from plain torchvision, not from pipeline.models.
+"""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torchvision
+import torchvision.transforms.v2.functional as TF
+import zarr
+from click.testing import CliRunner
+
+import stages.extract_features as ef
+from pipeline.cache import Plan, Stage, StageFailures, param, run_stage
+from pipeline.cli import main
+from pipeline.models.backbones import create_backbone
+from pipeline.store import VideoStore, read_feature_store, read_frames
+from pipeline.table import VideoTable
+from stages.decode import STAGE as DECODE
+from stages.decode import DecodeParams
+from stages.extract_features import STAGE, ExtractFeaturesParams
+from tests.videos import make_csv_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_FRAMES, L, SIZE = 12, 4, 64  # clips of 12 frames (64x48), flow stacks of 4 fields, 64-px network input
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Test-only upstream stages
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FlowParams:
+    seed: int = param(0, "seed of the random flow")
+    store: str = param("zarr", "flow store back end")
+
+
+def _table_plan(params, upstream):
+    return Plan("", VideoTable.load(upstream.dir("decode")))
+
+
+def _flow_run(ctx, plan):
+    store = VideoStore(ctx.dir / "flow", ctx.params.store)
+    for k, (vid, n, (h, w)) in enumerate(zip(plan.data.video_ids, plan.data.num_frames, plan.data.sizes)):
+        q = np.random.default_rng(ctx.params.seed + k).integers(0, 256, (n - 1, h, w, 2), dtype=np.uint8)
+        with store.writer(vid) as c:
+            c.write_images("flow", q, codec="raw")
+            c.set_attrs({"num_flows": n - 1, "num_frames": n, "step": 1, "bound": 20.0, "height": h, "width": w})
+        ctx.journal.record_ok(vid)
+    return {}
+
+
+FAKE_FLOW = Stage("extract-flow", "test", FlowParams, run=_flow_run, plan=_table_plan,
+                  upstream=lambda p: ("decode",))
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    stream: str = param("rgb", "rgb or flow")
+    num_classes: int = param(0, "0: the table's class count")
+    seed: int = param(0, "init seed")
+
+
+def _finetune_run(ctx, plan):
+    p, table = ctx.params, plan.data
+    torch.manual_seed(p.seed)
+    c = p.num_classes or len(table.classes)
+    model = create_backbone("resnet18", num_classes=c, in_channels=3 if p.stream == "rgb" else 2 * L)
+    torch.save({"model": model.state_dict(), "arch": "resnet18", "num_classes": c,
+                "in_channels": model.in_channels, "classes": list(table.classes)[:c] + ["x"] * (c - len(table.classes)),
+                "params": {"arch": "resnet18", "input_size": SIZE, "flow_length": L}, "epoch": 1},
+               ctx.dir / "best.pt")
+    return {}
+
+
+FAKE_FINETUNE = Stage("finetune", "test", FinetuneParams, run=_finetune_run, plan=_table_plan,
+                      upstream=lambda p: ("decode",), key=lambda p: f"finetune/{p.stream}")
+
+
+@pytest.fixture(scope="module")
+def upstream_cache(tmp_path_factory):
+    """decode (6 real clips, 2 classes) + random flow + random ResNet-18 checkpoints for both streams."""
+    base = tmp_path_factory.mktemp("ef")
+    data = make_csv_dataset(base / "data", videos_per_class=3, num_frames=NUM_FRAMES)
+    cache = base / "cache"
+    run_stage(DECODE, DecodeParams(dataset="csv", root=data, short_side=0, workers=1), cache)
+    run_stage(FAKE_FLOW, FlowParams(), cache)
+    run_stage(FAKE_FINETUNE, FinetuneParams(stream="rgb", seed=1), cache)
+    run_stage(FAKE_FINETUNE, FinetuneParams(stream="flow", seed=2), cache)
+    return cache
+
+
+@pytest.fixture
+def cache(upstream_cache, tmp_path):
+    dst = tmp_path / "cache"
+    shutil.copytree(upstream_cache, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An independent reference: plain torchvision ResNet-18, crops with torchvision, hand-written normalisation
+# ---------------------------------------------------------------------------------------------------------
+
+def reference_model(checkpoint: Path) -> torch.nn.Module:
+    ck = torch.load(checkpoint, weights_only=True)
+    m = torchvision.models.resnet18()
+    if ck["in_channels"] != 3:
+        m.conv1 = torch.nn.Conv2d(ck["in_channels"], 64, 7, 2, 3, bias=False)
+    m.fc = torch.nn.Identity()
+    m.load_state_dict({k[len("trunk."):]: v for k, v in ck["model"].items() if k.startswith("trunk.")})
+    return m.eval()
+
+
+def hand_positions(n, P):
+    return [(n * (2 * k + 1)) // (2 * P) for k in range(P)]
+
+
+def rgb_reference(model, cache, vid, frames, view="center"):
+    """Features of frames ``frames`` of ``vid``: resize the short side to round(64 * 256 / 224) = 73, crop."""
+    store = VideoStore(cache / "decode" / "frames", "zarr")
+    x = read_frames(store, vid, frames).permute(0, 3, 1, 2)
+    x = TF.resize(x, [73], antialias=True)
+    if view == "center":
+        x = TF.center_crop(x, [SIZE])
+    else:  # top-left corner, mirrored
+        x = TF.horizontal_flip(x[..., :SIZE, :SIZE])
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    with torch.no_grad():
+        return model((x.float() / 255 - mean) / std).numpy()
+
+
+def flow_reference(model, cache, vid, centres, view="center"):
+    """Features of the L-flow stacks centred on ``centres``, read with plain zarr."""
+    raw = zarr.open_group(str(cache / "extract-flow" / "flow" / f"{vid}.zarr"), mode="r")["flow/raw"][...]
+    nf = raw.shape[0]
+    stacks = []
+    for c in centres:
+        start = min(max(c - L // 2, 0), nf - L)  # shifted, not truncated, at the ends
+        s = raw[start:start + L]                 # (L, H, W, 2)
+        stacks.append(s.transpose(0, 3, 1, 2).reshape(2 * L, *s.shape[1:3]))  # x0, y0, x1, y1, ...
+    x = TF.resize(torch.from_numpy(np.stack(stacks)), [73], antialias=True)
+    if view == "center":
+        x = TF.center_crop(x, [SIZE])
+    else:
+        x = TF.horizontal_flip(x[..., :SIZE, :SIZE]).clone()
+        x[:, 0::2] = 255 - x[:, 0::2]  # mirrored x-flow changes sign: q -> 255 - q
+    with torch.no_grad():
+        return model((x.float() - 127.5) / 127.5).numpy()
+
+
+def assert_fp16_close(stored, ref):
+    scale = float(np.abs(ref).max())
+    np.testing.assert_allclose(stored.astype(np.float32), ref, rtol=2e-3, atol=2e-3 * scale)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def test_layout_values_and_plain_readers(cache):
+    P = 16  # more positions than the clips' 12 frames: positions repeat and are computed once
+    r = run_stage(STAGE, ExtractFeaturesParams(positions=P, format="both", batch_size=7, workers=2), cache)
+    out = cache / "extract-features"
+    assert r.manifest["complete"] and r.manifest["done"] == 6 and "frames/s" in r.message
+    assert not (out / "parts").exists() and not list(out.rglob(".tmp-*"))
+
+    with h5py.File(out / "features.h5", "r") as f:
+        rgb, flow = f["streams/rgb"][...], f["streams/flow"][...]
+        ids = [s.decode() for s in f["video_ids"][...]]
+        h5 = {k: f[k][...] for k in ("positions", "labels")}
+        split = [s.decode() for s in f["split"][...]]
+        groups = [s.decode() for s in f["groups"][...]]
+        classes = [s.decode() for s in f["class_names"][...]]
+        attrs = {k: json.loads(v) for k, v in f.attrs.items()}
+    z = zarr.open_group(str(out / "features.zarr"), mode="r")
+    assert rgb.shape == (6, P, 1, 512) and flow.shape == (6, P, 1, 512) and rgb.dtype == np.float16
+    assert np.array_equal(z["streams/rgb"][...], rgb) and np.array_equal(z["streams/flow"][...], flow)
+    assert [str(s) for s in z["video_ids"][...]] == ids and np.array_equal(z["labels"][...], h5["labels"])
+    assert [str(s) for s in z["split"][...]] == split
+    assert ids == [f"{c}/v_{c}_g{i:02d}_c01" for c in ("Alpha", "Beta") for i in (1, 2, 3)]
+    assert h5["labels"].tolist() == [0, 0, 0, 1, 1, 1] and classes == ["Alpha", "Beta"]
+    assert split == ["train", "train", "test"] * 2  # the CSV lists the last clip of each class as test
+    assert len(set(groups)) == 6
+    assert h5["positions"].dtype == np.float32
+    assert h5["positions"].tolist() == [hand_positions(NUM_FRAMES, P)] * 6
+    assert attrs["format_version"] == 1 and attrs["streams"] == ["rgb", "flow"] and attrs["num_positions"] == P
+    assert attrs["max_segments"] == 3 and attrs["dtype"] == "float16" and attrs["split_id"] == "1"
+    for s in ("rgb", "flow"):
+        b = attrs["backbones"][s]
+        ck = cache / "finetune" / s / "best.pt"
+        assert b["arch"] == "resnet18" and b["weights"] == "finetune" and b["input_size"] == SIZE
+        assert b["sha256"] == hashlib.sha256(ck.read_bytes()).hexdigest()
+        assert b["upstream_fingerprint"] == json.loads((ck.parent / "manifest.json").read_text())["fingerprint"]
+    assert attrs["backbones"]["flow"]["flow_length"] == L and attrs["backbones"]["flow"]["in_channels"] == 2 * L
+
+    # Values: an independent forward of the same weights on the same crops, for two videos, every position.
+    rgb_model = reference_model(cache / "finetune" / "rgb" / "best.pt")
+    flow_model = reference_model(cache / "finetune" / "flow" / "best.pt")
+    pos = hand_positions(NUM_FRAMES, P)
+    for v in (0, 4):
+        assert_fp16_close(rgb[v, :, 0], rgb_reference(rgb_model, cache, ids[v], pos))
+        assert_fp16_close(flow[v, :, 0], flow_reference(flow_model, cache, ids[v], pos))
+    assert np.abs(rgb[0] - rgb[1]).max() > 0.01  # different videos, different features
+
+    back = read_feature_store(out / "features.zarr")  # the library reader sees the same
+    assert np.array_equal(back.streams["flow"], flow) and back.attrs["fingerprint"] == r.fingerprint
+    assert run_stage(STAGE, ExtractFeaturesParams(positions=P, format="both"), cache).skipped
+
+
+def test_ten_crop_views_float32(cache):
+    r = run_stage(STAGE, ExtractFeaturesParams(positions=3, views=10, dtype="float32", format="h5"), cache)
+    assert r.manifest["complete"]
+    with h5py.File(cache / "extract-features" / "features.h5", "r") as f:
+        rgb, flow = f["streams/rgb"][...], f["streams/flow"][...]
+        vid = f["video_ids"][2].decode()
+        names = json.loads(f.attrs["view_names"])
+    assert rgb.shape == (6, 3, 10, 512) and rgb.dtype == np.float32 and names[4] == "center"
+    pos = hand_positions(NUM_FRAMES, 3)
+    rgb_model = reference_model(cache / "finetune" / "rgb" / "best.pt")
+    flow_model = reference_model(cache / "finetune" / "flow" / "best.pt")
+    tol = dict(rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(rgb[2, :, 4], rgb_reference(rgb_model, cache, vid, pos), **tol)
+    np.testing.assert_allclose(rgb[2, :, 5], rgb_reference(rgb_model, cache, vid, pos, "tl_flip"), **tol)
+    np.testing.assert_allclose(flow[2, :, 4], flow_reference(flow_model, cache, vid, pos), **tol)
+    np.testing.assert_allclose(flow[2, :, 5], flow_reference(flow_model, cache, vid, pos, "tl_flip"), **tol)
+
+
+def _read_h5(path):
+    with h5py.File(path, "r") as f:
+        return {k: f[k][...] for k in ("streams/rgb", "streams/flow", "positions", "labels", "video_ids", "split")}
+
+
+def _assert_same_store(a, b):
+    da, db = _read_h5(a), _read_h5(b)
+    for k in da:
+        assert np.array_equal(da[k], db[k]), k
+
+
+def test_kill_and_resume_gives_identical_features(cache, tmp_path):
+    clean = tmp_path / "clean"
+    shutil.copytree(cache, clean)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = ["--positions", "16", "--input-size", "112", "--format", "h5", "--workers", "1"]
+    cmd = [sys.executable, "-m", "pipeline", "extract-features", "--cache-dir", str(cache), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = cache / "extract-features" / "journal.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < 2):
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(journal.read_text().splitlines())
+    assert 2 <= done_before < 6, f"the run must be killed mid-stage ({done_before} of 6 were done)"
+    assert not (cache / "extract-features" / "manifest.json").exists()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming" in res.stderr and f"{6 - done_before} inputs" not in res.stdout
+    p = ExtractFeaturesParams(positions=16, input_size=112, format="h5", workers=1)
+    assert run_stage(STAGE, p, clean).manifest["done"] == 6
+    _assert_same_store(cache / "extract-features" / "features.h5", clean / "extract-features" / "features.h5")
+    assert not list((cache / "extract-features").rglob(".tmp-*"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_equal_one_process(cache, tmp_path):
+    # Random seeded ResNet-18s from --weights none: no finetune upstream (decode + extract-flow only).
+    for d in ("finetune",):
+        shutil.rmtree(cache / d)
+    single = tmp_path / "single"
+    shutil.copytree(cache, single)
+    args = ["--rgb-weights", "none", "--flow-weights", "none", "--arch", "resnet18", "--input-size", "32",
+            "--flow-length", "2", "--positions", "8", "--format", "h5", "--workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "pipeline", "extract-features", "--cache-dir", str(cache), *args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = cache / "extract-features"
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and m["done"] == 6 and m["world_size"] == 2
+    rank1 = [json.loads(x) for x in (out / "journal.rank1.jsonl").read_text().splitlines()]
+    assert len(rank1) == 3 and all(r["rank"] == 1 for r in rank1)  # rank 1 took videos 1, 3, 5
+
+    res = CliRunner().invoke(main, ["extract-features", "--cache-dir", str(single), *args])
+    assert res.exit_code == 0, res.output
+    _assert_same_store(out / "features.h5", single / "extract-features" / "features.h5")
+    with h5py.File(out / "features.h5", "r") as f:
+        assert json.loads(f.attrs["backbones"])["rgb"]["weights"] == "none"
+
+
+def _poisoned_backbones(monkeypatch):
+    """RGB forward #2 returns a NaN, flow forward #3 values beyond float16 (one forward per video here).
+
+    Video 1 fails in its RGB pass, so its flow pass never runs: flow forward #3 is video 3's.
+    """
+    real = ef.create_backbone
+
+    def fake(arch, **kw):
+        model = real(arch, **kw)
+        orig, calls = model.forward_features, [0]
+        rgb = kw.get("in_channels", 3) == 3
+
+        def forward_features(x):
+            y = orig(x)
+            calls[0] += 1
+            if rgb and calls[0] == 2:
+                y = y.clone()
+                y[1, 7] = float("nan")
+            if not rgb and calls[0] == 3:
+                y = y * 0 + 1e6
+            return y
+
+        model.forward_features = forward_features
+        return model
+
+    monkeypatch.setattr(ef, "create_backbone", fake)
+
+
+def test_non_finite_features_are_failures_never_stored(cache, monkeypatch):
+    _poisoned_backbones(monkeypatch)
+    p = ExtractFeaturesParams(positions=8, format="zarr", workers=1)
+    with pytest.raises(StageFailures) as e:
+        run_stage(STAGE, p, cache)
+    ids = VideoTable.load(cache / "decode").video_ids
+    assert f"{ids[1]}: non-finite rgb features (NaN) at 1 of 8 positions" in str(e.value)
+    assert f"{ids[3]}: non-finite flow features (values beyond the float16 range" in str(e.value)
+    out = cache / "extract-features"
+    assert not (out / "features.zarr").exists()  # failures not allowed: nothing consolidated
+    parts = VideoStore(out / "parts", "h5")
+    assert parts.video_ids() == [ids[i] for i in (0, 2, 4, 5)]
+    monkeypatch.undo()  # healthy networks: the re-run retries only the two failed videos
+    r = run_stage(STAGE, p, cache)
+    assert r.manifest["complete"] and r.manifest["summary"]["inputs_this_run"] == 2 * 2 * 8
+    fs = read_feature_store(out / "features.zarr")
+    assert list(fs.video_ids) == ids and np.isfinite(fs.streams["rgb"]).all()
+
+
+def test_missing_flow_is_a_failure_of_that_video(cache):
+    ids = VideoTable.load(cache / "decode").video_ids
+    shutil.rmtree(cache / "extract-flow" / "flow" / f"{ids[2]}.zarr")
+    res = CliRunner().invoke(main, ["extract-features", "--cache-dir", str(cache), "--positions", "4",
+                                    "--workers", "1"])
+    assert res.exit_code == 1 and f"{ids[2]}: no flow for this video" in res.output
+    assert f"{ids[2]}.zarr is missing" in res.output
+    res = CliRunner().invoke(main, ["extract-features", "--cache-dir", str(cache), "--positions", "4",
+                                    "--workers", "1", "--allow-failures"])
+    assert res.exit_code == 0, res.output
+    fs = read_feature_store(cache / "extract-features" / "features.zarr")
+    assert ids[2] not in set(fs.video_ids) and len(fs.video_ids) == 5
+
+
+@pytest.mark.parametrize("case", ["classes", "arch", "in_channels", "store_version", "disk", "views",
+                                  "weights_file", "split"])
+def test_bad_input_is_refused_before_work(cache, monkeypatch, case):
+    args = ["--positions", "4"]
+    if case == "classes":
+        run_stage(FAKE_FINETUNE, FinetuneParams(stream="rgb", num_classes=5), cache)
+        expect = "5-way classifier, the video table has 2 classes"
+    elif case == "arch":
+        args += ["--arch", "resnet50"]
+        expect = "holds a resnet18 backbone but --arch resnet50"
+    elif case == "in_channels":
+        args += ["--flow-length", "10"]
+        expect = "checkpoint takes 8 input channels, the flow stream needs 20"
+    elif case == "store_version":
+        vid = VideoTable.load(cache / "decode").video_ids[0]
+        g = zarr.open_group(str(cache / "decode" / "frames" / f"{vid}.zarr"), mode="r+")
+        g.attrs["format_version"] = 99
+        expect = "written by store format 99"
+    elif case == "disk":
+        monkeypatch.setattr(ef, "_free_bytes", lambda path: 1000)
+        expect = "not enough disk space"
+    elif case == "views":
+        args += ["--views", "5"]
+        expect = "--views must be 1"
+    elif case == "weights_file":
+        args += ["--rgb-weights", str(cache / "nope.pt")]
+        expect = "nope.pt does not exist"
+    else:
+        args += ["--split", "2"]
+        expect = "split 2 is not defined"
+    res = CliRunner().invoke(main, ["extract-features", "--cache-dir", str(cache), *args])
+    assert res.exit_code == 2 and expect in res.output, res.output
+    assert not (cache / "extract-features").exists()  # nothing started
