@@ -1,6 +1,8 @@
 """One module per pipeline stage; each declares a ``STAGE`` (see :class:`pipeline.cache.Stage`).
 
-:func:`all_stages` lists them in pipeline order; the CLI makes one command of each.
+:func:`all_stages` lists them in pipeline order; the CLI makes one command of each. :data:`CATALOG` names
+every command with its module and one-line help, so that ``pipeline --help`` and each command import only
+what they need (the stage modules import PyTorch); ``tests/test_cli.py`` checks it against the modules.
 """
 from __future__ import annotations
 
@@ -9,14 +11,33 @@ import importlib
 #: Stage modules in pipeline order.
 STAGE_MODULES = ("decode", "extract_flow", "extract_features", "train_head", "evaluate")
 
+#: command name -> (module in stages/, attribute of a plain Click command or None for the module's STAGE, help)
+CATALOG: dict[str, tuple[str, str | None, str]] = {
+    "decode": ("decode", None,
+               "Decode videos to frames (UCF101, HMDB51, folder per class, CSV list, or the built-in demo)."),
+    "extract-flow": ("extract_flow", None, "TV-L1 optical flow between consecutive frames (ours on CPU/CUDA, or "
+                     "OpenCV), quantized to uint8."),
+    "flow-pair": ("extract_flow", "flow_pair_command", "TV-L1 flow between two images, written as Middlebury .flo."),
+    "show-flow": ("extract_flow", "show_flow_command", "Colour-code a stored video's flow for a person to look at."),
+    "extract-features": ("extract_features", None, "Pooled RGB and flow backbone features at P positions per "
+                         "video (seed 000 §4.2) to Zarr / HDF5."),
+    "train-head": ("train_head", None, "Train a temporal head (STFN, STCB, baselines) on the cached features and "
+                   "evaluate it."),
+    "ablate": ("train_head", "ablate_command", "Seed 000's ablations (Tables 1-4) and the baselines on the cached "
+               "features."),
+    "evaluate": ("evaluate", None, "Results table of every finished stream, head and refined model in the cache "
+                 "(+ external scores)."),
+}
+
 
 def all_stages() -> list:
     return [importlib.import_module(f"stages.{m}").STAGE for m in STAGE_MODULES]
 
 
-def extra_commands() -> list:
-    """Commands that are not stages (tools such as flow-pair), from the stage modules that define them."""
-    out = []
-    for m in STAGE_MODULES:
-        out.extend(getattr(importlib.import_module(f"stages.{m}"), "COMMANDS", ()))
-    return out
+def load_command(name: str):
+    """The Click command ``name`` (imports its module)."""
+    from pipeline.cli import make_stage_command
+
+    module, attr, _ = CATALOG[name]
+    mod = importlib.import_module(f"stages.{module}")
+    return make_stage_command(mod.STAGE) if attr is None else getattr(mod, attr)

@@ -1,0 +1,36 @@
+"""The command catalog matches the stage modules; every command and parameter has help and a default."""
+import dataclasses
+import importlib
+
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from stages import CATALOG, STAGE_MODULES, all_stages
+
+
+def test_catalog_matches_modules():
+    stage_names = set()
+    for name, (module, attr, short) in CATALOG.items():
+        mod = importlib.import_module(f"stages.{module}")
+        if attr is None:
+            assert mod.STAGE.name == name and mod.STAGE.help == short
+            stage_names.add(name)
+        else:
+            assert getattr(mod, attr).name == name
+    assert stage_names == {s.name for s in all_stages()}
+    assert len(STAGE_MODULES) == len(stage_names)
+
+
+def test_help_lists_every_command_and_every_parameter_has_help():
+    runner = CliRunner()
+    res = runner.invoke(main, ["--help"])
+    assert res.exit_code == 0
+    for name in CATALOG:
+        assert name in res.output
+    for stage in all_stages():
+        res = runner.invoke(main, [stage.name, "--help"])
+        assert res.exit_code == 0, res.output
+        for f in dataclasses.fields(stage.params_type):
+            assert f.metadata.get("help"), f"{stage.name}: parameter {f.name} has no help text"
+            assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            assert "--" + f.name.rstrip("_").replace("_", "-") in res.output
