@@ -130,3 +130,22 @@ def test_show_flow_writes_colour_frames(decoded, tmp_path):
     assert res.exit_code == 0 and cv2.VideoCapture(str(tmp_path / "f.mp4")).read()[0]
     res = runner.invoke(main, ["show-flow", "Nope/v", "-o", str(tmp_path / "x"), "--cache-dir", str(decoded)])
     assert res.exit_code == 2 and "Nope/v" in res.output
+
+
+def test_both_backends_on_the_shared_real_clips(tmp_path, shared_data):
+    clips = sorted((shared_data / "clips").rglob("*.avi")) + sorted((shared_data / "clips").rglob("*.mp4"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "list.csv").write_text(
+        "path,label,split\n" + "".join(f"{p},{p.parent.name},train\n" for p in clips))
+    for backend in ("torch", "opencv"):
+        cache = tmp_path / backend
+        run_stage(DECODE, DecodeParams(dataset="csv", root=tmp_path / "data", short_side=64, max_frames=6,
+                                       workers=1), cache)
+        r = run_stage(FLOW, FlowParams(backend=backend, **QUICK), cache)
+        assert r.manifest["done"] == len(clips)
+    ids = VideoTable.load(tmp_path / "torch" / "decode").video_ids
+    for vid in ids:
+        a = read_flow(flow_store(tmp_path / "torch" / "extract-flow"), vid)
+        b = read_flow(flow_store(tmp_path / "opencv" / "extract-flow"), vid)
+        assert a.shape == b.shape and a.shape[0] == 5
+        assert np.sqrt(((a - b) ** 2).sum(-1)).mean() < 0.1, vid
