@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 #: Stage modules in pipeline order.
-STAGE_MODULES = ("decode", "extract_flow", "extract_features", "train_head", "evaluate")
+STAGE_MODULES = ("decode", "extract_flow", "finetune", "extract_features", "train_head", "evaluate")
 
 #: command name -> (module in stages/, attribute of a plain Click command or None for the module's STAGE, help)
 CATALOG: dict[str, tuple[str, str | None, str]] = {
@@ -19,6 +19,7 @@ CATALOG: dict[str, tuple[str, str | None, str]] = {
                      "OpenCV), quantized to uint8."),
     "flow-pair": ("extract_flow", "flow_pair_command", "TV-L1 flow between two images, written as Middlebury .flo."),
     "show-flow": ("extract_flow", "show_flow_command", "Colour-code a stored video's flow for a person to look at."),
+    "finetune": ("finetune", None, "Fine-tune the RGB or flow ConvNet of the two-stream network (seed 000 §4.2)."),
     "extract-features": ("extract_features", None, "Pooled RGB and flow backbone features at P positions per "
                          "video (seed 000 §4.2) to Zarr / HDF5."),
     "train-head": ("train_head", None, "Train a temporal head (STFN, STCB, baselines) on the cached features and "

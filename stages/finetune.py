@@ -1,0 +1,464 @@
+"""``finetune``: train the appearance (RGB) or motion (flow) ConvNet of the two-stream network.
+
+Seed 000 §4.2 ("Two-stream ConvNets"): ResNet-101 or Inception-V3 initialised from ImageNet, classifier
+replaced by a C-way layer; RGB frames or stacks of L = 10 flow fields (first conv by TSN cross-modality
+averaging); multi-scale corner crops resized to 224 and horizontal flips, the same for every frame of a
+sample; SGD with batch 32, momentum 0.9, learning rate 1e-3 divided by 10 when the validation error
+saturates. Validation videos are whole groups held out of the training split (UCF101's gNN), so that
+near-duplicate clips do not leak. Test: 25 uniformly spaced centre views per video, scores averaged.
+
+Outputs in ``<cache>/finetune/<stream>/``: ``best.pt`` (best validation accuracy), ``last.pt`` (every
+epoch, for resuming), ``history.csv``, ``curves.png``, ``test_scores.npz`` (per test video: ``scores``
+(V, C) softmax averaged over the views, ``logits`` (V, C) averaged raw scores, ``video_ids``, ``labels``,
+``class_names``), ``confusion.png``; top-1 and mean class accuracy in the manifest's summary.
+
+Resume: a killed run restarts from ``last.pt`` (model, optimizer, schedule, history); the data order and
+augmentation are functions of (seed, epoch, video), and the dropout generator is re-seeded every epoch, so
+the resumed run ends with the same weights as an uninterrupted one.
+
+Distributed: ``torchrun --nproc-per-node K -m pipeline finetune ...``. :func:`pipeline.cache.run_stage` lets
+rank 0 lock, decide and write the manifest; every rank then runs ``run`` and trains under
+DistributedDataParallel on its slice of each global batch (BatchNorm statistics over the global batch), and
+only rank 0 writes checkpoints, logs and scores. Test videos are shared among the ranks.
+
+Examples:
+
+\b
+    pipeline finetune --stream rgb --arch resnet101
+    pipeline finetune --stream flow --arch resnet101 --weights imagenet
+    torchrun --standalone --nproc-per-node 2 -m pipeline finetune --stream flow
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.cache import Plan, Stage, StageContext, StageError, Upstream, digest, param, params_dict
+from pipeline.clips import STREAMS, TestViews, TrainClips, VideoList, input_channels, input_normalizer
+from pipeline.datasets import VideoRecord, holdout_groups
+from pipeline.models.backbones import create_backbone, imagenet_weights_path, list_backbones
+from pipeline.store import VideoStore
+from pipeline.table import VideoTable
+from pipeline import dist
+from pipeline import train as T
+
+VERSION = "1"
+
+#: TSN (Wang et al. 2016, §3.2 "Network training"): dropout 0.8 for the spatial, 0.7 for the temporal net.
+TSN_DROPOUT = {"rgb": 0.8, "flow": 0.7}
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    stream: str = param("rgb", "Which network: rgb (appearance) or flow (motion; reads extract-flow).",
+                        choices=STREAMS)
+    arch: str = param("resnet101", "Backbone (seed 000 §4.2 uses resnet101 and inception_v3).",
+                      choices=list_backbones())
+    input_size: int = param(224, "Network input side in pixels (seed 000 §4.2: 224).")
+    weights: str = param("imagenet", "Initial weights: imagenet (torchvision's, from the torch hub cache; "
+                         "never downloaded), none (random), or a path (torchvision state dict or our "
+                         "checkpoint). Seed 000 §4.2 starts from ImageNet.")
+    split: int = param(1, "Which split of the video table (1..3 for UCF101 / HMDB51).")
+    segments: int = param(1, "TSN segments N: one random frame (stack) from each of N equal parts, scores "
+                          "averaged (consensus). 1 is the two-stream sampling seed 000 §4.2 describes for "
+                          "these networks (its N = 5 segments are for STFN); TSN uses 3.")
+    batch_size: int = param(32, "Videos per SGD step, over all ranks (seed 000 §4.2: 32).")
+    lr: float = param(1e-3, "Initial learning rate (seed 000 §4.2: 1e-3).")
+    momentum: float = param(0.9, "SGD momentum (seed 000 §4.2: 0.9).")
+    weight_decay: float = param(5e-4, "Weight decay on conv and linear weights (TSN: 5e-4).")
+    patience: int = param(3, "Epochs without a lower validation error before the learning rate is divided "
+                          "by 10 (seed 000 §4.2: 'when the validation error saturates').")
+    lr_decays: int = param(2, "Stop at the first plateau after this many divisions by 10 (TSN divides "
+                           "twice: 1e-3 -> 1e-5).")
+    epochs: int = param(80, "Maximum number of epochs.")
+    dropout: float = param(-1.0, "Dropout before the classifier; -1: by stream, TSN's 0.8 (rgb) / 0.7 (flow).")
+    partial_bn: str = param("auto", "TSN partial BN: freeze every BatchNorm layer but the first. auto: on "
+                            "with pretrained weights, off with --weights none (from scratch BN must learn).",
+                            choices=("auto", "on", "off"))
+    val_fraction: float = param(0.1, "Fraction of the training split held out for validation, by whole "
+                                "groups (UCF101 gNN, HMDB51 source clip); 0: no validation (the schedule "
+                                "then follows the training loss and best.pt is the last epoch).")
+    val_frames: int = param(5, "Centre views per validation video (uniformly spaced), each epoch.")
+    num_test_frames: int = param(25, "Centre views per test video, uniformly spaced (two-stream protocol: 25).")
+    flow_length: int = param(10, "L, flow fields per stack (seed 000 §4.2: 10 -> 20 input channels).")
+    flow_bound: float = param(20.0, "Quantisation bound the flow store must have been written with.")
+    flow_step: int = param(1, "Frame step the flow store must have been written with.")
+    seed: int = param(0, "Seed of initialisation, data order, augmentation and dropout.")
+    workers: int = param(-1, "DataLoader worker processes per rank (-1: auto, 0: load in the main process).",
+                         fingerprint=False)
+    device: str = param("auto", "auto (CUDA when available), cpu or cuda.", fingerprint=False,
+                        choices=("auto", "cpu", "cuda"))
+    amp: bool = param(True, "bf16 autocast and channels_last on CUDA (ignored on CPU).", fingerprint=False)
+
+    def validate(self) -> None:
+        if self.stream not in STREAMS:
+            raise StageError(f"--stream must be one of {', '.join(STREAMS)} (got {self.stream!r})")
+        if self.arch not in list_backbones():
+            raise StageError(f"unknown --arch {self.arch!r}; valid: {', '.join(list_backbones())}")
+        for name in ("input_size", "segments", "batch_size", "epochs", "val_frames", "num_test_frames",
+                     "flow_length", "flow_step", "split"):
+            if getattr(self, name) < 1:
+                raise StageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise StageError(f"need --lr > 0, --weight-decay >= 0 and 0 <= --momentum < 1 (got {self.lr}, "
+                             f"{self.weight_decay}, {self.momentum})")
+        if self.patience < 0 or self.lr_decays < 0:
+            raise StageError("--patience and --lr-decays must be >= 0")
+        if not (self.dropout == -1 or 0 <= self.dropout < 1):
+            raise StageError(f"--dropout must be in [0, 1) or -1 (got {self.dropout})")
+        if not 0 <= self.val_fraction < 1:
+            raise StageError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
+        if self.flow_bound <= 0:
+            raise StageError(f"--flow-bound must be > 0 (got {self.flow_bound})")
+
+    @property
+    def drop(self) -> float:
+        return TSN_DROPOUT[self.stream] if self.dropout == -1 else self.dropout
+
+    @property
+    def use_partial_bn(self) -> bool:
+        return self.partial_bn == "on" or (self.partial_bn == "auto" and self.weights != "none")
+
+
+def _key(p: FinetuneParams) -> str:
+    return f"finetune/{p.stream}"
+
+
+def _upstream(p: FinetuneParams) -> tuple[str, ...]:
+    return ("decode", "extract-flow") if p.stream == "flow" else ("decode",)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plan: everything checked before work starts
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Data:
+    classes: list[str]
+    train: VideoList
+    val: VideoList
+    test: VideoList
+    store: VideoStore
+    model: torch.nn.Module
+
+
+def _check_flow_store(p: FinetuneParams, upstream: Upstream, store: VideoStore, videos: list[str]) -> None:
+    flow_params = upstream.manifests["extract-flow"].get("params", {})
+    first = store.path(videos[0])
+    if not first.exists():
+        raise StageError(f"{first}: no flow for video {videos[0]!r}; re-run `pipeline extract-flow`")
+    with store.reader(videos[0]) as r:
+        attrs = r.attrs
+    for name, want in (("bound", p.flow_bound), ("step", p.flow_step)):
+        found = attrs.get(name, flow_params.get(name))
+        if found is None or float(found) != float(want):
+            raise StageError(f"the flow store {store.root} was made with {name} {found}, but --flow-{name} "
+                             f"{want} was requested; re-run extract-flow with --{name} {want} or change "
+                             f"--flow-{name}")
+    missing = [v for v in videos if not store.path(v).exists()]
+    if missing:
+        raise StageError(f"{len(missing)} video(s) have no flow in {store.root}, e.g. {', '.join(missing[:3])}; "
+                         "re-run `pipeline extract-flow`")
+
+
+def _weights_digest(weights: str, arch: str) -> str:
+    if weights in ("none", "imagenet"):
+        return weights if weights == "none" else f"imagenet:{imagenet_weights_path(arch).name}"
+    path = Path(weights)
+    if not path.is_file():
+        raise StageError(f"--weights {weights}: no such file (use none, imagenet or a weights file)")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def plan(p: FinetuneParams, upstream: Upstream) -> Plan:
+    p.validate()
+    decode_dir = upstream.dir("decode")
+    table = VideoTable.load(decode_dir)
+    try:
+        membership = table.split_of(p.split)
+    except KeyError as e:
+        raise StageError(f"--split {p.split}: {e.args[0]}") from None
+    train_rows = [i for i, s in enumerate(membership) if s == "train"]
+    test_rows = [i for i, s in enumerate(membership) if s == "test"]
+    if not train_rows or not test_rows:
+        raise StageError(f"split {p.split} of {decode_dir / 'videos.json'} has {len(train_rows)} training and "
+                         f"{len(test_rows)} test videos; both are needed")
+    train_classes = {table.labels[i] for i in train_rows}
+    absent = sorted({table.labels[i] for i in test_rows} - train_classes)
+    if absent:
+        names = ", ".join(table.classes[c] for c in absent[:10])
+        raise StageError(f"split {p.split}: {len(absent)} class(es) of the test split have no training video "
+                         f"({names}); a network cannot learn them")
+
+    # Validation: whole groups of the training split (seed 000 §4.2 validation error; grouped so that
+    # clips of one actor/scene do not land on both sides).
+    records = [VideoRecord(table.video_ids[i], Path(table.sources[i]), table.labels[i],
+                           table.classes[table.labels[i]], "train", table.groups[i]) for i in train_rows]
+    held = holdout_groups(records, p.val_fraction, seed=p.seed) if p.val_fraction > 0 else frozenset()
+    val_rows = [i for i in train_rows if table.groups[i] in held]
+    fit_rows = [i for i in train_rows if table.groups[i] not in held]
+
+    def vl(rows: list[int]) -> VideoList:
+        return VideoList(tuple(table.video_ids[i] for i in rows), tuple(table.labels[i] for i in rows),
+                         tuple(table.num_frames[i] for i in rows))
+
+    if p.stream == "flow":
+        from stages.extract_flow import flow_store
+
+        store = flow_store(upstream.dir("extract-flow"))
+        _check_flow_store(p, upstream, store, [table.video_ids[i] for i in train_rows + test_rows])
+    else:
+        from stages.decode import frame_store
+
+        store = frame_store(upstream.dir("decode"))
+
+    try:
+        torch.manual_seed(p.seed)  # the random initialisation (new classifier, or everything for none)
+        model = create_backbone(p.arch, num_classes=len(table.classes), in_channels=input_channels(
+            p.stream, p.flow_length), weights=p.weights, dropout=p.drop)
+    except (ValueError, FileNotFoundError) as e:
+        raise StageError(f"--arch {p.arch} --weights {p.weights}: {e}") from None
+    if p.input_size < model.min_input_size:
+        raise StageError(f"{p.arch} needs --input-size >= {model.min_input_size} (got {p.input_size})")
+
+    data = _Data(list(table.classes), vl(fit_rows), vl(val_rows), vl(test_rows), store, model)
+    inputs = digest({"classes": table.classes, "train": data.train.video_ids, "val": data.val.video_ids,
+                     "test": data.test.video_ids, "labels": [table.labels[i] for i in train_rows + test_rows],
+                     "frames": [table.num_frames[i] for i in train_rows + test_rows],
+                     "weights": _weights_digest(p.weights, p.arch)})
+    describe = (f"{p.stream} {p.arch}, {len(table.classes)} classes, {len(data.train)} train / {len(data.val)} "
+                f"val ({len(held)} groups) / {len(data.test)} test videos")
+
+    return Plan(inputs, data, describe)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+def _checkpoint_meta(p: FinetuneParams, data: _Data) -> dict:
+    return {"arch": p.arch, "stream": p.stream, "num_classes": len(data.classes),
+            "in_channels": input_channels(p.stream, p.flow_length), "classes": list(data.classes),
+            "input_size": p.input_size, "params": params_dict(p)}
+
+
+def _check_resumable(path: Path, ckpt: dict, meta: dict) -> None:
+    for k in ("arch", "num_classes", "in_channels", "classes"):
+        if ckpt.get(k) != meta[k]:
+            raise StageError(f"{path}: checkpoint has {k} {ckpt.get(k)!r}, this run needs {meta[k]!r}; remove "
+                             f"the file (or run with --force) to start over")
+
+
+def _workers(p: FinetuneParams, world: int) -> int:
+    if p.workers >= 0:
+        return p.workers
+    return max(0, min(8, (os.cpu_count() or 1) // world - 1))
+
+
+def _loader(dataset, *, workers: int, device: torch.device, **kw):
+    from torch.utils.data import DataLoader
+
+    # Its own generator: creating an iterator must not draw from the global one (dropout's, seeded per epoch).
+    return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0, generator=torch.Generator(), **kw)
+
+
+def _fit(p: FinetuneParams, data: _Data, device: torch.device, info: T.DistInfo, out: Path,
+         ckpt: dict | None, log) -> dict:
+    """Train (from ``ckpt`` when resuming), then score the test videos with best.pt. Only rank 0 writes."""
+    main = info.is_main
+    model = data.model
+    meta = _checkpoint_meta(p, data)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    if p.use_partial_bn:
+        T.freeze_partial_bn(model)
+    if info.distributed:
+        T.sync_batchnorm(model)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(T.trainable_param_groups(model, p.weight_decay), lr=p.lr, momentum=p.momentum)
+    # Seed 000 §4.2: divide the learning rate by 10 when the validation error saturates.
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1,
+                                                           patience=p.patience)
+    net = model
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # Running statistics are computed from global batches on every rank alike: no buffer broadcast.
+        net = DDP(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    history: list[dict] = []
+    best = {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf}
+    start, decays, done = 0, 0, False
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        history, best = list(ckpt["history"]), dict(ckpt["best"])
+        start, decays, done = int(ckpt["epoch"]), int(ckpt["lr_decays"]), bool(ckpt["done"])
+
+    normalize = input_normalizer(p.stream)
+    workers = _workers(p, info.world_size)
+    flow_kw = {"flow_bound": p.flow_bound, "flow_step": p.flow_step} if p.stream == "flow" else {}
+    train_set = TrainClips(data.store, data.train, p.stream, num_segments=p.segments, input_size=p.input_size,
+                           flow_length=p.flow_length, seed=p.seed, **flow_kw)
+    batches = T.EpochBatches(len(train_set), p.batch_size, seed=p.seed, rank=info.rank,
+                             world_size=info.world_size)
+    train_loader = _loader(train_set, workers=workers, device=device, batch_sampler=batches)
+
+    def views(videos: VideoList, frames: int):
+        ds = TestViews(data.store, videos, p.stream, num_frames=frames, input_size=p.input_size,
+                       flow_length=p.flow_length, **flow_kw)
+        mine = list(range(info.rank, len(videos), info.world_size))
+        return _loader(ds, workers=min(workers, len(mine)), device=device, batch_size=None, sampler=mine)
+
+    val_loader = views(data.val, p.val_frames) if len(data.val) else None
+    eval_kw = {"device": device, "normalize": normalize, "amp": p.amp, "chunk": max(p.batch_size, 1)}
+    bar = None
+    if main and not done:
+        from tqdm import tqdm
+
+        bar = tqdm(total=(p.epochs - start) * len(train_set), desc=f"finetune {p.stream}", unit="clip",
+                   dynamic_ncols=True, file=sys.stderr, disable=None)
+
+    epoch = start
+    while not done and epoch < p.epochs:
+        T.seed_epoch(p.seed, epoch, info.rank)
+        batches.set_epoch(epoch)
+        T.set_train_mode(net, True)
+        lr = optimizer.param_groups[0]["lr"]
+        st = T.train_one_epoch(net, train_loader, optimizer, device=device, normalize=normalize, amp=p.amp,
+                               progress=(lambda n: bar.update(n * info.world_size)) if bar is not None else None)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": st["loss"], "train_acc": st["acc"],
+               "val_loss": None, "val_acc": None, "seconds": round(st["seconds"], 3),
+               "data_seconds": round(st["data_seconds"], 3),
+               "frames_per_s": round(st["frames"] / max(st["seconds"], 1e-9), 2)}
+        if val_loader is not None:
+            ev = T.evaluate(model, val_loader, len(data.val), len(data.classes), **eval_kw)
+            labels = torch.tensor(data.val.labels)
+            row["val_acc"] = float((ev["probs"].argmax(1) == labels).float().mean())
+            row["val_loss"] = float(torch.nn.functional.nll_loss(ev["probs"].clamp_min(1e-12).log(), labels))
+            monitored = 1.0 - row["val_acc"]
+            improved = (row["val_acc"], -row["val_loss"]) > (best["val_acc"], -best["val_loss"])
+        else:
+            monitored, improved = st["loss"], True
+        scheduler.step(monitored)
+        epoch += 1
+        if optimizer.param_groups[0]["lr"] < lr:
+            decays += 1
+        done = epoch >= p.epochs or decays > p.lr_decays
+        history.append(row)
+        if improved:
+            best = {"epoch": epoch, "val_acc": row["val_acc"] if row["val_acc"] is not None else -1.0,
+                    "val_loss": row["val_loss"] if row["val_loss"] is not None else math.inf}
+        if main:
+            state = {**meta, "model": model.state_dict(), "epoch": epoch, "metrics": row}
+            if improved:
+                T.save_checkpoint(out / "best.pt", state)
+            T.save_checkpoint(out / "last.pt", {
+                **state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "history": history, "best": best, "lr_decays": decays, "done": done})
+            _write_history(out / "history.csv", history)
+            val = f", val acc {row['val_acc']:.3f} loss {row['val_loss']:.3f}" if row["val_acc"] is not None else ""
+            log.info("epoch %d: lr %.0e, train loss %.3f acc %.3f%s, %.0f %s/s (%.0f%% waiting for data)",
+                     epoch, lr, st["loss"], st["acc"], val, row["frames_per_s"],
+                     "images" if p.stream == "rgb" else "stacks", 100 * st["data_seconds"] / max(st["seconds"], 1e-9))
+    if bar is not None:
+        bar.close()
+
+    # Test with the best weights (written by rank 0; the other ranks wait for the file).
+    if info.distributed:
+        torch.distributed.barrier()
+    model.load_state_dict(T.load_checkpoint(out / "best.pt")["model"])
+    test = T.evaluate(model, views(data.test, p.num_test_frames), len(data.test), len(data.classes), **eval_kw)
+    return {"history": history, "best": best, "test": test, "epochs": epoch, "decays": decays}
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    tmp = path.with_name(".tmp-" + path.name)
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        for row in history:
+            w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    tmp.replace(path)
+
+
+def run(ctx: StageContext, plan: Plan) -> dict:
+    from pipeline.plots import confusion_matrix_plot, training_curves
+
+    p: FinetuneParams = ctx.params
+    data: _Data = plan.data
+    info = T.DistInfo(ctx.rank, ctx.world_size, dist.local_rank())
+    device = torch.device(dist.device(p.device))
+    meta = _checkpoint_meta(p, data)
+    last = ctx.dir / "last.pt"
+    ckpt = None
+    # Every rank reads last.pt before its first collective, so rank 0 cannot have replaced it yet.
+    if last.exists():
+        try:
+            ckpt = T.load_checkpoint(last)
+        except ValueError as e:
+            raise StageError(str(e)) from None
+        _check_resumable(last, ckpt, meta)
+        if info.is_main:
+            ctx.log.info("resuming from %s (epoch %d%s)", last, ckpt["epoch"],
+                         ", training finished" if ckpt["done"] else "")
+    t0 = time.perf_counter()
+    res = _fit(p, data, device, info, ctx.dir, ckpt, ctx.log)
+    if not info.is_main:
+        return {}
+    seconds = time.perf_counter() - t0
+
+    test = res["test"]
+    probs, logits = test["probs"].numpy(), test["logits"].numpy()
+    labels = np.asarray(data.test.labels, dtype=np.int64)
+    m = T.accuracy_metrics(probs, labels, len(data.classes))
+    tmp = ctx.dir / ".tmp-test_scores.npz"
+    with open(tmp, "wb") as f:
+        np.savez(f, scores=probs.astype(np.float32), logits=logits.astype(np.float32),
+                 video_ids=np.array(data.test.video_ids, dtype=str), labels=labels,
+                 class_names=np.array(data.classes, dtype=str), stream=np.array(p.stream))
+    tmp.replace(ctx.dir / "test_scores.npz")
+    for vid, label, pred in zip(data.test.video_ids, labels, probs.argmax(1)):
+        ctx.journal.record_ok(vid, label=int(label), pred=int(pred))
+    title = f"{p.stream} {p.arch} (split {p.split})"
+    training_curves(res["history"], ctx.dir / "curves.png", title=title)
+    confusion_matrix_plot(m["confusion"], data.classes, ctx.dir / "confusion.png",
+                          title=f"{title}: top-1 {m['top1']:.1%}")
+    history = res["history"]
+    fps = [h["frames_per_s"] for h in history]
+    waiting = sum(h["data_seconds"] for h in history) / max(sum(h["seconds"] for h in history), 1e-9)
+    best = res["best"]
+    val = f", best epoch {best['epoch']} (val acc {best['val_acc']:.1%})" if best["val_acc"] >= 0 else ""
+    line = (f"finetune/{p.stream}: {p.arch} {p.input_size}px, {res['epochs']} epochs{val}; test top-1 "
+            f"{m['top1']:.1%}, mean class {m['mean_class_acc']:.1%} on {len(labels)} videos "
+            f"(chance {1 / len(data.classes):.1%}); {float(np.median(fps)) if fps else 0:.0f} "
+            f"{'images' if p.stream == 'rgb' else 'stacks'}/s, {seconds:.0f} s")
+    ctx.log.info(line)
+    return {"line": line, "top1": m["top1"], "mean_class_acc": m["mean_class_acc"], "best_epoch": best["epoch"],
+            "best_val_acc": best["val_acc"] if best["val_acc"] >= 0 else None, "epochs": res["epochs"],
+            "lr_decays": res["decays"], "classes": len(data.classes), "train_videos": len(data.train),
+            "val_videos": len(data.val), "test_videos": len(labels), "world_size": info.world_size,
+            "device": str(device), "median_frames_per_s": float(np.median(fps)) if fps else None,
+            "data_wait_fraction": waiting, "seconds": seconds}
+
+
+STAGE = Stage(
+    name="finetune", version=VERSION, params_type=FinetuneParams, plan=plan, run=run, upstream=_upstream,
+    key=_key, help="Fine-tune the RGB or flow ConvNet of the two-stream network (seed 000 §4.2).",
+)
