@@ -8,7 +8,7 @@ outputs it reads and a ``run`` function. Running it through :func:`run_stage`:
 2. computes the fingerprint = sha256 of the stage name, its version, the parameters it reads (fields marked
    ``fingerprint=False`` such as ``workers`` are left out), the upstream fingerprints and the plan's input
    digest; all of it before running (DVC's run-cache rule);
-3. takes the stage's lock (``fcntl.flock``; a second concurrent run is refused with a clear message, and a
+3. takes the stage's lock (a POSIX ``fcntl.lockf`` record lock; a second concurrent run is refused with a clear message, and a
    killed run never leaves a stale lock);
 4. if a complete manifest with the same fingerprint exists, does nothing and says so;
 5. if earlier partial work has another fingerprint, clears it; otherwise resumes it: the stage asks
@@ -299,21 +299,39 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+_HELD_LOCKS: set[str] = set()
+
+
 class _Lock:
+    """Exclusive lock of one stage output, ``<cache>/<key>.lock``.
+
+    A POSIX record lock (``fcntl.lockf``): the kernel drops it when the process dies, so a killed run never
+    leaves a stale lock, and unlike ``flock`` it is not inherited by forked children (DataLoader workers),
+    which may outlive a killed parent by seconds. POSIX locks do not conflict within one process, so the
+    locks this process holds are also kept in ``_HELD_LOCKS``.
+    """
+
     def __init__(self, path: Path, key: str):
         self.path, self.key, self.fh = path, key, None
 
+    def _refuse(self, holder: str):
+        return StageLocked(f"the output of {self.key!r} ({self.path.with_suffix('')}) is being written by "
+                           f"{holder}; wait for that run to finish (a second run at once is refused)")
+
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        ident = str(self.path.resolve())
+        if ident in _HELD_LOCKS:
+            raise self._refuse(f"this process (pid {os.getpid()})")
         self.fh = open(self.path, "a+")
         try:
-            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             self.fh.seek(0)
             holder = self.fh.read().strip() or "another process"
             self.fh.close()
-            raise StageLocked(f"the output of {self.key!r} ({self.path.with_suffix('')}) is being written by "
-                              f"{holder}; wait for that run to finish (a second run at once is refused)") from None
+            raise self._refuse(holder) from None
+        _HELD_LOCKS.add(ident)
         self.fh.seek(0)
         self.fh.truncate()
         self.fh.write(f"pid {os.getpid()} on {platform.node()} since {_now()}")
@@ -321,8 +339,10 @@ class _Lock:
         return self
 
     def __exit__(self, *exc):
+        _HELD_LOCKS.discard(str(self.path.resolve()))
         self.fh.truncate(0)
-        fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+        self.fh.flush()
+        fcntl.lockf(self.fh.fileno(), fcntl.LOCK_UN)
         self.fh.close()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 #: Stage modules in pipeline order.
-STAGE_MODULES = ("decode", "extract_flow", "finetune", "extract_features", "train_head", "evaluate")
+STAGE_MODULES = ("decode", "extract_flow", "finetune", "extract_features", "train_head", "refine", "evaluate")
 
 #: command name -> (module in stages/, attribute of a plain Click command or None for the module's STAGE, help)
 CATALOG: dict[str, tuple[str, str | None, str]] = {
@@ -26,6 +26,9 @@ CATALOG: dict[str, tuple[str, str | None, str]] = {
                    "evaluate it."),
     "ablate": ("train_head", "ablate_command", "Seed 000's ablations (Tables 1-4) and the baselines on the cached "
                "features."),
+    "refine": ("refine", None, "Train both backbones and a trained head end to end (seed 000 §4.2, second "
+               "training step)."),
+    "run-all": ("workflow", "run_all_command", "Every stage in order, in one process; fresh stages are skipped."),
     "evaluate": ("evaluate", None, "Results table of every finished stream, head and refined model in the cache "
                  "(+ external scores)."),
 }

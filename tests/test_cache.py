@@ -124,7 +124,7 @@ def test_missing_upstream_names_the_command(tmp_path):
 
 def test_lock_refuses_second_run(tmp_path):
     with _Lock(tmp_path / "count.lock", "count"):
-        with pytest.raises(StageLocked, match="being written by pid"):
+        with pytest.raises(StageLocked, match="being written by .*pid"):
             run_stage(COUNT, CountParams(), tmp_path)
     run_stage(COUNT, CountParams(), tmp_path)  # released
 
@@ -201,7 +201,7 @@ def test_torchrun_two_ranks_share_the_work(tmp_path):
     script = tmp_path / "toy.py"
     script.write_text(TORCHRUN_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(script), str(tmp_path / "cache")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -214,3 +214,32 @@ def test_torchrun_two_ranks_share_the_work(tmp_path):
     assert m["complete"] and m["done"] == 10 and m["world_size"] == 2
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0 and res.stdout.count("RESULT True 10") == 2  # fresh on every rank
+
+
+def test_lock_is_held_across_processes_and_not_inherited_by_forked_children(tmp_path):
+    import multiprocessing as mp
+
+    def try_lock(path, q):
+        try:
+            with _Lock(path, "count"):
+                q.put("acquired")
+        except StageLocked:
+            q.put("refused")
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    lock = _Lock(tmp_path / "count.lock", "count")
+    lock.__enter__()
+    p = ctx.Process(target=try_lock, args=(tmp_path / "count.lock", q))  # a forked child: another process
+    p.start()
+    p.join()
+    assert q.get() == "refused"
+    # A child forked while the lock is held (like a DataLoader worker) keeps no lock after the parent lets go.
+    child = ctx.Process(target=time.sleep, args=(3,))
+    child.start()
+    lock.__exit__(None, None, None)
+    p = ctx.Process(target=try_lock, args=(tmp_path / "count.lock", q))
+    p.start()
+    p.join()
+    assert q.get() == "acquired"
+    child.terminate()
