@@ -15,6 +15,10 @@ import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)
 PY
 echo "Setting up $venv (torch, torchvision, OpenCV, PyAV, zarr, h5py; a few GB on first install) ..." >&2
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]"
+if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]" >"$venv/pip-install.log" 2>&1; then
+  cat "$venv/pip-install.log" >&2
+  echo "error: installing the dependencies failed (log: $venv/pip-install.log)" >&2
+  exit 1
+fi
 echo "$want" > "$venv/.pipeline-stamp"
 "$venv/bin/python" -c "import torch, torchvision, cv2, av, zarr, h5py; print('environment ready: torch', torch.__version__, '| torchvision', torchvision.__version__, '| OpenCV', cv2.__version__)" >&2
