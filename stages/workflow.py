@@ -80,7 +80,8 @@ def run_all(config_path: Path | None, cache_root: Path | None = None, echo=click
             run_ablation(base, root, ap.grid, ap.seeds, echo=echo)
         else:
             result = run_stage(stage, params, root)
-            echo(result.message)
+            # evaluate's message is the results table, printed in full (with per-class rows) at the end.
+            echo(result.message if stage.name != "evaluate" else result.message.splitlines()[0])
         timings.append((label, time.perf_counter() - t0))
     echo("")
     results = root / "evaluate" / "results.md"
