@@ -81,7 +81,8 @@ def run_all(config_path: Path | None, cache_root: Path | None = None, echo=click
         else:
             result = run_stage(stage, params, root)
             # evaluate's message is the results table, printed in full (with per-class rows) at the end.
-            echo(result.message if stage.name != "evaluate" else result.message.splitlines()[0])
+            lines = result.message.splitlines()
+            echo(result.message if stage.name != "evaluate" else lines[0] if result.skipped else lines[-1])
         timings.append((label, time.perf_counter() - t0))
     echo("")
     results = root / "evaluate" / "results.md"
