@@ -363,6 +363,15 @@ def _attach_log_file(path: Path) -> logging.Handler:
     return handler
 
 
+def _tell_ranks(decision: dict) -> None:
+    """Rank 0's final decision (skip or error) to the other ranks, who leave after receiving it."""
+    from pipeline import dist
+
+    if dist.world_size() > 1:
+        dist.broadcast_object(decision)
+        dist.barrier()
+
+
 def run_stage(stage: Stage, params: Any, cache_root: Path, *, allow_failures: bool = False,
               force: bool = False) -> RunResult:
     """Run ``stage`` with ``params`` under ``cache_root`` following the contract in the module docstring.
@@ -381,6 +390,8 @@ def run_stage(stage: Stage, params: Any, cache_root: Path, *, allow_failures: bo
         dist.init()
     if rank != 0:
         decision = dist.broadcast_object(None)
+        if decision["action"] in ("error", "skip"):
+            dist.barrier()  # rank 0 must not exit before every rank has received its decision
         if decision["action"] == "error":
             raise StageError(decision["message"])
         if decision["action"] == "skip":
@@ -406,19 +417,19 @@ def run_stage(stage: Stage, params: Any, cache_root: Path, *, allow_failures: bo
         lock = _Lock(cache_root / f"{key}.lock", key)
         lock.__enter__()
     except StageError as e:
-        dist.broadcast_object({"action": "error", "message": str(e)})
+        _tell_ranks({"action": "error", "message": str(e)})
         raise
     try:
         try:
             manifest = read_manifest(out)
         except StageError as e:
-            dist.broadcast_object({"action": "error", "message": str(e)})
+            _tell_ranks({"action": "error", "message": str(e)})
             raise
         if manifest and manifest.get("complete") and manifest["fingerprint"] == fp and not force:
             msg = (f"{key}: fresh (fingerprint {fp[:12]}, finished {manifest.get('finished')}); nothing to do")
             if (manifest.get("summary") or {}).get("line"):
                 msg += f"\nlast run: {manifest['summary']['line']}"
-            dist.broadcast_object({"action": "skip", "fingerprint": fp, "manifest": manifest, "message": msg})
+            _tell_ranks({"action": "skip", "fingerprint": fp, "manifest": manifest, "message": msg})
             return RunResult(key, fp, True, manifest, msg)
 
         run_info = None

@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from pipeline import config as cfg
+from pipeline import dist
 from pipeline.cache import StageError, StageFailures, run_stage, status
 from pipeline.config import ConfigError
 from pipeline.options import _fail, param_options
@@ -65,6 +66,7 @@ def make_stage_command(stage):
             params = cfg.build_params(stage.params_type, conf, stage.name, overrides, config_path=config_path)
             root = resolve_cache_dir(cache_dir, conf)
             result = run_stage(stage, params, root, allow_failures=allow_failures, force=force)
+            dist.shutdown()
         except StageFailures as e:
             _fail(str(e), 1)
         except (StageError, ConfigError) as e:

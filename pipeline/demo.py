@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 # Bump when the rendered frames or the written files would change for the same parameters.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: x264 ultrafast, one thread: byte-reproducible files
 
 DEMO_CLASSES: tuple[str, ...] = (
     "RedHorizontal",
@@ -370,12 +370,15 @@ def _write_video(path: Path, frames: np.ndarray, fps: int, crf: int, codec: str)
     try:
         with av.open(str(tmp), mode="w") as container:
             if codec == "libx264":
-                options = {"crf": str(crf), "preset": "medium"}
+                # "ultrafast" and one thread: x264's "medium" preset gave different bytes from run to run here
+                # (3 of 6 encodes of one clip distinct, even single-threaded); ultrafast gave 1 of 6.
+                options = {"crf": str(crf), "preset": "ultrafast"}
             else:  # mpeg4: fixed quantiser, 2 is near-lossless
                 options = {"qscale": "2"}
             stream = container.add_stream(codec, rate=Fraction(fps), options=options)
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
+            stream.codec_context.thread_count = 1  # threaded encoding is not bit-reproducible
             if codec == "mpeg4":
                 stream.codec_context.qscale = 2
             for array in frames:

@@ -42,6 +42,16 @@ def init() -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly (after a barrier), so no rank exits while another still talks to it."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def barrier() -> None:
     if world_size() > 1:
         import torch.distributed as dist

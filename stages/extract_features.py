@@ -43,6 +43,7 @@ import json
 import shutil
 import threading
 import time
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -564,7 +565,9 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     fp: FeaturePlan = plan.data
     t = fp.table
     parts = VideoStore(ctx.dir / PARTS, "h5")
-    run_token = json.loads((ctx.dir / "run.json").read_text())["started"]
+    # Tags this run's journal records (for the inputs-per-run count); unique even for runs in the same second.
+    run_token = uuid.uuid4().hex
+    run_token = dist.broadcast_object(run_token) if ctx.world_size > 1 else run_token
     if ctx.rank == 0:
         if parts.clean_temporary():
             ctx.log.info("removed unfinished feature parts left by an interrupted run")
