@@ -91,6 +91,29 @@ def read_flow(store: VideoStore, video_id: str, indices=None, *, dequantize: boo
     return dq(q.numpy(), bound) if dequantize else q
 
 
+def pair_flow(cache_root: Path, video_id: str, i: int, j: int | None = None, *, device: str = "auto"):
+    """Float TV-L1 flow (2, H, W) from stored frame ``i`` to frame ``j`` (default ``i + step``) of a video,
+    computed with the parameters and backend of the finished extract-flow run (unquantized, any pair)."""
+    import torch
+
+    from pipeline.cache import read_manifest
+    from pipeline.flow.tvl1 import opencv_tvl1_flow, rgb_to_gray, tvl1_flow
+    from stages.decode import frame_store
+
+    manifest = read_manifest(Path(cache_root) / "extract-flow")
+    if manifest is None:
+        raise StageError(f"no extract-flow output in {cache_root}: run `pipeline extract-flow` first")
+    known = {f.name for f in fields(FlowParams)}
+    params = FlowParams(**{k: v for k, v in manifest["params"].items() if k in known})
+    j = i + params.step if j is None else j
+    gray = rgb_to_gray(read_frames(frame_store(Path(cache_root) / "decode"), video_id, [i, j]).permute(0, 3, 1, 2))
+    if params.backend == "opencv":
+        g = gray.to(torch.uint8).numpy()
+        return opencv_tvl1_flow(g[0], g[1], params.tvl1())
+    dev = dist.device(device)
+    return tvl1_flow(gray[0].to(dev), gray[1].to(dev), params.tvl1(), fast=params.fast).cpu().numpy()
+
+
 def plan(params: FlowParams, upstream: Upstream) -> Plan:
     table = VideoTable.load(upstream.dir("decode"))
     short = [v for v, n in zip(table.video_ids, table.num_frames) if n <= params.step]

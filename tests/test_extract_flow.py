@@ -149,3 +149,18 @@ def test_both_backends_on_the_shared_real_clips(tmp_path, shared_data):
         b = read_flow(flow_store(tmp_path / "opencv" / "extract-flow"), vid)
         assert a.shape == b.shape and a.shape[0] == 5
         assert np.sqrt(((a - b) ** 2).sum(-1)).mean() < 0.1, vid
+
+
+def test_pair_flow_recomputes_any_pair_in_float(decoded):
+    from stages.extract_flow import pair_flow
+
+    run_stage(FLOW, FlowParams(**QUICK), decoded)
+    vid = "Beta/v_Beta_g01_c01"
+    f = pair_flow(decoded, vid, 2)  # the stored pair 2 -> 3, unquantized
+    stored = read_flow(flow_store(decoded / "extract-flow"), vid, [2])[0].transpose(2, 0, 1)
+    assert f.dtype == np.float32 and f.shape == (2, 48, 64)
+    assert np.abs(np.clip(f, -20, 20) - stored).max() <= 20.0 / 255 + 1e-4
+    frames = read_frames(frame_store(decoded / "decode"), vid, [0, 5]).numpy()
+    gray = [torch.from_numpy(to_gray(np.ascontiguousarray(x[..., ::-1]))).float() for x in frames]
+    ref = tvl1_flow(gray[0], gray[1], TVL1Params(**{k: v for k, v in QUICK.items() if k != "fast"}), fast=False)
+    np.testing.assert_allclose(pair_flow(decoded, vid, 0, 5), ref.numpy(), atol=1e-4)  # a pair never stored
