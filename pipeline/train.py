@@ -360,3 +360,26 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(obj, dict) or "model" not in obj:
         raise ValueError(f"{path}: not a checkpoint of this pipeline (no 'model' entry)")
     return obj
+
+
+def resume_checkpoint(path: Path, meta: dict, keys: tuple[str, ...], *, is_main: bool = True, log=None) -> dict | None:
+    """The ``last.pt`` a killed run left, checked against this run's ``meta`` on ``keys``; None when absent.
+
+    Every rank reads it before its first collective, so rank 0 cannot have replaced it yet. A checkpoint of
+    another architecture, class list, ... is refused with a message naming the file.
+    """
+    from pipeline.cache import StageError
+
+    if not path.exists():
+        return None
+    try:
+        ckpt = load_checkpoint(path)
+    except ValueError as e:
+        raise StageError(str(e)) from None
+    for k in keys:
+        if ckpt.get(k) != meta[k]:
+            raise StageError(f"{path}: checkpoint has {k} {ckpt.get(k)!r}, this run needs {meta[k]!r}; remove "
+                             "the file (or run with --force) to start over")
+    if is_main and log is not None:
+        log.info("resuming from %s (epoch %d%s)", path, ckpt["epoch"], ", training finished" if ckpt["done"] else "")
+    return ckpt

@@ -168,7 +168,6 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         return rgb_to_gray(rgb)  # (T, H, W) float32, OpenCV's 8-bit gray values
 
     def commit(item: _Pending) -> None:
-        nonlocal pairs_done
         q = np.concatenate(item.parts)  # (num, 2, H, W) uint8
         h, w = q.shape[2:]
         with out.writer(item.vid) as c:

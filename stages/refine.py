@@ -634,11 +634,8 @@ def _write_history(path: Path, history: list[dict]) -> None:
     tmp.replace(path)
 
 
-def _check_resumable(path: Path, ckpt: dict, meta: dict) -> None:
-    for k in ("sources", "head", "num_classes", "classes", "num_segments"):
-        if ckpt.get(k) != meta[k]:
-            raise StageError(f"{path}: checkpoint has {k} {ckpt.get(k)!r}, this run needs {meta[k]!r}; remove the "
-                             "file (or run with --force) to start over")
+#: What a checkpoint left by a killed run must share with this run to be resumed.
+RESUME_KEYS = ("sources", "head", "num_classes", "classes", "num_segments")
 
 
 def run(ctx: StageContext, plan: Plan) -> dict:
@@ -649,18 +646,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     info = T.DistInfo(ctx.rank, ctx.world_size, dist.local_rank())
     device = torch.device(dist.device(p.device))
     meta = _checkpoint_meta(p, data)
-    last = ctx.dir / "last.pt"
-    ckpt = None
-    # Every rank reads last.pt before its first collective, so rank 0 cannot have replaced it yet.
-    if last.exists():
-        try:
-            ckpt = T.load_checkpoint(last)
-        except ValueError as e:
-            raise StageError(str(e)) from None
-        _check_resumable(last, ckpt, meta)
-        if info.is_main:
-            ctx.log.info("resuming from %s (epoch %d%s)", last, ckpt["epoch"],
-                         ", training finished" if ckpt["done"] else "")
+    ckpt = T.resume_checkpoint(ctx.dir / "last.pt", meta, RESUME_KEYS, is_main=info.is_main, log=ctx.log)
     t0 = time.perf_counter()
     res = _fit(p, data, device, info, ctx.dir, ckpt, ctx.log)
     if not info.is_main:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from torchvision.models import Inception3, resnet18, resnet34
+from torchvision.models import Inception3, resnet18
 
 from pipeline.models import backbones as B
 

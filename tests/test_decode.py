@@ -155,10 +155,10 @@ def test_bad_input_is_refused_before_work(tmp_path, case):
 
 
 def test_incompatible_cache_and_config_file(tmp_path):
-    data = make_csv_dataset(tmp_path / "data", videos_per_class=1, num_frames=6)
+    make_csv_dataset(tmp_path / "data", videos_per_class=1, num_frames=6)
     conf = tmp_path / "c.toml"
-    conf.write_text(f'[pipeline]\ncache_dir = "cache"\n\n[decode]\ndataset = "csv"\nroot = "data"\n'
-                    f'short-side = 32\nworkers = 1\n')
+    conf.write_text('[pipeline]\ncache_dir = "cache"\n\n[decode]\ndataset = "csv"\nroot = "data"\n'
+                    'short-side = 32\nworkers = 1\n')
     runner = CliRunner()
     res = runner.invoke(main, ["decode", "--config", str(conf)])
     assert res.exit_code == 0, res.output

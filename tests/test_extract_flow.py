@@ -1,6 +1,4 @@
 """The extract-flow stage and the flow tools, against OpenCV's TV-L1 and hand-checked layouts."""
-import json
-
 import cv2
 import numpy as np
 import pytest

@@ -9,14 +9,6 @@ from pipeline.models.heads import create_head, list_heads
 from pipeline.models.stmultiplier import IdentityTemporalConv, STMultiplierHead
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 SMALL = {"stcb": {"stcb_dim": 64}, "stcb_temporal": {"stcb_dim": 64}}
 
 

@@ -8,14 +8,6 @@ import torch.nn.functional as F
 from pipeline.models.resinc import ResIncBlock, ResIncStack, same_padding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_parameter_count_d2048_closed_form():
     # Branches k=2..5: k * 2048 * 512 weights + BN (gamma, beta) 2 * 512 each;

@@ -9,14 +9,6 @@ import torch
 from pipeline.models.stcb import CompactBilinear, STCBHead, STCBTemporalHead, _neighbour_paths
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _buffers(op, i):
     return getattr(op, f"h{i}").numpy(), getattr(op, f"s{i}").numpy()

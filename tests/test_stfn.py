@@ -11,14 +11,6 @@ from pipeline.models.resinc import ResIncStack
 from pipeline.models.stfn import STFN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_fusion_ops_hand_computed():
     a = torch.tensor([[[1.0, -2.0, 3.0, 0.5]]])

@@ -10,7 +10,6 @@ from os import PathLike
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
 
 __all__ = ["FLO_MAGIC", "read_flo", "write_flo", "make_color_wheel", "flow_to_color"]
