@@ -12,6 +12,8 @@ computes, up to floating-point summation order.
 """
 from __future__ import annotations
 
+import csv
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -383,3 +385,43 @@ def resume_checkpoint(path: Path, meta: dict, keys: tuple[str, ...], *, is_main:
     if is_main and log is not None:
         log.info("resuming from %s (epoch %d%s)", path, ckpt["epoch"], ", training finished" if ckpt["done"] else "")
     return ckpt
+
+
+def end_epoch(row: dict, history: list[dict], best: dict, *, epoch: int, decays: int, lr: float, scheduler,
+              optimizer: torch.optim.Optimizer, max_epochs: int, max_decays: int) -> tuple[int, int, dict, bool, bool]:
+    """Bookkeeping after one epoch of a plateau-scheduled run (seed 000 §4.2: lr divided by 10 when the
+    validation error saturates; TSN stops after ``max_decays`` divisions).
+
+    ``row`` holds ``val_acc`` / ``val_loss`` (None without a validation set, then the training loss is
+    monitored) and ``train_loss``; it is appended to ``history``. Returns (epoch, decays, best, improved, done).
+    """
+    if row["val_acc"] is not None:
+        monitored = 1.0 - row["val_acc"]
+        improved = (row["val_acc"], -row["val_loss"]) > (best["val_acc"], -best["val_loss"])
+    else:
+        monitored, improved = row["train_loss"], True
+    scheduler.step(monitored)
+    epoch += 1
+    if optimizer.param_groups[0]["lr"] < lr:
+        decays += 1
+    done = epoch >= max_epochs or decays > max_decays
+    history.append(row)
+    if improved:
+        best = {"epoch": epoch, "val_acc": row["val_acc"] if row["val_acc"] is not None else -1.0,
+                "val_loss": row["val_loss"] if row["val_loss"] is not None else math.inf}
+    return epoch, decays, best, improved, done
+
+
+def save_epoch(out: Path, state: dict, last_extra: dict, history: list[dict], *, improved: bool) -> None:
+    """Rank 0 after each epoch: ``best.pt`` when it improved, ``last.pt`` (``state`` + optimizer etc. in
+    ``last_extra``, enough to resume) and ``history.csv``, each written atomically."""
+    if improved:
+        save_checkpoint(out / "best.pt", state)
+    save_checkpoint(out / "last.pt", {**state, **last_extra, "history": history})
+    tmp = out / ".tmp-history.csv"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        for r in history:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    tmp.replace(out / "history.csv")

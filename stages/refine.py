@@ -47,7 +47,6 @@ Examples:
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
@@ -587,27 +586,13 @@ def _fit(p: RefineParams, data: _Data, device: torch.device, info: T.DistInfo, o
                "videos_per_s": round(st["samples"] / max(st["seconds"], 1e-9), 3)}
         if val_loader is not None:
             row["val_acc"], row["val_loss"] = validate()
-            monitored = 1.0 - row["val_acc"]
-            improved = (row["val_acc"], -row["val_loss"]) > (best["val_acc"], -best["val_loss"])
-        else:
-            monitored, improved = st["loss"], True
-        scheduler.step(monitored)
-        epoch += 1
-        if optimizer.param_groups[0]["lr"] < lr:
-            decays += 1
-        done = epoch >= p.epochs or decays > p.lr_decays
-        history.append(row)
-        if improved:
-            best = {"epoch": epoch, "val_acc": row["val_acc"] if row["val_acc"] is not None else -1.0,
-                    "val_loss": row["val_loss"] if row["val_loss"] is not None else math.inf}
+        epoch, decays, best, improved, done = T.end_epoch(
+            row, history, best, epoch=epoch, decays=decays, lr=lr, scheduler=scheduler, optimizer=optimizer,
+            max_epochs=p.epochs, max_decays=p.lr_decays)
         if main:
-            state = {**meta, "model": model.state_dict(), "epoch": epoch, "metrics": row}
-            if improved:
-                T.save_checkpoint(out / "best.pt", state)
-            T.save_checkpoint(out / "last.pt", {
-                **state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "history": history, "best": best, "start_val": start_val, "lr_decays": decays, "done": done})
-            _write_history(out / "history.csv", history)
+            T.save_epoch(out, {**meta, "model": model.state_dict(), "epoch": epoch, "metrics": row},
+                         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best": best,
+                          "start_val": start_val, "lr_decays": decays, "done": done}, history, improved=improved)
             val = f", val acc {row['val_acc']:.3f} loss {row['val_loss']:.3f}" if row["val_acc"] is not None else ""
             log.info("epoch %d: lr %.0e, train loss %.3f%s, %.2f videos/s (%.0f%% waiting for data)", epoch, lr,
                      st["loss"], val, row["videos_per_s"], 100 * st["data_seconds"] / max(st["seconds"], 1e-9))
@@ -622,16 +607,6 @@ def _fit(p: RefineParams, data: _Data, device: torch.device, info: T.DistInfo, o
                     chunk=max(p.micro_batch * n, 1))
     return {"history": history, "best": best, "start_val": start_val, "probs": probs, "epochs": epoch,
             "decays": decays, "grad_checkpoint": use_ckpt}
-
-
-def _write_history(path: Path, history: list[dict]) -> None:
-    tmp = path.with_name(".tmp-" + path.name)
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        for row in history:
-            w.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    tmp.replace(path)
 
 
 #: What a checkpoint left by a killed run must share with this run to be resumed.
