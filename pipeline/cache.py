@@ -89,6 +89,15 @@ def params_dict(params: Any, *, only_fingerprinted: bool = False) -> dict[str, A
     return out
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB blocks (weights files, external score files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def digest(obj: Any) -> str:
     """sha256 of the canonical JSON of ``obj``."""
     blob = json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"), default=str)

@@ -115,6 +115,19 @@ def _read(store: VideoStore, stream: str, video_id: str, frames: Sequence[int], 
     return read_flow_stacks(store, video_id, frames, flow_length, bound, step).contiguous()
 
 
+def sample_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    """A training dataset's key: ``(index, epoch)`` as given by :class:`pipeline.train.EpochBatches`, or an
+    index alone (epoch 0)."""
+    index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key
+    return int(index), int(epoch)
+
+
+def sample_rng(seed: int, index: int, epoch: int) -> np.random.Generator:
+    """All randomness of one training sample (segments, crop, flip): a function of (seed, epoch, video) only,
+    so a sample does not depend on the worker or rank that loads it, and a resumed run sees the same data."""
+    return np.random.default_rng([seed, epoch, index])
+
+
 class TrainClips(Dataset):
     """Training samples: N TSN segments, one random frame or flow stack each, one crop + flip for all.
 
@@ -149,11 +162,11 @@ class TrainClips(Dataset):
 
     def rng(self, index: int, epoch: int) -> np.random.Generator:
         """The generator of sample ``index`` in ``epoch``."""
-        return np.random.default_rng([self.seed, epoch, index])
+        return sample_rng(self.seed, index, epoch)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key
-        rng = self.rng(int(index), int(epoch))
+        index, epoch = sample_key(key)
+        rng = self.rng(index, epoch)
         vid = self.videos.video_ids[index]
         frames = train_indices(self.videos.num_frames[index], self.num_segments, rng)
         x = _read(self.store, self.stream, vid, frames, self.flow_length, self.flow_bound, self.flow_step)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from pipeline.clips import VideoList, read_flow_stacks
+from pipeline.clips import VideoList, read_flow_stacks, sample_key, sample_rng
 from pipeline.headtrain import NUM_TEST, test_sequences
 from pipeline.models.backbones import Backbone, normalize_flow, normalize_rgb
 from pipeline.sampling import feature_positions, train_indices
@@ -80,11 +80,10 @@ class PairedClips(Dataset):
 
     def rng(self, index: int, epoch: int) -> np.random.Generator:
         """The generator of sample ``index`` in ``epoch``."""
-        return np.random.default_rng([self.seed, epoch, index])
+        return sample_rng(self.seed, index, epoch)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key
-        index, epoch = int(index), int(epoch)
+        index, epoch = sample_key(key)
         rng = self.rng(index, epoch)
         vid = self.videos.video_ids[index]
         frames = train_indices(self.videos.num_frames[index], self.num_segments, rng)

@@ -29,13 +29,12 @@ Examples:
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 
-from pipeline.cache import Plan, Stage, StageContext, StageError, Upstream, param, write_json_atomic
+from pipeline.cache import Plan, Stage, StageContext, StageError, Upstream, file_sha256, param, write_json_atomic
 from pipeline.results import (SCORES_FILE, ResultRow, ResultsError, TestScores, combine_scores,
                               finished_outputs, late_fusion, load_test_scores, match_external,
                               per_class_markdown, read_external_scores, results_markdown)
@@ -77,7 +76,7 @@ def plan(params: EvaluateParams, upstream: Upstream) -> Plan:
                          f"{upstream.cache_root} (run `pipeline finetune` / `pipeline train-head` first)")
     ext = ""
     if params.external_scores is not None:
-        ext = hashlib.sha256(Path(params.external_scores).read_bytes()).hexdigest()
+        ext = file_sha256(Path(params.external_scores))
     return Plan(ext, [k for k, _ in found], f"{len(found)} finished outputs")
 
 

@@ -38,7 +38,6 @@ Examples::
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import threading
@@ -54,7 +53,8 @@ import numpy as np
 import torch
 
 from pipeline import dist
-from pipeline.cache import Journal, Plan, Stage, StageContext, StageError, Upstream, digest, param, read_manifest
+from pipeline.cache import (Journal, Plan, Stage, StageContext, StageError, Upstream, digest, file_sha256, param,
+                            read_manifest)
 from pipeline.models.backbones import (
     Backbone,
     create_backbone,
@@ -157,14 +157,6 @@ class StreamSource:
     upstream_fingerprint: str | None = None  # finetune/<stream>'s fingerprint for finetune weights
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _num_features(arch: str, in_channels: int) -> int:
     with torch.device("meta"):
         return create_backbone(arch, num_classes=0, in_channels=in_channels, weights="none").num_features
@@ -242,7 +234,7 @@ def resolve_source(stream: str, p: ExtractFeaturesParams, upstream: Upstream, cl
             raise StageError(f"ImageNet weights for {arch} not found at {path}; this pipeline never downloads "
                              "(copy the torchvision file there, or use the finetune checkpoints)")
     kind = weights if weights in ("finetune", "imagenet", "none") else "file"
-    return StreamSource(stream, arch, kind, str(path) if path else None, _sha256(path) if path else None,
+    return StreamSource(stream, arch, kind, str(path) if path else None, file_sha256(path) if path else None,
                         in_channels, int(size), int(L), _num_features(arch, in_channels), p.seed, up_fp)
 
 

@@ -30,7 +30,6 @@ Examples:
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import sys
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache import Plan, Stage, StageContext, StageError, Upstream, digest, param, params_dict
+from pipeline.cache import Plan, Stage, StageContext, StageError, Upstream, digest, file_sha256, param, params_dict
 from pipeline.clips import STREAMS, TestViews, TrainClips, VideoList, input_channels, input_normalizer
 from pipeline.datasets import VideoRecord, holdout_groups
 from pipeline.models.backbones import create_backbone, imagenet_weights_path, list_backbones
@@ -175,11 +174,7 @@ def _weights_digest(weights: str, arch: str) -> str:
     path = Path(weights)
     if not path.is_file():
         raise StageError(f"--weights {weights}: no such file (use none, imagenet or a weights file)")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def plan(p: FinetuneParams, upstream: Upstream) -> Plan:

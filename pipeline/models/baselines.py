@@ -23,9 +23,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .fusion import Classifier, Head, log_mean_probs
+from .fusion import Classifier, Head, SegmentClassifier, log_mean_probs
 
 __all__ = [
     "SingleStreamHead",
@@ -38,20 +38,6 @@ __all__ = [
     "build_tsn",
     "build_concat",
 ]
-
-
-class _SegmentScores(nn.Module):
-    """Per-segment class scores: (B, N, D) -> (B, N, C) logits (dropout, linear)."""
-
-    def __init__(self, d: int, num_classes: int, dropout: float) -> None:
-        super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(d, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.dropout(x))
 
 
 def _snippet_log_probs(logits: Tensor) -> Tensor:
@@ -74,7 +60,7 @@ class SingleStreamHead(Head):
         if stream not in ("rgb", "flow"):
             raise ValueError(f"stream must be 'rgb' or 'flow', got {stream!r}")
         self.stream = stream
-        self.scores = _SegmentScores(rgb_dim if stream == "rgb" else flow_dim, num_classes, dropout)
+        self.scores = SegmentClassifier(rgb_dim if stream == "rgb" else flow_dim, num_classes, dropout)
 
     def _logits(self, rgb: Tensor, flow: Tensor) -> Tensor:
         self.check_inputs(rgb, flow)
@@ -87,17 +73,26 @@ class SingleStreamHead(Head):
         return _snippet_loss(self._logits(rgb, flow), target)
 
 
-class LateFusionHead(Head):
-    """Two single-stream classifiers, softmax scores fused with weight ``flow_weight`` on flow."""
+class _TwoStreamScores(Head):
+    """Per-segment class scores of each stream (``scores_a`` for RGB, ``scores_m`` for flow), fused with
+    weight ``flow_weight`` on flow."""
 
     def __init__(self, num_classes: int, rgb_dim: int, flow_dim: int, num_segments: int, *,
-                 flow_weight: float = 1.0, dropout: float = 0.5) -> None:
+                 flow_weight: float, dropout: float = 0.5) -> None:
         super().__init__(num_classes, rgb_dim, flow_dim, num_segments)
         if flow_weight < 0:
             raise ValueError(f"flow_weight must be >= 0, got {flow_weight}")
         self.flow_weight = float(flow_weight)
-        self.scores_a = _SegmentScores(rgb_dim, num_classes, dropout)
-        self.scores_m = _SegmentScores(flow_dim, num_classes, dropout)
+        self.scores_a = SegmentClassifier(rgb_dim, num_classes, dropout)
+        self.scores_m = SegmentClassifier(flow_dim, num_classes, dropout)
+
+
+class LateFusionHead(_TwoStreamScores):
+    """Two single-stream classifiers, softmax scores fused with weight ``flow_weight`` on flow."""
+
+    def __init__(self, num_classes: int, rgb_dim: int, flow_dim: int, num_segments: int, *,
+                 flow_weight: float = 1.0, dropout: float = 0.5) -> None:
+        super().__init__(num_classes, rgb_dim, flow_dim, num_segments, flow_weight=flow_weight, dropout=dropout)
 
     def forward(self, rgb: Tensor, flow: Tensor) -> Tensor:
         self.check_inputs(rgb, flow)
@@ -109,17 +104,12 @@ class LateFusionHead(Head):
         return _snippet_loss(self.scores_a(rgb), target) + _snippet_loss(self.scores_m(flow), target)
 
 
-class TSNHead(Head):
+class TSNHead(_TwoStreamScores):
     """TSN average consensus of per-segment scores, per stream; streams fused by weighted average."""
 
     def __init__(self, num_classes: int, rgb_dim: int, flow_dim: int, num_segments: int, *,
                  flow_weight: float = 1.5, dropout: float = 0.5) -> None:
-        super().__init__(num_classes, rgb_dim, flow_dim, num_segments)
-        if flow_weight < 0:
-            raise ValueError(f"flow_weight must be >= 0, got {flow_weight}")
-        self.flow_weight = float(flow_weight)
-        self.scores_a = _SegmentScores(rgb_dim, num_classes, dropout)
-        self.scores_m = _SegmentScores(flow_dim, num_classes, dropout)
+        super().__init__(num_classes, rgb_dim, flow_dim, num_segments, flow_weight=flow_weight, dropout=dropout)
 
     def consensus(self, rgb: Tensor, flow: Tensor) -> tuple[Tensor, Tensor]:
         """Average consensus G = mean_n of per-segment scores: two (B, C) logit tensors."""

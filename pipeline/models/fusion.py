@@ -95,12 +95,8 @@ class Head(nn.Module):
         return F.nll_loss(self(rgb, flow), target)
 
 
-class Classifier(nn.Module):
-    """Prediction function H before the softmax: temporal average, dropout, linear.
-
-    (B, N, d) -> (B, C) logits. Averaging over time makes H independent of N (seed 000
-    Table 4 uses N = 3..9 with one architecture) and matches TSN's average consensus.
-    """
+class SegmentClassifier(nn.Module):
+    """Dropout then linear on each segment: (B, N, d) -> (B, N, C) logits (or (B, d) -> (B, C))."""
 
     def __init__(self, d: int, num_classes: int, dropout: float = 0.5) -> None:
         super().__init__()
@@ -110,4 +106,15 @@ class Classifier(nn.Module):
         self.fc = nn.Linear(d, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.dropout(x.mean(dim=1)))
+        return self.fc(self.dropout(x))
+
+
+class Classifier(SegmentClassifier):
+    """Prediction function H before the softmax: temporal average, dropout, linear.
+
+    (B, N, d) -> (B, C) logits. Averaging over time makes H independent of N (seed 000
+    Table 4 uses N = 3..9 with one architecture) and matches TSN's average consensus.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.mean(dim=1))
