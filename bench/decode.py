@@ -24,8 +24,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.store import VideoStore, read_frames  # noqa: E402
-from pipeline.video import decode_video, resized_size  # noqa: E402
+from pipeline.io.store import VideoStore, read_frames  # noqa: E402
+from pipeline.data.video import decode_video, resized_size  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "clips"
 

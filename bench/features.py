@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.store import VideoStore  # noqa: E402
+from pipeline.io.store import VideoStore  # noqa: E402
 from stages.extract_features import StreamSource, build_backbone, extract, write_part  # noqa: E402
 
 WIDTH, HEIGHT = 340, 256

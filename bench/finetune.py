@@ -27,10 +27,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from pipeline import train as T  # noqa: E402
-from pipeline.clips import TrainClips, VideoList, input_channels, input_normalizer  # noqa: E402
+from pipeline.training import loop as T  # noqa: E402
+from pipeline.data.clips import TrainClips, VideoList, input_channels, input_normalizer  # noqa: E402
 from pipeline.models.backbones import create_backbone  # noqa: E402
-from pipeline.store import VideoStore  # noqa: E402
+from pipeline.io.store import VideoStore  # noqa: E402
 
 
 def make_store(root: Path, stream: str, height: int, width: int, videos: int = 6, frames: int = 32) -> VideoStore:

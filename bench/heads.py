@@ -2,7 +2,7 @@
 
 Default: the paper's STFN head (arch a, avg fusion, bi-directional, N = 7 segments) at UCF101
 split-1 scale: 9,537 training videos, 2 x 2048-d features at P = 25 positions, 101 classes,
-batch 32, RMSProp. Prints videos/s for one training epoch (pipeline.headtrain.train_one_epoch)
+batch 32, RMSProp. Prints videos/s for one training epoch (pipeline.training.heads.train_one_epoch)
 and for test-time prediction (5 sequences per video), on CPU and on CUDA when present.
 
 ``--videos`` runs a fraction of the epoch; the full-epoch time is extrapolated linearly
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from pipeline.headtrain import predict_views, train_one_epoch
+from pipeline.training.heads import predict_views, train_one_epoch
 from pipeline.models.heads import create_head
 
 UCF101_SPLIT1_TRAIN = 9537

@@ -1,4 +1,4 @@
-"""One module per pipeline stage; each declares a ``STAGE`` (see :class:`pipeline.cache.Stage`).
+"""One module per pipeline stage; each declares a ``STAGE`` (see :class:`pipeline.stage.Stage`).
 
 :func:`all_stages` lists them in pipeline order; the CLI makes one command of each. :data:`CATALOG` names
 every command with its module and one-line help, so that ``pipeline --help`` and each command import only
@@ -19,14 +19,14 @@ CATALOG: dict[str, tuple[str, str | None, str]] = {
                      "OpenCV), quantized to uint8."),
     "flow-pair": ("extract_flow", "flow_pair_command", "TV-L1 flow between two images, written as Middlebury .flo."),
     "show-flow": ("extract_flow", "show_flow_command", "Colour-code a stored video's flow for a person to look at."),
-    "finetune": ("finetune", None, "Fine-tune the RGB or flow ConvNet of the two-stream network (seed 000 §4.2)."),
+    "finetune": ("finetune", None, "Fine-tune the RGB or flow ConvNet of the two-stream network ([STFN] §4.2)."),
     "extract-features": ("extract_features", None, "Pooled RGB and flow backbone features at P positions per "
-                         "video (seed 000 §4.2) to Zarr / HDF5."),
+                         "video ([STFN] §4.2) to Zarr / HDF5."),
     "train-head": ("train_head", None, "Train a temporal head (STFN, STCB, baselines) on the cached features and "
                    "evaluate it."),
-    "ablate": ("train_head", "ablate_command", "Seed 000's ablations (Tables 1-4) and the baselines on the cached "
+    "ablate": ("train_head", "ablate_command", "[STFN]'s ablations (Tables 1-4) and the baselines on the cached "
                "features."),
-    "refine": ("refine", None, "Train both backbones and a trained head end to end (seed 000 §4.2, second "
+    "refine": ("refine", None, "Train both backbones and a trained head end to end ([STFN] §4.2, second "
                "training step)."),
     "run-all": ("workflow", "run_all_command", "Every stage in order, in one process; fresh stages are skipped."),
     "evaluate": ("evaluate", None, "Results table of every finished stream, head and refined model in the cache "
@@ -40,7 +40,7 @@ def all_stages() -> list:
 
 def load_command(name: str):
     """The Click command ``name`` (imports its module)."""
-    from pipeline.cli import make_stage_command
+    from stages.cli import make_stage_command
 
     module, attr, _ = CATALOG[name]
     mod = importlib.import_module(f"stages.{module}")

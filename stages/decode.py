@@ -1,7 +1,7 @@
 """``decode``: videos to frames.
 
 Every video of the dataset (train, test and unused in any split, so one decode serves all three official
-splits) is decoded with PyAV, resized so the short side is ``short_side`` (256 by default, seed 000 §4.2:
+splits) is decoded with PyAV, resized so the short side is ``short_side`` (256 by default, [STFN] §4.2:
 "resized to make the smaller side as 256"), and stored as one container per video in ``<out>/frames/``
 (JPEG-in-array by default, see docs/formats.md for the measurement behind that choice). Videos are spread
 over ``workers`` processes; each worker writes its video's container atomically and the main process
@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from pipeline import datasets as ds
-from pipeline.cache import Plan, Stage, StageContext, StageError, Upstream, digest, param
-from pipeline.store import BACKENDS, IMAGE_CODECS, VideoStore
-from pipeline.table import VideoTable
+from pipeline.data import datasets as ds
+from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param
+from pipeline.io.store import BACKENDS, IMAGE_CODECS, VideoStore
+from pipeline.data.splits import mark_validation
+from pipeline.data.table import VideoTable
 
 VERSION = "1"
 
@@ -37,8 +38,11 @@ class DecodeParams:
     list: Path | None = param(None, "CSV list for --dataset csv (default <root>/list.csv).")
     test_fraction: float = param(0.3, "For --dataset folder: fraction of groups held out as the test split "
                                  "(0 puts every video in train).")
+    val_fraction: float = param(0.1, "Fraction of each split's training videos held out for validation, by "
+                                "whole groups per class; every later stage validates on them (docs/architecture.md).")
+    val_seed: int = param(0, "Seed of the validation hold-out.")
     short_side: int = param(256, "Resize frames so the short side has this many pixels, aspect kept "
-                            "(seed 000 §4.2); 0 keeps the source size.")
+                            "([STFN] §4.2); 0 keeps the source size.")
     frame_codec: str = param("jpeg", "How frames are stored: jpeg (JPEG-in-array, ~10x smaller) or raw "
                              "(lossless uint8 chunks, faster to read). See docs/formats.md.", choices=IMAGE_CODECS)
     jpeg_quality: int = param(95, "JPEG quality for --frame-codec jpeg.")
@@ -57,6 +61,8 @@ class DecodeParams:
             raise StageError(f"--short-side must be 0 or at least 16 (got {self.short_side})")
         if not 1 <= self.jpeg_quality <= 100:
             raise StageError(f"--jpeg-quality must be in 1..100 (got {self.jpeg_quality})")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise StageError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         if not 0.0 <= self.test_fraction < 1.0:
             raise StageError(f"--test-fraction must be in [0, 1) (got {self.test_fraction})")
 
@@ -69,7 +75,7 @@ def load_tables(params: DecodeParams, cache_root: Path) -> VideoTable:
     """Read the dataset (every split it defines) into a :class:`VideoTable` without frame information."""
     kind = params.dataset
     if kind == "demo":
-        from pipeline.demo import make_demo
+        from pipeline.data.demo import make_demo
 
         root = demo_root(params, cache_root)
         make_demo(root, seed=params.demo_seed)
@@ -100,11 +106,12 @@ def load_tables(params: DecodeParams, cache_root: Path) -> VideoTable:
         if d.classes != first.classes:
             raise StageError(f"split {sid} of {root} defines different classes than split 1")
     split_of = {str(sid): {v.video_id: v.split for v in d.videos} for sid, d in loaded.items()}
+    labels, groups = [records[i].label for i in ids], [records[i].group for i in ids]
     return VideoTable(
-        dataset=kind, root=str(root), classes=list(first.classes), video_ids=ids,
-        labels=[records[i].label for i in ids], groups=[records[i].group for i in ids],
+        dataset=kind, root=str(root), classes=list(first.classes), video_ids=ids, labels=labels, groups=groups,
         sources=[str(records[i].path) for i in ids],
-        splits={sid: [m.get(i, "unused") for i in ids] for sid, m in split_of.items()},
+        splits={sid: mark_validation([m.get(i, "unused") for i in ids], groups, labels, params.val_fraction,
+                                     seed=params.val_seed) for sid, m in split_of.items()},
         missing={str(sid): list(d.missing) for sid, d in loaded.items() if d.missing},
     )
 
@@ -112,7 +119,7 @@ def load_tables(params: DecodeParams, cache_root: Path) -> VideoTable:
 def _decode_one(source: str, video_id: str, store_root: str, backend: str, short_side: int, codec: str,
                 quality: int, max_frames: int) -> dict:
     """Worker: decode one video and commit its container. Returns its info or raises VideoDecodeError."""
-    from pipeline.video import decode_video
+    from pipeline.data.video import decode_video
 
     t0 = time.perf_counter()
     video = decode_video(source, short_side=short_side, max_frames=max_frames)

@@ -2,14 +2,14 @@
 
 Rows, each with top-1 and mean class accuracy on the test split (TSN reports the latter):
 
-- per stream, from ``finetune/<stream>/test_scores.npz`` (seed 000 Table 5 "Appear." / "Motion"), and their
+- per stream, from ``finetune/<stream>/test_scores.npz`` ([STFN] Table 5 "Appear." / "Motion"), and their
   two-stream late fusion (rgb + w flow) / (1 + w), ``--flow-weight`` w = 1.5 by default as in TSN;
 - every finished ``train-head/<name>`` (including the rows ``pipeline ablate`` trained);
 - every finished ``refine/<name>`` that wrote ``test_scores.npz``.
 
 ``--streams`` restricts the table to the finetune rows. ``--external-scores FILE`` (``.npz`` with
 ``video_ids``, ``scores`` [, ``class_names``], or ``.csv`` with a ``video_id,<class>...`` header) adds two
-columns: each row's scores averaged with the external ones (seed 000 §4.8, the "+MIFS" column of Table 6),
+columns: each row's scores averaged with the external ones ([STFN] §4.8, the "+MIFS" column of Table 6),
 ``--external-weight`` w giving (ours + w external) / (1 + w). Videos are matched by id (or by the id's last
 path component); a test video without external scores, or other classes, is an error naming the file.
 
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from pipeline.cache import Plan, Stage, StageContext, StageError, Upstream, file_sha256, param, write_json_atomic
-from pipeline.results import (SCORES_FILE, ResultRow, ResultsError, TestScores, combine_scores,
+from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, file_sha256, param, write_json_atomic
+from pipeline.eval.results import (SCORES_FILE, ResultRow, ResultsError, TestScores, combine_scores,
                               finished_outputs, late_fusion, load_test_scores, match_external,
                               per_class_markdown, read_external_scores, results_markdown)
 
@@ -45,7 +45,7 @@ SOURCES = ("finetune", "train-head", "refine")
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    streams: bool = param(False, "Only the finetune rows: each stream and their late fusion (seed 000 Table 5).")
+    streams: bool = param(False, "Only the finetune rows: each stream and their late fusion ([STFN] Table 5).")
     flow_weight: float = param(1.5, "Late fusion weight of the flow stream (rgb 1 : flow w; TSN uses 1.5).")
     external_scores: Path | None = param(None, "Another model's per-video test scores (.npz or .csv) to average "
                                          "with ours, as the paper's +MIFS column.")
@@ -90,7 +90,7 @@ def _safe(name: str) -> str:
 
 
 def run(ctx: StageContext, plan: Plan) -> dict:
-    from pipeline.plots import confusion_matrix_plot
+    from pipeline.eval.plots import confusion_matrix_plot
 
     p: EvaluateParams = ctx.params
     root = ctx.upstream.cache_root

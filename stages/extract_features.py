@@ -1,6 +1,6 @@
 """``extract-features``: pooled RGB and flow backbone features at dense temporal positions.
 
-Seed 000 §4.2 ("STFN"): "we retain only convolutional layers and global pooling layer of each network ...
+[STFN] §4.2 ("STFN"): "we retain only convolutional layers and global pooling layer of each network ...
 The feature maps for STFN are extracted from the output of the global pooling layer" (2048-d for ResNet-101
 and Inception-V3). For every video of the chosen split this stage runs both streams' backbones
 (``Backbone.forward_features``) at ``P`` positions and stores ``(P, views, D)`` per stream:
@@ -8,10 +8,10 @@ and Inception-V3). For every video of the chosen split this stage runs both stre
 \b
 * position ``k`` is frame ``feature_positions(num_frames, P)[k] = floor(num_frames (2k + 1) / (2P))``;
   the RGB input is that frame, the flow input the ``L``-field stack centred on it
-  (:func:`pipeline.sampling.flow_stack_indices`, the finetune stage's rule);
+  (:func:`pipeline.data.sampling.flow_stack_indices`, the finetune stage's rule);
 * a head with ``N`` segments uses positions ``floor(sP/N) .. floor((s+1)P/N) - 1`` for segment ``s``: one
   at random when training, 5 uniformly spaced ones when testing (§4.2). That needs ``P >= 5 N``: the
-  default ``P = 45`` covers N = 3, 5, 7 and 9 (Table 4 of seed 000); the paper's N = 5 / 7 alone need
+  default ``P = 45`` covers N = 3, 5, 7 and 9 (Table 4 of [STFN]); the paper's N = 5 / 7 alone need
   25 / 35;
 * views: the centre crop (``--views 1``) or TSN's 10 crops (4 corners + centre and their mirrors,
   ``--views 10``), an extra axis of the same array.
@@ -34,7 +34,7 @@ Examples::
 \b
     pipeline extract-features --format zarr
     pipeline extract-features --rgb-weights imagenet --flow-weights imagenet --arch resnet50 --views 10
-    torchrun --nproc-per-node 4 -m pipeline extract-features --format h5
+    torchrun --nproc-per-node 4 -m stages extract-features --format h5
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from pipeline import dist
-from pipeline.cache import (Journal, Plan, Stage, StageContext, StageError, Upstream, digest, file_sha256, param,
+from pipeline.stage import (Journal, Plan, Stage, StageContext, StageError, Upstream, digest, file_sha256, param,
                             read_manifest)
 from pipeline.models.backbones import (
     Backbone,
@@ -63,8 +63,8 @@ from pipeline.models.backbones import (
     normalize_flow,
     normalize_rgb,
 )
-from pipeline.sampling import feature_positions, flow_stack_indices
-from pipeline.store import (
+from pipeline.data.sampling import feature_positions, flow_stack_indices
+from pipeline.io.store import (
     BACKENDS,
     FeatureSet,
     StoreError,
@@ -72,18 +72,18 @@ from pipeline.store import (
     feature_store_path,
     write_feature_store,
 )
-from pipeline.table import VideoTable
-from pipeline.transforms import center_view, resize_short_side, ten_crop
+from pipeline.data.table import VideoTable
+from pipeline.data.transforms import center_view, resize_short_side, ten_crop
 
 VERSION = "1"
-STREAMS = ("rgb", "flow")
+from pipeline.data import STREAMS  # noqa: E402,F401
 FORMATS = ("zarr", "h5", "both")
 DTYPES = ("float16", "float32")
 VIEWS = (1, 10)
-#: Names of the view axis for --views 10, torchvision's ten_crop order (pipeline.transforms.ten_crop).
+#: Names of the view axis for --views 10, torchvision's ten_crop order (pipeline.data.transforms.ten_crop).
 TEN_VIEW_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "center",
                   "top_left_flip", "top_right_flip", "bottom_left_flip", "bottom_right_flip", "center_flip")
-#: Seed 000 §4.2 / TSN: L = 10 flow fields per stack when no checkpoint says otherwise.
+#: [STFN] §4.2 / TSN: L = 10 flow fields per stack when no checkpoint says otherwise.
 DEFAULT_FLOW_LENGTH = 10
 DEFAULT_ARCH = "resnet101"
 PARTS = "parts"
@@ -94,7 +94,7 @@ class ExtractFeaturesParams:
     split: str = param("1", "Split whose train / test membership is stored beside the features (a split id "
                        "of the video table: 1, 2, 3 for UCF101 / HMDB51, 1 otherwise).")
     positions: int = param(45, "P, temporal positions per video. A head with N segments needs P >= 5 N "
-                           "(5 test positions per segment, seed 000 §4.2): 45 covers N up to 9; 25 / 35 "
+                           "(5 test positions per segment, [STFN] §4.2): 45 covers N up to 9; 25 / 35 "
                            "cover the paper's N = 5 / 7.")
     views: int = param(1, "Spatial views per position: 1 (centre crop) or 10 (TSN's 4 corners + centre and "
                        "their mirrors), stored as an extra axis.")
@@ -108,7 +108,7 @@ class ExtractFeaturesParams:
     input_size: int = param(0, "Network input side in pixels; 0: the checkpoint's input_size, else the "
                             "backbone's native size (224 ResNet, 299 Inception-V3).")
     flow_length: int = param(0, "L, flow fields per stack (2L input channels); 0: the flow checkpoint's, "
-                             "else 10 (seed 000 §4.2).")
+                             "else 10 ([STFN] §4.2).")
     dtype: str = param("float16", "Stored feature dtype.", choices=DTYPES)
     format: str = param("zarr", "Feature store: features.zarr, features.h5 or both.", choices=FORMATS)
     include_unused: bool = param(False, "Also extract the videos that are in neither the train nor the test "
@@ -529,10 +529,10 @@ def _consolidate(ctx: StageContext, fp: FeaturePlan, done: list[int], parts: Vid
         "dataset": t.dataset, "split_id": p.split, "num_positions": P, "views": views,
         "view_names": ["center"] if views == 1 else list(TEN_VIEW_NAMES), "dtype": p.dtype,
         "positions_rule": "position k of P is frame floor(num_frames * (2k + 1) / (2P)) "
-                          "(pipeline.sampling.feature_positions); flow: the L-field stack centred on it "
-                          "(pipeline.sampling.flow_stack_indices)",
+                          "(pipeline.data.sampling.feature_positions); flow: the L-field stack centred on it "
+                          "(pipeline.data.sampling.flow_stack_indices)",
         "segments_rule": "segment s of N uses positions floor(s P / N) .. floor((s + 1) P / N) - 1; "
-                         "needs P >= 5 N for 5 test positions per segment (seed 000 §4.2)",
+                         "needs P >= 5 N for 5 test positions per segment ([STFN] §4.2)",
         "max_segments": P // 5,
         "backbones": {s: asdict(src) for s, src in fp.sources.items()},
         "upstream": ctx.upstream.fingerprints(),
@@ -642,7 +642,7 @@ def _size(path: Path) -> int:
 STAGE = Stage(
     name="extract-features", version=VERSION, params_type=ExtractFeaturesParams, plan=plan, run=run,
     upstream=upstream_keys,
-    help="Pooled RGB and flow backbone features at P positions per video (seed 000 §4.2) to Zarr / HDF5.",
+    help="Pooled RGB and flow backbone features at P positions per video ([STFN] §4.2) to Zarr / HDF5.",
 )
 
 

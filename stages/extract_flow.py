@@ -1,4 +1,4 @@
-"""``extract-flow``: TV-L1 optical flow between consecutive decoded frames (seed 000 §4.2: "We pre-compute the
+"""``extract-flow``: TV-L1 optical flow between consecutive decoded frames ([STFN] §4.2: "We pre-compute the
 optical flows using the TVL1 method before training").
 
 For a video of T frames and ``--step s`` there are T - s flows; flow ``i`` goes from frame ``i`` to frame
@@ -19,10 +19,10 @@ import click
 import numpy as np
 
 from pipeline import dist
-from pipeline.cache import Plan, Stage, StageContext, StageError, Upstream, param
-from pipeline.options import _fail, param_options
-from pipeline.store import BACKENDS, VideoStore, read_frames
-from pipeline.table import VideoTable
+from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, param
+from stages.options import _fail, param_options
+from pipeline.io.store import BACKENDS, VideoStore, read_frames
+from pipeline.data.table import VideoTable
 
 VERSION = "1"
 FLOW_BACKENDS = ("torch", "opencv")
@@ -96,7 +96,7 @@ def pair_flow(cache_root: Path, video_id: str, i: int, j: int | None = None, *, 
     computed with the parameters and backend of the finished extract-flow run (unquantized, any pair)."""
     import torch
 
-    from pipeline.cache import read_manifest
+    from pipeline.stage import read_manifest
     from pipeline.flow.tvl1 import opencv_tvl1_flow, rgb_to_gray, tvl1_flow
     from stages.decode import frame_store
 
@@ -299,11 +299,11 @@ def flow_pair_command(img0, img1, output, vis, **opts):
     import cv2
     import torch
 
-    from pipeline.config import build_params
+    from pipeline.stage.config import build_params
     from pipeline.flow.flo import flow_to_color, write_flo
     from pipeline.flow.tvl1 import opencv_tvl1_flow, to_gray, tvl1_flow
 
-    from pipeline.config import ConfigError
+    from pipeline.stage.config import ConfigError
 
     try:
         params = build_params(FlowParams, {}, "", {k: v for k, v in opts.items() if v is not None})
@@ -353,7 +353,7 @@ def show_flow_command(video_id, output, cache_dir, max_flow):
     """
     import cv2
 
-    from pipeline.config import default_cache_dir
+    from pipeline.stage.config import default_cache_dir
     from pipeline.flow.flo import flow_to_color
     from stages.decode import frame_store
 

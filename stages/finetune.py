@@ -1,6 +1,6 @@
 """``finetune``: train the appearance (RGB) or motion (flow) ConvNet of the two-stream network.
 
-Seed 000 §4.2 ("Two-stream ConvNets"): ResNet-101 or Inception-V3 initialised from ImageNet, classifier
+[STFN] §4.2 ("Two-stream ConvNets"): ResNet-101 or Inception-V3 initialised from ImageNet, classifier
 replaced by a C-way layer; RGB frames or stacks of L = 10 flow fields (first conv by TSN cross-modality
 averaging); multi-scale corner crops resized to 224 and horizontal flips, the same for every frame of a
 sample; SGD with batch 32, momentum 0.9, learning rate 1e-3 divided by 10 when the validation error
@@ -16,7 +16,7 @@ Resume: a killed run restarts from ``last.pt`` (model, optimizer, schedule, hist
 augmentation are functions of (seed, epoch, video), and the dropout generator is re-seeded every epoch, so
 the resumed run ends with the same weights as an uninterrupted one.
 
-Distributed: ``torchrun --nproc-per-node K -m pipeline finetune ...``. :func:`pipeline.cache.run_stage` lets
+Distributed: ``torchrun --nproc-per-node K -m stages finetune ...``. :func:`pipeline.stage.run_stage` lets
 rank 0 lock, decide and write the manifest; every rank then runs ``run`` and trains under
 DistributedDataParallel on its slice of each global batch (BatchNorm statistics over the global batch), and
 only rank 0 writes checkpoints, logs and scores. Test videos are shared among the ranks.
@@ -26,7 +26,7 @@ Examples:
 \b
     pipeline finetune --stream rgb --arch resnet101
     pipeline finetune --stream flow --arch resnet101 --weights imagenet
-    torchrun --standalone --nproc-per-node 2 -m pipeline finetune --stream flow
+    torchrun --standalone --nproc-per-node 2 -m stages finetune --stream flow
 """
 from __future__ import annotations
 
@@ -40,14 +40,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache import Plan, Stage, StageContext, StageError, Upstream, digest, file_sha256, param, params_dict
-from pipeline.clips import STREAMS, TestViews, TrainClips, VideoList, input_channels, input_normalizer
-from pipeline.datasets import VideoRecord, holdout_groups
+from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, file_sha256, param, params_dict
+from pipeline.data.clips import STREAMS, TestViews, TrainClips, VideoList, input_channels, input_normalizer
+from pipeline.data.datasets import VideoRecord, holdout_groups
 from pipeline.models.backbones import create_backbone, imagenet_weights_path, list_backbones
-from pipeline.store import VideoStore
-from pipeline.table import VideoTable
+from pipeline.io.store import VideoStore
+from pipeline.data.table import VideoTable
 from pipeline import dist
-from pipeline import train as T
+from pipeline.training import loop as T
 
 VERSION = "1"
 
@@ -59,22 +59,22 @@ TSN_DROPOUT = {"rgb": 0.8, "flow": 0.7}
 class FinetuneParams:
     stream: str = param("rgb", "Which network: rgb (appearance) or flow (motion; reads extract-flow).",
                         choices=STREAMS)
-    arch: str = param("resnet101", "Backbone (seed 000 §4.2 uses resnet101 and inception_v3).",
+    arch: str = param("resnet101", "Backbone ([STFN] §4.2 uses resnet101 and inception_v3).",
                       choices=list_backbones())
-    input_size: int = param(224, "Network input side in pixels (seed 000 §4.2: 224).")
+    input_size: int = param(224, "Network input side in pixels ([STFN] §4.2: 224).")
     weights: str = param("imagenet", "Initial weights: imagenet (torchvision's, from the torch hub cache; "
                          "never downloaded), none (random), or a path (torchvision state dict or our "
-                         "checkpoint). Seed 000 §4.2 starts from ImageNet.")
+                         "checkpoint). [STFN] §4.2 starts from ImageNet.")
     split: int = param(1, "Which split of the video table (1..3 for UCF101 / HMDB51).")
     segments: int = param(1, "TSN segments N: one random frame (stack) from each of N equal parts, scores "
-                          "averaged (consensus). 1 is the two-stream sampling seed 000 §4.2 describes for "
+                          "averaged (consensus). 1 is the two-stream sampling [STFN] §4.2 describes for "
                           "these networks (its N = 5 segments are for STFN); TSN uses 3.")
-    batch_size: int = param(32, "Videos per SGD step, over all ranks (seed 000 §4.2: 32).")
-    lr: float = param(1e-3, "Initial learning rate (seed 000 §4.2: 1e-3).")
-    momentum: float = param(0.9, "SGD momentum (seed 000 §4.2: 0.9).")
+    batch_size: int = param(32, "Videos per SGD step, over all ranks ([STFN] §4.2: 32).")
+    lr: float = param(1e-3, "Initial learning rate ([STFN] §4.2: 1e-3).")
+    momentum: float = param(0.9, "SGD momentum ([STFN] §4.2: 0.9).")
     weight_decay: float = param(5e-4, "Weight decay on conv and linear weights (TSN: 5e-4).")
     patience: int = param(3, "Epochs without a lower validation error before the learning rate is divided "
-                          "by 10 (seed 000 §4.2: 'when the validation error saturates').")
+                          "by 10 ([STFN] §4.2: 'when the validation error saturates').")
     lr_decays: int = param(2, "Stop at the first plateau after this many divisions by 10 (TSN divides "
                            "twice: 1e-3 -> 1e-5).")
     epochs: int = param(80, "Maximum number of epochs.")
@@ -87,7 +87,7 @@ class FinetuneParams:
                                 "then follows the training loss and best.pt is the last epoch).")
     val_frames: int = param(5, "Centre views per validation video (uniformly spaced), each epoch.")
     num_test_frames: int = param(25, "Centre views per test video, uniformly spaced (two-stream protocol: 25).")
-    flow_length: int = param(10, "L, flow fields per stack (seed 000 §4.2: 10 -> 20 input channels).")
+    flow_length: int = param(10, "L, flow fields per stack ([STFN] §4.2: 10 -> 20 input channels).")
     flow_bound: float = param(20.0, "Quantisation bound the flow store must have been written with.")
     flow_step: int = param(1, "Frame step the flow store must have been written with.")
     seed: int = param(0, "Seed of initialisation, data order, augmentation and dropout.")
@@ -197,7 +197,7 @@ def plan(p: FinetuneParams, upstream: Upstream) -> Plan:
         raise StageError(f"split {p.split}: {len(absent)} class(es) of the test split have no training video "
                          f"({names}); a network cannot learn them")
 
-    # Validation: whole groups of the training split (seed 000 §4.2 validation error; grouped so that
+    # Validation: whole groups of the training split ([STFN] §4.2 validation error; grouped so that
     # clips of one actor/scene do not land on both sides).
     records = [VideoRecord(table.video_ids[i], Path(table.sources[i]), table.labels[i],
                            table.classes[table.labels[i]], "train", table.groups[i]) for i in train_rows]
@@ -279,7 +279,7 @@ def _fit(p: FinetuneParams, data: _Data, device: torch.device, info: T.DistInfo,
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(T.trainable_param_groups(model, p.weight_decay), lr=p.lr, momentum=p.momentum)
-    # Seed 000 §4.2: divide the learning rate by 10 when the validation error saturates.
+    # [STFN] §4.2: divide the learning rate by 10 when the validation error saturates.
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1,
                                                            patience=p.patience)
     net = model
@@ -366,7 +366,7 @@ RESUME_KEYS = ("arch", "num_classes", "in_channels", "classes")
 
 
 def run(ctx: StageContext, plan: Plan) -> dict:
-    from pipeline.plots import confusion_matrix_plot, training_curves
+    from pipeline.eval.plots import confusion_matrix_plot, training_curves
 
     p: FinetuneParams = ctx.params
     data: _Data = plan.data
@@ -416,5 +416,5 @@ def run(ctx: StageContext, plan: Plan) -> dict:
 
 STAGE = Stage(
     name="finetune", version=VERSION, params_type=FinetuneParams, plan=plan, run=run, upstream=_upstream,
-    key=_key, help="Fine-tune the RGB or flow ConvNet of the two-stream network (seed 000 §4.2).",
+    key=_key, help="Fine-tune the RGB or flow ConvNet of the two-stream network ([STFN] §4.2).",
 )

@@ -1,4 +1,4 @@
-"""``refine``: train both backbones and a trained temporal head together, end to end (seed 000 §4.2).
+"""``refine``: train both backbones and a trained temporal head together, end to end ([STFN] §4.2).
 
 "We apply two step training process. We first fix the weights of trained appearance and motion networks and
 train only STFN. Then we train the entire networks with same methods described in Two-stream ConvNets
@@ -8,7 +8,7 @@ video pass through the shared-weight RGB backbone (N frames) and flow backbone (
 centred on the same frames), TSN style; ``forward_features`` gives (B, N, D) per stream and the head fuses
 them into class log-probabilities; the loss is the head's (NLL).
 
-Training, as the two-stream ConvNets (seed 000 §4.2) and the finetune stage: TSN segment sampling, one
+Training, as the two-stream ConvNets ([STFN] §4.2) and the finetune stage: TSN segment sampling, one
 multi-scale corner crop + flip per video for all its frames and flow stacks ("same augmentations for selected
 frames and optical flow stacks in an input sequence"); SGD, momentum 0.9, learning rate 1e-3 divided by 10
 when the validation error saturates (stopping at the plateau after ``--lr-decays`` divisions), weight decay on
@@ -19,7 +19,7 @@ with it off, -> 81.2% with it on, 3 epochs). A step takes ``--batch-size`` video
 (32, the paper's batch) in micro-batches of ``--micro-batch`` videos per rank whose gradients accumulate,
 so the memory of N x 2 backbone passes per video stays bounded; BatchNorm statistics are those of a
 micro-batch. Validation videos are whole groups held out of the training split (the finetune rule,
-:func:`pipeline.datasets.holdout_groups`). On CUDA: bf16 autocast + channels_last (``--amp``) and gradient
+:func:`pipeline.data.datasets.holdout_groups`). On CUDA: bf16 autocast + channels_last (``--amp``) and gradient
 checkpointing of the backbones' residual stages / Inception blocks (``--grad-checkpoint auto``: on CUDA).
 
 Test protocol, that of ``train-head``: ``--num-test`` (5) sequences per video, sequence j taking in every
@@ -30,10 +30,10 @@ computed the head's test features at, centre view); class probabilities averaged
 Outputs in ``<cache>/refine/<head name>/``: ``best.pt`` (best validation epoch; :func:`load_refine_checkpoint`)
 and ``last.pt`` (every epoch, atomic; a killed run resumes from it and ends in the same state, as
 ``finetune``), ``history.csv``, ``curves.png``, ``confusion.png``, ``test_scores.npz``
-(:mod:`pipeline.results`, read by ``evaluate``) and ``results.json`` (top-1, mean class accuracy, per-class
+(:mod:`pipeline.eval.results`, read by ``evaluate``) and ``results.json`` (top-1, mean class accuracy, per-class
 accuracy, confusion matrix, history, and ``comparison``: head only -> refined).
 
-Distributed: ``torchrun --nproc-per-node K -m pipeline refine ...``: every rank trains its slice of each
+Distributed: ``torchrun --nproc-per-node K -m stages refine ...``: every rank trains its slice of each
 global batch under DistributedDataParallel (gradients synchronised once per step), scores its share of the
 validation and test videos; rank 0 writes.
 
@@ -42,7 +42,7 @@ Examples:
 \b
     pipeline refine
     pipeline refine --head-name stfn-a-avg-bi-n7-s0 --batch-size 32 --micro-batch 4
-    torchrun --standalone --nproc-per-node 4 -m pipeline refine --micro-batch 2
+    torchrun --standalone --nproc-per-node 4 -m stages refine --micro-batch 2
 """
 from __future__ import annotations
 
@@ -61,24 +61,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import dist
-from pipeline import train as T
-from pipeline.cache import Plan, Stage, StageContext, StageError, Upstream, digest, param, params_dict, \
+from pipeline.training import loop as T
+from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param, params_dict, \
     read_manifest, write_json_atomic
-from pipeline.clips import VideoList
-from pipeline.datasets import VideoRecord, holdout_groups
-from pipeline.headtrain import NUM_TEST, evaluate
+from pipeline.data.clips import VideoList
+from pipeline.data.datasets import VideoRecord, holdout_groups
+from pipeline.training.heads import NUM_TEST, evaluate
 from pipeline.models.backbones import create_backbone
 from pipeline.models.heads import create_head
-from pipeline.refine_data import (PairedClips, PairedTestSequences, TwoStreamSegmentNet,
+from pipeline.data.paired import (PairedClips, PairedTestSequences, TwoStreamSegmentNet,
                                   enable_gradient_checkpointing, head_streams)
-from pipeline.results import TestScores, save_test_scores
-from pipeline.table import VideoTable
+from pipeline.eval.results import TestScores, save_test_scores
+from pipeline.data.table import VideoTable
 from stages.train_head import TrainHeadParams, head_name, load_head_checkpoint
 
 VERSION = "1"
-#: The default head: train-head's default STFN (a, avg, bi, N = 5; seed 000 §4.2).
+#: The default head: train-head's default STFN (a, avg, bi, N = 5; [STFN] §4.2).
 DEFAULT_HEAD = head_name(TrainHeadParams())
-STREAMS = ("rgb", "flow")
+from pipeline.data import STREAMS  # noqa: E402,F401
 
 
 @dataclass(frozen=True)
@@ -86,15 +86,15 @@ class RefineParams:
     head_name: str = param(DEFAULT_HEAD, "The train-head output to refine (train-head/<name>), with the "
                            "finetune/rgb and finetune/flow backbones it was trained on.")
     input_size: int = param(0, "Network input side in pixels; 0: each finetune checkpoint's own.")
-    batch_size: int = param(32, "Videos per SGD step over all ranks (seed 000 §4.2: 32); reached by "
+    batch_size: int = param(32, "Videos per SGD step over all ranks ([STFN] §4.2: 32); reached by "
                             "accumulating micro-batches.")
     micro_batch: int = param(4, "Videos per forward/backward pass on one rank (each N frames + N flow stacks); "
                              "gradients accumulate up to --batch-size.")
-    lr: float = param(1e-3, "Initial learning rate (seed 000 §4.2: 1e-3), for backbones and head alike.")
-    momentum: float = param(0.9, "SGD momentum (seed 000 §4.2: 0.9).")
+    lr: float = param(1e-3, "Initial learning rate ([STFN] §4.2: 1e-3), for backbones and head alike.")
+    momentum: float = param(0.9, "SGD momentum ([STFN] §4.2: 0.9).")
     weight_decay: float = param(5e-4, "Weight decay on conv and linear weights (as finetune, TSN: 5e-4).")
     patience: int = param(3, "Epochs without a lower validation error before the learning rate is divided by "
-                          "10 (seed 000 §4.2: 'when the validation error saturates').")
+                          "10 ([STFN] §4.2: 'when the validation error saturates').")
     lr_decays: int = param(2, "Stop at the first plateau after this many divisions by 10 (as finetune).")
     epochs: int = param(30, "Maximum number of epochs (0: evaluate the starting networks only).")
     partial_bn: str = param("auto", "TSN partial BN of each backbone (freeze every BatchNorm but the first). "
@@ -104,7 +104,7 @@ class RefineParams:
     val_fraction: float = param(0.1, "Fraction of the training split held out for validation by whole groups "
                                 "(the finetune rule); 0: none (the schedule follows the training loss, best.pt "
                                 "is the last epoch).")
-    num_test: int = param(NUM_TEST, "Test sequences per video (seed 000 §4.2: 5), as train-head.")
+    num_test: int = param(NUM_TEST, "Test sequences per video ([STFN] §4.2: 5), as train-head.")
     seed: int = param(0, "Seed of the data order, augmentation, dropout and validation hold-out.")
     grad_checkpoint: str = param("auto", "Gradient checkpointing of the backbones' residual stages: less "
                                  "memory, ~1/3 more compute, same result. auto: on CUDA.",
@@ -387,7 +387,7 @@ def micro_batches(b: int, micro_batch: int) -> list[slice]:
 
 
 class FullBatches(T.EpochBatches):
-    """:class:`pipeline.train.EpochBatches` without the last, incomplete global batch of an epoch when there are
+    """:class:`pipeline.training.loop.EpochBatches` without the last, incomplete global batch of an epoch when there are
     complete ones (the drop_last of TSN's training loader): a step on a few videos would take BatchNorm
     statistics from one or two videos per rank, whose segments can be nearly identical."""
 
@@ -446,7 +446,7 @@ def predict(model: TwoStreamSegmentNet, loader, num_videos: int, num_classes: in
             chunk: int = 32, progress=None) -> torch.Tensor:
     """(V, C) float32 class probabilities averaged over each video's test sequences.
 
-    ``loader`` yields :class:`~pipeline.refine_data.PairedTestSequences` items (``batch_size=None``) for this
+    ``loader`` yields :class:`~pipeline.data.paired.PairedTestSequences` items (``batch_size=None``) for this
     rank's share of the videos; the features of a video's U distinct inputs are computed once (in chunks of
     ``chunk``), gathered into its ``num_test`` sequences of N segments and fused by the head. Results are
     summed over ranks (each video is scored by one rank). Leaves the model in eval mode.
@@ -516,7 +516,7 @@ def _fit(p: RefineParams, data: _Data, device: torch.device, info: T.DistInfo, o
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(param_groups(model, p.weight_decay), lr=p.lr, momentum=p.momentum)
-    # Seed 000 §4.2: divide the learning rate by 10 when the validation error saturates.
+    # [STFN] §4.2: divide the learning rate by 10 when the validation error saturates.
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=p.patience)
     net: nn.Module = model
     if info.distributed:
@@ -614,7 +614,7 @@ RESUME_KEYS = ("sources", "head", "num_classes", "classes", "num_segments")
 
 
 def run(ctx: StageContext, plan: Plan) -> dict:
-    from pipeline.plots import confusion_matrix_plot, training_curves
+    from pipeline.eval.plots import confusion_matrix_plot, training_curves
 
     p: RefineParams = ctx.params
     data: _Data = plan.data
@@ -682,5 +682,5 @@ def run(ctx: StageContext, plan: Plan) -> dict:
 
 STAGE = Stage(
     name="refine", version=VERSION, params_type=RefineParams, plan=plan, run=run, upstream=_upstream, key=_key,
-    help="Train both backbones and a trained head end to end (seed 000 §4.2, second training step).",
+    help="Train both backbones and a trained head end to end ([STFN] §4.2, second training step).",
 )

@@ -1,12 +1,12 @@
 """``train-head``: a temporal head (STFN, STCB, ST-Multiplier or a baseline) on the cached features.
 
 Reads the feature store of ``extract-features`` (``features.zarr`` or ``features.h5``, docs/formats.md),
-trains one head (:func:`pipeline.models.heads.create_head`) with :func:`pipeline.headtrain.fit_head` and
+trains one head (:func:`pipeline.models.heads.create_head`) with :func:`pipeline.training.heads.fit_head` and
 evaluates it on the test split. Each head is its own cache output, ``train-head/<name>``, the name derived
 from the head's structural options (``stfn-a-avg-bi-n7-s0``, ``tsn-n5-s0``) unless ``--name`` is given, so
 heads coexist and changing one head's parameter recomputes only that head.
 
-Protocol (seed 000 §4.2):
+Protocol ([STFN] §4.2):
 
 \b
 - training: N segments, one random cached position per segment, fresh every epoch; RMSProp, learning rate
@@ -15,7 +15,7 @@ Protocol (seed 000 §4.2):
   when every group belongs to one class, as UCF101's ``<class>_gNN``), with a fixed hold-out seed so that
   every head and every ``--seed`` sees the same validation videos.
 - testing: 5 sequences per video (in every segment, 5 uniformly spaced positions) whose class
-  probabilities are averaged (``--test-fusion mean``) or SCI-fused (``sci``, seed 003 eq. 6).
+  probabilities are averaged (``--test-fusion mean``) or SCI-fused (``sci``, [FstCN] eq. 6).
 - views: a store may hold several spatial views per position (``(V, P, views, D)``: the centre crop, or
   TSN's 10 crops). Training and validation use the centre view (``center`` in the store's ``view_names``,
   else view 0); testing fuses the 5 sequences of every view (TSN trains on one crop, tests on all).
@@ -27,9 +27,9 @@ Protocol (seed 000 §4.2):
 Outputs in ``<cache>/train-head/<name>/``: ``best.pt`` (the head's state dict and how to rebuild it,
 written atomically; :func:`load_head_checkpoint`), ``results.json`` (top-1, mean class accuracy,
 per-class accuracy, confusion matrix, training history), ``test_scores.npz`` (per-video probabilities,
-:mod:`pipeline.results`), ``confusion.png``, ``curves.png``.
+:mod:`pipeline.eval.results`), ``confusion.png``, ``curves.png``.
 
-``pipeline ablate`` (a plain command, :data:`COMMANDS`) runs the grids of seed 000 Tables 1-4 and the
+``pipeline ablate`` (a plain command, :data:`COMMANDS`) runs the grids of [STFN] Tables 1-4 and the
 baselines as ``train-head`` outputs (each row cached; re-running recomputes only what changed) and writes
 markdown tables and a bar chart to ``<cache>/ablate/`` (a plain folder, not a stage).
 
@@ -56,18 +56,18 @@ import click
 import numpy as np
 import torch
 
-from pipeline.cache import Plan, Stage, StageContext, StageError, StageLocked, Upstream, param, \
+from pipeline.stage import Plan, Stage, StageContext, StageError, StageLocked, Upstream, param, \
     params_dict, run_stage, write_json_atomic
-from pipeline.headtrain import NUM_TEST, evaluate, fit_head, group_holdout, predict_views, test_sequences
-from pipeline.models.heads import create_head, list_heads
+from pipeline.training.heads import NUM_TEST, evaluate, fit_head, group_holdout, predict_views, test_sequences
+from pipeline.models.heads import create_head, list_heads, load_head_checkpoint  # noqa: F401
 from pipeline.models.stfn import ARCHS, DIRECTIONS, STFN_FUSIONS
-from pipeline.results import TestScores, fmt_mean_std, markdown_table, mean_std, save_test_scores
-from pipeline.scores import SCORE_FUSIONS, fuse_scores
-from pipeline.store import FeatureSet, StoreError, read_feature_store
+from pipeline.eval.results import TestScores, fmt_mean_std, markdown_table, mean_std, save_test_scores
+from pipeline.eval.scores import SCORE_FUSIONS, fuse_scores
+from pipeline.io.store import FeatureSet, StoreError, read_feature_store
 
 VERSION = "1"
 UPSTREAM = "extract-features"
-STREAMS = ("rgb", "flow")
+from pipeline.data import STREAMS  # noqa: E402,F401
 #: Fixed seed of the validation hold-out: every head and every --seed validates on the same videos.
 HOLDOUT_SEED = 0
 _STFN_DEFAULTS = {"arch": "a", "fusion": "avg", "dir": "bi", "blocks": 1}
@@ -87,23 +87,23 @@ class TrainHeadParams:
                                choices=STFN_FUSIONS)
     dir: str | None = param("bi", "STFN fusion direction (Fig. 5): bi, a2m (A->M) or m2a (A<-M).",
                             choices=DIRECTIONS)
-    segments: int = param(5, "N segments per video (seed 000 §4.2: 5 by default; Table 4: 3, 5, 7, 9).")
+    segments: int = param(5, "N segments per video ([STFN] §4.2: 5 by default; Table 4: 3, 5, 7, 9).")
     blocks: int | None = param(1, "STFN: consecutive Res-Inc blocks per path (§4.3).")
     dropout: float = param(0.5, "Dropout before each classifier.")
     flow_weight: float | None = param(None, "late / tsn: weight of the flow scores (default: the head's, "
                                       "late 1, tsn 1.5).")
     stcb_dim: int | None = param(4096, "STCB output dimension (stfn --fusion stcb, stcb, stcb_temporal; "
-                                 "seed 004 Table 3: 4096).")
+                                 "[STPN] Table 3: 4096).")
     fused_dim: int | None = param(None, "STFN avg/max/mul with rgb and flow features of different widths: "
                                   "project both to this width first.")
     seed: int = param(0, "Seed of the head's initialisation, the sampled positions and dropout.")
     split: int | None = param(None, "Check that the feature store was extracted for this split "
                               "(default: use the store's split).")
-    test_fusion: str = param("mean", "Fusion of the test sequences' scores: mean (seed 000 §4.2) or sci "
-                             "(seed 003 eq. 6).", choices=SCORE_FUSIONS)
-    num_test: int = param(NUM_TEST, "Test sequences per video (seed 000 §4.2: 5).")
+    test_fusion: str = param("mean", "Fusion of the test sequences' scores: mean ([STFN] §4.2) or sci "
+                             "([FstCN] eq. 6).", choices=SCORE_FUSIONS)
+    num_test: int = param(NUM_TEST, "Test sequences per video ([STFN] §4.2: 5).")
     val_fraction: float = param(0.2, "Fraction of the training videos held out (by group) for validation.")
-    lr: float = param(1e-4, "RMSProp initial learning rate (seed 000 §4.2).")
+    lr: float = param(1e-4, "RMSProp initial learning rate ([STFN] §4.2).")
     min_lr: float = param(1e-7, "Learning rate floor: training stops when validation saturates there.")
     patience: int = param(3, "Epochs without validation improvement before the learning rate is divided by 10.")
     batch_size: int = param(32, "Videos per mini-batch.")
@@ -213,7 +213,7 @@ def feature_store_file(folder: Path) -> Path:
 
 def _stream_shapes(path: Path, streams) -> dict[str, tuple[int, ...]]:
     """Shapes of the stored streams without reading them."""
-    from pipeline.store import feature_store_shapes
+    from pipeline.io.store import feature_store_shapes
 
     shapes = feature_store_shapes(path)
     return {s: shapes[s] for s in streams if s in shapes}
@@ -337,7 +337,7 @@ def _atomic_torch_save(obj: dict, path: Path) -> None:
 
 
 def run(ctx: StageContext, plan: Plan) -> dict:
-    from pipeline.plots import confusion_matrix_plot, training_curves
+    from pipeline.eval.plots import confusion_matrix_plot, training_curves
 
     p: TrainHeadParams = ctx.params
     info = plan.data
@@ -420,21 +420,12 @@ STAGE = Stage(
 )
 
 
-def load_head_checkpoint(path: Path, device: str | torch.device = "cpu"):
-    """(head, checkpoint dict) from a ``best.pt`` written by this stage."""
-    ckpt = torch.load(Path(path), map_location=device, weights_only=True)
-    head = create_head(ckpt["head"], num_classes=ckpt["num_classes"], rgb_dim=ckpt["rgb_dim"],
-                       flow_dim=ckpt["flow_dim"], num_segments=ckpt["num_segments"], **ckpt["head_kwargs"])
-    head.load_state_dict(ckpt["model"])
-    return head.to(device), ckpt
-
-
 # ----------------------------------------------------------------------------------------------------------
-# ablate: the grids of seed 000 Tables 1-4 and the baselines, each row a cached train-head output
+# ablate: the grids of [STFN] Tables 1-4 and the baselines, each row a cached train-head output
 # ----------------------------------------------------------------------------------------------------------
 
 #: grid -> [(file stem, title, [(row label, option overrides)])]; every row starts from STFN (a, avg, bi)
-#: at the configured N (seed 000 §4.2: "5 segments, average fusion, and bi-directional fusion as default").
+#: at the configured N ([STFN] §4.2: "5 segments, average fusion, and bi-directional fusion as default").
 GRIDS: dict[str, list[tuple[str, str, list[tuple[str, dict]]]]] = {
     "tables": [
         ("table1_architecture", "Table 1: STFN architectures (Fig. 4)",
@@ -467,7 +458,7 @@ GRIDS: dict[str, list[tuple[str, str, list[tuple[str, dict]]]]] = {
 
 @dataclass(frozen=True)
 class AblateParams:
-    grid: str = param("tables", "Which grids: tables (seed 000 Tables 1-4 and every baseline) or reduced "
+    grid: str = param("tables", "Which grids: tables ([STFN] Tables 1-4 and every baseline) or reduced "
                       "(two settings per table; for the demo).", choices=tuple(GRIDS))
     seeds: int = param(1, "Train every row with seeds 0..K-1 and report mean ± std.")
 
@@ -492,7 +483,7 @@ def run_ablation(base: TrainHeadParams, cache_root: Path, grid: str = "tables", 
                  echo=lambda s: None) -> dict:
     """Train every row of ``grid`` (cached train-head outputs) and write the tables and the chart to
     ``<cache_root>/ablate/``. Returns {stem: [row dicts]}."""
-    from pipeline.plots import bar_chart
+    from pipeline.eval.plots import bar_chart
 
     cache_root = Path(cache_root)
     tables = ablation_rows(base, grid, seeds)
@@ -558,7 +549,7 @@ def run_ablation(base: TrainHeadParams, cache_root: Path, grid: str = "tables", 
 
 @click.command("ablate")
 @click.option("--grid", type=click.Choice(list(GRIDS)), default=None,
-              help="tables: seed 000 Tables 1-4 and every baseline; reduced: two settings per table. "
+              help="tables: [STFN] Tables 1-4 and every baseline; reduced: two settings per table. "
                    "[default: tables]")
 @click.option("--seeds", type=int, default=None, help="Seeds per row (mean ± std when > 1). [default: 1]")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
@@ -566,7 +557,7 @@ def run_ablation(base: TrainHeadParams, cache_root: Path, grid: str = "tables", 
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Cache root.")
 @click.option("-v", "--verbose", is_flag=True, default=False, help="Debug logging.")
 def ablate_command(grid, seeds, config_path, cache_dir, verbose):
-    """Seed 000's ablations (Tables 1-4) and the baselines on the cached features.
+    """[STFN]'s ablations (Tables 1-4) and the baselines on the cached features.
 
     Every row is a `train-head` output (train-head/<name>), so re-running recomputes only the rows whose
     options or features changed. Rows that do not fit the feature store (e.g. N = 9 with fewer than 9 cached
@@ -578,8 +569,8 @@ def ablate_command(grid, seeds, config_path, cache_dir, verbose):
         pipeline ablate
         pipeline ablate --grid reduced --seeds 3 --config configs/demo.toml
     """
-    from pipeline import config as cfg
-    from pipeline.cli import _setup_logging, resolve_cache_dir
+    from pipeline.stage import config as cfg
+    from stages.cli import _setup_logging, resolve_cache_dir
 
     _setup_logging(verbose)
     try:

@@ -1,7 +1,7 @@
 """``run-all``: every stage in order, in one process, from one config file.
 
 decode -> extract-flow -> finetune (rgb, flow) -> extract-features -> train-head (each listed head) -> ablate ->
-refine -> evaluate. Each stage goes through :func:`pipeline.cache.run_stage`, so fresh stages are skipped in
+refine -> evaluate. Each stage goes through :func:`pipeline.stage.run_stage`, so fresh stages are skipped in
 well under a second and a changed parameter recomputes only what depends on it. Running in one process
 (rather than one ``pipeline`` process per stage) means PyTorch is imported once: a re-run of a finished
 pipeline takes seconds. ``run_all.sh`` calls this command.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import click
 
-from pipeline import config as cfg
-from pipeline.cache import StageError, StageFailures, param, run_stage
+from pipeline.stage import config as cfg
+from pipeline.stage import StageError, StageFailures, param, run_stage
 
 DEFAULT_HEADS = ("stfn", "stcb", "rgb", "flow", "late", "tsn", "concat", "stmultiplier")
 
@@ -62,7 +62,7 @@ def _steps(conf: dict, config_path: Path | None, run_params: RunAllParams):
 
 def run_all(config_path: Path | None, cache_root: Path | None = None, echo=click.echo) -> Path:
     """Run every stage; returns the cache root. Raises StageError / StageFailures / ConfigError."""
-    from pipeline.cli import resolve_cache_dir
+    from stages.cli import resolve_cache_dir
     from stages.train_head import AblateParams, TrainHeadParams, run_ablation
 
     conf = cfg.load_config(config_path)
@@ -111,7 +111,7 @@ def run_all_command(config_path, cache_dir, verbose):
       pipeline run-all --config configs/demo.toml
       pipeline run-all --config configs/ucf101.toml --cache-dir /data/stfn-cache
     """
-    from pipeline.cli import _setup_logging
+    from stages.cli import _setup_logging
 
     _setup_logging(verbose)
     try:

@@ -74,7 +74,7 @@ def test_resnet_feature_and_logit_shapes(arch, dim, in_channels):
 
 def test_resnet101_constructor_only():
     model = B.create_backbone("resnet101", num_classes=101, in_channels=20)
-    assert model.num_features == 2048  # seed 000 §4.2: 2048-d for ResNet-101
+    assert model.num_features == 2048  # [STFN] §4.2: 2048-d for ResNet-101
     assert model.trunk.conv1.weight.shape == (64, 20, 7, 7)
     assert model.fc.weight.shape == (101, 2048)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import (CACHE_FORMAT, Plan, Stage, StageError, StageFailures, StageLocked, _Lock, param,
+from pipeline.stage import (CACHE_FORMAT, Plan, Stage, StageError, StageFailures, StageLocked, _Lock, param,
                             run_stage, status)
 
 
@@ -82,7 +82,7 @@ def test_resume_skips_journaled_items(tmp_path):
     info = json.loads((out / "run.json").read_text())
     (out / "manifest.json").unlink()
     # Same fingerprint for n=2; now pretend the run was n=4 and was killed after 2 items.
-    from pipeline.cache import Upstream, compute_fingerprint
+    from pipeline.stage import Upstream, compute_fingerprint
 
     fp4 = compute_fingerprint(COUNT, CountParams(n=4), Upstream(tmp_path, {}), Plan())
     info["fingerprint"] = fp4
@@ -174,7 +174,7 @@ TORCHRUN_SCRIPT = r'''
 import sys, json
 from dataclasses import dataclass
 from pathlib import Path
-from pipeline.cache import Stage, param, run_stage
+from pipeline.stage import Stage, param, run_stage
 
 @dataclass(frozen=True)
 class P:

@@ -4,7 +4,7 @@ import importlib
 
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from stages.cli import main
 from stages import CATALOG, STAGE_MODULES, all_stages
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import Plan, Stage, param
-from pipeline.clips import TestViews, TrainClips, VideoList, input_channels, input_normalizer, read_flow_stacks
-from pipeline.store import VideoStore, read_frames
+from pipeline.stage import Plan, Stage, param
+from pipeline.data.clips import TestViews, TrainClips, VideoList, input_channels, input_normalizer, read_flow_stacks
+from pipeline.io.store import VideoStore, read_frames
 
 H, W = 48, 64
 
@@ -59,7 +59,7 @@ class FakeFlowParams:
 
 
 def _fake_flow_run(ctx, plan):
-    from pipeline.table import VideoTable
+    from pipeline.data.table import VideoTable
     from stages.decode import frame_store
 
     table = VideoTable.load(ctx.upstream.dir("decode"))

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config as cfg
+from pipeline.stage import config as cfg
 from stages import all_stages
 from stages.train_head import AblateParams
 from stages.workflow import RunAllParams

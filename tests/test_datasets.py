@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.datasets import (
+from pipeline.data.splits import holdout_groups
+from pipeline.data.datasets import (
     DatasetError,
     MissingSplitFile,
     VideoRecord,
     hmdb_group,
-    holdout_groups,
     load_csv,
     load_dataset,
     load_folder,
@@ -94,7 +94,7 @@ def test_ucf101_split1_counts_and_labels(ucf_root, ucf_splits):
     start = time.perf_counter()
     ds = load_dataset("ucf101", ucf_root, splits_dir=ucf_splits, split=1)
     elapsed = time.perf_counter() - start
-    # Official figures: 13,320 videos, 101 classes (seed 000 Sec. 4.1); split 1 = 9537 / 3783.
+    # Official figures: 13,320 videos, 101 classes ([STFN] Sec. 4.1); split 1 = 9537 / 3783.
     assert ds.counts() == {"train": 9537, "test": 3783, "unused": 0}
     assert len(ds.classes) == 101 and ds.split_id == 1 and ds.missing == ()
     assert ds.classes[0] == "ApplyEyeMakeup" and ds.classes[36] == "HandstandPushups" and ds.classes[100] == "YoYo"
@@ -234,7 +234,7 @@ def test_ucf101_rejects_stray_class_folder_and_label_mismatch(tmp_path):
 
 def test_hmdb51_split1_counts(hmdb_root, hmdb_splits):
     ds = load_dataset("hmdb51", hmdb_root, splits_dir=hmdb_splits, split=1)
-    # 6,766 videos over 51 classes (seed 000 Sec. 4.1); split 1: 70 train / 30 test per class.
+    # 6,766 videos over 51 classes ([STFN] Sec. 4.1); split 1: 70 train / 30 test per class.
     assert ds.counts() == {"train": 3570, "test": 1530, "unused": 1666}
     assert len(ds.classes) == 51 and ds.split_id == 1
     # Class order is TSN's class_list.txt (entries carry trailing spaces there).
@@ -347,7 +347,7 @@ def test_holdout_groups_keep_groups_whole():
     assert holdout_groups(videos, 0.2, seed=0) == held
     assert holdout_groups(videos, 0.0) == frozenset()
     assert len(holdout_groups(videos[:4], 0.9)) == 0  # one group: always kept
-    with pytest.raises(DatasetError):
+    with pytest.raises(ValueError):
         holdout_groups(videos, 1.0)
 
 

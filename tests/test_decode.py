@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cache import run_stage
-from pipeline.cli import main
-from pipeline.store import VideoStore, read_frames
-from pipeline.table import VideoTable
+from pipeline.stage import run_stage
+from stages.cli import main
+from pipeline.io.store import VideoStore, read_frames
+from pipeline.data.table import VideoTable
 from stages.decode import STAGE, DecodeParams
 from tests.videos import make_csv_dataset, write_video
 
@@ -81,7 +81,7 @@ def test_ucf101_layout_with_official_split_files(tmp_path, shared_data):
 def test_kill_and_resume_gives_identical_output(tmp_path):
     data = make_csv_dataset(tmp_path / "data", videos_per_class=12, num_frames=30)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "pipeline", "decode", "--dataset", "csv", "--root", str(data),
+    cmd = [sys.executable, "-m", "stages", "decode", "--dataset", "csv", "--root", str(data),
            "--short-side", "32", "--workers", "1", "--cache-dir", str(tmp_path / "killed")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = tmp_path / "killed" / "decode" / "journal.jsonl"
@@ -199,7 +199,7 @@ def test_decode_plan_for_1000_videos_is_fast(tmp_path):
         os.link(src, p)
         rows.append(f"A/{p.name},A,train")
     (root / "list.csv").write_text("\n".join(rows))
-    from pipeline.cache import Upstream
+    from pipeline.stage import Upstream
 
     t0 = time.perf_counter()
     plan = STAGE.plan(DecodeParams(dataset="csv", root=root), Upstream(tmp_path, {}))

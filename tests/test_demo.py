@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.demo import (
+from pipeline.data.demo import (
     DEMO_CLASSES,
     ORDER_PAIRS,
     DemoParams,
@@ -266,7 +266,7 @@ def test_red_and_cyan_have_the_same_grey_level():
 
 def test_mpeg4_fallback_round_trip(tmp_path):
     """Without libx264 the demo is MPEG-4 part 2; that path must decode to the same frames too."""
-    from pipeline.demo import _write_video
+    from pipeline.data.demo import _write_video
 
     frames = render_clip("CyanVertical", np.random.default_rng(2), num_frames=12, width=64, height=48)
     path = tmp_path / "v_CyanVertical_g01_c01.mp4"

@@ -1,4 +1,4 @@
-"""evaluate: per-stream and late-fusion rows (seed 000 Table 5), external scores, re-runs, bad input."""
+"""evaluate: per-stream and late-fusion rows ([STFN] Table 5), external scores, re-runs, bad input."""
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cache import Plan, Stage, param, run_stage, status
-from pipeline.cli import main
-from pipeline.results import TestScores, save_test_scores
+from pipeline.stage import Plan, Stage, param, run_stage, status
+from stages.cli import main
+from pipeline.eval.results import TestScores, save_test_scores
 from stages import all_stages
 from stages.finetune import VERSION as FINETUNE_VERSION
 

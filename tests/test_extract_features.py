@@ -28,11 +28,11 @@ import zarr
 from click.testing import CliRunner
 
 import stages.extract_features as ef
-from pipeline.cache import Plan, Stage, StageFailures, param, run_stage
-from pipeline.cli import main
+from pipeline.stage import Plan, Stage, StageFailures, param, run_stage
+from stages.cli import main
 from pipeline.models.backbones import create_backbone
-from pipeline.store import VideoStore, read_feature_store, read_frames
-from pipeline.table import VideoTable
+from pipeline.io.store import VideoStore, read_feature_store, read_frames
+from pipeline.data.table import VideoTable
 from stages.decode import STAGE as DECODE
 from stages.decode import DecodeParams
 from stages.extract_features import STAGE, ExtractFeaturesParams
@@ -257,7 +257,7 @@ def test_kill_and_resume_gives_identical_features(cache, tmp_path):
     shutil.copytree(cache, clean)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = ["--positions", "16", "--input-size", "112", "--format", "h5", "--workers", "1"]
-    cmd = [sys.executable, "-m", "pipeline", "extract-features", "--cache-dir", str(cache), *args]
+    cmd = [sys.executable, "-m", "stages", "extract-features", "--cache-dir", str(cache), *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = cache / "extract-features" / "journal.jsonl"
     deadline = time.time() + 300
@@ -295,7 +295,7 @@ def test_two_ranks_equal_one_process(cache, tmp_path):
             "--flow-length", "2", "--positions", "8", "--format", "h5", "--workers", "1"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "pipeline", "extract-features", "--cache-dir", str(cache), *args]
+           str(_free_port()), "-m", "stages", "extract-features", "--cache-dir", str(cache), *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     out = cache / "extract-features"

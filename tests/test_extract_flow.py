@@ -5,12 +5,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cache import StageFailures, run_stage
-from pipeline.cli import main
+from pipeline.stage import StageFailures, run_stage
+from stages.cli import main
 from pipeline.flow.flo import read_flo
 from pipeline.flow.tvl1 import TVL1Params, opencv_tvl1_flow, to_gray, tvl1_flow
-from pipeline.store import read_frames
-from pipeline.table import VideoTable
+from pipeline.io.store import read_frames
+from pipeline.data.table import VideoTable
 from stages.decode import STAGE as DECODE, DecodeParams, frame_store
 from stages.extract_flow import STAGE as FLOW, FlowParams, flow_store, read_flow
 from tests.videos import make_csv_dataset

@@ -17,14 +17,14 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from pipeline import train as T
-from pipeline.cache import StageError, run_stage
-from pipeline.cli import main
+from pipeline.training import loop as T
+from pipeline.stage import StageError, run_stage
+from stages.cli import main
 from pipeline.models.backbones import create_backbone, normalize_rgb
-from pipeline.sampling import test_indices
-from pipeline.store import VideoStore, read_frames
-from pipeline.table import VideoTable
-from pipeline.transforms import center_view
+from pipeline.data.sampling import test_indices
+from pipeline.io.store import VideoStore, read_frames
+from pipeline.data.table import VideoTable
+from pipeline.data.transforms import center_view
 from stages.decode import STAGE as DECODE, DecodeParams
 from stages.finetune import STAGE, FinetuneParams
 from tests.test_clips import FAKE_FLOW_STAGE, FakeFlowParams
@@ -216,7 +216,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(upstream, tmp_path):
     last.pt holds the model, optimizer and schedule; so the resumed run performs the same float operations.
     The killed run loads data in a worker process, the clean one in the main process: same result."""
     killed = fresh_cache(upstream, tmp_path)
-    cmd = [sys.executable, "-m", "pipeline", "finetune", "--stream", "rgb", "--epochs", "2", "--cache-dir",
+    cmd = [sys.executable, "-m", "stages", "finetune", "--stream", "rgb", "--epochs", "2", "--cache-dir",
            str(killed), *TINY_CLI, "--workers", "1", "--dropout", "0.5"]
     proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     history = killed / "finetune" / "rgb" / "history.csv"
@@ -260,7 +260,7 @@ def test_two_ranks_match_one_process(upstream, rgb_run, tmp_path):
     layer is a global one."""
     extra = ["--epochs", "2", "--workers", "0"]
     ddp = fresh_cache(upstream, tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pipeline",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "stages",
            "finetune", "--stream", "rgb", "--cache-dir", str(ddp), *TINY_CLI, *extra]
     res = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Head training loop: sampling tables (seed 000 §4.2), fit_head, predict/evaluate, group hold-out."""
+"""Head training loop: sampling tables ([STFN] §4.2), fit_head, predict/evaluate, group hold-out."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.headtrain import (
+from pipeline.training.heads import (
     evaluate,
     fit_head,
     gather_segments,

@@ -2,7 +2,7 @@
 import numpy as np
 from PIL import Image
 
-from pipeline.plots import bar_chart, confusion_matrix_plot, training_curves
+from pipeline.eval.plots import bar_chart, confusion_matrix_plot, training_curves
 
 
 def test_plots_write_pngs(tmp_path):

@@ -23,16 +23,16 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from pipeline.cache import Stage, StageError, param, run_stage
-from pipeline.clips import VideoList
+from pipeline.stage import Stage, StageError, param, run_stage
+from pipeline.data.clips import VideoList
 from pipeline.models.backbones import create_backbone, normalize_flow, normalize_rgb
 from pipeline.models.heads import create_head
-from pipeline.refine_data import (PairedClips, PairedTestSequences, TwoStreamSegmentNet,
+from pipeline.data.paired import (PairedClips, PairedTestSequences, TwoStreamSegmentNet,
                                   enable_gradient_checkpointing, sequence_frames)
-from pipeline.results import load_test_scores
-from pipeline.sampling import flow_stack_indices, train_indices
-from pipeline.store import VideoStore, read_frames
-from pipeline.table import VideoTable
+from pipeline.eval.results import load_test_scores
+from pipeline.data.sampling import flow_stack_indices, train_indices
+from pipeline.io.store import VideoStore, read_frames
+from pipeline.data.table import VideoTable
 from stages.decode import STAGE as DECODE, DecodeParams
 from stages.extract_features import STAGE as FEATURES, ExtractFeaturesParams
 from stages.refine import (STAGE, FullBatches, RefineParams, load_refine_checkpoint, micro_batches,
@@ -414,7 +414,7 @@ def test_untrained_refine_reproduces_train_head_scores(upstream, tmp_path):
 
 
 def _train_cmd(cache: Path) -> list[str]:
-    code = ("import sys, torch; torch.set_num_threads(1); from pathlib import Path; from pipeline.cache import "
+    code = ("import sys, torch; torch.set_num_threads(1); from pathlib import Path; from pipeline.stage import "
             "run_stage; from stages.refine import STAGE, RefineParams; "
             f"run_stage(STAGE, RefineParams(epochs=3, **{TINY!r}), Path(sys.argv[1]))")
     return [sys.executable, "-c", code, str(cache)]
@@ -468,7 +468,7 @@ def test_missing_head_lists_the_available_ones(upstream, tmp_path):
     cache = fresh_cache(upstream, tmp_path)
     with pytest.raises(StageError, match=rf"stfn-nope.*available train-head outputs: {HEAD_NAME}"):
         run_stage(STAGE, RefineParams(**{**TINY, "head_name": "stfn-nope"}), cache)
-    from pipeline.cli import make_stage_command
+    from stages.cli import make_stage_command
 
     res = CliRunner().invoke(make_stage_command(STAGE), ["--head-name", "stfn-nope", "--cache-dir", str(cache)])
     assert res.exit_code == 2 and "available train-head outputs" in res.output

@@ -1,4 +1,4 @@
-"""Res-Inc block (seed 000 §3.2, Fig. 3, eq. 3) against closed forms and a hand-built reference."""
+"""Res-Inc block ([STFN] §3.2, Fig. 3, eq. 3) against closed forms and a hand-built reference."""
 
 import numpy as np
 import pytest

@@ -6,7 +6,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from pipeline import sampling
+from pipeline.data import sampling
 
 
 # ---------------------------------------------------------------- train_indices

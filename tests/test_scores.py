@@ -1,9 +1,9 @@
-"""SCI score fusion (seed 003 §2.4, eq. 5-7) and plain averaging, against hand-computed values."""
+"""SCI score fusion ([FstCN] §2.4, eq. 5-7) and plain averaging, against hand-computed values."""
 
 import pytest
 import torch
 
-from pipeline.scores import average_scores, fuse_scores, sci, sci_fuse, sci_max_fuse
+from pipeline.eval.scores import average_scores, fuse_scores, sci, sci_fuse, sci_max_fuse
 
 
 def test_sci_eq5_by_hand():

@@ -1,4 +1,4 @@
-"""STCB (seed 004 §3.1, Algorithm 1) against the Tensor Sketch definition, and its heads."""
+"""STCB ([STPN] §3.1, Algorithm 1) against the Tensor Sketch definition, and its heads."""
 
 import io
 

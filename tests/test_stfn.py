@@ -1,4 +1,4 @@
-"""STFN head (seed 000 eq. 1, 4-6, Fig. 4, 5): fusion ops by hand, direction wiring, variants."""
+"""STFN head ([STFN] eq. 1, 4-6, Fig. 4, 5): fusion ops by hand, direction wiring, variants."""
 
 import math
 

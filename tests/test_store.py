@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.store import (FORMAT_VERSION, FeatureSet, StoreError, VideoStore, read_feature_store, read_frames,
+from pipeline.io.store import (FORMAT_VERSION, FeatureSet, StoreError, VideoStore, read_feature_store, read_frames,
                             write_feature_store)
 
 

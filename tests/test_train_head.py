@@ -8,9 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cache import Plan, Stage, param, run_stage, status
-from pipeline.cli import main
-from pipeline.store import FeatureSet, feature_store_path, write_feature_store
+from pipeline.stage import Plan, Stage, param, run_stage, status
+from stages.cli import main
+from pipeline.io.store import FeatureSet, feature_store_path, write_feature_store
 from stages import all_stages
 from stages.extract_features import VERSION as FEATURES_VERSION
 from stages.train_head import load_head_checkpoint
@@ -84,7 +84,7 @@ def invoke(*args):
 
 
 def _test_scores_by_hand(ckpt_dir: Path, fs: FeatureSet, n: int) -> np.ndarray:
-    """Reference test scores: the checkpointed head on the 5 test sequences of seed 000 §4.2, positions
+    """Reference test scores: the checkpointed head on the 5 test sequences of [STFN] §4.2, positions
     computed here from the segment rule of docs/formats.md, probabilities averaged."""
     head, ckpt = load_head_checkpoint(ckpt_dir / "best.pt")
     head.eval()

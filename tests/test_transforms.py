@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import transforms as T
+from pipeline.data import transforms as T
 
 
 def _frames(shape, seed=0):

@@ -1,6 +1,6 @@
 """Two-stream ConvNet backbones: torchvision ResNets and Inception-V3 behind one timm-like API.
 
-Seed 000 §4.2 ("Two-stream ConvNets"): ResNet-101 and Inception-V3, initialised from ImageNet,
+[STFN] §4.2 ("Two-stream ConvNets"): ResNet-101 and Inception-V3, initialised from ImageNet,
 with the classification layer replaced by a C-way layer. The appearance stream takes RGB
 frames, the motion stream a stack of L = 10 optical flow fields (2L = 20 input channels) whose
 first convolution is initialised by cross-modality averaging (TSN, Wang et al. 2016, §3.2).
@@ -391,7 +391,7 @@ def _load_imagenet(model: Backbone) -> None:
             f"This pipeline never downloads; on a machine with internet fetch {url} and copy it there "
             f"(or set TORCH_HOME so that torch.hub.get_dir() points at a folder with checkpoints/{path.name})."
         )
-    trunk, _, _ = _read_state_dict(path)  # the ImageNet classifier is replaced (seed 000 §4.2)
+    trunk, _, _ = _read_state_dict(path)  # the ImageNet classifier is replaced ([STFN] §4.2)
     _load_trunk(model, trunk, str(path))
 
 
@@ -423,7 +423,7 @@ def create_backbone(
     weights: str | os.PathLike | None = "none",
     dropout: float = 0.0,
 ) -> Backbone:
-    """Build a two-stream backbone (seed 000 §4.2).
+    """Build a two-stream backbone ([STFN] §4.2).
 
     Args:
         arch: one of :func:`list_backbones` (resnet18/34/50/101/152, inception_v3).

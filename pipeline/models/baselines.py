@@ -1,15 +1,15 @@
-"""Baseline heads beside STFN (seed 000 Table 5 and §4.8): single streams, late fusion, TSN,
+"""Baseline heads beside STFN ([STFN] Table 5 and §4.8): single streams, late fusion, TSN,
 feature concatenation. All follow :class:`~pipeline.models.fusion.Head`: (B, N, Da), (B, N, Dm)
 -> (B, C) log-probabilities.
 
 - ``rgb`` / ``flow`` (Table 5 "Appear." / "Motion"): the two-stream protocol (Simonyan &
-  Zisserman; seed 000 §4.2 "Two-stream ConvNets"): a linear softmax classifier trained on
+  Zisserman; [STFN] §4.2 "Two-stream ConvNets"): a linear softmax classifier trained on
   single snippets (each segment is a training sample of the video's label), and a video's
   prediction is the average of its segments' softmax scores.
 - ``late`` (Table 5 "Late Fusion"): both single-stream classifiers, trained separately (their
   losses are summed; they share no parameters), scores fused as
-  (p_rgb + w p_flow) / (1 + w) with ``flow_weight`` w (1: plain averaging, as in seed 000 §1).
-- ``tsn`` (TSN, Wang et al., seed 000 ref. [46]): per stream, per-segment class scores,
+  (p_rgb + w p_flow) / (1 + w) with ``flow_weight`` w (1: plain averaging, as in [STFN] §1).
+- ``tsn`` (TSN, Wang et al., [STFN] ref. [46]): per stream, per-segment class scores,
   average consensus over segments *before* the softmax, trained on the video-level
   consensus; the two streams trained separately and fused by weighted averaging of their
   softmax scores with ``flow_weight`` (TSN uses 1 : 1.5 for RGB : flow).

@@ -1,4 +1,4 @@
-"""The common head interface, feature fusion G (seed 000 eq. 4-6) and prediction fusion.
+"""The common head interface, feature fusion G ([STFN] eq. 4-6) and prediction fusion.
 
 Head convention (every head in :mod:`pipeline.models.heads`):
 
@@ -6,8 +6,8 @@ Head convention (every head in :mod:`pipeline.models.heads`):
 
 i.e. rows with logsumexp == 0. ``F.nll_loss`` trains on them directly, and so does
 ``F.cross_entropy`` (log_softmax of a log-probability vector is the vector itself), and
-``exp`` gives the class probabilities that test-time score averaging (seed 000 §4.2) and SCI
-fusion (seed 003 eq. 5-7) need. Log-probabilities rather than logits because several heads
+``exp`` gives the class probabilities that test-time score averaging ([STFN] §4.2) and SCI
+fusion ([FstCN] eq. 5-7) need. Log-probabilities rather than logits because several heads
 output a *sum of softmax predictions* (STFN eq. 1, late fusion, TSN's two streams): that sum is
 not the softmax of any single logit vector, but its normalised log, log((p_1 + p_2) / 2), is a
 proper log-probability (computed stably as logsumexp - log 2). The arg-max is unchanged by
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 __all__ = ["Head", "Classifier", "FUSIONS", "fuse", "log_mean_probs"]
 
-# Element-wise fusion operations G over (B, N, d) sequences (seed 000 §3.2, eq. 4-6).
+# Element-wise fusion operations G over (B, N, d) sequences ([STFN] §3.2, eq. 4-6).
 FUSIONS = ("avg", "max", "mul")
 
 
@@ -112,7 +112,7 @@ class SegmentClassifier(nn.Module):
 class Classifier(SegmentClassifier):
     """Prediction function H before the softmax: temporal average, dropout, linear.
 
-    (B, N, d) -> (B, C) logits. Averaging over time makes H independent of N (seed 000
+    (B, N, d) -> (B, C) logits. Averaging over time makes H independent of N ([STFN]
     Table 4 uses N = 3..9 with one architecture) and matches TSN's average consensus.
     """
 

@@ -7,14 +7,14 @@ target)`` method for training.
 ==============  =================================================================
 name            head
 ==============  =================================================================
-stfn            STFN (seed 000): arch a|b|c, fusion avg|max|mul|stcb, direction bi|a2m|m2a
+stfn            STFN ([STFN]): arch a|b|c, fusion avg|max|mul|stcb, direction bi|a2m|m2a
 rgb, flow       single stream (two-stream snippet protocol)
 late            late fusion of the two streams' scores, ``flow_weight``
 tsn             TSN average consensus, both streams, ``flow_weight``
 concat          feature concatenation + temporal average + linear
-stcb            per-segment compact bilinear fusion (seed 004 §3.1)
-stcb_temporal   multi-path temporal STCB on flow, then STCB with rgb (seed 004 §3.2)
-stmultiplier    motion-gated residual temporal head (seed 002)
+stcb            per-segment compact bilinear fusion ([STPN] §3.1)
+stcb_temporal   multi-path temporal STCB on flow, then STCB with rgb ([STPN] §3.2)
+stmultiplier    motion-gated residual temporal head ([ST-Mult])
 ==============  =================================================================
 """
 
@@ -28,7 +28,7 @@ from .stcb import build_stcb, build_stcb_temporal
 from .stfn import build_stfn
 from .stmultiplier import build_stmultiplier
 
-__all__ = ["create_head", "list_heads"]
+__all__ = ["create_head", "list_heads", "load_head_checkpoint"]
 
 _HEADS: dict[str, Callable[..., Head]] = {
     "stfn": build_stfn,
@@ -61,3 +61,16 @@ def create_head(name: str, *, num_classes: int, rgb_dim: int, flow_dim: int, num
         raise ValueError(f"unknown head {name!r}; valid heads: {', '.join(list_heads())}") from None
     return builder(num_classes=num_classes, rgb_dim=rgb_dim, flow_dim=flow_dim,
                    num_segments=num_segments, **kwargs)
+
+
+def load_head_checkpoint(path, device="cpu"):
+    """(head, checkpoint dict) from a ``best.pt`` written by ``train-head``: the head is rebuilt from the
+    options recorded in the checkpoint and its weights loaded, on ``device``."""
+    from pipeline.io.atomic import load_checkpoint
+
+    ckpt = load_checkpoint(path, require=("model", "head", "num_classes", "rgb_dim", "flow_dim", "num_segments",
+                                          "head_kwargs"), map_location=device)
+    head = create_head(ckpt["head"], num_classes=ckpt["num_classes"], rgb_dim=ckpt["rgb_dim"],
+                       flow_dim=ckpt["flow_dim"], num_segments=ckpt["num_segments"], **ckpt["head_kwargs"])
+    head.load_state_dict(ckpt["model"])
+    return head.to(device), ckpt

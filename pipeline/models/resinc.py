@@ -1,4 +1,4 @@
-"""Residual Inception (Res-Inc) block over time (seed 000, STFN, §3.2, Fig. 3, eq. 3).
+"""Residual Inception (Res-Inc) block over time ([STFN], STFN, §3.2, Fig. 3, eq. 3).
 
     y = ReLU( C(R(F; W_2), R(F; W_3), R(F; W_4), R(F; W_5)) + R'(F; W_j=2) )
 

@@ -1,4 +1,4 @@
-"""Spatiotemporal Compact Bilinear (STCB) fusion (seed 004, §3.1-3.2, Algorithm 1) and its heads.
+"""Spatiotemporal Compact Bilinear (STCB) fusion ([STPN], §3.1-3.2, Algorithm 1) and its heads.
 
 STCB(v_1, ..., v_m) = IFFT( prod_i FFT( Psi(v_i; h_i, s_i) ) ), where Psi is the Count Sketch
 (Charikar et al.) of v_i in R^{p_i} into R^d: v'(h_i(j)) += s_i(j) v_i(j), with h_i uniform in
@@ -8,7 +8,7 @@ E[<STCB(x, y), STCB(x', y')>] = <x, x'><y, y'>. The h_i, s_i are registered buff
 saved in and restored from the state dict (a head trained with one sketch must be evaluated
 with the same one).
 
-Normalisation: seed 004 does not state any; it cites compact bilinear pooling (Gao et al.,
+Normalisation: [STPN] does not state any; it cites compact bilinear pooling (Gao et al.,
 CVPR 2016, its ref. [7]), which follows the bilinear output with a signed square root and L2
 normalisation. The heads here apply that (``normalize=True``, the default); the bare operator
 :class:`CompactBilinear` does not.
@@ -17,7 +17,7 @@ Heads (inputs rgb (B, N, Da), flow (B, N, Dm); output log-probabilities (B, C)):
 
 - :class:`STCBHead`: per segment z_n = norm(STCB(rgb_n, flow_n)) (the spatiotemporal fusion
   of §3.1, d = 4096 per Table 3), average over the N segments, dropout, linear, log-softmax.
-- :class:`STCBTemporalHead`: the multi-path temporal fusion of §3.2 first. Seed 004 feeds
+- :class:`STCBTemporalHead`: the multi-path temporal fusion of §3.2 first. [STPN] feeds
   each chunk with several optical-flow stacks around its centre (3 paths best, Table 4) and
   fuses them with one STCB. A head sees one flow feature per segment, so path r of segment n
   is the flow feature of segment n + r - (paths - 1) // 2 (the neighbouring segments),
@@ -44,7 +44,7 @@ __all__ = [
     "build_stcb_temporal",
 ]
 
-# Output dimension of STCB (seed 004, Table 3: 4096 is "appropriate for both video datasets").
+# Output dimension of STCB ([STPN], Table 3: 4096 is "appropriate for both video datasets").
 DEFAULT_STCB_DIM = 4096
 
 
@@ -65,7 +65,7 @@ class CompactBilinear(nn.Module):
 
     Args:
         input_dims: p_1..p_m, one per fused input (m >= 1).
-        output_dim: d (4096 in seed 004).
+        output_dim: d (4096 in [STPN]).
         seed: seed of the generator that draws h_i, s_i (fixed afterwards, kept as buffers).
     """
 
@@ -121,8 +121,8 @@ class STCBHead(Head):
 
     Args:
         num_classes, rgb_dim, flow_dim, num_segments: see :class:`~pipeline.models.fusion.Head`.
-        stcb_dim: STCB output dimension d (seed 004 Table 3: 4096).
-        normalize: signed sqrt + L2 after each STCB (compact bilinear pooling, seed 004 ref. [7]).
+        stcb_dim: STCB output dimension d ([STPN] Table 3: 4096).
+        normalize: signed sqrt + L2 after each STCB (compact bilinear pooling, [STPN] ref. [7]).
         dropout: dropout before the classifier.
         seed: seed of the count-sketch draws.
     """
@@ -148,10 +148,10 @@ class STCBHead(Head):
 
 
 class STCBTemporalHead(STCBHead):
-    """Multi-path temporal STCB on the flow sequence (seed 004 §3.2), then STCB with appearance.
+    """Multi-path temporal STCB on the flow sequence ([STPN] §3.2), then STCB with appearance.
 
     Args (beyond :class:`STCBHead`):
-        paths: number of flow paths per segment (seed 004 Table 4: 3 is best); path r of
+        paths: number of flow paths per segment ([STPN] Table 4: 3 is best); path r of
             segment n is segment n + r - (paths-1)//2, clamped to the sequence.
     """
 

@@ -1,10 +1,10 @@
-"""Spatio-Temporal Fusion Network head (seed 000, §3, eq. 1, Fig. 2, 4, 5).
+"""Spatio-Temporal Fusion Network head ([STFN], §3, eq. 1, Fig. 2, 4, 5).
 
     STFN(F^a, F^m) = H(F(G(F(F^a; W_a), F(F^m; W_m)); W_fa)) + H(F(G(...); W_fm))      (eq. 1)
 
 - F(.; W_x): K consecutive Res-Inc blocks (:mod:`pipeline.models.resinc`), K = ``blocks``.
 - G: element-wise fusion ``avg`` (eq. 4), ``mul`` (eq. 5), ``max`` (eq. 6), or ``stcb``
-  (compact bilinear, seed 004, output ``stcb_dim`` with signed sqrt + L2).
+  (compact bilinear, [STPN], output ``stcb_dim`` with signed sqrt + L2).
 - ``direction`` (Fig. 5, §4.5), i.e. which follow-up block receives the fused sequence P':
     ``bi``  (A<->M): both W_fa and W_fm receive P';
     ``m2a`` (A<-M, motion injected into appearance): W_fa receives P', W_fm receives P^m;
@@ -56,7 +56,7 @@ class STFN(Head):
         blocks: K, Res-Inc blocks in each F(.; W_x) (§4.3: one per stage; more hurt).
         dropout: dropout in H.
         fused_dim: common width for differing Da, Dm (see the module docstring).
-        stcb_dim: output width of the ``stcb`` fusion (seed 004 Table 3: 4096).
+        stcb_dim: output width of the ``stcb`` fusion ([STPN] Table 3: 4096).
         seed: seed of the ``stcb`` count-sketch draws.
     """
 

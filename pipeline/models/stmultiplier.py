@@ -1,17 +1,17 @@
-"""ST-Multiplier-style head (seed 002, Feichtenhofer et al., §3.2.2 eq. 5, §3.3 eq. 8-10).
+"""ST-Multiplier-style head ([ST-Mult], Feichtenhofer et al., §3.2.2 eq. 5, §3.3 eq. 8-10).
 
 On segment feature sequences (B, N, D), one residual unit per stream:
 
     motion:      x̂_m = f(x_m) + F_m(f(x_m))
     appearance:  x̂_a = f(x_a) + F_a(x_a ⊙ f(x_m))        (eq. 5, motion gates appearance)
 
-with f = ReLU (seed 002 eq. 1) and F(z) = BN(T(z)), T a 1-D temporal convolution over all D
+with f = ReLU ([ST-Mult] eq. 1) and F(z) = BN(T(z)), T a 1-D temporal convolution over all D
 channels (eq. 8) whose kernel is initialised as W = 1 ⊗ f_t (eq. 9): the D x D identity
 between channels times a temporal filter f_t of length ``temporal_kernel``. With the default
 ``temporal_init="identity"`` f_t is a centred unit impulse, so T is exactly the identity at
 initialisation ("do not impact the information flow at initialization"); ``"average"`` uses
 f_t = 1 / T. Biases start at zero. Then global max pooling over time (eq. 10), dropout and a
-linear softmax classifier per stream; the two streams' predictions are averaged (seed 002
+linear softmax classifier per stream; the two streams' predictions are averaged ([ST-Mult]
 §4.2 averages the predictions; the head returns log of that average, see
 :mod:`pipeline.models.fusion`). The multiplicative gate needs Da == Dm.
 """

@@ -1,19 +1,19 @@
 """End-to-end training of both backbones and a temporal head: paired RGB + flow samples and the model.
 
-Seed 000 §4.2: "We apply two step training process. We first fix the weights of trained appearance and
+[STFN] §4.2: "We apply two step training process. We first fix the weights of trained appearance and
 motion networks and train only STFN. Then we train the entire networks with same methods described in
 Two-stream ConvNets training." The second step needs, per video, the N segment frames *and* the flow stacks
 centred on them, with "same augmentations for selected frames and optical flow stacks in an input sequence":
-one :class:`~pipeline.transforms.CropParams` per sample, applied to the N RGB frames and the N flow stacks.
+one :class:`~pipeline.data.transforms.CropParams` per sample, applied to the N RGB frames and the N flow stacks.
 
 * :class:`PairedClips`: training samples ``{"rgb": (N, 3, Sa, Sa), "flow": (N, 2L, Sm, Sm), "label",
-  "index"}`` uint8, TSN segment frames (:func:`pipeline.sampling.train_indices`), keyed by ``(index, epoch)``
-  like :class:`pipeline.clips.TrainClips` (everything drawn from ``default_rng([seed, epoch, index])``: the
+  "index"}`` uint8, TSN segment frames (:func:`pipeline.data.sampling.train_indices`), keyed by ``(index, epoch)``
+  like :class:`pipeline.data.clips.TrainClips` (everything drawn from ``default_rng([seed, epoch, index])``: the
   segment frames, then the crop), so resumed and distributed runs see the same samples.
 * :class:`PairedTestSequences`: the head's test protocol (``train-head``) on frames: the ``num_test``
-  sequences of :func:`pipeline.headtrain.test_sequences` over the ``P`` feature positions of
-  :func:`pipeline.sampling.feature_positions`, i.e. the very frames ``extract-features`` computed the head's
-  test features at, centre view (:func:`pipeline.transforms.center_view`).
+  sequences of :func:`pipeline.training.heads.test_sequences` over the ``P`` feature positions of
+  :func:`pipeline.data.sampling.feature_positions`, i.e. the very frames ``extract-features`` computed the head's
+  test features at, centre view (:func:`pipeline.data.transforms.center_view`).
 * :class:`TwoStreamSegmentNet`: N segments through the shared-weight RGB and flow backbones (TSN style),
   ``forward_features`` -> (B, N, D) per stream, the head fuses them -> (B, C) log-probabilities.
 * :func:`enable_gradient_checkpointing`: recompute a backbone's residual stages / Inception blocks in the
@@ -29,12 +29,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from pipeline.clips import VideoList, read_flow_stacks, sample_key, sample_rng
-from pipeline.headtrain import NUM_TEST, test_sequences
+from pipeline.data.clips import VideoList, read_flow_stacks, sample_key, sample_rng
+from pipeline.training.heads import NUM_TEST, test_sequences
 from pipeline.models.backbones import Backbone, normalize_flow, normalize_rgb
-from pipeline.sampling import feature_positions, train_indices
-from pipeline.store import VideoStore
-from pipeline.transforms import CROP_SCALES, apply_crop, center_view, sample_crop_params
+from pipeline.data.sampling import feature_positions, train_indices
+from pipeline.io.store import VideoStore
+from pipeline.data.transforms import CROP_SCALES, apply_crop, center_view, sample_crop_params
 
 __all__ = ["PairedClips", "PairedTestSequences", "TwoStreamSegmentNet", "enable_gradient_checkpointing",
            "head_streams", "sequence_frames"]
@@ -54,13 +54,13 @@ class PairedClips(Dataset):
         videos: the training videos.
         num_segments: N (the head's).
         rgb_size, flow_size: network input sides of the two backbones (the crop is resized to each).
-        flow_length: L, flow fields per stack (seed 000 §4.2: 10).
+        flow_length: L, flow fields per stack ([STFN] §4.2: 10).
         seed: base seed of the per-sample generators.
-        scales, base_size: crop sizes of :func:`pipeline.transforms.sample_crop_params`.
+        scales, base_size: crop sizes of :func:`pipeline.data.transforms.sample_crop_params`.
         flow_bound, flow_step: when given, every flow container's attributes must match.
 
     ``dataset[(index, epoch)]`` returns ``{"rgb": (N, 3, Sa, Sa) uint8, "flow": (N, 2L, Sm, Sm) uint8,
-    "label": int, "index": int}``; one crop and flip for all 2N inputs (seed 000 §4.2).
+    "label": int, "index": int}``; one crop and flip for all 2N inputs ([STFN] §4.2).
     """
 
     def __init__(self, frames: VideoStore, flows: VideoStore, videos: VideoList, *, num_segments: int,
@@ -101,9 +101,9 @@ class PairedClips(Dataset):
 def sequence_frames(num_frames: int, num_positions: int, num_segments: int, num_test: int = NUM_TEST) -> np.ndarray:
     """(num_test, N) frame indices of the head's test sequences for a video of ``num_frames`` frames.
 
-    Sequence ``j`` takes, in every segment, the position of :func:`pipeline.headtrain.test_sequences` over
+    Sequence ``j`` takes, in every segment, the position of :func:`pipeline.training.heads.test_sequences` over
     ``P = num_positions`` feature positions, and position ``k`` is frame
-    :func:`pipeline.sampling.feature_positions` ``(num_frames, P)[k]``: the frames whose features the head
+    :func:`pipeline.data.sampling.feature_positions` ``(num_frames, P)[k]``: the frames whose features the head
     was tested on.
     """
     positions = feature_positions(num_frames, num_positions).astype(np.int64)
@@ -154,7 +154,7 @@ def head_streams(head_name: str) -> tuple[str, ...]:
 
 
 class TwoStreamSegmentNet(nn.Module):
-    """N segments through shared-weight RGB and flow backbones, fused by a temporal head (seed 000 §4.2).
+    """N segments through shared-weight RGB and flow backbones, fused by a temporal head ([STFN] §4.2).
 
     Args:
         rgb, flow: the appearance and motion backbones (:class:`pipeline.models.backbones.Backbone`).

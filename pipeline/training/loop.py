@@ -370,7 +370,7 @@ def resume_checkpoint(path: Path, meta: dict, keys: tuple[str, ...], *, is_main:
     Every rank reads it before its first collective, so rank 0 cannot have replaced it yet. A checkpoint of
     another architecture, class list, ... is refused with a message naming the file.
     """
-    from pipeline.cache import StageError
+    from pipeline.stage import StageError
 
     if not path.exists():
         return None
@@ -389,7 +389,7 @@ def resume_checkpoint(path: Path, meta: dict, keys: tuple[str, ...], *, is_main:
 
 def end_epoch(row: dict, history: list[dict], best: dict, *, epoch: int, decays: int, lr: float, scheduler,
               optimizer: torch.optim.Optimizer, max_epochs: int, max_decays: int) -> tuple[int, int, dict, bool, bool]:
-    """Bookkeeping after one epoch of a plateau-scheduled run (seed 000 §4.2: lr divided by 10 when the
+    """Bookkeeping after one epoch of a plateau-scheduled run ([STFN] §4.2: lr divided by 10 when the
     validation error saturates; TSN stops after ``max_decays`` divisions).
 
     ``row`` holds ``val_acc`` / ``val_loss`` (None without a validation set, then the training loss is

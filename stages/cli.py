@@ -2,7 +2,7 @@
 
 Each stage command is generated from the stage's parameter dataclass (every field becomes an option with its
 help text and default), builds the params object (defaults < ``--config`` TOML < options) and calls
-:func:`pipeline.cache.run_stage`. Everything here is callable from Python through ``run_stage`` directly.
+:func:`pipeline.stage.run_stage`. Everything here is callable from Python through ``run_stage`` directly.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import click
 
-from pipeline import config as cfg
+from pipeline.stage import config as cfg
 from pipeline import dist
-from pipeline.cache import StageError, StageFailures, run_stage, status
-from pipeline.config import ConfigError
-from pipeline.options import _fail, param_options
+from pipeline.stage import StageError, StageFailures, run_stage, status
+from pipeline.stage.config import ConfigError
+from stages.options import _fail, param_options
 
 log = logging.getLogger("pipeline")
 

@@ -1,6 +1,6 @@
 """Torch datasets over the frame and flow stores: TSN training samples and centre-crop test views.
 
-Seed 000 §4.2 ("Two-stream ConvNets"): the appearance network takes RGB frames, the motion network a
+[STFN] §4.2 ("Two-stream ConvNets"): the appearance network takes RGB frames, the motion network a
 stack of L = 10 flow fields (2L = 20 channels) centred on the sampled frame; frames come from videos
 whose short side is 256; training augmentation is a multi-scale corner crop resized to the input size
 plus a horizontal flip, "same augmentations for selected frames and optical flow stacks in an input
@@ -11,17 +11,17 @@ N = 1 is the plain two-stream sampling (one random frame per video per epoch).
 Samples are dicts ``{"input": uint8 tensor, "label": int, "index": int}``:
 
 * RGB training input ``(N, 3, S, S)``; flow training input ``(N, 2L, S, S)`` with channels
-  ``x0, y0, x1, y1, ...`` (the layout :func:`pipeline.transforms.apply_crop` and
+  ``x0, y0, x1, y1, ...`` (the layout :func:`pipeline.data.transforms.apply_crop` and
   :func:`pipeline.models.backbones.normalize_flow` expect);
-* test views ``(T, C, S, S)``: T uniformly spaced frames (:func:`pipeline.sampling.test_indices`), each the
-  centre view (:func:`pipeline.transforms.center_view`).
+* test views ``(T, C, S, S)``: T uniformly spaced frames (:func:`pipeline.data.sampling.test_indices`), each the
+  centre view (:func:`pipeline.data.transforms.center_view`).
 
 Normalisation happens on the training device (:func:`input_normalizer`), so the loader moves uint8.
 Inputs are contiguous (N, C, H, W) tensors whichever process builds them: a channels-last view (what
 decoding (H, W, C) frames gives) would select other convolution kernels and change results in the last bits.
 
 Determinism: a training sample is keyed by ``(index, epoch)`` (the batch sampler in
-:mod:`pipeline.train` yields such keys) and draws everything from
+:mod:`pipeline.training.loop` yields such keys) and draws everything from
 ``np.random.default_rng([seed, epoch, index])`` in a fixed order: the segment frames, then the crop. So a
 sample's content depends on neither the DataLoader worker that builds it nor the rank that trains on
 it, which is what makes resumed and distributed runs repeat a single uninterrupted run.
@@ -37,18 +37,18 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from pipeline.models.backbones import normalize_flow, normalize_rgb
-from pipeline.sampling import flow_stack_indices, test_indices, train_indices
-from pipeline.store import VideoStore
-from pipeline.transforms import CROP_SCALES, apply_crop, center_view, sample_crop_params
+from pipeline.data.sampling import flow_stack_indices, test_indices, train_indices
+from pipeline.io.store import VideoStore
+from pipeline.data.transforms import CROP_SCALES, apply_crop, center_view, sample_crop_params
 
 __all__ = ["STREAMS", "VideoList", "TrainClips", "TestViews", "input_channels", "input_normalizer",
            "read_flow_stacks"]
 
-STREAMS = ("rgb", "flow")
+from pipeline.data import STREAMS  # noqa: E402,F401
 
 
 def input_channels(stream: str, flow_length: int = 10) -> int:
-    """Network input channels: 3 for RGB, 2L for a stack of L flow fields (seed 000 §4.2: 20)."""
+    """Network input channels: 3 for RGB, 2L for a stack of L flow fields ([STFN] §4.2: 20)."""
     if stream == "rgb":
         return 3
     if stream == "flow":
@@ -116,7 +116,7 @@ def _read(store: VideoStore, stream: str, video_id: str, frames: Sequence[int], 
 
 
 def sample_key(key: int | tuple[int, int]) -> tuple[int, int]:
-    """A training dataset's key: ``(index, epoch)`` as given by :class:`pipeline.train.EpochBatches`, or an
+    """A training dataset's key: ``(index, epoch)`` as given by :class:`pipeline.training.loop.EpochBatches`, or an
     index alone (epoch 0)."""
     index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key
     return int(index), int(epoch)
@@ -136,10 +136,10 @@ class TrainClips(Dataset):
         videos: the training videos.
         stream: ``"rgb"`` or ``"flow"``.
         num_segments: N (1: two-stream sampling, one random frame per video).
-        input_size: S, the crop is resized to S x S (seed 000 §4.2: 224).
-        flow_length: L, flow fields per stack (seed 000 §4.2: 10).
+        input_size: S, the crop is resized to S x S ([STFN] §4.2: 224).
+        flow_length: L, flow fields per stack ([STFN] §4.2: 10).
         seed: base seed of the per-sample generators.
-        scales, base_size: crop sizes of :func:`pipeline.transforms.sample_crop_params`.
+        scales, base_size: crop sizes of :func:`pipeline.data.transforms.sample_crop_params`.
         flow_bound, flow_step: when given, every flow container's attributes must match.
 
     ``dataset[(index, epoch)]`` returns ``{"input": (N, C, S, S) uint8, "label": int, "index": int}``.

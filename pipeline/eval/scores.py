@@ -1,5 +1,5 @@
-"""Test-time fusion of several views' class scores: plain averaging (seed 000 §4.2) and
-SCI-weighted fusion (seed 003, FstCN, §2.4, eq. 5-7).
+"""Test-time fusion of several views' class scores: plain averaging ([STFN] §4.2) and
+SCI-weighted fusion ([FstCN], FstCN, §2.4, eq. 5-7).
 
 Scores are class *probabilities* (non-negative; rows need not sum to 1), shaped
 (V, views, C): V videos, ``views`` scores per video (e.g. the 5 test sequences of STFN's
@@ -66,7 +66,7 @@ def sci_max_fuse(scores: Tensor) -> Tensor:
 
 
 def fuse_scores(scores: Tensor, method: str = "mean") -> Tensor:
-    """(V, views, C) -> (V, C) by ``mean`` (seed 000 §4.2) or ``sci`` (seed 003 eq. 6)."""
+    """(V, views, C) -> (V, C) by ``mean`` ([STFN] §4.2) or ``sci`` ([FstCN] eq. 6)."""
     if method == "mean":
         return average_scores(scores)
     if method == "sci":

@@ -4,11 +4,11 @@ Feature layout: per stream a tensor (V, P, D) of features at P cached temporal p
 video, position k at the centre of the k-th of P equal parts of the video; labels (V,).
 Segment s of N covers positions [floor(s P / N), floor((s + 1) P / N)).
 
-Protocol (seed 000 §4.2):
+Protocol ([STFN] §4.2):
 - training: one random position per segment, fresh each epoch;
 - testing: ``num_test`` = 5 sequences, sequence j taking in every segment the position
   start + floor((j + 1/2) L / num_test) (L the segment's length: uniformly spaced, centred),
-  the class probabilities averaged over the sequences (or SCI-fused, :mod:`pipeline.scores`);
+  the class probabilities averaged over the sequences (or SCI-fused, :mod:`pipeline.eval.scores`);
 - RMSProp, learning rate 1e-4 divided by 10 whenever the validation error stops improving for
   ``patience`` epochs, down to 1e-7; when it stops improving at 1e-7, training ends. The
   weights of the best validation epoch are restored. "Improving" compares (error, loss)
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .scores import fuse_scores
+from pipeline.eval.metrics import Evaluation, evaluate  # noqa: F401 (re-exported for callers)
+from pipeline.eval.scores import fuse_scores
 
 __all__ = [
     "segment_positions",
@@ -45,12 +46,10 @@ __all__ = [
     "predict",
     "fit_head",
     "History",
-    "evaluate",
-    "Evaluation",
     "group_holdout",
 ]
 
-# Seed 000 §4.2: 5 test sequences per video; RMSProp with lr 1e-4 decayed by 10 down to 1e-7.
+# [STFN] §4.2: 5 test sequences per video; RMSProp with lr 1e-4 decayed by 10 down to 1e-7.
 NUM_TEST = 5
 LR = 1e-4
 MIN_LR = 1e-7
@@ -179,7 +178,7 @@ def predict_views(head: nn.Module, rgb: Tensor, flow: Tensor, num_segments: int,
 def predict(head: nn.Module, rgb: Tensor, flow: Tensor, num_segments: int, num_test: int = NUM_TEST,
             *, fusion: str = "mean", batch_size: int = 256) -> Tensor:
     """Video scores (V, C) (CPU float32 probabilities): the ``num_test`` sequences' probabilities
-    fused by ``mean`` (seed 000 §4.2) or ``sci`` (seed 003 eq. 6)."""
+    fused by ``mean`` ([STFN] §4.2) or ``sci`` ([FstCN] eq. 6)."""
     return fuse_scores(predict_views(head, rgb, flow, num_segments, num_test, batch_size), fusion)
 
 
@@ -286,55 +285,6 @@ def fit_head(head: nn.Module, train: tuple[Tensor, Tensor, Tensor], val: tuple[T
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-@dataclass
-class Evaluation:
-    """Accuracy figures of video scores against labels."""
-
-    top1: float
-    mean_class_accuracy: float
-    per_class_accuracy: np.ndarray  # (C,), NaN for classes absent from the labels
-    confusion: np.ndarray  # (C, C) int64, rows = true class, columns = predicted class
-    class_names: list[str]
-
-    def as_dict(self) -> dict:
-        """JSON-friendly copy (NaN accuracies as None)."""
-        return {
-            "top1": self.top1,
-            "mean_class_accuracy": self.mean_class_accuracy,
-            "per_class_accuracy": {n: (None if math.isnan(a) else float(a))
-                                   for n, a in zip(self.class_names, self.per_class_accuracy)},
-            "confusion": self.confusion.tolist(),
-            "class_names": list(self.class_names),
-        }
-
-
-def evaluate(scores: Tensor | np.ndarray, labels: Tensor | np.ndarray,
-             class_names: Sequence[str] | None = None) -> Evaluation:
-    """Top-1, mean class accuracy (over classes present), per-class accuracy, confusion matrix.
-
-    scores (V, C), labels (V,) integers in [0, C).
-    """
-    scores = np.asarray(scores.detach().cpu() if isinstance(scores, Tensor) else scores)
-    labels = np.asarray(labels.detach().cpu() if isinstance(labels, Tensor) else labels).astype(np.int64)
-    if scores.ndim != 2 or labels.ndim != 1 or scores.shape[0] != labels.shape[0] or scores.shape[0] == 0:
-        raise ValueError(f"need scores (V, C) and labels (V,), got {scores.shape} and {labels.shape}")
-    c = scores.shape[1]
-    names = [str(i) for i in range(c)] if class_names is None else list(class_names)
-    if len(names) != c:
-        raise ValueError(f"{len(names)} class names for {c} score columns")
-    if labels.min() < 0 or labels.max() >= c:
-        raise ValueError(f"labels must lie in [0, {c}), got range [{labels.min()}, {labels.max()}]")
-    pred = scores.argmax(axis=1)
-    confusion = np.zeros((c, c), dtype=np.int64)
-    np.add.at(confusion, (labels, pred), 1)
-    support = confusion.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
-    return Evaluation(top1=float((pred == labels).mean()),
-                      mean_class_accuracy=float(np.nanmean(per_class)),
-                      per_class_accuracy=per_class, confusion=confusion, class_names=names)
-
 
 def group_holdout(groups: Sequence, frac: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Split indices 0..V-1 into (train, val) with whole groups held out for validation.

@@ -3,7 +3,8 @@
 ``<decode dir>/videos.json`` holds the class names, and per video its id, label, group, source path, frame
 count, fps and frame size, plus the split membership for every split the dataset defines (UCF101 and HMDB51
 have three official splits; other layouts one). Later stages choose a split with their ``--split`` option,
-so decoding once serves all three splits.
+so decoding once serves all three splits. In each split's membership the validation hold-out
+(:mod:`pipeline.data.splits`) reads ``"val"``: every stage fits on ``"train"`` and validates on ``"val"``.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class VideoTable:
     labels: list[int]
     groups: list[str]
     sources: list[str]
-    splits: dict[str, list[str]]  # split id ("1", "2", "3") -> per-video "train" | "test" | "unused"
+    splits: dict[str, list[str]]  # split id ("1", "2", "3") -> per-video "train" | "val" | "test" | "unused"
     num_frames: list[int] = field(default_factory=list)
     fps: list[float] = field(default_factory=list)
     sizes: list[list[int]] = field(default_factory=list)  # [height, width] of the stored frames
@@ -41,9 +42,11 @@ class VideoTable:
         return self.splits[key]
 
     def indices(self, split: int | str, which: str) -> np.ndarray:
-        """Row indices of the videos in ``which`` ("train" | "test" | "unused") of split ``split``."""
+        """Row indices of the videos in ``which`` of split ``split``: "train" (fitted on), "val" (the one
+        validation hold-out, :mod:`pipeline.data.splits`), "test", "unused", or "train+val" (both)."""
+        wanted = {"train", "val"} if which == "train+val" else {which}
         membership = self.split_of(split)
-        return np.array([i for i, s in enumerate(membership) if s == which], dtype=np.int64)
+        return np.array([i for i, s in enumerate(membership) if s in wanted], dtype=np.int64)
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / TABLE_FILE

@@ -13,7 +13,7 @@ key             shape, dtype    what
 ==============  ==============  ==========================================================
 
 This module reads and writes that file, fuses scores (two-stream late fusion, averaging with another
-model's scores: the "+MIFS" column of seed 000 Table 6), lists the finished outputs of the cache, and
+model's scores: the "+MIFS" column of [STFN] Table 6), lists the finished outputs of the cache, and
 formats rows of top-1 / mean class accuracy / per-class accuracy as markdown. No Click, no training.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from pipeline.cache import read_manifest, stage_keys_in_cache
-from pipeline.headtrain import Evaluation, evaluate
+from pipeline.stage import read_manifest, stage_keys_in_cache
+from pipeline.training.heads import Evaluation, evaluate
 
 __all__ = [
     "TestScores", "save_test_scores", "load_test_scores", "late_fusion", "read_external_scores",
@@ -217,7 +217,7 @@ def match_external(ours: TestScores, ids: np.ndarray, scores: np.ndarray, names:
 
 
 def combine_scores(ours: TestScores, external: np.ndarray, weight: float = 1.0) -> TestScores:
-    """(ours + w external) / (1 + w): seed 000 §4.8 "by averaging prediction scores" (w = 1)."""
+    """(ours + w external) / (1 + w): [STFN] §4.8 "by averaging prediction scores" (w = 1)."""
     fused = (ours.scores.astype(np.float64) + weight * external) / (1.0 + weight)
     return TestScores(fused, ours.video_ids, ours.labels, ours.class_names)
 

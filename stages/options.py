@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import config as cfg
+from pipeline.stage import config as cfg
 
 
 def _click_type(params_type: type, f: dataclasses.Field):

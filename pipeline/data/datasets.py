@@ -1,6 +1,6 @@
 """Datasets on disk -> a sorted list of videos with labels, split membership and groups.
 
-Five layouts (seed 000, Sec. 4.1 evaluates on the three official splits of UCF101 and HMDB51):
+Five layouts ([STFN], Sec. 4.1 evaluates on the three official splits of UCF101 and HMDB51):
 
 ``ucf101``
     ``<root>/<Class>/v_<Class>_gGG_cCC.avi`` with the official ``classInd.txt``,
@@ -18,7 +18,7 @@ Five layouts (seed 000, Sec. 4.1 evaluates on the three official splits of UCF10
 ``folder``
     ``<root>/<Class>/**/<name>.{avi,mp4,mkv,webm,mov}``, classes sorted; all videos are train
     unless ``test_fraction`` is given, in which case whole groups go to test
-    (:func:`holdout_groups`, deterministic for a seed).
+    (:func:`pipeline.data.splits.holdout_groups`, deterministic for a seed).
 ``csv``
     ``path,label[,split[,group]]`` rows with an optional header (see :func:`load_csv`).
 ``demo``
@@ -47,13 +47,14 @@ both sides of a split):
 from __future__ import annotations
 
 import csv as _csv
-import hashlib
 import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Sequence
+
+from pipeline.data.splits import holdout_groups
 
 __all__ = [
     "DATASET_KINDS",
@@ -64,7 +65,6 @@ __all__ = [
     "MissingSplitFile",
     "VideoRecord",
     "hmdb_group",
-    "holdout_groups",
     "load_csv",
     "load_dataset",
     "load_folder",
@@ -76,7 +76,7 @@ __all__ = [
 DATASET_KINDS = ("ucf101", "hmdb51", "folder", "csv", "demo")
 SPLITS = ("train", "test", "unused")
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov")
-OFFICIAL_SPLITS = (1, 2, 3)  # seed 000, Sec. 4.1: "three training and testing splits"
+OFFICIAL_SPLITS = (1, 2, 3)  # [STFN], Sec. 4.1: "three training and testing splits"
 
 _MAX_LISTED = 10
 _UCF_NAME = re.compile(r"^v_(?P<name>.+)_g(?P<group>\d+)_c(?P<clip>\d+)$")
@@ -161,42 +161,6 @@ def hmdb_group(stem: str, class_name: str) -> str | None:
     if not head.endswith(suffix) or len(head) == len(suffix):
         return None
     return head[: -len(suffix)]
-
-
-def _group_rank(seed: int, group: str) -> bytes:
-    # blake2b, not hash(): Python's string hash is salted per process.
-    return hashlib.blake2b(f"{seed}\0{group}".encode(), digest_size=16).digest()
-
-
-def holdout_groups(videos: Iterable[VideoRecord], fraction: float, *, seed: int = 0) -> frozenset[str]:
-    """Groups to hold out so that about ``fraction`` of each class's videos is held out.
-
-    Each group is assigned to the class most of its videos belong to (ties: the lower label).
-    Within a class, groups are ordered by a hash of ``(seed, group)`` and the prefix whose size
-    is closest to ``fraction`` of the class is held out, leaving at least one group in. A group
-    is held out or kept as a whole, so no group is ever on both sides. Deterministic for a seed.
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise DatasetError(f"held-out fraction must be in [0, 1), got {fraction}")
-    sizes: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-    for video in videos:
-        sizes[video.group][video.label] += 1
-    by_class: dict[int, list[tuple[bytes, str, int]]] = defaultdict(list)
-    for group, per_label in sizes.items():
-        home = min(per_label, key=lambda label: (-per_label[label], label))
-        by_class[home].append((_group_rank(seed, group), group, sum(per_label.values())))
-
-    held: set[str] = set()
-    for groups in by_class.values():
-        groups.sort()
-        target = fraction * sum(size for _, _, size in groups)
-        best_k, best_err, total = 0, target, 0
-        for k, (_, _, size) in enumerate(groups[:-1], start=1):
-            total += size
-            if abs(total - target) < best_err:
-                best_k, best_err = k, abs(total - target)
-        held.update(group for _, group, _ in groups[:best_k])
-    return frozenset(held)
 
 
 # ----------------------------------------------------------------------------- helpers

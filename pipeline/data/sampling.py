@@ -4,7 +4,7 @@ All indices are 0-based frame indices into a decoded video of ``num_frames`` fra
 has ``num_flows = num_frames - 1`` fields (step 1); flow ``i`` goes from frame ``i`` to frame
 ``i + 1``.
 
-Seed 000 §4.2: a video is divided into N segments of equal length; in training one random frame
+[STFN] §4.2: a video is divided into N segments of equal length; in training one random frame
 is taken from each segment and the flow stack centred on it goes with it; in testing frames are
 sampled uniformly. The rules below follow TSN's reference data loader
 (yjxiong/tsn-pytorch, ``dataset.py``: ``TSNDataSet._sample_indices`` and ``_get_test_indices``),
@@ -43,7 +43,7 @@ def train_indices(num_frames: int, num_segments: int, rng: np.random.Generator) 
 
     Args:
         num_frames: frames in the video (>= 1).
-        num_segments: ``N`` (seed 000 uses 5).
+        num_segments: ``N`` ([STFN] uses 5).
         rng: source of randomness; the draws are ``rng.integers(d, size=num_segments)``.
 
     Returns:
@@ -105,7 +105,7 @@ class FlowStack(NamedTuple):
 
 
 def flow_stack(center: int, num_flows: int, L: int = 10) -> FlowStack:
-    """The ``L`` consecutive flow fields centred on frame ``center`` (seed 000 §4.2, L = 10).
+    """The ``L`` consecutive flow fields centred on frame ``center`` ([STFN] §4.2, L = 10).
 
     The window is flows ``center - L//2 .. center - L//2 + L - 1``; for L = 10 that is
     ``c-5 .. c+4``, the motion from frame ``c-5`` to frame ``c+5``, symmetric around frame

@@ -1,6 +1,6 @@
 """Spatial augmentation and test views for frames and flow stacks, as functions on uint8 tensors.
 
-Seed 000 §4.2: "The width and height of the cropped image are randomly sampled from
+[STFN] §4.2: "The width and height of the cropped image are randomly sampled from
 {256, 224, 192, 168}, and the input images are cropped from the four corners and the center of
 the original images. The cropped images are then resized to 224×224 ... and mirroring in
 horizontal direction ... Same data augmentation techniques are employed for the optical flow
@@ -51,9 +51,9 @@ __all__ = [
     "ten_crop",
 ]
 
-# Seed 000 §4.2: crop widths and heights, in pixels of frames whose short side is 256.
+# [STFN] §4.2: crop widths and heights, in pixels of frames whose short side is 256.
 CROP_SCALES = (256, 224, 192, 168)
-# Seed 000 §4.2: "cropped from the four corners and the center".
+# [STFN] §4.2: "cropped from the four corners and the center".
 CROP_POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 
 
@@ -77,7 +77,7 @@ def _check_uint8(x: Tensor, name: str = "x") -> None:
 def crop_sizes(short_side: int, scales: Sequence[int] = CROP_SCALES, base_size: int = 256) -> list[int]:
     """The crop side lengths for frames with this short side.
 
-    The scales are stated for frames resized to a short side of ``base_size`` = 256 (seed 000
+    The scales are stated for frames resized to a short side of ``base_size`` = 256 ([STFN]
     §4.2). Frames with another short side (e.g. the small demo frames) use
     ``round(scale * short_side / base_size)``, at least 1 and at most ``short_side``, so the
     crops cover the same fractions of the frame.
@@ -112,7 +112,7 @@ def sample_crop_params(
     scales: Sequence[int] = CROP_SCALES,
     base_size: int = 256,
 ) -> CropParams:
-    """Draw a multi-scale corner crop and a flip for ``height x width`` frames (seed 000 §4.2).
+    """Draw a multi-scale corner crop and a flip for ``height x width`` frames ([STFN] §4.2).
 
     Width and height are drawn independently from :func:`crop_sizes` (so the aspect ratio varies
     too), the position uniformly from the 4 corners and the centre, and ``flip`` with
@@ -151,7 +151,7 @@ def apply_crop(x: Tensor, params: CropParams, input_size: int = 224, *, is_flow:
     Args:
         x: ``(..., C, H, W)`` uint8, e.g. ``(T, 3, H, W)`` frames or ``(T, 2, H, W)`` flow.
         params: from :func:`sample_crop_params` for this ``H x W``.
-        input_size: network input side (224 in seed 000 §4.2).
+        input_size: network input side (224 in [STFN] §4.2).
         is_flow: flip the x channels' sign as well (``255 - x``).
 
     Returns:
@@ -188,7 +188,7 @@ def center_view(x: Tensor, input_size: int = 224, short_side: int | None = None)
     """Single test view: resize the short side, then take the central ``input_size`` square.
 
     ``short_side`` defaults to ``round(input_size * 256 / 224)`` (256 for 224, TSN's
-    ``scale_size``), the ratio seed 000 §4.2 trains with.
+    ``scale_size``), the ratio [STFN] §4.2 trains with.
 
     Returns:
         ``(..., C, input_size, input_size)`` uint8.
@@ -227,7 +227,7 @@ def ten_crop(x: Tensor, input_size: int = 224, *, is_flow: bool = False) -> Tens
 
 
 class MultiScaleCornerCrop:
-    """Training augmentation of seed 000 §4.2 as a callable: ``crop(x, rng) -> (..., C, s, s)``.
+    """Training augmentation of [STFN] §4.2 as a callable: ``crop(x, rng) -> (..., C, s, s)``.
 
     One call draws one :class:`CropParams` and applies it to all of ``x``. To give frames and
     flow of one sample the same augmentation, call :func:`sample_crop_params` once and

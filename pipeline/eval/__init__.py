@@ -1,0 +1,1 @@
+"""Evaluation: metrics, score fusion, results tables and plots."""

@@ -1,0 +1,62 @@
+"""The one metrics implementation: every results table, finetune, train-head, refine and evaluate use it.
+
+Top-1 accuracy, mean class accuracy (the mean of the per-class recalls over the classes present, as TSN
+reports it), per-class accuracy and the confusion matrix (rows: true class, columns: prediction).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch import Tensor
+
+
+@dataclass
+class Evaluation:
+    """Accuracy figures of video scores against labels."""
+
+    top1: float
+    mean_class_accuracy: float
+    per_class_accuracy: np.ndarray  # (C,), NaN for classes absent from the labels
+    confusion: np.ndarray  # (C, C) int64, rows = true class, columns = predicted class
+    class_names: list[str]
+
+    def as_dict(self) -> dict:
+        """JSON-friendly copy (NaN accuracies as None)."""
+        return {
+            "top1": self.top1,
+            "mean_class_accuracy": self.mean_class_accuracy,
+            "per_class_accuracy": {n: (None if math.isnan(a) else float(a))
+                                   for n, a in zip(self.class_names, self.per_class_accuracy)},
+            "confusion": self.confusion.tolist(),
+            "class_names": list(self.class_names),
+        }
+
+
+def evaluate(scores: Tensor | np.ndarray, labels: Tensor | np.ndarray,
+             class_names: Sequence[str] | None = None) -> Evaluation:
+    """Top-1, mean class accuracy (over classes present), per-class accuracy, confusion matrix.
+
+    scores (V, C), labels (V,) integers in [0, C).
+    """
+    scores = np.asarray(scores.detach().cpu() if isinstance(scores, Tensor) else scores)
+    labels = np.asarray(labels.detach().cpu() if isinstance(labels, Tensor) else labels).astype(np.int64)
+    if scores.ndim != 2 or labels.ndim != 1 or scores.shape[0] != labels.shape[0] or scores.shape[0] == 0:
+        raise ValueError(f"need scores (V, C) and labels (V,), got {scores.shape} and {labels.shape}")
+    c = scores.shape[1]
+    names = [str(i) for i in range(c)] if class_names is None else list(class_names)
+    if len(names) != c:
+        raise ValueError(f"{len(names)} class names for {c} score columns")
+    if labels.min() < 0 or labels.max() >= c:
+        raise ValueError(f"labels must lie in [0, {c}), got range [{labels.min()}, {labels.max()}]")
+    pred = scores.argmax(axis=1)
+    confusion = np.zeros((c, c), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    support = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
+    return Evaluation(top1=float((pred == labels).mean()),
+                      mean_class_accuracy=float(np.nanmean(per_class)),
+                      per_class_accuracy=per_class, confusion=confusion, class_names=names)

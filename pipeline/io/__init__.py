@@ -1,0 +1,1 @@
+"""Stores: per-video frame and flow containers and the consolidated feature store (Zarr / HDF5)."""
