@@ -62,8 +62,9 @@ from torch import nn
 
 from pipeline import dist
 from pipeline.training import loop as T
+from pipeline.io.atomic import write_json as write_json_atomic
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param, params_dict, \
-    read_manifest, write_json_atomic
+    read_manifest
 from pipeline.data.clips import VideoList
 from pipeline.data.datasets import VideoRecord, holdout_groups
 from pipeline.training.heads import NUM_TEST, evaluate

@@ -56,8 +56,9 @@ import click
 import numpy as np
 import torch
 
+from pipeline.io.atomic import write_json as write_json_atomic
 from pipeline.stage import Plan, Stage, StageContext, StageError, StageLocked, Upstream, param, \
-    params_dict, run_stage, write_json_atomic
+    params_dict, run_stage
 from pipeline.training.heads import NUM_TEST, evaluate, fit_head, group_holdout, predict_views, test_sequences
 from pipeline.models.heads import create_head, list_heads, load_head_checkpoint  # noqa: F401
 from pipeline.models.stfn import ARCHS, DIRECTIONS, STFN_FUSIONS

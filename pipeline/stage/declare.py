@@ -1,0 +1,167 @@
+"""What a stage declares: its parameters, its plan, its upstream outputs, and the fingerprint inputs.
+
+A stage (see ``stages/``) declares its name, a version string, a parameter dataclass (fields made with
+:func:`param`), the upstream stage outputs it reads and a ``run`` function. This module also reads a stage
+folder's ``manifest.json`` (:func:`read_manifest`) and the complete upstream manifests (:func:`load_upstream`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from pipeline.io.atomic import jsonable
+
+#: Version of the cache layout itself (manifest and journal schema), checked when reading a cache folder.
+CACHE_FORMAT = 1
+
+MANIFEST = "manifest.json"
+RUN_INFO = "run.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run: bad input, missing upstream, incompatible cache. The message says what to do."""
+
+
+class StageLocked(StageError):
+    """Another run holds the stage's lock."""
+
+
+class StageFailures(StageError):
+    """The stage finished but some videos failed (and failures were not allowed)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameters and digests
+# ----------------------------------------------------------------------------------------------------------
+
+def param(default: Any, help: str, *, fingerprint: bool = True, choices: Iterable[str] | None = None,
+          cli: bool = True, **kw) -> Any:
+    """A stage parameter: a dataclass field with help text (shown by ``--help``), optional choices, and
+    whether it changes the output (``fingerprint=False`` for execution-only knobs like ``workers``)."""
+    meta = {"help": help, "fingerprint": fingerprint, "choices": tuple(choices) if choices else None, "cli": cli}
+    meta.update(kw)
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def params_dict(params: Any, *, only_fingerprinted: bool = False) -> dict[str, Any]:
+    """The parameters as JSON values (only those that change the output with ``only_fingerprinted``)."""
+    out = {}
+    for f in dataclasses.fields(params):
+        if only_fingerprinted and not f.metadata.get("fingerprint", True):
+            continue
+        out[f.name] = jsonable(getattr(params, f.name))
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB blocks (weights files, external score files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj``."""
+    blob = json.dumps(jsonable(obj), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage declaration
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """What a stage's ``plan`` returns: an input digest (part of the fingerprint) and anything ``run`` needs."""
+
+    inputs_digest: str = ""
+    data: Any = None
+    describe: str = ""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: str
+    params_type: type
+    run: Callable[..., dict]
+    plan: Callable[[Any, "Upstream"], Plan] = lambda params, upstream: Plan()
+    upstream: Callable[..., tuple[str, ...]] = lambda params: ()
+    key: Callable[[Any], str] | None = None
+    help: str = ""
+
+    def output_key(self, params: Any) -> str:
+        return self.key(params) if self.key else self.name
+
+    def upstream_keys(self, params: Any, cache_root: Path) -> tuple[str, ...]:
+        """The upstream outputs this run reads. ``upstream`` takes ``(params)``, or ``(params, cache_root)``
+        for a stage whose inputs are discovered in the cache (``evaluate`` reads every finished head)."""
+        n = len(inspect.signature(self.upstream).parameters)
+        return tuple(self.upstream(params, cache_root) if n >= 2 else self.upstream(params))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Manifests and upstream outputs
+# ----------------------------------------------------------------------------------------------------------
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    """A stage folder's manifest (None when the stage never finished there); StageError if unreadable."""
+    path = Path(stage_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StageError(f"{path}: unreadable manifest ({e}); remove {stage_dir} to recompute it") from e
+    if m.get("cache_format") != CACHE_FORMAT:
+        raise StageError(f"{path}: written by cache format {m.get('cache_format')}, this pipeline uses "
+                         f"{CACHE_FORMAT}; remove {stage_dir} (or use another --cache-dir) to recompute it")
+    return m
+
+
+def read_run_info(stage_dir: Path) -> dict | None:
+    """A stage folder's ``run.json`` (written when a run starts), or None if absent or torn."""
+    path = Path(stage_dir) / RUN_INFO
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class Upstream:
+    """The complete manifests of the stage outputs a stage reads, by key, plus their folders."""
+
+    cache_root: Path
+    manifests: dict[str, dict]
+
+    def dir(self, key: str) -> Path:
+        return self.cache_root / key
+
+    def fingerprints(self) -> dict[str, str]:
+        return {k: m["fingerprint"] for k, m in self.manifests.items()}
+
+
+def load_upstream(cache_root: Path, keys: Iterable[str], for_stage: str) -> Upstream:
+    """The complete manifests of ``keys``; StageError naming the command to run when one is missing."""
+    manifests = {}
+    for key in keys:
+        m = read_manifest(cache_root / key)
+        if m is None:
+            raise StageError(f"stage {for_stage!r} reads the output of {key!r}, which is missing in "
+                             f"{cache_root / key}: run `pipeline {key.split('/')[0]}` first")
+        if not m.get("complete"):
+            raise StageError(f"stage {for_stage!r} reads the output of {key!r}, which is incomplete "
+                             f"({m.get('failed', 0)} failures): re-run `pipeline {key.split('/')[0]}` "
+                             "or allow failures there")
+        manifests[key] = m
+    return Upstream(cache_root, manifests)

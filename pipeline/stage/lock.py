@@ -1,0 +1,86 @@
+"""The exclusive lock of one stage output, ``<cache>/<key>.lock``, and who holds it."""
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import os
+import platform
+import re
+from pathlib import Path
+
+from pipeline.stage.declare import StageLocked
+
+#: Lock files this process holds (POSIX record locks do not conflict within one process).
+_HELD_LOCKS: set[str] = set()
+
+
+def now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def lock_path(cache_root: Path, key: str) -> Path:
+    return Path(cache_root) / f"{key}.lock"
+
+
+class StageLock:
+    """Exclusive lock of one stage output.
+
+    A POSIX record lock (``fcntl.lockf``): the kernel drops it when the process dies, so a killed run never
+    leaves a stale lock, and unlike ``flock`` it is not inherited by forked children (DataLoader workers),
+    which may outlive a killed parent by seconds. POSIX locks do not conflict within one process, so the
+    locks this process holds are also kept in ``_HELD_LOCKS``. While held, the file says
+    ``pid <N> on <host> since <time>``.
+    """
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key, self.fh = Path(path), key, None
+
+    def _refuse(self, holder: str) -> StageLocked:
+        return StageLocked(f"the output of {self.key!r} ({self.path.with_suffix('')}) is being written by "
+                           f"{holder}; wait for that run to finish (a second run at once is refused)")
+
+    def __enter__(self) -> "StageLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ident = str(self.path.resolve())
+        if ident in _HELD_LOCKS:
+            raise self._refuse(f"this process (pid {os.getpid()})")
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.lockf(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise self._refuse(holder) from None
+        _HELD_LOCKS.add(ident)
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"pid {os.getpid()} on {platform.node()} since {now()}")
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _HELD_LOCKS.discard(str(self.path.resolve()))
+        self.fh.truncate(0)
+        self.fh.flush()
+        fcntl.lockf(self.fh.fileno(), fcntl.LOCK_UN)
+        self.fh.close()
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid of the process holding the lock file ``path``, or None when nobody holds it."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if str(path.resolve()) in _HELD_LOCKS:
+        # Held by this process. (Opening and closing the file here would drop our own POSIX lock.)
+        return os.getpid()
+    with open(path, "a+") as fh:
+        try:
+            fcntl.lockf(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            m = re.match(r"pid (\d+)", fh.read())
+            return int(m.group(1)) if m else -1
+        fcntl.lockf(fh.fileno(), fcntl.LOCK_UN)
+    return None

@@ -1,0 +1,246 @@
+"""Running a stage: the contract of :func:`run_stage`.
+
+1. load the upstream manifests (each must be complete) and let the stage ``plan`` its work, which may
+   raise a clear error before anything is written (bad paths, missing split files, ...);
+2. compute the fingerprint = sha256 of the stage name, its version, the parameters it reads (fields marked
+   ``fingerprint=False`` such as ``workers`` are left out), the upstream fingerprints and the plan's input
+   digest; all of it before running (DVC's run-cache rule);
+3. take the stage's lock (:class:`~pipeline.stage.lock.StageLock`; a second concurrent run is refused with a
+   clear message, and a killed run never leaves a stale lock);
+4. if a complete manifest with the same fingerprint exists, do nothing and say so;
+5. if earlier partial work has another fingerprint, clear it; otherwise resume it: the stage asks its
+   :class:`~pipeline.stage.journal.Journal` which videos are done and skips them. Each video's output is
+   committed atomically before its journal line, so a resumed run produces the same result as an
+   uninterrupted one;
+6. write ``manifest.json``: fingerprint, parameters, upstream fingerprints, counts, timings, failures and
+   library versions. A run with failures is marked incomplete (exit status 1) unless failures are allowed.
+
+Cache layout: ``<cache>/<stage key>/{manifest.json, run.json, journal.jsonl, log.txt, ...}`` with the lock
+file beside the folder (``<cache>/<stage key>.lock``).
+
+Under ``torchrun`` every rank calls :func:`run_stage`: rank 0 takes the lock, decides (error / skip / run),
+writes run.json and, after every rank's ``run`` returned, the manifest; the other ranks follow its decision
+and run their share (``StageContext.shard``), each journaling to its own file.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import dist
+from pipeline.io.atomic import write_json
+from pipeline.stage.declare import (CACHE_FORMAT, MANIFEST, RUN_INFO, Plan, Stage, StageError, StageFailures,
+                                    Upstream, digest, load_upstream, params_dict, read_manifest, read_run_info)
+from pipeline.stage.journal import Journal, journal_files
+from pipeline.stage.lock import StageLock, lock_path, now
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class StageContext:
+    """What a stage's ``run`` receives."""
+
+    stage: Stage
+    params: Any
+    dir: Path
+    upstream: Upstream
+    journal: Journal
+    fingerprint: str
+    allow_failures: bool = False
+    log: logging.Logger = log
+    rank: int = 0
+    world_size: int = 1
+
+    def shard(self, items):
+        """This rank's share of ``items`` under torchrun (round robin); all of them in a single process."""
+        return list(items[self.rank::self.world_size])
+
+    def progress(self, total: int, desc: str, unit: str = "video", **kw):
+        from tqdm import tqdm
+
+        disable = kw.pop("disable", None) if self.rank == 0 else True
+        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, disable=disable, **kw)
+
+
+@dataclass
+class RunResult:
+    key: str
+    fingerprint: str
+    skipped: bool
+    manifest: dict
+    message: str
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "av", "opencv-contrib-python-headless", "zarr", "h5py"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def compute_fingerprint(stage: Stage, params: Any, upstream: Upstream, plan: Plan) -> str:
+    return digest({
+        "stage": stage.name,
+        "version": stage.version,
+        "params": params_dict(params, only_fingerprinted=True),
+        "upstream": upstream.fingerprints(),
+        "inputs": plan.inputs_digest,
+    })
+
+
+def run_stage(stage: Stage, params: Any, cache_root: Path, *, allow_failures: bool = False,
+              force: bool = False) -> RunResult:
+    """Run ``stage`` with ``params`` under ``cache_root`` following the contract in the module docstring."""
+    cache_root = Path(cache_root)
+    key = stage.output_key(params)
+    if dist.world_size() > 1:
+        dist.init()
+    if dist.rank() != 0:
+        return _follow_rank0(stage, params, cache_root, key, allow_failures)
+
+    decided = False  # once the other ranks were told to run, an error no longer goes to them
+    try:
+        upstream = load_upstream(cache_root, stage.upstream_keys(params, cache_root), stage.name)
+        plan = stage.plan(params, upstream)
+        fp = compute_fingerprint(stage, params, upstream, plan)
+        with StageLock(lock_path(cache_root, key), key):
+            fresh = _fresh_result(cache_root / key, key, fp, force)
+            if fresh is not None:
+                _tell_ranks({"action": "skip", "fingerprint": fp, "manifest": fresh.manifest,
+                             "message": fresh.message})
+                return fresh
+            decided = True
+            manifest = _run(stage, params, cache_root / key, upstream, plan, fp, allow_failures, force)
+    except StageError as e:
+        if not decided:
+            _tell_ranks({"action": "error", "message": str(e)})
+        raise
+    return _result(key, fp, manifest, cache_root / key, allow_failures)
+
+
+def _tell_ranks(decision: dict) -> None:
+    """Rank 0's final decision (skip or error) to the other ranks, who leave after receiving it."""
+    if dist.world_size() > 1:
+        dist.broadcast_object(decision)
+        dist.barrier()
+
+
+def _follow_rank0(stage: Stage, params: Any, cache_root: Path, key: str, allow_failures: bool) -> RunResult:
+    """A rank other than 0: wait for rank 0's decision; on "run", run this rank's share."""
+    rank, world, out = dist.rank(), dist.world_size(), cache_root / key
+    decision = dist.broadcast_object(None)
+    if decision["action"] != "run":
+        dist.barrier()  # rank 0 must not exit before every rank has received its decision
+        if decision["action"] == "error":
+            raise StageError(decision["message"])
+        return RunResult(key, decision["fingerprint"], True, decision["manifest"], decision["message"])
+    upstream = load_upstream(cache_root, stage.upstream_keys(params, cache_root), stage.name)
+    plan = stage.plan(params, upstream)
+    journal = Journal(out / f"journal.rank{rank}.jsonl")
+    try:
+        ctx = StageContext(stage, params, out, upstream, journal, decision["fingerprint"], allow_failures,
+                           rank=rank, world_size=world)
+        stage.run(ctx, plan)
+    finally:
+        journal.close()
+        dist.barrier()  # every rank finished its share
+    dist.barrier()  # rank 0 wrote the manifest
+    return RunResult(key, decision["fingerprint"], False, read_manifest(out) or {},
+                     f"{key}: rank {rank} finished its share")
+
+
+def _fresh_result(out: Path, key: str, fp: str, force: bool) -> RunResult | None:
+    """The no-op result when a complete manifest with fingerprint ``fp`` exists (and not ``force``)."""
+    manifest = read_manifest(out)
+    if force or not manifest or not manifest.get("complete") or manifest["fingerprint"] != fp:
+        return None
+    msg = f"{key}: fresh (fingerprint {fp[:12]}, finished {manifest.get('finished')}); nothing to do"
+    if (manifest.get("summary") or {}).get("line"):
+        msg += f"\nlast run: {manifest['summary']['line']}"
+    return RunResult(key, fp, True, manifest, msg)
+
+
+def _prepare_folder(out: Path, fp: str, force: bool) -> bool:
+    """Clear stale partial work (another fingerprint, or ``force``), drop an old manifest; returns whether
+    journaled work of the same run is resumed."""
+    info = read_run_info(out)
+    if out.exists() and (force or info is None or info.get("fingerprint") != fp
+                         or info.get("cache_format") != CACHE_FORMAT):
+        shutil.rmtree(out)  # parameters, code version or upstream changed (or forced): the output is stale
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a manifest only ever describes a finished run
+    return bool(journal_files(out))
+
+
+def _run(stage: Stage, params: Any, out: Path, upstream: Upstream, plan: Plan, fp: str, allow_failures: bool,
+         force: bool) -> dict:
+    """Rank 0's run (the lock is held): prepare the folder, run every rank's share, write the manifest."""
+    world, key = dist.world_size(), stage.output_key(params)
+    resumed = _prepare_folder(out, fp, force)
+    started = now()
+    write_json(out / RUN_INFO, {
+        "cache_format": CACHE_FORMAT, "stage": stage.name, "version": stage.version, "fingerprint": fp,
+        "params": params_dict(params), "upstream": upstream.fingerprints(), "started": started,
+        "world_size": world,
+    })
+    dist.broadcast_object({"action": "run", "fingerprint": fp})
+    handler = _attach_log_file(out / "log.txt")
+    journal = Journal(out / "journal.jsonl")
+    t0 = time.perf_counter()
+    try:
+        log.info("%s: %s run, fingerprint %s%s%s", key, "resuming" if resumed else "starting", fp[:12],
+                 f" ({plan.describe})" if plan.describe else "", f", {world} ranks" if world > 1 else "")
+        ctx = StageContext(stage, params, out, upstream, journal, fp, allow_failures, rank=0, world_size=world)
+        summary = stage.run(ctx, plan) or {}
+    finally:
+        journal.close()
+        logging.getLogger("pipeline").removeHandler(handler)
+        handler.close()
+        dist.barrier()
+    if world > 1:
+        journal = Journal(out / "journal.jsonl")  # re-read: every rank's records
+        journal.close()
+    failures = dict(sorted(journal.failed.items()))
+    manifest = {
+        "cache_format": CACHE_FORMAT, "stage": stage.name, "key": key, "version": stage.version,
+        "fingerprint": fp, "params": params_dict(params), "upstream": upstream.fingerprints(),
+        "started": started, "finished": now(), "seconds": round(time.perf_counter() - t0, 3), "resumed": resumed,
+        "done": len(journal.done), "failed": len(failures), "failures": failures,
+        "complete": not failures or allow_failures, "summary": summary, "versions": library_versions(),
+        "world_size": world,
+    }
+    write_json(out / MANIFEST, manifest)
+    dist.barrier()
+    return manifest
+
+
+def _result(key: str, fp: str, manifest: dict, out: Path, allow_failures: bool) -> RunResult:
+    """The run's result, or StageFailures listing the failed videos when they are not allowed."""
+    failures = manifest["failures"]
+    line = (manifest["summary"].get("line")
+            or f"{key}: {manifest['done']} done, {len(failures)} failed in {manifest['seconds']:.1f} s")
+    if failures and not allow_failures:
+        shown = "\n".join(f"  {v}: {r}" for v, r in list(failures.items())[:20])
+        more = f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else ""
+        raise StageFailures(f"{line}\n{len(failures)} video(s) failed (details in {out / MANIFEST}):\n"
+                            f"{shown}{more}\nRe-run to retry them, or pass --allow-failures to accept them.")
+    return RunResult(key, fp, False, manifest, line)
+
+
+def _attach_log_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("pipeline").addHandler(handler)
+    return handler

@@ -1,0 +1,117 @@
+"""``pipeline status``: which stage outputs are fresh, stale (and why), incomplete, running or missing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from pipeline.io.atomic import TMP_PREFIX
+from pipeline.stage.declare import RUN_INFO, Stage, StageError, read_manifest, read_run_info
+from pipeline.stage.journal import journal_files, read_records
+from pipeline.stage.lock import lock_holder, lock_path
+
+
+@dataclass
+class StageStatus:
+    key: str
+    state: str  # fresh | stale | incomplete | running | missing
+    reason: str = ""
+    fingerprint: str = ""
+    finished: str = ""
+    done: int = 0
+    failed: int = 0
+
+
+def stage_keys_in_cache(cache_root: Path) -> list[str]:
+    """Every stage output folder (one holding run.json) under the cache, e.g. 'decode', 'finetune/rgb'."""
+    keys = []
+    if cache_root.is_dir():
+        for run_json in cache_root.rglob(RUN_INFO):
+            rel = run_json.parent.relative_to(cache_root).as_posix()
+            if not any(p.startswith(TMP_PREFIX) for p in rel.split("/")):
+                keys.append(rel)
+    return sorted(keys)
+
+
+def _unfinished(cache_root: Path, key: str) -> StageStatus:
+    """A folder with run.json but no manifest: running (lock held) or an interrupted run to resume."""
+    info = read_run_info(cache_root / key) or {}
+    done, failed = read_records(journal_files(cache_root / key))
+    pid = lock_holder(lock_path(cache_root, key))
+    started = info.get("started", "?")
+    if pid is not None:
+        state, why = "running", f"running (pid {pid if pid > 0 else '?'}), started {started}"
+    else:
+        state, why = "incomplete", f"started {started}, not finished (re-run the stage to resume)"
+    return StageStatus(key, state, why, info.get("fingerprint", ""), "", len(done), len(failed))
+
+
+def status(cache_root: Path, stages: Iterable[Stage]) -> list[StageStatus]:
+    """Fresh / stale (and why) / incomplete / running / missing for every declared stage and every output in
+    the cache. A partial run counts its journaled videos as done."""
+    cache_root = Path(cache_root)
+    by_name = {s.name: s for s in stages}
+    keys = stage_keys_in_cache(cache_root)
+    present = {k.split("/")[0] for k in keys}
+    rows: dict[str, StageStatus] = {}
+    manifests: dict[str, dict | None] = {}
+    for key in keys:
+        try:
+            manifests[key] = read_manifest(cache_root / key)
+        except StageError as e:
+            rows[key] = StageStatus(key, "stale", str(e))
+            manifests[key] = None
+    for key in keys:
+        if key in rows:
+            continue
+        m = manifests[key]
+        if m is None or lock_holder(lock_path(cache_root, key)) is not None:
+            rows[key] = _unfinished(cache_root, key)
+            continue
+        rows[key] = _finished(m, key, by_name.get(m.get("stage", "")), manifests)
+    _propagate_staleness(rows, manifests)
+    out = list(rows.values())
+    for name in by_name:
+        if name not in present:
+            out.append(StageStatus(name, "missing", "never run"))
+    order = list(by_name)
+    out.sort(key=lambda r: (order.index(r.key.split("/")[0]) if r.key.split("/")[0] in order else 99, r.key))
+    return out
+
+
+def _finished(m: dict, key: str, stage: Stage | None, manifests: dict[str, dict | None]) -> StageStatus:
+    row = StageStatus(key, "fresh", "", m["fingerprint"], m.get("finished", ""), m.get("done", 0),
+                      m.get("failed", 0))
+    reasons = []
+    if not m.get("complete"):
+        row.state = "incomplete"
+        reasons.append(f"{m.get('failed', 0)} failures not allowed")
+    if stage is not None and stage.version != m.get("version"):
+        reasons.append(f"stage code version changed ({m.get('version')} -> {stage.version})")
+    for up_key, up_fp in (m.get("upstream") or {}).items():
+        up = manifests.get(up_key)
+        if up is None:
+            reasons.append(f"upstream {up_key} is missing or unfinished")
+        elif up["fingerprint"] != up_fp:
+            reasons.append(f"upstream {up_key} changed ({up_fp[:8]} -> {up['fingerprint'][:8]})")
+    if reasons and row.state == "fresh":
+        row.state = "stale"
+    row.reason = "; ".join(reasons)
+    return row
+
+
+def _propagate_staleness(rows: dict[str, StageStatus], manifests: dict[str, dict | None]) -> None:
+    """Staleness flows downstream: a fresh output that reads a stale or unfinished one is stale too."""
+    changed = True
+    while changed:
+        changed = False
+        for r in rows.values():
+            m = manifests.get(r.key)
+            if r.state != "fresh" or not m:
+                continue
+            for up_key in m.get("upstream") or {}:
+                up = rows.get(up_key)
+                if up is not None and up.state != "fresh":
+                    r.state, r.reason = "stale", f"upstream {up_key} is {up.state}"
+                    changed = True
+                    break
