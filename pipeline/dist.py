@@ -6,12 +6,18 @@ that CPU tensors (object broadcasts, CPU training) go through gloo and CUDA tens
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence, TypeVar
-
-T = TypeVar("T")
+import sys
+from typing import Any
 
 
 def world_size() -> int:
+    """The number of ranks: the process group's size once it is initialised, else torchrun's ``WORLD_SIZE``
+    (1 in a plain process). The one world-size helper of the pipeline."""
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -21,10 +27,6 @@ def rank() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def is_main() -> bool:
-    return rank() == 0
 
 
 def init() -> bool:
@@ -70,11 +72,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def shard(items: Sequence[T]) -> list[T]:
-    """This rank's share of ``items`` (round robin: rank r takes items r, r + W, r + 2W, ...)."""
-    return list(items[rank()::world_size()])
 
 
 def device(name: str = "auto") -> str:

@@ -17,8 +17,8 @@ CATALOG: dict[str, tuple[str, str | None, str]] = {
                "Decode videos to frames (UCF101, HMDB51, folder per class, CSV list, or the built-in demo)."),
     "extract-flow": ("extract_flow", None, "TV-L1 optical flow between consecutive frames (ours on CPU/CUDA, or "
                      "OpenCV), quantized to uint8."),
-    "flow-pair": ("extract_flow", "flow_pair_command", "TV-L1 flow between two images, written as Middlebury .flo."),
-    "show-flow": ("extract_flow", "show_flow_command", "Colour-code a stored video's flow for a person to look at."),
+    "flow-pair": ("flow_tools", "flow_pair_command", "TV-L1 flow between two images, written as Middlebury .flo."),
+    "show-flow": ("flow_tools", "show_flow_command", "Colour-code a stored video's flow for a person to look at."),
     "finetune": ("finetune", None, "Fine-tune the RGB or flow ConvNet of the two-stream network ([STFN] §4.2)."),
     "extract-features": ("extract_features", None, "Pooled RGB and flow backbone features at P positions per "
                          "video ([STFN] §4.2) to Zarr / HDF5."),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 # On a machine whose cores are shared with other work, OpenMP threads that spin while waiting make every small
-# PyTorch op many times slower (measured 10x on TV-L1's compiled step); set before torch is imported.
+# PyTorch op much slower (docs/benchmarks.md); set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import logging  # noqa: E402
@@ -27,7 +27,8 @@ from stages.options import _fail, param_options
 log = logging.getLogger("pipeline")
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
+    """Log the ``pipeline`` logger to stderr (debug with ``verbose``)."""
     root = logging.getLogger("pipeline")
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
                for h in root.handlers):
@@ -60,7 +61,7 @@ def resolve_cache_dir(cache_dir: Path | None, config: dict) -> Path:
 
 def make_stage_command(stage):
     def command(config_path, cache_dir, allow_failures, force, verbose, **overrides):
-        _setup_logging(verbose)
+        setup_logging(verbose)
         try:
             conf = cfg.load_config(config_path)
             params = cfg.build_params(stage.params_type, conf, stage.name, overrides, config_path=config_path)
@@ -73,10 +74,10 @@ def make_stage_command(stage):
             _fail(str(e), 2)
         click.echo(result.message)
 
-    doc = (stage.run.__module__ and sys.modules[stage.run.__module__].__doc__) or stage.help
-    command.__doc__ = doc
+    # The help is the stage's one paragraph; its module docstring is for developers and is not printed.
+    command.__doc__ = stage.help
     command = param_options(stage.params_type)(common_options(command))
-    return click.command(stage.name, help=doc, short_help=stage.help)(command)
+    return click.command(stage.name, help=stage.help, short_help=stage.help)(command)
 
 
 class LazyGroup(click.Group):
@@ -137,6 +138,3 @@ def status_command(cache_dir, config_path):
         click.echo(f"{r.key:<{width}}  {r.state:<10}  {r.fingerprint[:12]:<12}  {r.finished:<25}  "
                    f"{r.done:>6}  {r.failed:>6}  {r.reason}")
 
-
-if __name__ == "__main__":
-    main()

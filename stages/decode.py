@@ -17,6 +17,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from pipeline.data import datasets as ds
+from pipeline.io import artifacts
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param
 from pipeline.io.store import BACKENDS, IMAGE_CODECS, VideoStore
 from pipeline.data.splits import mark_validation
@@ -46,8 +47,8 @@ class DecodeParams:
     frame_codec: str = param("jpeg", "How frames are stored: jpeg (JPEG-in-array, ~10x smaller) or raw "
                              "(lossless uint8 chunks, faster to read). See docs/formats.md.", choices=IMAGE_CODECS)
     jpeg_quality: int = param(95, "JPEG quality for --frame-codec jpeg.")
-    backend: str = param("zarr", "Store back end: zarr (a folder per video) or h5 (an HDF5 file per video).",
-                         choices=BACKENDS)
+    store: str = param("zarr", "Frame store: zarr (a folder per video) or h5 (an HDF5 file per video).",
+                       choices=BACKENDS)
     max_frames: int = param(0, "Decode at most this many frames per video (0: all).")
     demo_seed: int = param(0, "Seed of the synthetic demo dataset (--dataset demo).")
     allow_missing: bool = param(False, "Accept split lists that name videos missing on disk (they are listed "
@@ -116,7 +117,7 @@ def load_tables(params: DecodeParams, cache_root: Path) -> VideoTable:
     )
 
 
-def _decode_one(source: str, video_id: str, store_root: str, backend: str, short_side: int, codec: str,
+def _decode_one(source: str, video_id: str, store_root: str, store_kind: str, short_side: int, codec: str,
                 quality: int, max_frames: int) -> dict:
     """Worker: decode one video and commit its container. Returns its info or raises VideoDecodeError."""
     from pipeline.data.video import decode_video
@@ -124,7 +125,7 @@ def _decode_one(source: str, video_id: str, store_root: str, backend: str, short
     t0 = time.perf_counter()
     video = decode_video(source, short_side=short_side, max_frames=max_frames)
     n, h, w, _ = video.frames.shape
-    store = VideoStore(Path(store_root), backend)
+    store = VideoStore(Path(store_root), store_kind)
     with store.writer(video_id) as c:
         c.write_images("frames", video.frames, codec=codec, quality=quality)
         c.set_attrs({"num_frames": n, "fps": video.fps, "height": h, "width": w, "source": source,
@@ -152,8 +153,8 @@ def plan(params: DecodeParams, upstream: Upstream) -> Plan:
 def run(ctx: StageContext, plan: Plan) -> dict:
     p: DecodeParams = ctx.params
     table: VideoTable = plan.data
-    store_root = ctx.dir / "frames"
-    store = VideoStore(store_root, p.backend)
+    store_root = ctx.dir / artifacts.FRAMES_DIR
+    store = VideoStore(store_root, p.store)
     if store.clean_temporary():
         ctx.log.info("removed unfinished containers left by an interrupted run")
     todo = [(vid, src) for vid, src in zip(table.video_ids, table.sources) if not ctx.journal.is_done(vid)]
@@ -164,7 +165,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     t0 = time.perf_counter()
     frames = 0
     bar = ctx.progress(len(table), "decode", initial=len(table) - len(todo))
-    args = (str(store_root), p.backend, p.short_side, p.frame_codec, p.jpeg_quality, p.max_frames)
+    args = (str(store_root), p.store, p.short_side, p.frame_codec, p.jpeg_quality, p.max_frames)
 
     def finish(vid: str, fut) -> None:
         nonlocal frames
@@ -229,14 +230,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
 
 
 STAGE = Stage(
-    name="decode", version=VERSION, params_type=DecodeParams, plan=plan, run=run,
+    name=artifacts.DECODE, version=VERSION, params_type=DecodeParams, plan=plan, run=run,
     help="Decode videos to frames (UCF101, HMDB51, folder per class, CSV list, or the built-in demo).",
 )
 
-
-def frame_store(decode_dir: Path) -> VideoStore:
-    """The frame store a finished decode wrote (back end read from its manifest)."""
-    import json
-
-    manifest = json.loads((Path(decode_dir) / "manifest.json").read_text())
-    return VideoStore(Path(decode_dir) / "frames", manifest["params"]["backend"])

@@ -20,9 +20,8 @@ The stage's upstream is whatever it reads: its plan lists the finished outputs a
 fingerprints as its upstream, so re-running with nothing changed is a no-op, a changed or new head makes it
 recompute, and ``pipeline status`` shows it stale when one of the outputs it read changed.
 
-Examples:
+Examples::
 
-\b
     pipeline evaluate
     pipeline evaluate --streams --flow-weight 1.0
     pipeline evaluate --external-scores mifs_ucf101_split1.csv --external-name MIFS
@@ -34,13 +33,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, file_sha256, param, write_json_atomic
-from pipeline.eval.results import (SCORES_FILE, ResultRow, ResultsError, TestScores, combine_scores,
-                              finished_outputs, late_fusion, load_test_scores, match_external,
-                              per_class_markdown, read_external_scores, results_markdown)
+from pipeline.eval.results import (ResultRow, ResultsError, TestScores, combine_scores, finished_outputs,
+                                   late_fusion, load_test_scores, match_external, per_class_markdown,
+                                   read_external_scores, results_markdown)
+from pipeline.io import artifacts
+from pipeline.io.artifacts import SCORES
+from pipeline.io.atomic import write_json, write_text
+from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, file_sha256, param
 
 VERSION = "1"
-SOURCES = ("finetune", "train-head", "refine")
+#: The stages whose finished outputs become rows.
+SOURCES = (artifacts.FINETUNE, artifacts.TRAIN_HEAD, artifacts.REFINE)
 
 
 @dataclass(frozen=True)
@@ -64,15 +67,15 @@ class EvaluateParams:
 
 
 def _sources(params: EvaluateParams, cache_root: Path) -> list[tuple[str, dict]]:
-    prefixes = ("finetune",) if params.streams else SOURCES
-    return [(k, m) for k, m in finished_outputs(cache_root, prefixes) if (cache_root / k / SCORES_FILE).is_file()]
+    prefixes = (artifacts.FINETUNE,) if params.streams else SOURCES
+    return [(k, m) for k, m in finished_outputs(cache_root, prefixes) if (cache_root / k / SCORES).is_file()]
 
 
 def plan(params: EvaluateParams, upstream: Upstream) -> Plan:
     found = _sources(params, upstream.cache_root)
     if not found:
         what = "finetune/*" if params.streams else "finetune/*, train-head/* or refine/*"
-        raise StageError(f"nothing to evaluate: no finished {what} output with {SCORES_FILE} in "
+        raise StageError(f"nothing to evaluate: no finished {what} output with {SCORES} in "
                          f"{upstream.cache_root} (run `pipeline finetune` / `pipeline train-head` first)")
     ext = ""
     if params.external_scores is not None:
@@ -81,8 +84,8 @@ def plan(params: EvaluateParams, upstream: Upstream) -> Plan:
 
 
 def _row_name(key: str) -> str:
-    stage, rest = key.split("/", 1)
-    return {"finetune": f"{rest} stream", "refine": f"refine {rest}"}.get(stage, rest)
+    stage, rest = artifacts.split_key(key)
+    return {artifacts.FINETUNE: f"{rest} stream", artifacts.REFINE: f"refine {rest}"}.get(stage, rest)
 
 
 def _safe(name: str) -> str:
@@ -119,16 +122,16 @@ def run(ctx: StageContext, plan: Plan) -> dict:
 
     def load(key: str) -> TestScores:
         try:
-            return load_test_scores(root / key / SCORES_FILE)
+            return load_test_scores(root / key / SCORES)
         except ResultsError as e:
             raise StageError(str(e)) from None
 
-    streams = {k: load(k) for k in keys if k.startswith("finetune/")}
+    streams = {k: load(k) for k in keys if artifacts.split_key(k)[0] == artifacts.FINETUNE}
     for key, ts in streams.items():
         add(_row_name(key), key, ts, "fine-tuned CNN, test frames averaged")
     for key, rgb in streams.items():
-        tail = key.split("/", 1)[1]
-        flow_key = "finetune/" + tail.replace("rgb", "flow")
+        tail = artifacts.split_key(key)[1]
+        flow_key = artifacts.finetune_key(tail.replace("rgb", "flow"))
         if "rgb" in tail and flow_key in streams:
             try:
                 fused = late_fusion(rgb, streams[flow_key], p.flow_weight)
@@ -137,11 +140,11 @@ def run(ctx: StageContext, plan: Plan) -> dict:
             add(f"late fusion {tail.replace('rgb', 'rgb+flow')} (1:{p.flow_weight:g})", f"{key} + {flow_key}",
                 fused, "two-stream late fusion of the fine-tuned CNNs")
     for key in keys:
-        if key.startswith("finetune/"):
+        if artifacts.split_key(key)[0] == artifacts.FINETUNE:
             continue
         params = manifests[key].get("params", {})
         desc = ", ".join(f"{k}={v}" for k, v in params.items()
-                         if k in ("head", "arch", "fusion", "dir", "segments", "blocks", "seed") and v is not None)
+                         if k in ("head", "arch", "fusion", "direction", "dir", "segments", "blocks", "seed") and v is not None)
         add(_row_name(key), key, load(key), desc)
 
     # Per-class table: chosen rows, or all of them for up to 20 classes, else the best row.
@@ -175,10 +178,8 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     text = ("# Results\n\nTest split; top-1 and mean class accuracy (%). Cache: "
             f"`{root}`.\n\n{table}\n## Per-class accuracy (%)\n\n{per_class_markdown(chosen, class_names)}"
             + ("\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else ""))
-    tmp = ctx.dir / ".tmp-results.md"
-    tmp.write_text(text)
-    tmp.replace(ctx.dir / "results.md")
-    write_json_atomic(ctx.dir / "results.json", {
+    write_text(ctx.dir / "results.md", text)
+    write_json(ctx.dir / artifacts.RESULTS, {
         "rows": [r.as_dict() for r in rows], "flow_weight": p.flow_weight,
         "external": {"file": str(p.external_scores), "weight": p.external_weight, "name": p.external_name}
         if external is not None else None,
@@ -190,7 +191,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
 
 
 STAGE = Stage(
-    name="evaluate", version=VERSION, params_type=EvaluateParams, plan=plan, run=run,
+    name=artifacts.EVALUATE, version=VERSION, params_type=EvaluateParams, plan=plan, run=run,
     # What evaluate reads is discovered in the cache, so that every finished head's fingerprint enters its
     # own fingerprint and manifest (and `pipeline status` tells when one of them changed).
     upstream=lambda params, cache_root: tuple(k for k, _ in _sources(params, cache_root)),

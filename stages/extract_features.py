@@ -463,7 +463,7 @@ class FeaturePlan:
 
 
 def plan(p: ExtractFeaturesParams, upstream: Upstream) -> Plan:
-    from stages.decode import frame_store
+    from pipeline.io.artifacts import frame_store
 
     p.validate()
     try:
@@ -551,7 +551,7 @@ def _consolidate(ctx: StageContext, fp: FeaturePlan, done: list[int], parts: Vid
 
 
 def run(ctx: StageContext, plan: Plan) -> dict:
-    from stages.decode import frame_store
+    from pipeline.io.artifacts import frame_store
 
     p: ExtractFeaturesParams = ctx.params
     fp: FeaturePlan = plan.data

@@ -13,16 +13,15 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from pathlib import Path
 
-import click
 import numpy as np
 
 from pipeline import dist
-from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, param
-from stages.options import _fail, param_options
-from pipeline.io.store import BACKENDS, VideoStore, read_frames
 from pipeline.data.table import VideoTable
+from pipeline.flow.stored import tvl1_params
+from pipeline.io import artifacts
+from pipeline.io.store import BACKENDS, VideoStore, read_frames
+from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, param
 
 VERSION = "1"
 FLOW_BACKENDS = ("torch", "opencv")
@@ -55,10 +54,7 @@ class FlowParams:
                        fingerprint=False)
 
     def tvl1(self):
-        from pipeline.flow.tvl1 import TVL1Params
-
-        names = {f.name for f in fields(TVL1Params)}
-        return TVL1Params(**{k: getattr(self, k) for k in names})
+        return tvl1_params({f.name: getattr(self, f.name) for f in fields(self)})
 
     def validate(self) -> None:
         if self.step < 1:
@@ -73,49 +69,8 @@ class FlowParams:
             raise StageError(str(e)) from None
 
 
-def flow_store(flow_dir: Path) -> VideoStore:
-    """The flow store a finished extract-flow wrote (back end read from its manifest)."""
-    import json
-
-    manifest = json.loads((Path(flow_dir) / "manifest.json").read_text())
-    return VideoStore(Path(flow_dir) / "flow", manifest["params"]["store"])
-
-
-def read_flow(store: VideoStore, video_id: str, indices=None, *, dequantize: bool = True):
-    """Stored flows of a video: (k, H, W, 2) float32 pixels (or the uint8 codes with ``dequantize=False``)."""
-    from pipeline.flow.quantize import dequantize_flow as dq
-
-    with store.reader(video_id) as r:
-        q = r.read_images("flow", indices)
-        bound = r.attrs["bound"]
-    return dq(q.numpy(), bound) if dequantize else q
-
-
-def pair_flow(cache_root: Path, video_id: str, i: int, j: int | None = None, *, device: str = "auto"):
-    """Float TV-L1 flow (2, H, W) from stored frame ``i`` to frame ``j`` (default ``i + step``) of a video,
-    computed with the parameters and backend of the finished extract-flow run (unquantized, any pair)."""
-    import torch
-
-    from pipeline.stage import read_manifest
-    from pipeline.flow.tvl1 import opencv_tvl1_flow, rgb_to_gray, tvl1_flow
-    from stages.decode import frame_store
-
-    manifest = read_manifest(Path(cache_root) / "extract-flow")
-    if manifest is None:
-        raise StageError(f"no extract-flow output in {cache_root}: run `pipeline extract-flow` first")
-    known = {f.name for f in fields(FlowParams)}
-    params = FlowParams(**{k: v for k, v in manifest["params"].items() if k in known})
-    j = i + params.step if j is None else j
-    gray = rgb_to_gray(read_frames(frame_store(Path(cache_root) / "decode"), video_id, [i, j]).permute(0, 3, 1, 2))
-    if params.backend == "opencv":
-        g = gray.to(torch.uint8).numpy()
-        return opencv_tvl1_flow(g[0], g[1], params.tvl1())
-    dev = dist.device(device)
-    return tvl1_flow(gray[0].to(dev), gray[1].to(dev), params.tvl1(), fast=params.fast).cpu().numpy()
-
-
 def plan(params: FlowParams, upstream: Upstream) -> Plan:
-    table = VideoTable.load(upstream.dir("decode"))
+    table = VideoTable.load(upstream.dir(artifacts.DECODE))
     short = [v for v, n in zip(table.video_ids, table.num_frames) if n <= params.step]
     describe = f"{len(table)} videos, backend {params.backend}"
     if short:
@@ -143,10 +98,8 @@ def run(ctx: StageContext, plan: Plan) -> dict:
 
     p: FlowParams = ctx.params
     table: VideoTable = plan.data
-    from stages.decode import frame_store
-
-    frames = frame_store(ctx.upstream.dir("decode"))
-    out = VideoStore(ctx.dir / "flow", p.store)
+    frames = artifacts.frame_store(ctx.upstream.dir(artifacts.DECODE))
+    out = VideoStore(ctx.dir / artifacts.FLOW_DIR, p.store)
     if ctx.rank == 0:
         out.clean_temporary()
     tv = p.tvl1()
@@ -263,128 +216,7 @@ def _done_future(value):
 
 
 STAGE = Stage(
-    name="extract-flow", version=VERSION, params_type=FlowParams, plan=plan, run=run,
-    upstream=lambda p: ("decode",),
+    name=artifacts.FLOW, version=VERSION, params_type=FlowParams, plan=plan, run=run,
+    upstream=lambda p: (artifacts.DECODE,),
     help="TV-L1 optical flow between consecutive frames (ours on CPU/CUDA, or OpenCV), quantized to uint8.",
 )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tools: flow of one image pair, and colour-coded flow of a stored video
-# ----------------------------------------------------------------------------------------------------------
-
-#: The FlowParams fields that flow-pair takes.
-PAIR_KEYS = {"tau", "lambda_", "theta", "nscales", "warps", "epsilon", "inner_iterations", "outer_iterations",
-             "scale_step", "gamma", "median_filtering", "device", "backend", "fast"}
-
-
-@click.command("flow-pair")
-@click.argument("img0", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("img1", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Middlebury .flo file to write (float32).")
-@click.option("--vis", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the Middlebury colour-coded flow as an image (PNG).")
-@param_options(FlowParams, only=PAIR_KEYS)
-def flow_pair_command(img0, img1, output, vis, **opts):
-    """TV-L1 flow between two images (any format OpenCV reads), written as Middlebury .flo.
-
-    The images are converted to gray as cv2.cvtColor(..., COLOR_BGR2GRAY) does.
-
-    \b
-    Examples:
-      pipeline flow-pair frame0.png frame1.png -o flow.flo --vis flow.png
-      pipeline flow-pair a.ppm b.ppm -o ab.flo --backend opencv
-    """
-    import cv2
-    import torch
-
-    from pipeline.stage.config import build_params
-    from pipeline.flow.flo import flow_to_color, write_flo
-    from pipeline.flow.tvl1 import opencv_tvl1_flow, to_gray, tvl1_flow
-
-    from pipeline.stage.config import ConfigError
-
-    try:
-        params = build_params(FlowParams, {}, "", {k: v for k, v in opts.items() if v is not None})
-    except (StageError, ConfigError) as e:
-        _fail(str(e), 2)
-    imgs = []
-    for path in (img0, img1):
-        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if img is None:
-            _fail(f"{path}: cannot read this image (not an image format OpenCV reads, or a damaged file)", 2)
-        imgs.append(to_gray(img))
-    if imgs[0].shape != imgs[1].shape:
-        _fail(f"{img0} is {imgs[0].shape[1]}x{imgs[0].shape[0]} but {img1} is {imgs[1].shape[1]}x"
-              f"{imgs[1].shape[0]}: flow needs two images of the same size", 2)
-    t0 = time.perf_counter()
-    try:
-        if params.backend == "opencv":
-            flow = opencv_tvl1_flow(imgs[0], imgs[1], params.tvl1())
-        else:
-            dev = dist.device(params.device)
-            I0, I1 = (torch.from_numpy(g).float().to(dev) for g in imgs)
-            flow = tvl1_flow(I0, I1, params.tvl1(), fast=params.fast).cpu().numpy()
-    except (ValueError, StageError) as e:
-        _fail(str(e), 2)
-    write_flo(output, flow)
-    msg = f"wrote {output} ({imgs[0].shape[1]}x{imgs[0].shape[0]}, {params.backend}, {time.perf_counter() - t0:.2f} s)"
-    if vis is not None:
-        cv2.imwrite(str(vis), flow_to_color(flow)[..., ::-1])
-        msg += f" and {vis}"
-    click.echo(msg)
-
-
-@click.command("show-flow")
-@click.argument("video_id")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="A folder for colour-coded PNG frames, or a file ending in .mp4 for a video (frames | flow).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Cache root.")
-@click.option("--max-flow", type=float, default=None,
-              help="Flow magnitude shown at full saturation (default: the largest in the video).")
-def show_flow_command(video_id, output, cache_dir, max_flow):
-    """Colour-code a stored video's flow (Middlebury colour wheel) for a person to look at.
-
-    \b
-    Examples:
-      pipeline show-flow LeftThenRight/v_LeftThenRight_g03_c01 -o flow.mp4
-      pipeline show-flow ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01 -o flow_pngs/
-    """
-    import cv2
-
-    from pipeline.stage.config import default_cache_dir
-    from pipeline.flow.flo import flow_to_color
-    from stages.decode import frame_store
-
-    root = cache_dir or default_cache_dir()
-    try:
-        store = flow_store(root / "extract-flow")
-        flows = read_flow(store, video_id)
-        rgb = read_frames(frame_store(root / "decode"), video_id).numpy()
-    except (FileNotFoundError, OSError, KeyError) as e:
-        _fail(f"no stored flow for {video_id!r} under {root} ({e}); run `pipeline extract-flow` first", 2)
-    except Exception as e:  # noqa: BLE001 - StoreError and friends, with their message
-        _fail(str(e), 2)
-    m = max_flow or float(np.sqrt((flows ** 2).sum(-1)).max()) or 1.0
-    colour = [flow_to_color(f.transpose(2, 0, 1), max_flow=m) for f in flows]
-    if output.suffix.lower() == ".mp4":
-        import av
-
-        h, w = colour[0].shape[:2]
-        with av.open(str(output), "w") as c:
-            s = c.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=12)
-            s.width, s.height, s.pix_fmt = 2 * w, h, "yuv420p"
-            for frame, col in zip(rgb, colour):
-                for pkt in s.encode(av.VideoFrame.from_ndarray(np.concatenate([frame, col], 1), format="rgb24")):
-                    c.mux(pkt)
-            for pkt in s.encode():
-                c.mux(pkt)
-    else:
-        output.mkdir(parents=True, exist_ok=True)
-        for i, col in enumerate(colour):
-            cv2.imwrite(str(output / f"flow_{i:05d}.png"), col[..., ::-1])
-    click.echo(f"wrote {len(colour)} colour-coded flows of {video_id} to {output} (full saturation at {m:.2f} px)")
-
-
-COMMANDS = [flow_pair_command, show_flow_command]

@@ -210,12 +210,12 @@ def plan(p: FinetuneParams, upstream: Upstream) -> Plan:
                          tuple(table.num_frames[i] for i in rows))
 
     if p.stream == "flow":
-        from stages.extract_flow import flow_store
+        from pipeline.io.artifacts import flow_store
 
         store = flow_store(upstream.dir("extract-flow"))
         _check_flow_store(p, upstream, store, [table.video_ids[i] for i in train_rows + test_rows])
     else:
-        from stages.decode import frame_store
+        from pipeline.io.artifacts import frame_store
 
         store = frame_store(upstream.dir("decode"))
 

@@ -209,8 +209,8 @@ def _load_backbone_ckpt(upstream: Upstream, stream: str) -> tuple[Path, dict]:
 
 
 def plan(p: RefineParams, upstream: Upstream) -> Plan:
-    from stages.decode import frame_store
-    from stages.extract_flow import flow_store
+    from pipeline.io.artifacts import frame_store
+    from pipeline.io.artifacts import flow_store
 
     p.validate()
     if p.batch_size < dist.world_size():

@@ -571,7 +571,7 @@ def ablate_command(grid, seeds, config_path, cache_dir, verbose):
         pipeline ablate --grid reduced --seeds 3 --config configs/demo.toml
     """
     from pipeline.stage import config as cfg
-    from stages.cli import _setup_logging, resolve_cache_dir
+    from stages.cli import resolve_cache_dir, setup_logging as _setup_logging
 
     _setup_logging(verbose)
     try:

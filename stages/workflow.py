@@ -111,9 +111,9 @@ def run_all_command(config_path, cache_dir, verbose):
       pipeline run-all --config configs/demo.toml
       pipeline run-all --config configs/ucf101.toml --cache-dir /data/stfn-cache
     """
-    from stages.cli import _setup_logging
+    from stages.cli import setup_logging
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     try:
         run_all(config_path, cache_dir)
     except StageFailures as e:
@@ -122,6 +122,3 @@ def run_all_command(config_path, cache_dir, verbose):
     except (StageError, cfg.ConfigError) as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(2)
-
-
-COMMANDS = [run_all_command]

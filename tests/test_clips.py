@@ -7,73 +7,17 @@ flip), and ``255 - x`` for flipped quantized flow.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from pipeline.stage import Plan, Stage, param
 from pipeline.data.clips import TestViews, TrainClips, VideoList, input_channels, input_normalizer, read_flow_stacks
-from pipeline.io.store import VideoStore, read_frames
+from pipeline.io.store import VideoStore
+from tests.fakes import farneback_flow, quantize
 
 H, W = 48, 64
-
-
-def quantize(f: np.ndarray, bound: float) -> np.ndarray:
-    """docs/formats.md: q = clip(round((f + b) * 255 / (2 b)), 0, 255)."""
-    return np.clip(np.round((f + bound) * 255.0 / (2 * bound)), 0, 255).astype(np.uint8)
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-
-def farneback_flow(frames: np.ndarray, bound: float = 20.0, step: int = 1) -> np.ndarray:
-    """(T, H, W, 3) uint8 RGB -> (T - step, H, W, 2) uint8 quantized OpenCV Farneback flow."""
-    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
-    out = [cv2.calcOpticalFlowFarneback(gray[i], gray[i + step], None, 0.5, 2, 9, 3, 5, 1.1, 0)
-           for i in range(len(gray) - step)]
-    return quantize(np.stack(out), bound)
-
-
-def write_flow_store(frame_store: VideoStore, video_ids, root: Path, *, bound: float = 20.0, step: int = 1,
-                     backend: str = "zarr") -> VideoStore:
-    """A flow store in the documented layout (docs/formats.md, "Flow") from decoded frames."""
-    store = VideoStore(root, backend)
-    for vid in video_ids:
-        frames = read_frames(frame_store, vid).numpy()
-        q = farneback_flow(frames, bound, step)
-        with store.writer(vid) as c:
-            c.write_images("flow", q, codec="raw")
-            c.set_attrs({"num_flows": len(q), "num_frames": len(frames), "step": step, "bound": bound,
-                         "height": q.shape[1], "width": q.shape[2], "backend": "farneback"})
-    return store
-
-
-@dataclass(frozen=True)
-class FakeFlowParams:
-    store: str = param("zarr", "flow store back end")
-    bound: float = param(20.0, "quantisation bound")
-    step: int = param(1, "frame step")
-
-
-def _fake_flow_run(ctx, plan):
-    from pipeline.data.table import VideoTable
-    from stages.decode import frame_store
-
-    table = VideoTable.load(ctx.upstream.dir("decode"))
-    frames = frame_store(ctx.upstream.dir("decode"))
-    write_flow_store(frames, table.video_ids, ctx.dir / "flow", bound=ctx.params.bound, step=ctx.params.step,
-                     backend=ctx.params.store)
-    for vid in table.video_ids:
-        ctx.journal.record_ok(vid)
-    return {"line": "fake extract-flow (Farneback)"}
-
-
-#: A stand-in for the extract-flow stage in tests: Farneback flow in the documented store layout.
-FAKE_FLOW_STAGE = Stage("extract-flow", "test", FakeFlowParams, run=_fake_flow_run,
-                        plan=lambda p, u: Plan(), upstream=lambda p: ("decode",))
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

@@ -20,8 +20,6 @@ def test_config_builds_every_stage(path):
         assert section in known or section in extra or section == "pipeline", f"{path}: unknown [{section}]"
     for name, stage in known.items():
         over = {"stream": "flow"} if name == "finetune" else {}
-        if name == "decode" and conf.get("decode", {}).get("dataset") not in (None, "demo"):
-            over = {}
         cfg.build_params(stage.params_type, conf, name, over, config_path=path)
     for name, params_type in extra.items():
         cfg.build_params(params_type, conf, name, {}, config_path=path)

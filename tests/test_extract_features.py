@@ -36,6 +36,7 @@ from pipeline.data.table import VideoTable
 from stages.decode import STAGE as DECODE
 from stages.decode import DecodeParams
 from stages.extract_features import STAGE, ExtractFeaturesParams
+from tests.fakes import FAKE_FLOW_STAGE, FakeFlowParams
 from tests.videos import make_csv_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,29 +47,8 @@ NUM_FRAMES, L, SIZE = 12, 4, 64  # clips of 12 frames (64x48), flow stacks of 4 
 # Test-only upstream stages
 # ---------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class FlowParams:
-    seed: int = param(0, "seed of the random flow")
-    store: str = param("zarr", "flow store back end")
-
-
 def _table_plan(params, upstream):
     return Plan("", VideoTable.load(upstream.dir("decode")))
-
-
-def _flow_run(ctx, plan):
-    store = VideoStore(ctx.dir / "flow", ctx.params.store)
-    for k, (vid, n, (h, w)) in enumerate(zip(plan.data.video_ids, plan.data.num_frames, plan.data.sizes)):
-        q = np.random.default_rng(ctx.params.seed + k).integers(0, 256, (n - 1, h, w, 2), dtype=np.uint8)
-        with store.writer(vid) as c:
-            c.write_images("flow", q, codec="raw")
-            c.set_attrs({"num_flows": n - 1, "num_frames": n, "step": 1, "bound": 20.0, "height": h, "width": w})
-        ctx.journal.record_ok(vid)
-    return {}
-
-
-FAKE_FLOW = Stage("extract-flow", "test", FlowParams, run=_flow_run, plan=_table_plan,
-                  upstream=lambda p: ("decode",))
 
 
 @dataclass(frozen=True)
@@ -101,7 +81,7 @@ def upstream_cache(tmp_path_factory):
     data = make_csv_dataset(base / "data", videos_per_class=3, num_frames=NUM_FRAMES)
     cache = base / "cache"
     run_stage(DECODE, DecodeParams(dataset="csv", root=data, short_side=0, workers=1), cache)
-    run_stage(FAKE_FLOW, FlowParams(), cache)
+    run_stage(FAKE_FLOW_STAGE, FakeFlowParams(), cache)
     run_stage(FAKE_FINETUNE, FinetuneParams(stream="rgb", seed=1), cache)
     run_stage(FAKE_FINETUNE, FinetuneParams(stream="flow", seed=2), cache)
     return cache

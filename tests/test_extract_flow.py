@@ -11,8 +11,10 @@ from pipeline.flow.flo import read_flo
 from pipeline.flow.tvl1 import TVL1Params, opencv_tvl1_flow, to_gray, tvl1_flow
 from pipeline.io.store import read_frames
 from pipeline.data.table import VideoTable
-from stages.decode import STAGE as DECODE, DecodeParams, frame_store
-from stages.extract_flow import STAGE as FLOW, FlowParams, flow_store, read_flow
+from pipeline.flow.stored import pair_flow, read_flow
+from pipeline.io.artifacts import flow_store, frame_store
+from stages.decode import STAGE as DECODE, DecodeParams
+from stages.extract_flow import STAGE as FLOW, FlowParams
 from tests.videos import make_csv_dataset
 
 # Small TV-L1 settings keep the test fast; the algorithm's accuracy is tested in test_tvl1.py.
@@ -150,8 +152,6 @@ def test_both_backends_on_the_shared_real_clips(tmp_path, shared_data):
 
 
 def test_pair_flow_recomputes_any_pair_in_float(decoded):
-    from stages.extract_flow import pair_flow
-
     run_stage(FLOW, FlowParams(**QUICK), decoded)
     vid = "Beta/v_Beta_g01_c01"
     f = pair_flow(decoded, vid, 2)  # the stored pair 2 -> 3, unquantized

@@ -27,7 +27,7 @@ from pipeline.data.table import VideoTable
 from pipeline.data.transforms import center_view
 from stages.decode import STAGE as DECODE, DecodeParams
 from stages.finetune import STAGE, FinetuneParams
-from tests.test_clips import FAKE_FLOW_STAGE, FakeFlowParams
+from tests.fakes import FAKE_FLOW_STAGE, FakeFlowParams
 from tests.videos import make_csv_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -31,52 +30,19 @@ from pipeline.data.paired import (PairedClips, PairedTestSequences, TwoStreamSeg
                                   enable_gradient_checkpointing, sequence_frames)
 from pipeline.eval.results import load_test_scores
 from pipeline.data.sampling import flow_stack_indices, train_indices
-from pipeline.io.store import VideoStore, read_frames
+from pipeline.io.store import VideoStore
 from pipeline.data.table import VideoTable
 from stages.decode import STAGE as DECODE, DecodeParams
 from stages.extract_features import STAGE as FEATURES, ExtractFeaturesParams
 from stages.refine import (STAGE, FullBatches, RefineParams, load_refine_checkpoint, micro_batches,
                            train_one_epoch)
 from stages.train_head import STAGE as TRAIN_HEAD, TrainHeadParams
+from tests.fakes import FAKE_FLOW_STAGE as FLOW_STAGE
+from tests.fakes import FakeFlowParams as FlowParams
 from tests.videos import make_csv_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # network input side of the tiny backbones
-
-
-def quantize(f: np.ndarray, bound: float = 20.0) -> np.ndarray:
-    """docs/formats.md: q = clip(round((f + b) * 255 / (2 b)), 0, 255)."""
-    return np.clip(np.round((f + bound) * 255.0 / (2 * bound)), 0, 255).astype(np.uint8)
-
-
-# ------------------------------------------------------------------------------------------ test-only stages
-
-@dataclass(frozen=True)
-class FlowParams:
-    store: str = param("zarr", "back end")
-    bound: float = param(20.0, "bound")
-    step: int = param(1, "step")
-
-
-def _flow_run(ctx, plan):
-    from stages.decode import frame_store
-
-    table = VideoTable.load(ctx.upstream.dir("decode"))
-    frames, store = frame_store(ctx.upstream.dir("decode")), VideoStore(ctx.dir / "flow", ctx.params.store)
-    for vid in table.video_ids:
-        rgb = read_frames(frames, vid).numpy()
-        gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in rgb]
-        q = quantize(np.stack([cv2.calcOpticalFlowFarneback(gray[i], gray[i + 1], None, 0.5, 2, 9, 3, 5, 1.1, 0)
-                               for i in range(len(gray) - 1)]))
-        with store.writer(vid) as c:
-            c.write_images("flow", q, codec="raw")
-            c.set_attrs({"num_flows": len(q), "num_frames": len(rgb), "step": 1, "bound": 20.0,
-                         "height": q.shape[1], "width": q.shape[2], "backend": "farneback"})
-        ctx.journal.record_ok(vid)
-    return {"line": "test extract-flow"}
-
-
-FLOW_STAGE = Stage("extract-flow", "test", FlowParams, run=_flow_run, upstream=lambda p: ("decode",))
 
 
 @dataclass(frozen=True)

@@ -12,18 +12,6 @@ from pipeline.flow.flo import read_flo
 from pipeline.flow.tvl1 import TVL1Params, opencv_tvl1_flow, pyramid_sizes, rgb_to_gray, to_gray, tvl1_flow
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One thread: on a CPU shared with other jobs, OpenMP barriers between 2 threads can cost a scheduler
-    # time slice per kernel (see docs/flow.md); results do not depend on the thread count.
-    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    yield
-    torch.set_num_threads(threads)
-    cv2.setNumThreads(cv_threads)
-
-
 def _epe(a, b) -> float:
     """Mean endpoint distance between two (..., 2, H, W) flows."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

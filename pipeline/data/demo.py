@@ -35,6 +35,8 @@ import av
 import cv2
 import numpy as np
 
+from pipeline.io.atomic import atomic_dir, atomic_write, write_text
+
 __all__ = [
     "CYAN",
     "DEMO_CLASSES",
@@ -43,7 +45,6 @@ __all__ = [
     "ORDER_PAIRS",
     "RED",
     "DemoParams",
-    "default_demo_root",
     "demo_clip_rng",
     "group_background",
     "make_demo",
@@ -82,11 +83,6 @@ GREEN = np.array([70.0, 160.0, 60.0])
 
 _TEXTURE_AMPLITUDE = 45.0  # grey texture added to the object, in 0..255 levels (keeps colours in range)
 _NOISE_SIGMA = 2.0  # per-pixel sensor noise, 0..255 levels
-
-
-def default_demo_root(cache_dir: str | os.PathLike) -> Path:
-    """Where the demo dataset lives under a cache folder: ``<cache_dir>/demo-data``."""
-    return Path(cache_dir) / "demo-data"
 
 
 # ----------------------------------------------------------------------------- textures
@@ -365,9 +361,8 @@ def video_encoder() -> str:
 
 
 def _write_video(path: Path, frames: np.ndarray, fps: int, crf: int, codec: str) -> None:
-    """Encode RGB frames (T, H, W, 3) to ``path`` through a temporary name, then rename."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
+    """Encode RGB frames (T, H, W, 3) to ``path`` atomically (a temporary sibling with the same suffix)."""
+    with atomic_dir(path) as tmp:
         with av.open(str(tmp), mode="w") as container:
             if codec == "libx264":
                 # "ultrafast" and one thread: x264's "medium" preset gave different bytes from run to run here
@@ -386,15 +381,6 @@ def _write_video(path: Path, frames: np.ndarray, fps: int, crf: int, codec: str)
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _video_relpath(name: str, group: int, clip: int) -> str:
@@ -443,7 +429,7 @@ def make_demo(root: str | os.PathLike, *, seed: int = 0, num_clips: int = 18, cl
         for name in DEMO_CLASSES:
             for old in (root / name).glob(f"v_{name}_g*_c*.mp4") if (root / name).is_dir() else ():
                 old.unlink()
-    _write_text_atomic(meta_path, json.dumps({**wanted, "complete": False}, indent=2) + "\n")
+    write_text(meta_path, json.dumps({**wanted, "complete": False}, indent=2) + "\n")
 
     iterator = zip(clips, relpaths)
     if progress:
@@ -461,11 +447,9 @@ def make_demo(root: str | os.PathLike, *, seed: int = 0, num_clips: int = 18, cl
     for (name, group, _clip), rel in zip(clips, relpaths):
         split = "test" if group <= params.num_test_groups else "train"
         rows.append((rel, name, split, f"{name}_g{group:02d}"))
-    tmp_csv = csv_path.with_name(f".{csv_path.name}.tmp{os.getpid()}")
-    with open(tmp_csv, "w", newline="") as fh:
+    with atomic_write(csv_path, "w") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(("path", "label", "split", "group"))
         writer.writerows(rows)
-    os.replace(tmp_csv, csv_path)
-    _write_text_atomic(meta_path, json.dumps({**wanted, "complete": True}, indent=2) + "\n")
+    write_text(meta_path, json.dumps({**wanted, "complete": True}, indent=2) + "\n")
     return csv_path

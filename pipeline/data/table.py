@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.io.atomic import write_text
+
 TABLE_FILE = "videos.json"
 
 
@@ -49,11 +51,7 @@ class VideoTable:
         return np.array([i for i, s in enumerate(membership) if s in wanted], dtype=np.int64)
 
     def save(self, folder: Path) -> Path:
-        path = Path(folder) / TABLE_FILE
-        tmp = path.with_name(".tmp-" + path.name)
-        tmp.write_text(json.dumps(asdict(self)))
-        tmp.replace(path)
-        return path
+        return write_text(Path(folder) / TABLE_FILE, json.dumps(asdict(self)))
 
     @classmethod
     def load(cls, folder: Path) -> "VideoTable":

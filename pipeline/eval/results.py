@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from pipeline.io.artifacts import SCORES
+from pipeline.io.atomic import atomic_write
 from pipeline.stage import read_manifest, stage_keys_in_cache
-from pipeline.training.heads import Evaluation, evaluate
+from pipeline.eval.metrics import Evaluation, evaluate
 
 __all__ = [
     "TestScores", "save_test_scores", "load_test_scores", "late_fusion", "read_external_scores",
@@ -36,7 +37,7 @@ __all__ = [
     "fmt_mean_std", "markdown_table", "results_markdown", "per_class_markdown",
 ]
 
-SCORES_FILE = "test_scores.npz"
+SCORES_FILE = SCORES  # the file name's one home is pipeline.io.artifacts
 
 
 class ResultsError(ValueError):
@@ -87,13 +88,10 @@ class TestScores:
 
 
 def save_test_scores(path: Path, ts: TestScores) -> Path:
-    """Write ``ts`` to ``path`` (.npz) atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as f:
+    """Write ``ts`` to ``path`` (.npz) atomically."""
+    with atomic_write(path) as f:
         np.savez(f, scores=ts.scores, video_ids=ts.video_ids, labels=ts.labels, class_names=ts.class_names)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def load_test_scores(path: Path) -> TestScores:

@@ -21,9 +21,13 @@ from pathlib import Path
 
 from pipeline.io.store import BACKENDS, VideoStore
 
+#: Stage names; a key is the name, or ``<name>/<variant>`` for the stages with one output per variant.
 DECODE = "decode"
 FLOW = "extract-flow"
+FINETUNE = "finetune"
 FEATURES = "extract-features"
+TRAIN_HEAD = "train-head"
+REFINE = "refine"
 EVALUATE = "evaluate"
 
 #: File names inside a stage's folder.
@@ -42,15 +46,21 @@ class ArtifactError(RuntimeError):
 
 
 def finetune_key(stream: str) -> str:
-    return f"finetune/{stream}"
+    return f"{FINETUNE}/{stream}"
 
 
 def head_key(name: str) -> str:
-    return f"train-head/{name}"
+    return f"{TRAIN_HEAD}/{name}"
 
 
 def refine_key(name: str) -> str:
-    return f"refine/{name}"
+    return f"{REFINE}/{name}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``"finetune/rgb"`` -> ``("finetune", "rgb")``; ``"decode"`` -> ``("decode", "")``."""
+    stage, _, variant = key.partition("/")
+    return stage, variant
 
 
 def manifest_params(stage_dir: Path) -> dict:

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from pipeline.io.atomic import TMP_PREFIX, atomic_dir, remove_path
 
 #: Bumped when a stored layout changes incompatibly; checked on open.
 FORMAT_VERSION = 1
@@ -44,17 +44,6 @@ def _check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown store backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     return backend
-
-
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
 
 
 def _json_attr(value: Any) -> Any:
@@ -299,7 +288,7 @@ class VideoStore:
 
         def walk(folder: Path, prefix: str) -> None:
             for entry in os.scandir(folder):
-                if entry.name.startswith(".tmp-"):
+                if entry.name.startswith(TMP_PREFIX):
                     continue
                 if entry.name.endswith(ext):
                     found.append(prefix + entry.name[: -len(ext)])
@@ -316,24 +305,14 @@ class VideoStore:
 
         An exception inside the block removes the temporary container and leaves any existing one untouched.
         """
-        final = self.path(video_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_sibling(final)
-        raw = _open_container(tmp, self.backend, "w")
-        w = ContainerWriter(raw.backend, raw.handle)
-        try:
-            yield w
-            w.set_attrs({"format_version": FORMAT_VERSION, "video_id": video_id})
-            w.close()
-            if final.exists():
-                _remove(final)
-            os.replace(tmp, final)
-        except BaseException:
+        with atomic_dir(self.path(video_id)) as tmp:
+            raw = _open_container(tmp, self.backend, "w")
+            w = ContainerWriter(raw.backend, raw.handle)
             try:
-                w.close()
+                yield w
+                w.set_attrs({"format_version": FORMAT_VERSION, "video_id": video_id})
             finally:
-                _remove(tmp)
-            raise
+                w.close()
 
     @contextmanager
     def reader(self, video_id: str) -> Iterator[ContainerReader]:
@@ -358,13 +337,10 @@ class VideoStore:
         """Remove containers left under temporary names by a killed run; returns how many."""
         if not self.root.is_dir():
             return 0
-        stale = [p for p in self.root.rglob(".tmp-*")]
+        stale = [p for p in self.root.rglob(TMP_PREFIX + "*")]
         for p in stale:
-            _remove(p)
+            remove_path(p)
         return len(stale)
-
-    def remove(self, video_id: str) -> None:
-        _remove(self.path(video_id))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -377,18 +353,9 @@ def read_frames(store: VideoStore, video_id: str, indices: Sequence[int] | None 
         return r.read_images("frames", indices, device=device)
 
 
-def frame_info(store: VideoStore, video_id: str) -> dict[str, Any]:
-    """The metadata recorded with a video's frames: num_frames, fps, height, width, source, ..."""
-    with store.reader(video_id) as r:
-        return r.attrs
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Features: one consolidated container for every video
 # ----------------------------------------------------------------------------------------------------------
-
-FEATURE_TABLE_KEYS = ("video_ids", "labels", "split", "groups")
-
 
 @dataclass
 class FeatureSet:
@@ -422,30 +389,29 @@ def write_feature_store(path: Path, fs: FeatureSet) -> None:
     for name, arr in fs.streams.items():
         if arr.ndim != 4 or arr.shape[0] != V:
             raise ValueError(f"stream {name!r}: expected (V={V}, P, views, D), got {arr.shape}")
-    tmp = _tmp_sibling(path)
-    c = _open_container(tmp, backend, "w")
-    w = ContainerWriter(c.backend, c.handle)
-    try:
-        for name, arr in fs.streams.items():
-            # About 8 MiB per chunk: a few videos' (P, views, D) blocks, so reading one video decompresses
-            # little (256 videos of 45 x 10 x 2048 float16 would be a 470 MB chunk).
-            per_video = max(1, arr[:1].nbytes)
-            w.create(f"streams/{name}", arr, chunks=(max(1, min(V, (8 << 20) // per_video)), *arr.shape[1:]))
-        w.create("positions", fs.positions.astype(np.float32))
-        w.create("labels", fs.labels.astype(np.int64))
-        for key in ("video_ids", "split", "groups", "class_names"):
-            # HDF5: UTF-8 encoded bytes; Zarr: variable-length UTF-8 strings.
-            w.create(key, np.char.encode(np.asarray(getattr(fs, key)).astype(str), "utf-8")
-                     if backend == "h5" else np.asarray(getattr(fs, key)).astype(str), compress=False)
-        w.set_attrs({**fs.attrs, "format_version": FORMAT_VERSION, "streams": list(fs.streams)})
-        w.close()
-        if path.exists():
-            _remove(path)
-        os.replace(tmp, path)
-    except BaseException:
-        w.close()
-        _remove(tmp)
-        raise
+    with atomic_dir(path) as tmp:
+        c = _open_container(tmp, backend, "w")
+        w = ContainerWriter(c.backend, c.handle)
+        try:
+            _write_features(w, fs, backend)
+        finally:
+            w.close()
+
+
+def _write_features(w: "ContainerWriter", fs: FeatureSet, backend: str) -> None:
+    V = len(fs.video_ids)
+    for name, arr in fs.streams.items():
+        # About 8 MiB per chunk: a few videos' (P, views, D) blocks, so reading one video decompresses
+        # little (256 videos of 45 x 10 x 2048 float16 would be a 470 MB chunk).
+        per_video = max(1, arr[:1].nbytes)
+        w.create(f"streams/{name}", arr, chunks=(max(1, min(V, (8 << 20) // per_video)), *arr.shape[1:]))
+    w.create("positions", fs.positions.astype(np.float32))
+    w.create("labels", fs.labels.astype(np.int64))
+    for key in ("video_ids", "split", "groups", "class_names"):
+        # HDF5: UTF-8 encoded bytes; Zarr: variable-length UTF-8 strings.
+        w.create(key, np.char.encode(np.asarray(getattr(fs, key)).astype(str), "utf-8")
+                 if backend == "h5" else np.asarray(getattr(fs, key)).astype(str), compress=False)
+    w.set_attrs({**fs.attrs, "format_version": FORMAT_VERSION, "streams": list(fs.streams)})
 
 
 def feature_store_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,48 @@
+"""Reading what ``extract-flow`` stored: the quantized flows of a video, and any pair recomputed in float
+with the parameters of the finished run."""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pipeline.io import artifacts
+from pipeline.io.store import VideoStore, read_frames
+
+
+def read_flow(store: VideoStore, video_id: str, indices: Sequence[int] | None = None, *, dequantize: bool = True):
+    """Stored flows of a video: (k, H, W, 2) float32 pixels (or the uint8 codes with ``dequantize=False``)."""
+    from pipeline.flow.quantize import dequantize_flow
+
+    with store.reader(video_id) as r:
+        q = r.read_images("flow", indices)
+        bound = r.attrs["bound"]
+    return dequantize_flow(q.numpy(), bound) if dequantize else q
+
+
+def tvl1_params(values: Mapping[str, Any]):
+    """The :class:`~pipeline.flow.tvl1.TVL1Params` among ``values`` (e.g. a stage's parameters)."""
+    from pipeline.flow.tvl1 import TVL1Params
+
+    return TVL1Params(**{f.name: values[f.name] for f in fields(TVL1Params) if f.name in values})
+
+
+def pair_flow(cache_root: Path, video_id: str, i: int, j: int | None = None, *, device: str = "auto"):
+    """Float TV-L1 flow (2, H, W) from stored frame ``i`` to frame ``j`` (default ``i + step``) of a video,
+    computed with the parameters and backend of the finished extract-flow run (unquantized, any pair)."""
+    import torch
+
+    from pipeline import dist
+    from pipeline.flow.tvl1 import opencv_tvl1_flow, rgb_to_gray, tvl1_flow
+
+    cache_root = Path(cache_root)
+    params = artifacts.manifest_params(cache_root / artifacts.FLOW)
+    tv = tvl1_params(params)
+    j = i + int(params.get("step", 1)) if j is None else j
+    frames = artifacts.frame_store(cache_root / artifacts.DECODE)
+    gray = rgb_to_gray(read_frames(frames, video_id, [i, j]).permute(0, 3, 1, 2))
+    if params.get("backend") == "opencv":
+        g = gray.to(torch.uint8).numpy()
+        return opencv_tvl1_flow(g[0], g[1], tv)
+    dev = dist.device(device)
+    return tvl1_flow(gray[0].to(dev), gray[1].to(dev), tv, fast=bool(params.get("fast", True))).cpu().numpy()
