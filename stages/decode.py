@@ -44,7 +44,7 @@ class DecodeParams:
     val_seed: int = param(0, "Seed of the validation hold-out.")
     short_side: int = param(256, "Resize frames so the short side has this many pixels, aspect kept "
                             "([STFN] §4.2); 0 keeps the source size.")
-    frame_codec: str = param("jpeg", "How frames are stored: jpeg (JPEG-in-array, ~10x smaller) or raw "
+    frame_codec: str = param("jpeg", "How frames are stored: jpeg (JPEG-in-array, much smaller) or raw "
                              "(lossless uint8 chunks, faster to read). See docs/formats.md.", choices=IMAGE_CODECS)
     jpeg_quality: int = param(95, "JPEG quality for --frame-codec jpeg.")
     store: str = param("zarr", "Frame store: zarr (a folder per video) or h5 (an HDF5 file per video).",

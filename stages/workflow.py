@@ -1,8 +1,8 @@
 """``run-all``: every stage in order, in one process, from one config file.
 
 decode -> extract-flow -> finetune (rgb, flow) -> extract-features -> train-head (each listed head) -> ablate ->
-refine -> evaluate. Each stage goes through :func:`pipeline.stage.run_stage`, so fresh stages are skipped in
-well under a second and a changed parameter recomputes only what depends on it. Running in one process
+refine -> evaluate. Each stage goes through :func:`pipeline.stage.run_stage`, so fresh stages are skipped
+and a changed parameter recomputes only what depends on it. Running in one process
 (rather than one ``pipeline`` process per stage) means PyTorch is imported once: a re-run of a finished
 pipeline takes seconds. ``run_all.sh`` calls this command.
 """

@@ -34,3 +34,18 @@ def test_help_lists_every_command_and_every_parameter_has_help():
             assert f.metadata.get("help"), f"{stage.name}: parameter {f.name} has no help text"
             assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
             assert "--" + f.name.rstrip("_").replace("_", "-") in res.output
+
+
+def test_command_help_is_the_short_help_not_the_module_docstring():
+    runner = CliRunner()
+    for name, (module, attr, short) in CATALOG.items():
+        res = runner.invoke(main, [name, "--help"])
+        assert res.exit_code == 0, res.output
+        if attr is None:  # a stage command: its help is the one paragraph of STAGE.help
+            doc = importlib.import_module(f"stages.{module}").__doc__ or ""
+            description = res.output.split("Options:")[0]
+            assert " ".join(short.split()) in " ".join(description.split())
+            # No sentence of the developers' module docstring is printed (its first line, for one).
+            first = doc.strip().splitlines()[0] if doc.strip() else ""
+            assert not first or first not in res.output, f"{name}: module docstring printed as help"
+            assert len(description.strip().splitlines()) <= 6, f"{name}: help is {description!r}"
