@@ -188,8 +188,8 @@ def test_status_command_reports_decode(tmp_path):
     assert "fresh" in line and " 2 " in line
 
 
-def test_decode_plan_for_1000_videos_is_fast(tmp_path):
-    # The no-op check of a finished decode costs one dataset listing plus a stat per file.
+def test_decode_plan_for_1000_videos_opens_no_video(tmp_path, monkeypatch):
+    # The no-op check of a finished decode costs one dataset listing plus a stat per file: no video is opened.
     root = tmp_path / "data"
     src = root / "A" / "v_A_g01_c01.avi"
     write_video(src, num_frames=4)
@@ -200,7 +200,28 @@ def test_decode_plan_for_1000_videos_is_fast(tmp_path):
         rows.append(f"A/{p.name},A,train")
     (root / "list.csv").write_text("\n".join(rows))
     from pipeline.stage import Upstream
+    import av
 
-    t0 = time.perf_counter()
+    opened, stats, real_stat = [], [], os.stat
+
+    def counting_stat(path, *a, **kw):
+        if str(path).endswith(".avi"):
+            stats.append(str(path))
+        return real_stat(path, *a, **kw)
+
+    def no_open(*a, **kw):
+        opened.append(a)
+        raise AssertionError(f"plan opened a video: {a}")
+
+    monkeypatch.setattr(av, "open", no_open)
+    monkeypatch.setattr(cv2, "VideoCapture", no_open)
+    monkeypatch.setattr(os, "stat", counting_stat)
     plan = STAGE.plan(DecodeParams(dataset="csv", root=root), Upstream(tmp_path, {}))
-    assert len(plan.data) == 1000 and time.perf_counter() - t0 < 1.0
+    monkeypatch.undo()
+    assert len(plan.data) == 1000 and opened == []
+    # The input digest sees every file: at least one stat each, and a changed file changes the digest.
+    assert set(stats) >= {str(root / "A" / f"v_A_g{i:03d}_c02.avi") for i in range(1000)}
+    (root / "A" / "v_A_g007_c02.avi").unlink()
+    write_video(root / "A" / "v_A_g007_c02.avi", num_frames=5)
+    again = STAGE.plan(DecodeParams(dataset="csv", root=root), Upstream(tmp_path, {}))
+    assert again.inputs_digest != plan.inputs_digest

@@ -75,7 +75,7 @@ def lock_holder(path: Path) -> int | None:
     if str(path.resolve()) in _HELD_LOCKS:
         # Held by this process. (Opening and closing the file here would drop our own POSIX lock.)
         return os.getpid()
-    with open(path, "a+") as fh:
+    with open(path) as fh:  # read access is enough for a shared (test) lock
         try:
             fcntl.lockf(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
