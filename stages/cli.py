@@ -52,6 +52,13 @@ def common_options(fn):
     return fn
 
 
+def config_tables() -> set[str]:
+    """The tables a config file may have: one per command, plus [pipeline]."""
+    from stages import CATALOG
+
+    return {"pipeline", *CATALOG}
+
+
 def resolve_cache_dir(cache_dir: Path | None, config: dict) -> Path:
     if cache_dir is not None:
         return cache_dir
@@ -63,7 +70,7 @@ def make_stage_command(stage):
     def command(config_path, cache_dir, allow_failures, force, verbose, **overrides):
         setup_logging(verbose)
         try:
-            conf = cfg.load_config(config_path)
+            conf = cfg.load_config(config_path, config_tables())
             params = cfg.build_params(stage.params_type, conf, stage.name, overrides, config_path=config_path)
             root = resolve_cache_dir(cache_dir, conf)
             result = run_stage(stage, params, root, allow_failures=allow_failures, force=force)
@@ -125,7 +132,7 @@ def status_command(cache_dir, config_path):
     from stages import all_stages
 
     try:
-        conf = cfg.load_config(config_path)
+        conf = cfg.load_config(config_path, config_tables())
     except ConfigError as e:
         _fail(str(e), 2)
     root = resolve_cache_dir(cache_dir, conf)

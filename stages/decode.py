@@ -53,6 +53,14 @@ class DecodeParams:
     demo_seed: int = param(0, "Seed of the synthetic demo dataset (--dataset demo).")
     allow_missing: bool = param(False, "Accept split lists that name videos missing on disk (they are listed "
                                 "and skipped) instead of stopping.")
+    labels: str = param("names", "For --dataset csv: the label column holds class names or 0-based class "
+                        "indices.", choices=ds.LABEL_KINDS)
+    classes: Path | None = param(None, "For --dataset csv: class list (one name per line, or classInd.txt "
+                                 "'<index> <name>' lines) giving the classes and their order.")
+    truncation_tolerance: float = param(0.05, "Fraction of its declared frames a video may lack before it "
+                                        "counts as truncated.", min=0.0, max=1.0, max_exclusive=True)
+    allow_truncated: bool = param(False, "Store truncated videos (marked 'truncated' in the journal and "
+                                  "their attributes) instead of failing them.")
     workers: int = param(0, "Decoding processes (0: one per CPU core).", fingerprint=False)
 
     def validate(self) -> None:
@@ -89,9 +97,11 @@ def load_tables(params: DecodeParams, cache_root: Path) -> VideoTable:
         if kind in ("ucf101", "hmdb51"):
             kw.update(splits_dir=params.splits, split=sid)
         elif kind == "csv":
-            kw.update(csv=params.list)
+            kw.update(csv=params.list, labels=params.labels, classes_file=params.classes)
         elif kind == "folder":
             kw.update(test_fraction=params.test_fraction or None)
+        if kind != "csv" and (params.labels != "names" or params.classes is not None):
+            raise StageError(f"--labels and --classes apply to --dataset csv only (got --dataset {kind})")
         try:
             loaded[sid] = ds.load_dataset(kind, root, **kw)
         except ds.MissingSplitFile as e:
@@ -118,19 +128,41 @@ def load_tables(params: DecodeParams, cache_root: Path) -> VideoTable:
 
 
 def _decode_one(source: str, video_id: str, store_root: str, store_kind: str, short_side: int, codec: str,
-                quality: int, max_frames: int) -> dict:
-    """Worker: decode one video and commit its container. Returns its info or raises VideoDecodeError."""
+                quality: int, max_frames: int, tolerance: float = 0.05, allow_truncated: bool = False) -> dict:
+    """Worker: decode one video and commit its container. Returns its info or raises VideoDecodeError
+    (VideoTruncated when it is short of its declared frames and truncated videos are not allowed). The info
+    of a stored truncated video has ``truncated``: why, e.g. "decoded 13 of 60 declared frames (frame count)"."""
     from pipeline.data.video import decode_video
 
     t0 = time.perf_counter()
-    video = decode_video(source, short_side=short_side, max_frames=max_frames)
+    video = decode_video(source, short_side=short_side, max_frames=max_frames, truncation_tolerance=tolerance,
+                         allow_truncated=allow_truncated)
     n, h, w, _ = video.frames.shape
+    extra = {"declared_frames": video.declared}
+    if video.truncated:
+        extra["truncated"] = video.truncated
     store = VideoStore(Path(store_root), store_kind)
     with store.writer(video_id) as c:
         c.write_images("frames", video.frames, codec=codec, quality=quality)
         c.set_attrs({"num_frames": n, "fps": video.fps, "height": h, "width": w, "source": source,
-                     "source_size": list(video.source_size), "source_codec": video.codec})
-    return {"num_frames": n, "fps": video.fps, "height": h, "width": w, "seconds": time.perf_counter() - t0}
+                     "source_size": list(video.source_size), "source_codec": video.codec, **extra})
+    return {"num_frames": n, "fps": video.fps, "height": h, "width": w, **extra,
+            "seconds": time.perf_counter() - t0}
+
+
+def report_missing(table: VideoTable, stage_dir: Path, log) -> int:
+    """One summary line for the listed videos absent on disk (count, first few), the full list in
+    ``<stage_dir>/missing.txt``; returns the count."""
+    from pipeline.io.atomic import write_text
+
+    names = sorted({m for missing in table.missing.values() for m in missing})
+    if not names:
+        return 0
+    path = write_text(Path(stage_dir) / "missing.txt", "".join(f"{n}\n" for n in names))
+    first = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    log.warning("%d videos listed in the split files are missing on disk (%s); full list in %s",
+                len(names), first, path)
+    return len(names)
 
 
 def plan(params: DecodeParams, upstream: Upstream) -> Plan:
@@ -158,14 +190,13 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     if store.clean_temporary():
         ctx.log.info("removed unfinished containers left by an interrupted run")
     todo = [(vid, src) for vid, src in zip(table.video_ids, table.sources) if not ctx.journal.is_done(vid)]
-    for missing in table.missing.values():
-        for m in missing[:10]:
-            ctx.log.warning("listed in the split files but not on disk: %s", m)
+    n_missing = report_missing(table, ctx.dir, ctx.log)
     workers = p.workers or os.cpu_count() or 1
     t0 = time.perf_counter()
     frames = 0
     bar = ctx.progress(len(table), "decode", initial=len(table) - len(todo))
-    args = (str(store_root), p.store, p.short_side, p.frame_codec, p.jpeg_quality, p.max_frames)
+    args = (str(store_root), p.store, p.short_side, p.frame_codec, p.jpeg_quality, p.max_frames,
+            p.truncation_tolerance, p.allow_truncated)
 
     def finish(vid: str, fut) -> None:
         nonlocal frames
@@ -220,13 +251,18 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     )
     out.save(ctx.dir)
     total_frames = sum(out.num_frames)
-    line = (f"decode: {len(ok)} videos ({len(ctx.journal.failed)} failed), {frames} frames decoded in "
-            f"{seconds:.1f} s ({frames / max(seconds, 1e-9):.0f} frames/s, {workers} workers); "
-            f"{total_frames} frames stored")
+    truncated = {table.video_ids[i]: r["truncated"] for i, r in zip(ok, rec) if r.get("truncated")}
+    for vid, why in list(truncated.items())[:20]:
+        ctx.log.warning("stored truncated (--allow-truncated): %s: %s", vid, why)
+    line = (f"decode: {len(ok)} videos ({len(ctx.journal.failed)} failed"
+            + (f", {len(truncated)} stored truncated" if truncated else "")
+            + (f", {n_missing} missing" if n_missing else "")
+            + f"), {frames} frames decoded in {seconds:.1f} s ({frames / max(seconds, 1e-9):.0f} frames/s, "
+            f"{workers} workers); {total_frames} frames stored")
     ctx.log.info(line)
     return {"line": line, "videos": len(ok), "frames": total_frames, "frames_this_run": frames,
             "seconds": seconds, "frames_per_s": frames / max(seconds, 1e-9), "workers": workers,
-            "classes": len(out.classes)}
+            "classes": len(out.classes), "truncated": truncated, "missing": n_missing}
 
 
 STAGE = Stage(

@@ -571,11 +571,11 @@ def ablate_command(grid, seeds, config_path, cache_dir, verbose):
         pipeline ablate --grid reduced --seeds 3 --config configs/demo.toml
     """
     from pipeline.stage import config as cfg
-    from stages.cli import resolve_cache_dir, setup_logging as _setup_logging
+    from stages.cli import config_tables, resolve_cache_dir, setup_logging as _setup_logging
 
     _setup_logging(verbose)
     try:
-        conf = cfg.load_config(config_path)
+        conf = cfg.load_config(config_path, config_tables())
         ap = cfg.build_params(AblateParams, conf, "ablate", {"grid": grid, "seeds": seeds}, config_path=config_path)
         base = cfg.build_params(TrainHeadParams, conf, "train-head", {}, config_path=config_path)
         root = resolve_cache_dir(cache_dir, conf)

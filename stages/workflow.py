@@ -62,10 +62,10 @@ def _steps(conf: dict, config_path: Path | None, run_params: RunAllParams):
 
 def run_all(config_path: Path | None, cache_root: Path | None = None, echo=click.echo) -> Path:
     """Run every stage; returns the cache root. Raises StageError / StageFailures / ConfigError."""
-    from stages.cli import resolve_cache_dir
+    from stages.cli import config_tables, resolve_cache_dir
     from stages.train_head import AblateParams, TrainHeadParams, run_ablation
 
-    conf = cfg.load_config(config_path)
+    conf = cfg.load_config(config_path, config_tables())
     run_params = cfg.build_params(RunAllParams, conf, "run-all", {}, config_path=config_path)
     root = resolve_cache_dir(cache_root, conf)
     steps = _steps(conf, config_path, run_params)

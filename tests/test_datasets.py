@@ -379,20 +379,76 @@ def test_csv_with_header_and_names(tmp_path):
 
 
 def test_csv_without_header_integer_labels(tmp_path):
-    _touch(tmp_path, ["x.avi", "y.avi"])
-    (tmp_path / "videos.csv").write_text("x.avi,2\ny.avi,0,test\n")
-    ds = load_csv(tmp_path / "videos.csv")
+    _touch(tmp_path, ["x.avi", "y.avi", "z.avi"])
+    (tmp_path / "videos.csv").write_text("x.avi,2\ny.avi,0,test\nz.avi,1\n")
+    ds = load_csv(tmp_path / "videos.csv")  # exactly 0..C-1: classes "0".."2" in numeric order
     assert ds.classes == ("0", "1", "2")
-    assert [(v.video_id, v.label, v.split) for v in ds.videos] == [("x", 2, "train"), ("y", 0, "test")]
+    assert [(v.video_id, v.label, v.split) for v in ds.videos] == [("x", 2, "train"), ("y", 0, "test"), ("z", 1, "train")]
     (tmp_path / "classes.txt").write_text("Walk\nRun\nSit\n")
     ds = load_dataset("csv", tmp_path, csv=tmp_path / "videos.csv", classes_file=tmp_path / "classes.txt")
-    assert ds.classes == ("Walk", "Run", "Sit") and [v.class_name for v in ds.videos] == ["Sit", "Walk"]
+    assert ds.classes == ("Walk", "Run", "Sit") and [v.class_name for v in ds.videos] == ["Sit", "Walk", "Run"]
     (tmp_path / "videos.csv").write_text("x.avi,3\n")
     with pytest.raises(DatasetError, match=r"videos.csv:1: unknown label '3'"):
         load_csv(tmp_path / "videos.csv", classes_file=tmp_path / "classes.txt")
     (tmp_path / "videos.csv").write_text("x.avi,Swim\n")
     with pytest.raises(DatasetError, match="unknown label 'Swim'"):
         load_csv(tmp_path / "videos.csv", classes_file=tmp_path / "classes.txt")
+
+
+def test_csv_integer_labels_with_gaps_or_negatives_are_refused(tmp_path):
+    _touch(tmp_path, ["x.avi", "y.avi"])
+    csv = tmp_path / "videos.csv"
+    csv.write_text("x.avi,0\ny.avi,7\n")  # issue 12: 8 classes, 6 of them empty
+    with pytest.raises(DatasetError, match=r"integer labels 0, 7 leave classes 1, 2, 3, 4, 5, 6 without any video"):
+        load_csv(csv)
+    csv.write_text("x.avi,-1\ny.avi,0\n")  # issue 12: -1 shifted every label by one
+    with pytest.raises(DatasetError, match="negative class indices -1"):
+        load_csv(csv)
+    # A class list explains a gap: 8 named classes, videos in two of them.
+    (tmp_path / "classes.txt").write_text("".join(f"c{i}\n" for i in range(8)))
+    csv.write_text("x.avi,0\ny.avi,7\n")
+    ds = load_csv(csv, classes_file=tmp_path / "classes.txt")
+    assert ds.num_classes == 8 and [v.class_name for v in ds.videos] == ["c0", "c7"]
+    # classInd.txt style ("<1-based index> <name>") is a class list too; labels are still 0-based indices.
+    (tmp_path / "classInd.txt").write_text("1 Walk\r\n2 Run\r\n")
+    csv.write_text("x.avi,1\ny.avi,Walk\n")
+    ds = load_csv(csv, classes_file=tmp_path / "classInd.txt")
+    assert ds.classes == ("Walk", "Run") and [v.class_name for v in ds.videos] == ["Run", "Walk"]
+    # labels="indices": every label an index; a name is refused.
+    csv.write_text("x.avi,1\ny.avi,Walk\n")
+    with pytest.raises(DatasetError, match=r"videos.csv:2: label 'Walk' is not a class index"):
+        load_csv(csv, labels="indices", classes_file=tmp_path / "classInd.txt")
+    with pytest.raises(DatasetError, match="labels must be one of names, indices"):
+        load_csv(csv, labels="ints")
+    with pytest.raises(DatasetError, match="do not apply to dataset kind 'ucf101'"):
+        load_dataset("ucf101", tmp_path, labels="indices")
+
+
+def test_csv_header_is_recognised_or_refused(tmp_path):
+    _touch(tmp_path, ["x.avi"])
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,lable,split\nx.avi,Run,train\n")
+    with pytest.raises(DatasetError, match=r"list.csv:1: unknown column 'lable' in the header \(did you mean 'label'\?\)"):
+        load_csv(csv)
+    csv.write_text("Path,Label,Split\nx.avi,Run,test\n")
+    assert [(v.class_name, v.split) for v in load_csv(csv).videos] == [("Run", "test")]
+    csv.write_text("x.avi,split\n")  # a class named like a column: a data row (its path is a video)
+    assert load_csv(csv).classes == ("split",)
+
+
+def test_csv_label_typo_singleton_is_named(tmp_path, caplog):
+    names = [f"v{i}.avi" for i in range(10)]
+    _touch(tmp_path, names)
+    labels = ["Running"] * 5 + ["Jumping"] * 4 + ["Runing"]
+    (tmp_path / "list.csv").write_text("".join(f"{n},{c}\n" for n, c in zip(names, labels)))
+    caplog.set_level("WARNING", logger="pipeline")
+    ds = load_csv(tmp_path / "list.csv")
+    assert ds.classes == ("Jumping", "Runing", "Running")
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "class 'Runing' has a single video; a typo of 'Running'?" in warned[0]
+    (tmp_path / "classes.txt").write_text("Running\nJumping\n")  # with a class list the typo is an error
+    with pytest.raises(DatasetError, match=r"list.csv:10: unknown label 'Runing'"):
+        load_csv(tmp_path / "list.csv", classes_file=tmp_path / "classes.txt")
 
 
 def test_csv_errors(tmp_path):

@@ -1,6 +1,7 @@
 """The decode stage: real clips against OpenCV, official UCF101 splits, kill and resume, bad input."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -225,3 +226,59 @@ def test_decode_plan_for_1000_videos_opens_no_video(tmp_path, monkeypatch):
     write_video(root / "A" / "v_A_g007_c02.avi", num_frames=5)
     again = STAGE.plan(DecodeParams(dataset="csv", root=root), Upstream(tmp_path, {}))
     assert again.inputs_digest != plan.inputs_digest
+
+
+# ---------------------------------------------------------------- completeness and missing videos (issue 12)
+
+def test_truncated_video_is_a_failure_or_stored_as_truncated(tmp_path, shared_data):
+    src = shared_data / "clips" / "ucf101" / "v_BaseballPitch_g01_c01.avi"
+    data = tmp_path / "data"
+    data.mkdir()
+    whole = src.read_bytes()
+    (data / "cut.avi").write_bytes(whole[: int(len(whole) * 0.3)])
+    shutil.copy(src, data / "whole.avi")
+    (data / "list.csv").write_text("path,label\ncut.avi,Pitch\nwhole.avi,Pitch\n")
+    args = ["decode", "--dataset", "csv", "--root", str(data), "--short-side", "32", "--workers", "1",
+            "--cache-dir", str(tmp_path / "cache")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1, res.output
+    m = json.loads((tmp_path / "cache" / "decode" / "manifest.json").read_text())
+    assert m["done"] == 1 and m["failed"] == 1
+    assert re.search(r"cut\.avi: .*decoded \d+ of 107 declared frames", m["failures"]["cut"])  # header: 107
+    res = CliRunner().invoke(main, args + ["--allow-truncated"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "cache" / "decode" / "manifest.json").read_text())
+    assert m["failed"] == 0 and list(m["summary"]["truncated"]) == ["cut"]
+    journal = [json.loads(line) for line in (tmp_path / "cache" / "decode" / "journal.jsonl").read_text().splitlines()]
+    rec = [r for r in journal if r["video"] == "cut" and r.get("ok")][-1]
+    assert "of 107 declared frames" in rec["truncated"] and rec["declared_frames"] == 107
+    with VideoStore(tmp_path / "cache" / "decode" / "frames", "zarr").reader("cut") as c:
+        assert c.attrs["truncated"] == rec["truncated"] and c.attrs["num_frames"] == rec["num_frames"] < 107
+    assert "1 stored truncated" in res.output
+
+
+def test_missing_videos_are_summarised_in_one_line_and_listed_in_a_file(tmp_path, caplog):
+    data = make_csv_dataset(tmp_path / "data", videos_per_class=1, num_frames=6)
+    gone = [f"Alpha/v_Alpha_g{g:02d}_c01.avi" for g in range(20, 32)]
+    with open(data / "list.csv", "a") as f:
+        f.writelines(f"{g},Alpha,train\n" for g in gone)
+    caplog.set_level("WARNING", logger="pipeline")
+    run_stage(STAGE, DecodeParams(dataset="csv", root=data, short_side=32, workers=1, allow_missing=True),
+              tmp_path / "cache")
+    lines = [r.getMessage() for r in caplog.records if "missing" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("12 videos listed in the split files are missing on disk")
+    assert gone[0] in lines[0] and gone[-1] not in lines[0]  # the first few only
+    assert (tmp_path / "cache" / "decode" / "missing.txt").read_text().split() == sorted(gone)
+
+
+def test_csv_label_options_reach_the_loader(tmp_path):
+    data = make_csv_dataset(tmp_path / "data", videos_per_class=1, num_frames=6)
+    rows = (data / "list.csv").read_text().splitlines()[1:]
+    (data / "list.csv").write_text("".join(f"{r.split(',')[0]},{0 if 'Alpha' in r else 1}\n" for r in rows))
+    (data / "classes.txt").write_text("Alpha\nBeta\n")
+    r = run_stage(STAGE, DecodeParams(dataset="csv", root=data, short_side=32, workers=1, labels="indices",
+                                      classes=data / "classes.txt"), tmp_path / "cache")
+    assert VideoTable.load(tmp_path / "cache" / "decode").classes == ["Alpha", "Beta"] and r.manifest["done"] == 2
+    res = CliRunner().invoke(main, ["decode", "--dataset", "demo", "--labels", "indices",
+                                    "--cache-dir", str(tmp_path / "c2")])
+    assert res.exit_code == 2 and "--labels and --classes apply to --dataset csv only" in res.output

@@ -47,6 +47,8 @@ both sides of a split):
 from __future__ import annotations
 
 import csv as _csv
+import difflib
+import logging
 import os
 import re
 from collections import defaultdict
@@ -58,6 +60,7 @@ from pipeline.data.splits import holdout_groups
 
 __all__ = [
     "DATASET_KINDS",
+    "LABEL_KINDS",
     "SPLITS",
     "VIDEO_EXTENSIONS",
     "Dataset",
@@ -74,6 +77,7 @@ __all__ = [
 ]
 
 DATASET_KINDS = ("ucf101", "hmdb51", "folder", "csv", "demo")
+LABEL_KINDS = ("names", "indices")  # what a CSV's label column holds
 SPLITS = ("train", "test", "unused")
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov")
 OFFICIAL_SPLITS = (1, 2, 3)  # [STFN], Sec. 4.1: "three training and testing splits"
@@ -81,6 +85,8 @@ OFFICIAL_SPLITS = (1, 2, 3)  # [STFN], Sec. 4.1: "three training and testing spl
 _MAX_LISTED = 10
 _UCF_NAME = re.compile(r"^v_(?P<name>.+)_g(?P<group>\d+)_c(?P<clip>\d+)$")
 _HMDB_TAGS = {"0": "unused", "1": "train", "2": "test"}
+_INT = re.compile(r"[+-]?\d+")
+log = logging.getLogger("pipeline")
 
 
 class DatasetError(ValueError):
@@ -500,32 +506,92 @@ _CSV_COLUMNS = ("path", "label", "split", "group")
 
 
 def _read_classes_file(path: Path) -> list[str]:
-    names = [line for _, line in _read_lines(path)]
-    dups = sorted({n for n in names if names.count(n) > 1})
+    """Class names in index order: one name per line, or UCF101's ``classInd.txt`` lines ``<1-based index> <name>``."""
+    lines = [line for _, line in _read_lines(path)]
+    if lines and all(re.fullmatch(r"\d+\s+\S+", line) for line in lines):
+        return _read_class_ind(path)
+    dups = sorted({n for n in lines if lines.count(n) > 1})
     if dups:
         raise DatasetError(f"{path}: class names repeated: {_listing(dups)}")
-    return names
+    return lines
+
+
+def _csv_header(csv_path: Path, first: list[str]) -> list[str] | None:
+    """The column names when ``first`` is a header row, None when it is a data row.
+
+    A row is a header when it names a known column and its first cell is not a video file; every cell must
+    then be a known column, ``path`` and ``label`` once each.
+    """
+    cells = [c.lower() for c in first]
+    if not set(cells) & set(_CSV_COLUMNS) or _is_video(os.path.basename(first[0])):
+        return None
+    unknown = [c for c in first if c.lower() not in _CSV_COLUMNS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0].lower(), _CSV_COLUMNS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DatasetError(f"{csv_path}:1: unknown column {unknown[0]!r} in the header{hint}; "
+                           f"known columns: {', '.join(_CSV_COLUMNS)}")
+    if "path" not in cells or "label" not in cells or len(set(cells)) != len(cells):
+        raise DatasetError(f"{csv_path}:1: header must name 'path' and 'label' once each, got {first}")
+    return cells
+
+
+def _integer_classes(csv_path: Path, labels: Sequence[str]) -> list[str]:
+    """Classes ``"0".."C-1"`` for integer labels that are exactly 0..C-1; an error naming gaps or negatives."""
+    values = sorted({int(t) for t in labels})
+    negative = [v for v in values if v < 0]
+    if negative:
+        raise DatasetError(f"{csv_path}: negative class indices {_listing([str(v) for v in negative])}; labels "
+                           "are 0-based indices or class names, or give a class list (--classes)")
+    gaps = sorted(set(range(values[-1] + 1)) - set(values)) if values else []
+    if gaps:
+        raise DatasetError(f"{csv_path}: integer labels {_listing([str(v) for v in values])} leave classes "
+                           f"{_listing([str(v) for v in gaps])} without any video; give a class list (--classes) "
+                           "that names every class, or use class names as labels")
+    return [str(v) for v in values]
+
+
+def _warn_singletons(csv_path: Path, classes: Sequence[str], labels: Sequence[int]) -> None:
+    """A class with one video among classes with several is most likely a label typo: name it."""
+    counts = [0] * len(classes)
+    for label in labels:
+        counts[label] += 1
+    if len(classes) < 2 or sorted(counts)[len(counts) // 2] < 3:
+        return
+    for i, n in enumerate(counts):
+        if n == 1:
+            others = [c for j, c in enumerate(classes) if j != i]
+            close = difflib.get_close_matches(classes[i], others, n=1)
+            hint = f"; a typo of {close[0]!r}?" if close else ""
+            log.warning("%s: class %r has a single video%s (give a class list, --classes, to make unknown labels "
+                        "an error)", csv_path, classes[i], hint)
 
 
 def load_csv(
     csv: str | os.PathLike,
     *,
     classes_file: str | os.PathLike | None = None,
+    labels: str = "names",
     allow_missing: bool = False,
     name: str = "csv",
 ) -> Dataset:
     """A list ``path,label[,split[,group]]``, one video per row.
 
-    * Header: the first row is a header when every cell is one of ``path, label, split,
-      group`` (any order, ``path`` and ``label`` required); without one, columns are positional.
+    * Header: the first row is a header when it names one of ``path, label, split, group`` and its
+      first cell is not a video file; it must then name only those (any order, ``path`` and ``label``
+      required), else a :class:`DatasetError` names the unknown column. Without one, columns are positional.
     * ``path``: relative to the CSV's folder (the dataset root) or absolute.
-    * ``label``: a class name, or an integer index. With ``classes_file`` (one class name per
-      line, line order = index) either form must name one of its classes. Without it, labels
-      that are all integers index classes named ``"0".."C-1"`` with C = max + 1; otherwise
-      every label is a name and classes are the sorted unique names.
+    * ``label``: with ``labels="names"`` (default) a class name; with ``labels="indices"`` a 0-based class
+      index. With ``classes_file`` (one class name per line in index order, or ``classInd.txt``'s
+      ``<1-based index> <name>`` lines) a label must be one of its names or an index into it. Without it,
+      classes are the sorted unique names; labels that all look like integers must be exactly 0..C-1
+      (classes ``"0".."C-1"``): gaps or negatives are an error. A class with a single video among classes
+      with several is logged as a likely typo.
     * ``split``: ``train`` (the default when empty or absent), ``test`` or ``unused``.
     * ``group``: when empty or absent, derived from a UCF-style name, else the video id.
     """
+    if labels not in LABEL_KINDS:
+        raise DatasetError(f"labels must be one of {', '.join(LABEL_KINDS)}, got {labels!r}")
     csv_path = _abs(csv)
     _require_file(csv_path, "video list")
     if classes_file is not None:
@@ -537,10 +603,8 @@ def load_csv(
         rows = [(n, [c.strip() for c in row]) for n, row in enumerate(_csv.reader(f), start=1)]
     rows = [(n, row) for n, row in rows if any(row)]
     columns = {c: i for i, c in enumerate(_CSV_COLUMNS)}
-    if rows and {c.lower() for c in rows[0][1]} <= set(_CSV_COLUMNS):
-        header = [c.lower() for c in rows[0][1]]
-        if "path" not in header or "label" not in header or len(set(header)) != len(header):
-            raise DatasetError(f"{csv_path}:1: header must name 'path' and 'label' once each, got {rows[0][1]}")
+    header = _csv_header(csv_path, rows[0][1]) if rows else None
+    if header is not None:
         columns = {c: i for i, c in enumerate(header)}
         rows = rows[1:]
 
@@ -554,23 +618,25 @@ def load_csv(
             raise DatasetError(f"{csv_path}:{n}: unknown split {cell['split']!r}; valid splits: {', '.join(SPLITS)}")
         if not cell["path"] or not cell["label"]:
             raise DatasetError(f"{csv_path}:{n}: empty path or label")
+        if labels == "indices" and not _INT.fullmatch(cell["label"]):
+            raise DatasetError(f"{csv_path}:{n}: label {cell['label']!r} is not a class index (labels=indices)")
         parsed.append((n, cell["path"], cell["label"], split, cell.get("group", "")))
 
-    labels = [p[2] for p in parsed]
-    integer = all(re.fullmatch(r"\d+", t) for t in labels)
+    texts = [p[2] for p in parsed]
+    integer = bool(texts) and all(_INT.fullmatch(t) for t in texts)
     if classes_file is not None:
         classes = _read_classes_file(classes_file)
     elif integer:
-        classes = [str(i) for i in range(max(int(t) for t in labels) + 1)] if labels else []
+        classes = _integer_classes(csv_path, texts)
     else:
-        classes = sorted(set(labels))
-    by_name = {c: i for i, c in enumerate(classes)}
+        classes = sorted(set(texts))
+    by_name = {} if labels == "indices" else {c: i for i, c in enumerate(classes)}
 
     records, missing = [], []
     for n, path_text, label_text, split, group in parsed:
         label = by_name.get(label_text)
-        if label is None and re.fullmatch(r"\d+", label_text) and (integer or classes_file is not None):
-            label = int(label_text) if int(label_text) < len(classes) else None
+        if label is None and _INT.fullmatch(label_text) and (integer or classes_file is not None):
+            label = int(label_text) if 0 <= int(label_text) < len(classes) else None
         if label is None:
             where = f"classes in {classes_file}" if classes_file is not None else "classes"
             raise DatasetError(f"{csv_path}:{n}: unknown label {label_text!r} ({len(classes)} {where})")
@@ -584,6 +650,8 @@ def load_csv(
         vid = _video_id(rel)
         group = group or ucf_group(PurePosixPath(vid).name) or vid
         records.append(VideoRecord(vid, path, label, classes[label], split, group))
+    if classes_file is None and not integer:
+        _warn_singletons(csv_path, classes, [r.label for r in records])
     missing_t = _handle_missing(missing, allow_missing, root, str(csv_path))
     return _finish(name, root, classes, records, None, missing_t)
 
@@ -599,6 +667,7 @@ def load_dataset(
     split: int = 1,
     csv: str | os.PathLike | None = None,
     classes_file: str | os.PathLike | None = None,
+    labels: str | None = None,
     test_fraction: float | None = None,
     seed: int = 0,
     allow_missing: bool = False,
@@ -607,7 +676,7 @@ def load_dataset(
 
     ``splits_dir`` and ``split`` apply to ``ucf101``/``hmdb51``; ``csv`` (default
     ``<root>/list.csv``; a relative path is taken from the current directory, like any
-    command-line path) and ``classes_file`` to ``csv``; ``test_fraction`` and ``seed`` to
+    command-line path), ``classes_file`` and ``labels`` to ``csv``; ``test_fraction`` and ``seed`` to
     ``folder``; ``allow_missing`` to all but ``folder``. An option given for a layout that does
     not use it is an error rather than silently ignored.
     """
@@ -617,6 +686,7 @@ def load_dataset(
         "splits_dir": splits_dir is not None,
         "csv": csv is not None,
         "classes_file": classes_file is not None,
+        "labels": labels is not None,
         "test_fraction": test_fraction is not None,
         "seed": seed != 0,
         "allow_missing": allow_missing,
@@ -625,7 +695,7 @@ def load_dataset(
         "ucf101": {"splits_dir", "allow_missing"},
         "hmdb51": {"splits_dir", "allow_missing"},
         "folder": {"test_fraction", "seed"},
-        "csv": {"csv", "classes_file", "allow_missing"},
+        "csv": {"csv", "classes_file", "labels", "allow_missing"},
         "demo": {"allow_missing"},
     }[kind]
     unused = sorted(k for k, v in given.items() if v and k not in uses)
@@ -643,4 +713,4 @@ def load_dataset(
     if kind == "demo":
         return load_csv(root_path / "list.csv", allow_missing=allow_missing, name="demo")
     return load_csv(root_path / "list.csv" if csv is None else csv, classes_file=classes_file,
-                    allow_missing=allow_missing)
+                    labels=labels or "names", allow_missing=allow_missing)

@@ -14,11 +14,15 @@ A config file has one table per stage, named like the command, plus an optional 
     head = "stfn"
     segments = 7
 
-Precedence: dataclass default < config file < command-line option.
+Precedence: dataclass default < config file < command-line option. A table the program does not know (a
+misspelt ``[train_head]``) and a key a stage does not take are errors naming the closest known name; every
+built params object then goes through :func:`pipeline.stage.validate.validate_params` (types, finite numbers,
+ranges) before anything runs.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import sys
 import typing
@@ -47,7 +51,26 @@ def default_cache_dir() -> Path:
     return Path.cwd() / "cache"
 
 
-def load_config(path: Path | None) -> dict[str, dict[str, Any]]:
+def _closest(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(name.replace("_", "-").lower(), list(known), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_tables(config: Mapping[str, Any], known: Any, path: Path | None = None) -> None:
+    """Refuse a table of ``config`` that is not in ``known``, naming the closest known one and listing all."""
+    known = sorted(set(known))
+    for section in config:
+        if section not in known:
+            raise ConfigError(f"{path or 'config'}: unknown table [{section}]{_closest(section, known)}; "
+                              f"known tables: {', '.join(f'[{k}]' for k in known)}")
+
+
+def load_config(path: Path | None, tables: Any = None) -> dict[str, dict[str, Any]]:
+    """The TOML file at ``path`` as {table: {key: value, "__base__": its folder}} ({} for None).
+
+    ``tables``: the table names the program knows (the command names plus ``pipeline``); any other table is an
+    error (:func:`check_tables`). None skips that check.
+    """
     if path is None:
         return {}
     path = Path(path)
@@ -60,6 +83,8 @@ def load_config(path: Path | None) -> dict[str, dict[str, Any]]:
     for section, table in data.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: top-level key {section!r} must be a [table] named after a stage")
+    if tables is not None:
+        check_tables(data, tables, path)
     # Relative paths in a config file are relative to the file's folder.
     return {k: {**v, "__base__": path.parent} for k, v in data.items()}
 
@@ -95,6 +120,10 @@ def coerce(params_type: type, name: str, value: Any, *, base: Path | None = None
                     return False
                 raise ValueError(value)
             return bool(value)
+        if tp in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # TOML true is not 1
+        if tp is int and isinstance(value, float):
+            raise ValueError(value)  # 3.7 is not silently 3
         if tp in (int, float, str):
             out = tp(value)
         elif typing.get_origin(tp) is tuple:
@@ -122,13 +151,19 @@ def build_params(params_type: type, config: Mapping[str, Mapping[str, Any]], sec
     for key, value in table.items():
         name = key.replace("-", "_")
         if name not in names:
-            raise ConfigError(f"{config_path or 'config'}: [{section}] has unknown parameter {key!r}; "
-                              f"known: {', '.join(sorted(n.replace('_', '-') for n in names))}")
+            known = sorted(n.replace('_', '-') for n in names)
+            raise ConfigError(f"{config_path or 'config'}: [{section}] has unknown parameter {key!r}"
+                              f"{_closest(key, known)}; known: {', '.join(known)}")
         values[name] = coerce(params_type, name, value, base=base, source=f"{config_path} [{section}]")
     for name, value in overrides.items():
         if value is not None and name in names:
             values[name] = coerce(params_type, name, value)
+    from pipeline.stage.validate import check_field, validate_params
+
+    for name, value in values.items():  # as given, before __post_init__ may reset fields that do not apply
+        check_field(params_type, name, value)
     params = params_type(**values)
+    validate_params(params)  # types, finite numbers, ranges: before the stage's own checks and any work
     validate = getattr(params, "validate", None)
     if callable(validate):
         validate()

@@ -103,6 +103,9 @@ def compute_fingerprint(stage: Stage, params: Any, upstream: Upstream, plan: Pla
 def run_stage(stage: Stage, params: Any, cache_root: Path, *, allow_failures: bool = False,
               force: bool = False) -> RunResult:
     """Run ``stage`` with ``params`` under ``cache_root`` following the contract in the module docstring."""
+    from pipeline.stage.validate import validate_params
+
+    validate_params(params)  # every rank checks the same params: a bad value fails everywhere before any work
     cache_root = Path(cache_root)
     key = stage.output_key(params)
     if dist.world_size() > 1:
