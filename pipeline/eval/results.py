@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from pipeline.stage import read_manifest, stage_keys_in_cache
-from pipeline.training.heads import Evaluation, evaluate
+from pipeline.eval.metrics import Evaluation, evaluate
 
 __all__ = [
     "TestScores", "save_test_scores", "load_test_scores", "late_fusion", "read_external_scores",
