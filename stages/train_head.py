@@ -123,6 +123,12 @@ def head_name(p: TrainHeadParams) -> str:
                             test_fusion=p.test_fusion, split=p.split)
 
 
+def make_head(p: TrainHeadParams, options: dict, *, num_classes: int, rgb_dim: int, flow_dim: int):
+    """The head of ``p`` with effective ``options`` (:func:`effective_options`): what plan checks, run trains."""
+    return create_head(p.head, num_classes=num_classes, rgb_dim=rgb_dim, flow_dim=flow_dim,
+                       num_segments=p.segments, **head_kwargs(p.head, options, p.seed))
+
+
 def plan(params: TrainHeadParams, upstream: Upstream) -> Plan:
     p = params
     options = effective_options(p)
@@ -168,8 +174,7 @@ def plan(params: TrainHeadParams, upstream: Upstream) -> Plan:
     if untrained:
         raise StageError(f"{path}: test classes absent from training: {[meta.class_names[i] for i in untrained][:5]}")
     try:  # the head validates its own widths (d divisible by 4 for Res-Inc, equal widths for avg/max/mul)
-        create_head(p.head, num_classes=c, rgb_dim=da, flow_dim=dm, num_segments=n,
-                    **head_kwargs(p.head, options, p.seed))
+        make_head(p, options, num_classes=c, rgb_dim=da, flow_dim=dm)
     except (ValueError, TypeError) as e:
         hint = " (--fused-dim D on the command line)" if "fused_dim" in str(e) else ""
         raise StageError(f"{path}: head {p.head} on rgb {da}-d / flow {dm}-d features: {e}{hint}") from None
@@ -202,8 +207,8 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     kwargs = head_kwargs(p.head, options, p.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(p.seed)
-        head = create_head(p.head, num_classes=info["num_classes"], rgb_dim=info["rgb_dim"],
-                           flow_dim=info["flow_dim"], num_segments=n, **kwargs)
+        head = make_head(p, options, num_classes=info["num_classes"], rgb_dim=info["rgb_dim"],
+                         flow_dim=info["flow_dim"])
     bar = ctx.progress(p.max_epochs, f"train-head {name}", unit="epoch")
 
     def on_epoch(rec: dict) -> None:
