@@ -24,7 +24,7 @@ CATALOG: dict[str, tuple[str, str | None, str]] = {
                          "video ([STFN] §4.2) to Zarr / HDF5."),
     "train-head": ("train_head", None, "Train a temporal head (STFN, STCB, baselines) on the cached features and "
                    "evaluate it."),
-    "ablate": ("train_head", "ablate_command", "[STFN]'s ablations (Tables 1-4) and the baselines on the cached "
+    "ablate": ("ablate", "ablate_command", "[STFN]'s ablations (Tables 1-4) and the baselines on the cached "
                "features."),
     "refine": ("refine", None, "Train both backbones and a trained head end to end ([STFN] §4.2, second "
                "training step)."),

@@ -28,6 +28,8 @@ Examples::
 """
 from __future__ import annotations
 
+import json
+
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,9 +144,12 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     for key in keys:
         if artifacts.split_key(key)[0] == artifacts.FINETUNE:
             continue
-        params = manifests[key].get("params", {})
+        params = dict(manifests[key].get("params", {}))
+        results = ctx.upstream.dir(key) / artifacts.RESULTS
+        if results.is_file():  # the head's effective options, as train-head and refine record them
+            params.update(json.loads(results.read_text()).get("head_options") or {})
         desc = ", ".join(f"{k}={v}" for k, v in params.items()
-                         if k in ("head", "arch", "fusion", "direction", "dir", "segments", "blocks", "seed") and v is not None)
+                         if k in ("head", "arch", "fusion", "direction", "segments", "blocks", "seed") and v is not None)
         add(_row_name(key), key, load(key), desc)
 
     # Per-class table: chosen rows, or all of them for up to 20 classes, else the best row.

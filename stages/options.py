@@ -36,6 +36,7 @@ def param_options(params_type: type, only: set[str] | None = None):
     """Decorator adding one option per parameter field (``--short-side``, ``--frame-codec``, ...).
 
     ``only`` restricts it to some fields. A trailing underscore is dropped (``lambda_`` -> ``--lambda``).
+    ``metadata["aliases"]`` adds other spellings of an option (``("--dir",)`` beside ``--direction``).
     """
     hints = typing.get_type_hints(params_type)
 
@@ -50,7 +51,7 @@ def param_options(params_type: type, only: set[str] | None = None):
                 fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None,
                                   help=help_text)(fn)
             else:
-                fn = click.option(flag, f.name, type=_click_type(params_type, f), default=None,
+                fn = click.option(flag, *f.metadata.get("aliases", ()), f.name, type=_click_type(params_type, f), default=None,
                                   help=help_text)(fn)
         return fn
 

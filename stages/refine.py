@@ -67,7 +67,8 @@ from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, dige
     read_manifest
 from pipeline.data.clips import VideoList
 from pipeline.data.datasets import VideoRecord, holdout_groups
-from pipeline.training.heads import NUM_TEST, evaluate
+from pipeline.eval.metrics import evaluate
+from pipeline.training.heads import NUM_TEST
 from pipeline.models.backbones import create_backbone
 from pipeline.models.heads import create_head
 from pipeline.data.paired import (PairedClips, PairedTestSequences, TwoStreamSegmentNet,

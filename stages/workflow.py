@@ -62,8 +62,9 @@ def _steps(conf: dict, config_path: Path | None, run_params: RunAllParams):
 
 def run_all(config_path: Path | None, cache_root: Path | None = None, echo=click.echo) -> Path:
     """Run every stage; returns the cache root. Raises StageError / StageFailures / ConfigError."""
+    from stages.ablate import AblateParams, run_ablation
     from stages.cli import config_tables, resolve_cache_dir
-    from stages.train_head import AblateParams, TrainHeadParams, run_ablation
+    from stages.train_head import TrainHeadParams
 
     conf = cfg.load_config(config_path, config_tables())
     run_params = cfg.build_params(RunAllParams, conf, "run-all", {}, config_path=config_path)

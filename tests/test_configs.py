@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.stage import config as cfg
 from stages import all_stages
-from stages.train_head import AblateParams
+from stages.ablate import AblateParams
 from stages.workflow import RunAllParams
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))

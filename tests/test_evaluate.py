@@ -138,7 +138,7 @@ def test_head_rows_and_staleness(tmp_path):
     # --streams with no finetune output: nothing to evaluate.
     assert "nothing to evaluate" in invoke("evaluate", "--streams", "--cache-dir", root).output
     # The head changes: evaluate is stale, then recomputes.
-    assert invoke("train-head", "--head", "tsn", "--dropout", 0.1, "--config", cfg, "--cache-dir", root).exit_code == 0
+    assert invoke("train-head", "--head", "tsn", "--lr", 0.01, "--config", cfg, "--cache-dir", root).exit_code == 0
     state = {r.key: r for r in status(root, all_stages())}
     assert state["evaluate"].state == "stale" and "train-head/tsn-n2-s0" in state["evaluate"].reason
     res = invoke("evaluate", "--cache-dir", root)

@@ -1,4 +1,4 @@
-"""Head training loop: sampling tables ([STFN] §4.2), fit_head, predict/evaluate, group hold-out."""
+"""Head training loop: sampling tables ([STFN] §4.2), fit_head, predict, the metrics, the split column."""
 
 import math
 
@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.eval.metrics import evaluate
 from pipeline.training.heads import (
-    evaluate,
     fit_head,
     gather_segments,
-    group_holdout,
     predict,
     predict_views,
     sample_train,
     segment_positions,
+    split_indices,
     test_sequences,
 )
 from pipeline.models.heads import create_head
@@ -167,17 +167,27 @@ def test_evaluate_by_hand():
         evaluate(scores, labels, ["a"])
 
 
-def test_group_holdout_keeps_groups_whole():
-    groups = [f"g{i // 5:02d}" for i in range(50)] + ["g99"] * 3
-    train, val = group_holdout(groups, 0.2, seed=0)
-    assert sorted(np.concatenate([train, val]).tolist()) == list(range(53))
-    val_groups = {groups[i] for i in val}
-    assert val_groups.isdisjoint({groups[i] for i in train})
-    assert len(val) >= 0.2 * 53 and len(train) > 0
-    again = group_holdout(groups, 0.2, seed=0)
-    assert np.array_equal(again[1], val)
-    assert not np.array_equal(group_holdout(groups, 0.2, seed=1)[1], val)
-    with pytest.raises(ValueError, match="at least 2 groups"):
-        group_holdout(["a"] * 4, 0.5)
-    with pytest.raises(ValueError, match=r"\(0, 1\)"):
-        group_holdout(groups, 1.0)
+def test_top5_by_hand():
+    # 6 classes, 3 videos. Video 0: true class 5 ranks 6th (scores 0.6 > 0.5 > ... > 0.1 > 0.05) -> miss.
+    # Video 1: true class 4 ranks 5th -> hit. Video 2: true class 0 ranks 1st -> hit. top-5 = 2/3, top-1 = 1/3.
+    scores = np.array([[0.6, 0.5, 0.4, 0.3, 0.1, 0.05],
+                       [0.9, 0.8, 0.7, 0.6, 0.5, 0.0],
+                       [0.7, 0.1, 0.1, 0.05, 0.03, 0.02]])
+    ev = evaluate(scores, np.array([5, 4, 0]))
+    assert ev.top5 == pytest.approx(2 / 3) and ev.top1 == pytest.approx(1 / 3)
+    assert ev.as_dict()["top5"] == pytest.approx(2 / 3)
+    # A tie at the 5th score: the lower class index is ranked first (as argmax), so class 4 is in, 5 is out.
+    tie = np.array([[0.5, 0.5, 0.5, 0.5, 0.2, 0.2]] * 2)
+    assert evaluate(tie, np.array([4, 5])).top5 == pytest.approx(0.5)
+    # Fewer than 5 classes: top-5 is undefined (NaN, None in JSON), never a trivial 1.0.
+    few = evaluate(np.eye(3), np.array([0, 1, 2]))
+    assert math.isnan(few.top5) and few.as_dict()["top5"] is None
+
+
+def test_split_indices_from_the_split_column():
+    parts = split_indices(["train", "val", "test", "unused", "train", "test"])
+    assert parts["train"].tolist() == [0, 4] and parts["val"].tolist() == [1] and parts["test"].tolist() == [2, 5]
+    with pytest.raises(ValueError, match="--val-fraction > 0"):
+        split_indices(["train", "test", "train"], "f.zarr")
+    with pytest.raises(ValueError, match="no test videos"):
+        split_indices(["train", "val"])

@@ -98,7 +98,7 @@ def _head_run(ctx, plan):
 HEAD_STAGE = Stage("train-head", "test", FakeHeadParams, run=_head_run, key=lambda p: f"train-head/{p.name}",
                    upstream=lambda p: ("extract-features",))
 
-HEAD = TrainHeadParams(head="stfn", segments=3, max_epochs=3, batch_size=4, val_fraction=0.25, device="cpu")
+HEAD = TrainHeadParams(head="stfn", segments=3, max_epochs=3, batch_size=4, device="cpu")
 HEAD_NAME = "stfn-a-avg-bi-n3-s0"
 # Tiny refine: 6 training videos (2 validation); one step of 4 videos per epoch (the incomplete last batch is
 # dropped), accumulated over 2 micro-batches of 2.

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.eval.scores import average_scores, fuse_scores, sci, sci_fuse, sci_max_fuse
+from pipeline.eval.scores import average_scores, fuse_scores, sci, sci_fuse
 
 
 def test_sci_eq5_by_hand():
@@ -22,15 +22,6 @@ def test_sci_fuse_eq6_by_hand():
 def test_sci_fuse_all_uniform_falls_back_to_mean():
     scores = torch.full((2, 3, 4), 0.25)
     torch.testing.assert_close(sci_fuse(scores), torch.full((2, 4), 0.25))
-
-
-def test_sci_max_fuse_eq7_by_hand():
-    # Two clips of two crops; clip 1 crops have equal SCI (-> mean), clip 2 one crop is uniform
-    # (SCI 0 -> ignored). Then element-wise max over clips.
-    scores = torch.tensor([[[[0.6, 0.2, 0.2], [0.2, 0.6, 0.2]],
-                            [[1 / 3, 1 / 3, 1 / 3], [0.1, 0.1, 0.8]]]])
-    expected = torch.tensor([[0.4, 0.4, 0.8]])
-    torch.testing.assert_close(sci_max_fuse(scores), expected)
 
 
 def test_bad_scores_refused():

@@ -13,16 +13,17 @@ from stages.cli import main
 from pipeline.io.store import FeatureSet, feature_store_path, write_feature_store
 from stages import all_stages
 from stages.extract_features import VERSION as FEATURES_VERSION
-from stages.train_head import load_head_checkpoint
+from pipeline.models.heads import load_head_checkpoint
 
 CLASSES = ("AThenB", "BThenA", "Steady")
 
 
 def make_features(*, groups_per_class=5, clips_per_group=3, P=8, D=8, views=1, flow_dim=None,
-                  streams=("rgb", "flow"), seed=0) -> FeatureSet:
+                  streams=("rgb", "flow"), seed=0, val_groups=1) -> FeatureSet:
     """Three classes: two built from the same two patterns in opposite temporal order (only a temporal
     model separates them; TSN's average consensus sees identical bags), one steady pattern. Groups g01, g02
-    of every class are the test split (as UCF101 split 1), the others train."""
+    of every class are the test split (as UCF101 split 1), the next ``val_groups`` the validation hold-out
+    (as decode records it), the others train."""
     rng = np.random.default_rng(seed)
     ids, labels, groups, split = [], [], [], []
     for c, name in enumerate(CLASSES):
@@ -31,7 +32,7 @@ def make_features(*, groups_per_class=5, clips_per_group=3, P=8, D=8, views=1, f
                 ids.append(f"{name}/v_{name}_g{g:02d}_c{k:02d}")
                 labels.append(c)
                 groups.append(f"{name}_g{g:02d}")
-                split.append("test" if g <= 2 else "train")
+                split.append("test" if g <= 2 else "val" if g <= 2 + val_groups else "train")
     labels = np.array(labels)
     v = len(ids)
     a, b, s = np.eye(D)[0] * 2, np.eye(D)[1] * 2, np.eye(D)[2] * 2
@@ -112,8 +113,8 @@ def test_cli_end_to_end(tmp_path, backend):
     res = invoke("train-head", "--head", "stfn", "--fusion", "avg", "--dir", "bi", "--segments", 4,
                  "--config", cfg, "--cache-dir", root)
     assert res.exit_code == 0, res.output
-    out = root / "train-head" / "stfn-a-avg-bi-n4-s0"
-    assert "train-head/stfn-a-avg-bi-n4-s0: top-1" in res.output
+    out = root / "train-head" / "stfn-a-avg-bi-p0-n4-s0"
+    assert "train-head/stfn-a-avg-bi-p0-n4-s0: top-1" in res.output
     for f in ("best.pt", "results.json", "test_scores.npz", "confusion.png", "curves.png", "manifest.json"):
         assert (out / f).is_file(), f
     r = json.loads((out / "results.json").read_text())
@@ -149,7 +150,7 @@ def test_stfn_beats_tsn_on_order_only_classes(tmp_path):
         lr = ("--lr", 3e-2) if head == "tsn" else ()  # a linear head: a larger step converges in a few epochs
         res = invoke("train-head", "--head", head, *lr, "--segments", 4, "--config", cfg, "--cache-dir", root)
         assert res.exit_code == 0, res.output
-        key = "stfn-a-avg-bi-n4-s0" if head == "stfn" else "tsn-n4-s0"
+        key = "stfn-a-avg-bi-p0-n4-s0" if head == "stfn" else "tsn-p0-n4-s0"
         acc[head] = json.loads((root / "train-head" / key / "results.json").read_text())["per_class_accuracy"]
     pair = lambda a: (a["AThenB"] + a["BThenA"]) / 2  # noqa: E731
     assert pair(acc["stfn"]) >= 0.9
@@ -164,28 +165,35 @@ def test_changing_one_head_recomputes_only_that_head(tmp_path):
     common = ("--segments", 4, "--config", cfg, "--cache-dir", root)
     assert invoke("train-head", "--head", "stfn", *common).exit_code == 0
     assert invoke("train-head", "--head", "tsn", *common).exit_code == 0
-    stfn, tsn = root / "train-head" / "stfn-a-avg-bi-n4-s0", root / "train-head" / "tsn-n4-s0"
+    stfn, tsn = root / "train-head" / "stfn-a-avg-bi-p0-n4-s0", root / "train-head" / "tsn-p0-n4-s0"
     tsn_manifest = (tsn / "manifest.json").read_text()
     stfn_fp = json.loads((stfn / "manifest.json").read_text())["fingerprint"]
-    # An option of one head: that head recomputes, the other is untouched.
-    res = invoke("train-head", "--head", "stfn", "--dropout", 0.3, *common)
+    # A training setting of one head: that head recomputes in place, the other is untouched.
+    res = invoke("train-head", "--head", "stfn", "--lr", 2e-3, *common)
     assert res.exit_code == 0 and "nothing to do" not in res.output
     assert json.loads((stfn / "manifest.json").read_text())["fingerprint"] != stfn_fp
     assert (tsn / "manifest.json").read_text() == tsn_manifest
-    # An option that does not apply to the head (STFN's fusion for TSN) changes nothing.
-    res = invoke("train-head", "--head", "tsn", "--fusion", "max", "--arch", "b", *common)
-    assert res.exit_code == 0 and "nothing to do" in res.output
+    # Giving a head option at its effective value changes nothing (same name, same fingerprint).
+    res = invoke("train-head", "--head", "tsn", "--flow-weight", 1.5, "--dropout", 0.0, *common)
+    assert res.exit_code == 0 and "nothing to do" in res.output, res.output
+    # An option that does not apply to the head is an error naming it and the head, before any work.
+    for bad, option in ((("--head", "tsn", "--fusion", "max"), "--fusion"),
+                        (("--head", "stfn", "--arch", "c", "--dir", "m2a"), "--direction"),
+                        (("--head", "stfn", "--stcb-dim", 64), "--stcb-dim")):
+        res = invoke("train-head", *bad, *common)
+        assert res.exit_code == 2 and option in res.output and "does not apply" in res.output, res.output
+    assert (tsn / "manifest.json").read_text() == tsn_manifest
     # A structural option makes a new head beside the others.
     assert invoke("train-head", "--head", "stfn", "--fusion", "max", *common).exit_code == 0
     rows = {r.key: r.state for r in status(root, all_stages())}
-    assert rows["train-head/stfn-a-avg-bi-n4-s0"] == rows["train-head/tsn-n4-s0"] == "fresh"
-    assert rows["train-head/stfn-a-max-bi-n4-s0"] == "fresh"
+    assert rows["train-head/stfn-a-avg-bi-p0-n4-s0"] == rows["train-head/tsn-p0-n4-s0"] == "fresh"
+    assert rows["train-head/stfn-a-max-bi-p0-n4-s0"] == "fresh"
     res = invoke("status", "--cache-dir", root)
-    assert "train-head/tsn-n4-s0" in res.output
+    assert "train-head/tsn-p0-n4-s0" in res.output
     # New features make every head stale.
     build_upstream(root, make_features(seed=1))
     rows = {r.key: r for r in status(root, all_stages())}
-    assert rows["train-head/tsn-n4-s0"].state == "stale" and "extract-features" in rows["train-head/tsn-n4-s0"].reason
+    assert rows["train-head/tsn-p0-n4-s0"].state == "stale" and "extract-features" in rows["train-head/tsn-p0-n4-s0"].reason
 
 
 def test_views_train_on_centre_and_test_on_all(tmp_path):
@@ -196,7 +204,7 @@ def test_views_train_on_centre_and_test_on_all(tmp_path):
     cfg = _config(tmp_path, FAST.replace("max_epochs = 30", "max_epochs = 2"))
     res = invoke("train-head", "--head", "rgb", "--segments", 2, "--config", cfg, "--cache-dir", root)
     assert res.exit_code == 0, res.output
-    out = root / "train-head" / "rgb-n2-s0"
+    out = root / "train-head" / "rgb-p0-n2-s0"
     head, _ = load_head_checkpoint(out / "best.pt")
     head.eval()
     test = np.flatnonzero(fs.split == "test")
@@ -215,7 +223,9 @@ def test_views_train_on_centre_and_test_on_all(tmp_path):
     ("mismatched dims", {"flow_dim": 12}, ("--head", "stfn"), "--fused-dim"),
     ("d not divisible by 4", {"D": 6}, ("--head", "stfn"), "divisible by 4"),
     ("segments > positions", {"P": 4}, ("--segments", 5), "cannot be split into --segments 5"),
-    ("no group to hold out", {"groups_per_class": 3}, (), "hold out validation videos by group"),
+    ("no validation rows", {"val_groups": 0}, (), "re-run `pipeline decode` with --val-fraction > 0"),
+    ("option of another head", {}, ("--head", "rgb", "--flow-weight", 2), "--flow-weight: option flow_weight "
+     "does not apply to head rgb"),
 ])
 def test_bad_input_stops_before_training(tmp_path, kind, fs_kwargs, args, message):
     root = tmp_path / "cache"
@@ -232,13 +242,14 @@ def test_mismatched_dims_train_with_fused_dim(tmp_path):
     cfg = _config(tmp_path, FAST.replace("max_epochs = 30", "max_epochs = 1"))
     res = invoke("train-head", "--fused-dim", 8, "--segments", 2, "--config", cfg, "--cache-dir", root)
     assert res.exit_code == 0, res.output
-    assert (root / "train-head" / "stfn-a-avg-bi-f8-n2-s0" / "best.pt").is_file()
+    assert (root / "train-head" / "stfn-a-avg-bi-f8-p0-n2-s0" / "best.pt").is_file()
 
 
 @pytest.mark.parametrize("args, message", [
     (("--head", "lstm"), "Invalid value for '--head'"),
     (("--fusion", "sum"), "Invalid value for '--fusion'"),
-    (("--dir", "up"), "Invalid value for '--dir'"),
+    (("--dir", "up"), "Invalid value for '--direction' / '--dir'"),
+    (("--val-fraction", 0.2), "No such option '--val-fraction'"),
     (("--segments", 0), "--segments must be >= 1"),
     (("--name", "../x"), "plain folder name"),
 ])
@@ -270,7 +281,7 @@ def test_ablate_tables_chart_seeds_and_skipped_rows(tmp_path):
     assert "row(s) skipped" in res.output
     # Every other row: mean ± sample std of the two seeds' results.
     t1 = (out / "table1_architecture.md").read_text()
-    r0, r1 = (json.loads((root / "train-head" / f"stfn-c-n3-s{s}" / "results.json").read_text())["top1"]
+    r0, r1 = (json.loads((root / "train-head" / f"stfn-c-p0-n3-s{s}" / "results.json").read_text())["top1"]
               for s in (0, 1))
     expected = f"{100 * np.mean([r0, r1]):.1f} ± {100 * np.std([r0, r1], ddof=1):.1f}"
     line = next(ln for ln in t1.splitlines() if ln.startswith("| arch c"))

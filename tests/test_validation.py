@@ -66,7 +66,7 @@ def test_build_params_rejects_truncating_or_bool_numbers(tmp_path):
 
 def _param_types():
     from stages import all_stages
-    from stages.train_head import AblateParams
+    from stages.ablate import AblateParams
 
     return [(s.name, s.params_type) for s in all_stages()] + [("ablate", AblateParams)]
 

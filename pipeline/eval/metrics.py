@@ -1,7 +1,11 @@
 """The one metrics implementation: every results table, finetune, train-head, refine and evaluate use it.
 
-Top-1 accuracy, mean class accuracy (the mean of the per-class recalls over the classes present, as TSN
+Top-1 and top-5 accuracy, mean class accuracy (the mean of the per-class recalls over the classes present, as TSN
 reports it), per-class accuracy and the confusion matrix (rows: true class, columns: prediction).
+
+Top-5: the fraction of videos whose true class is among the 5 highest scores. With fewer than 5 classes it is
+NaN (``None`` in JSON), not a trivial 1.0: a table never shows a top-5 that means nothing. Ties at the 5th
+score are broken by the lower class index (a stable descending sort), as top-1's ``argmax``.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ class Evaluation:
     """Accuracy figures of video scores against labels."""
 
     top1: float
+    top5: float  # NaN with fewer than 5 classes
     mean_class_accuracy: float
     per_class_accuracy: np.ndarray  # (C,), NaN for classes absent from the labels
     confusion: np.ndarray  # (C, C) int64, rows = true class, columns = predicted class
@@ -27,6 +32,7 @@ class Evaluation:
         """JSON-friendly copy (NaN accuracies as None)."""
         return {
             "top1": self.top1,
+            "top5": None if math.isnan(self.top5) else self.top5,
             "mean_class_accuracy": self.mean_class_accuracy,
             "per_class_accuracy": {n: (None if math.isnan(a) else float(a))
                                    for n, a in zip(self.class_names, self.per_class_accuracy)},
@@ -37,7 +43,7 @@ class Evaluation:
 
 def evaluate(scores: Tensor | np.ndarray, labels: Tensor | np.ndarray,
              class_names: Sequence[str] | None = None) -> Evaluation:
-    """Top-1, mean class accuracy (over classes present), per-class accuracy, confusion matrix.
+    """Top-1, top-5 (NaN for C < 5), mean class accuracy (over classes present), per-class accuracy, confusion matrix.
 
     scores (V, C), labels (V,) integers in [0, C).
     """
@@ -57,6 +63,11 @@ def evaluate(scores: Tensor | np.ndarray, labels: Tensor | np.ndarray,
     support = confusion.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         per_class = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
-    return Evaluation(top1=float((pred == labels).mean()),
+    if c >= 5:
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+        top5 = float((top == labels[:, None]).any(axis=1).mean())
+    else:
+        top5 = math.nan
+    return Evaluation(top1=float((pred == labels).mean()), top5=top5,
                       mean_class_accuracy=float(np.nanmean(per_class)),
                       per_class_accuracy=per_class, confusion=confusion, class_names=names)

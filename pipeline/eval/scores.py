@@ -1,5 +1,5 @@
 """Test-time fusion of several views' class scores: plain averaging ([STFN] §4.2) and
-SCI-weighted fusion ([FstCN], FstCN, §2.4, eq. 5-7).
+SCI-weighted fusion ([FstCN] §2.4, eq. 5-6).
 
 Scores are class *probabilities* (non-negative; rows need not sum to 1), shaped
 (V, views, C): V videos, ``views`` scores per video (e.g. the 5 test sequences of STFN's
@@ -7,8 +7,8 @@ protocol), C classes. Heads return log-probabilities; pass ``log_probs.exp()``.
 
 SCI (Sparsity Concentration Index, eq. 5) of p in R^C:
     SCI(p) = (C * max_j p_j / sum_j p_j - 1) / (C - 1)   in [0, 1]
-eq. 6 fuses the views of one clip with weights SCI(p_k) / sum_k SCI(p_k); eq. 7 then takes the
-element-wise maximum over clips. If every view of a video has SCI = 0 (all uniform), eq. 6 is
+eq. 6 fuses the views of one clip with weights SCI(p_k) / sum_k SCI(p_k) (eq. 7's maximum over
+clips is not used: the test protocol averages its sequences). If every view of a video has SCI = 0 (all uniform), eq. 6 is
 0/0; the plain average is used for that video.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sci", "average_scores", "sci_fuse", "sci_max_fuse", "fuse_scores", "SCORE_FUSIONS"]
+__all__ = ["sci", "average_scores", "sci_fuse", "fuse_scores", "SCORE_FUSIONS"]
 
 SCORE_FUSIONS = ("mean", "sci")
 
@@ -55,14 +55,6 @@ def sci_fuse(scores: Tensor) -> Tensor:
     total = w.sum(dim=1, keepdim=True)
     weighted = (w.unsqueeze(-1) * scores).sum(dim=1) / total.clamp_min(torch.finfo(scores.dtype).tiny)
     return torch.where(total > 0, weighted, scores.mean(dim=1))
-
-
-def sci_max_fuse(scores: Tensor) -> Tensor:
-    """eq. 6 over crops then eq. 7 (max over clips): (V, clips, crops, C) -> (V, C)."""
-    _check_probs(scores, 4, "(V, clips, crops, C)")
-    v, m, k, c = scores.shape
-    per_clip = sci_fuse(scores.reshape(v * m, k, c)).reshape(v, m, c)
-    return per_clip.amax(dim=1)
 
 
 def fuse_scores(scores: Tensor, method: str = "mean") -> Tensor:

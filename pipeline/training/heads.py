@@ -28,12 +28,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.eval.metrics import Evaluation, evaluate  # noqa: F401 (re-exported for callers)
+from pipeline.data import STREAMS
 from pipeline.eval.scores import fuse_scores
 
 __all__ = [
@@ -46,7 +47,11 @@ __all__ = [
     "predict",
     "fit_head",
     "History",
-    "group_holdout",
+    "load_features",
+    "stream_shapes",
+    "split_indices",
+    "feature_tensors",
+    "test_scores",
 ]
 
 # [STFN] §4.2: 5 test sequences per video; RMSProp with lr 1e-4 decayed by 10 down to 1e-7.
@@ -284,29 +289,63 @@ def fit_head(head: nn.Module, train: tuple[Tensor, Tensor, Tensor], val: tuple[T
     return history
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- feature stores
 
-def group_holdout(groups: Sequence, frac: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices 0..V-1 into (train, val) with whole groups held out for validation.
+_LOADED: dict[tuple, object] = {}
 
-    Groups (e.g. UCF101's "<class>_g08") are shuffled with ``seed`` and moved to validation
-    until it holds at least ``frac`` of the clips; every clip of a group lands on one side.
-    Both sides are non-empty. Returns two sorted int64 index arrays.
-    """
-    if not 0.0 < frac < 1.0:
-        raise ValueError(f"frac must be in (0, 1), got {frac}")
-    keys = np.asarray([str(g) for g in groups])
-    unique = np.unique(keys)
-    if unique.size < 2:
-        raise ValueError(f"need at least 2 groups to hold one out, got {unique.size}")
-    order = np.random.default_rng(seed).permutation(unique.size)
-    counts = {g: n for g, n in zip(*np.unique(keys, return_counts=True))}
-    target = frac * keys.size
-    chosen, held = [], 0
-    for g in unique[order][:-1]:  # the last group always stays in training
-        if held >= target:
-            break
-        chosen.append(g)
-        held += counts[g]
-    val_mask = np.isin(keys, chosen)
-    return np.flatnonzero(~val_mask).astype(np.int64), np.flatnonzero(val_mask).astype(np.int64)
+
+def load_features(path: Path, streams: Sequence[str] = STREAMS):
+    """The whole feature store, read once per process (``ablate`` trains many heads on it); re-read when the
+    file changes."""
+    from pipeline.io.store import read_feature_store
+
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_ino, st.st_mtime_ns, tuple(streams))
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = read_feature_store(Path(path), list(streams))
+    return _LOADED[key]
+
+
+def stream_shapes(path: Path, streams: Sequence[str] = STREAMS) -> dict[str, tuple[int, ...]]:
+    """Shapes of the stored streams, without reading them."""
+    from pipeline.io.store import feature_store_shapes
+
+    shapes = feature_store_shapes(Path(path))
+    return {s: tuple(shapes[s]) for s in streams if s in shapes}
+
+
+def split_indices(split: Sequence[str], where: str = "feature store") -> dict[str, np.ndarray]:
+    """{"train", "val", "test"} -> indices of the store's ``split`` column (the hold-out recorded by
+    ``decode``, :mod:`pipeline.data.splits`). Raises ValueError when a part is empty, saying what to re-run."""
+    split = np.asarray(split).astype(str)
+    parts = {k: np.flatnonzero(split == k) for k in ("train", "val", "test")}
+    if parts["val"].size == 0:
+        raise ValueError(f"{where}: no validation videos (no \"val\" rows in the split column); re-run "
+                         "`pipeline decode` with --val-fraction > 0, then `pipeline extract-features`")
+    for k in ("train", "test"):
+        if parts[k].size == 0:
+            raise ValueError(f"{where}: no {k} videos in the split column")
+    return parts
+
+
+def feature_tensors(fs, idx: np.ndarray, view: int | None) -> tuple[Tensor, Tensor]:
+    """(V, P, D) float32 rgb and flow features of videos ``idx`` at one view, or (V, P, views, D) for None."""
+    out = []
+    for s in STREAMS:
+        a = fs.streams[s][idx]
+        out.append(torch.from_numpy(np.ascontiguousarray(a[:, :, view] if view is not None else a,
+                                                         dtype=np.float32)))
+    return out[0], out[1]
+
+
+def test_scores(head: nn.Module, rgb: Tensor, flow: Tensor, num_segments: int, num_test: int = NUM_TEST,
+                fusion: str = "mean") -> Tensor:
+    """Video scores (V, C) of the test protocol: ``num_test`` sequences of every view of rgb, flow
+    (V, P, views, D), all fused by ``fusion`` (TSN trains on one crop and tests on all)."""
+    views = torch.cat([predict_views(head, rgb[:, :, k], flow[:, :, k], num_segments, num_test)
+                       for k in range(rgb.shape[2])], dim=1)
+    return fuse_scores(views, fusion)
+
+
+test_scores.__test__ = False
