@@ -31,7 +31,8 @@ from pipeline.models.heads import (HEADS, HEAD_OPTIONS, HeadOptionError, create_
                                    head_output_name, list_heads, load_head_checkpoint)  # noqa: F401
 from pipeline.models.stfn import ARCHS, DIRECTIONS, STFN_FUSIONS
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param, params_dict
-from pipeline.training.heads import (NUM_TEST, feature_tensors, fit_head, load_features, split_indices,
+from pipeline.training.heads import (NUM_TEST, NonFiniteLoss, feature_tensors, fit_head, load_features,
+                                     nonfinite_videos, split_indices,
                                      stream_shapes, test_scores, test_sequences)
 
 VERSION = "2"
@@ -195,6 +196,18 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     name = ctx.dir.name
     fs = load_features(Path(info["path"]))
     parts = split_indices(fs.split, info["path"])
+    bad = nonfinite_videos(fs)
+    if bad:
+        for vid, why in bad.items():
+            ctx.journal.record_failure(vid, f"{why} in {info['path']}")
+        shown = "; ".join(f"{v} ({w})" for v, w in list(bad.items())[:10])
+        if not ctx.allow_failures:
+            raise StageError(f"{info['path']}: {len(bad)} video(s) have NaN/inf features: {shown}"
+                             f"{' ...' if len(bad) > 10 else ''}. Re-run `pipeline extract-features` for them, "
+                             "or pass --allow-failures to train without them")
+        ctx.log.warning("training without %d video(s) with NaN/inf features: %s", len(bad), shown)
+        keep = ~np.isin(np.asarray(fs.video_ids).astype(str), list(bad))
+        parts = {k: v[keep[v]] for k, v in parts.items()}
     tr, va, test = parts["train"], parts["val"], parts["test"]
     labels = torch.from_numpy(np.asarray(fs.labels, dtype=np.int64))
     n = p.segments
@@ -219,10 +232,15 @@ def run(ctx: StageContext, plan: Plan) -> dict:
 
     t0 = time.perf_counter()
     view = info["train_view"]
-    history = fit_head(head, (*feature_tensors(fs, tr, view), labels[tr]), (*feature_tensors(fs, va, view), labels[va]),
-                       num_segments=n, lr=p.lr, min_lr=p.min_lr, patience=p.patience, batch_size=p.batch_size,
-                       max_epochs=p.max_epochs, num_test=p.num_test, device=device, seed=p.seed, log=on_epoch)
-    bar.close()
+    try:
+        history = fit_head(head, (*feature_tensors(fs, tr, view), labels[tr]),
+                           (*feature_tensors(fs, va, view), labels[va]), num_segments=n, lr=p.lr, min_lr=p.min_lr,
+                           patience=p.patience, batch_size=p.batch_size, max_epochs=p.max_epochs,
+                           num_test=p.num_test, device=device, seed=p.seed, log=on_epoch)
+    except NonFiniteLoss as e:
+        raise StageError(f"train-head/{name}: {e}; nothing was written") from None
+    finally:
+        bar.close()
     fit_seconds = time.perf_counter() - t0
 
     scores = test_scores(head, *feature_tensors(fs, test, None), n, p.num_test, p.test_fusion).numpy()

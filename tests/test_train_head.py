@@ -293,3 +293,43 @@ def test_ablate_tables_chart_seeds_and_skipped_rows(tmp_path):
     res = invoke("ablate", "--config", cfg, "--cache-dir", root)
     assert res.exit_code == 0 and res.output.count("nothing to do") == 14
     assert all(p.read_text() == text for p, text in manifests.items())
+
+
+def test_nonfinite_features_are_named_and_follow_allow_failures(tmp_path):
+    fs = make_features()
+    bad = [fs.video_ids[4], fs.video_ids[20]]  # a train and a val video of different classes
+    fs.streams["rgb"][4, 1, 0, 3] = np.nan
+    fs.streams["flow"][20, 0, 0, :2] = np.inf
+    build_upstream(tmp_path, fs)
+    args = ["train-head", "--cache-dir", str(tmp_path), "--config", str(_config(tmp_path))]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0
+    assert "2 video(s) have NaN/inf features" in res.output
+    assert all(v in res.output for v in bad) and "rgb: 1 non-finite values" in res.output
+    assert "flow: 2 non-finite values" in res.output
+    assert not (tmp_path / "train-head" / "stfn-a-avg-bi-p0-n4-s0" / "manifest.json").exists()
+    res = CliRunner().invoke(main, args + ["--allow-failures"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "train-head" / "stfn-a-avg-bi-p0-n4-s0" / "manifest.json").read_text())
+    assert m["complete"] and sorted(m["failures"]) == sorted(bad)
+    r = json.loads((tmp_path / "train-head" / "stfn-a-avg-bi-p0-n4-s0" / "results.json").read_text())
+    assert r["videos"]["train"] + r["videos"]["val"] + r["videos"]["test"] == len(fs.video_ids) - 2
+
+
+def test_diverging_loss_stops_the_run_without_a_manifest(tmp_path, monkeypatch):
+    import pipeline.training.heads as H
+
+    build_upstream(tmp_path, make_features())
+    real = H.train_one_epoch
+    calls = []
+
+    def diverging(*a, **kw):
+        calls.append(1)
+        loss = real(*a, **kw)
+        return float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(H, "train_one_epoch", diverging)
+    res = CliRunner().invoke(main, ["train-head", "--cache-dir", str(tmp_path), "--config", str(_config(tmp_path))])
+    assert res.exit_code == 2, res.output
+    assert "training loss became nan in epoch 2" in res.output
+    assert not (tmp_path / "train-head" / "stfn-a-avg-bi-p0-n4-s0" / "manifest.json").exists()
