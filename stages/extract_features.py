@@ -471,7 +471,7 @@ def plan(p: ExtractFeaturesParams, upstream: Upstream) -> Plan:
         membership = table.split_of(p.split)
     except (FileNotFoundError, KeyError) as e:
         raise StageError(str(e).strip("'\"")) from None
-    keep = ("train", "test", "unused") if p.include_unused else ("train", "test")
+    keep = ("train", "val", "test", "unused") if p.include_unused else ("train", "val", "test")
     rows = [i for i, s in enumerate(membership) if s in keep]
     if not rows:
         raise StageError(f"split {p.split} of {upstream.dir('decode')} has no train or test videos")

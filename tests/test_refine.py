@@ -111,7 +111,7 @@ def upstream(tmp_path_factory):
     root = tmp_path_factory.mktemp("refine")
     data = make_csv_dataset(root / "data", videos_per_class=5, num_frames=12, size=(48, 32))
     cache = root / "cache"
-    run_stage(DECODE, DecodeParams(dataset="csv", root=data, short_side=0, workers=1), cache)
+    run_stage(DECODE, DecodeParams(dataset="csv", root=data, short_side=0, val_fraction=0.25, workers=1), cache)
     run_stage(FLOW_STAGE, FlowParams(), cache)
     for stream in ("rgb", "flow"):
         run_stage(FINETUNE_STAGE, FakeFinetuneParams(stream=stream), cache)
