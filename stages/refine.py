@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import dist
+from pipeline.training import check_finite_loss
 from pipeline.training import loop as T
 from pipeline.io.atomic import write_json as write_json_atomic
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param, params_dict, \
@@ -439,6 +440,7 @@ def train_one_epoch(net: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
     if world > 1:
         torch.distributed.all_reduce(totals)
     n = max(totals[1].item(), 1.0)
+    check_finite_loss(totals[0].item() / n, "this epoch")
     return {"loss": totals[0].item() / n, "samples": int(totals[1]), "seconds": time.perf_counter() - t0,
             "data_seconds": data_s}
 

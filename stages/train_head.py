@@ -238,7 +238,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
                            patience=p.patience, batch_size=p.batch_size, max_epochs=p.max_epochs,
                            num_test=p.num_test, device=device, seed=p.seed, log=on_epoch)
     except NonFiniteLoss as e:
-        raise StageError(f"train-head/{name}: {e}; nothing was written") from None
+        raise NonFiniteLoss(f"train-head/{name}: {e}; nothing was written") from None
     finally:
         bar.close()
     fit_seconds = time.perf_counter() - t0

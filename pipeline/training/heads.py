@@ -259,9 +259,7 @@ def fit_head(head: nn.Module, train: tuple[Tensor, Tensor, Tensor], val: tuple[T
             train_loss = train_one_epoch(head, optimizer, tr_rgb, tr_flow, tr_labels,
                                          num_segments=num_segments, batch_size=batch_size,
                                          generator=generator)
-            if not math.isfinite(train_loss):
-                raise NonFiniteLoss(f"the training loss became {train_loss} in epoch {epoch} (lr {current_lr:g}); "
-                                    "lower --lr, or check the features for extreme values")
+            check_finite_loss(train_loss, f"epoch {epoch} (lr {current_lr:g})")
             probs = fuse_scores(predict_views(head, va_rgb, va_flow, num_segments, num_test), "mean")
             val_error, val_loss = _val_metrics(probs, va_labels)
             improved = (val_error, val_loss) < (history.best_val_error, history.best_val_loss)
@@ -295,10 +293,6 @@ def fit_head(head: nn.Module, train: tuple[Tensor, Tensor, Tensor], val: tuple[T
 # ----------------------------------------------------------------------------- feature stores
 
 _LOADED: dict[tuple, object] = {}
-
-
-class NonFiniteLoss(FloatingPointError):
-    """Training diverged: the loss is NaN or infinite (the run stops; nothing is written)."""
 
 
 def nonfinite_videos(fs, streams: Sequence[str] = STREAMS) -> dict[str, str]:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.training import check_finite_loss
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -275,6 +277,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
     if world > 1:
         dist.all_reduce(totals)
     samples = max(totals[2].item(), 1.0)
+    check_finite_loss(totals[0].item() / samples, "this epoch")
     return {"loss": totals[0].item() / samples, "acc": totals[1].item() / samples, "samples": int(totals[2]),
             "frames": int(totals[3]), "seconds": time.perf_counter() - t0, "data_seconds": data_s}
 
