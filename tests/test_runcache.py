@@ -218,3 +218,61 @@ def test_decode_a_b_a_and_lost_manifest(tmp_path):
     assert r.manifest["resumed"] and r.manifest["done"] == 4 and r.fingerprint == a.fingerprint
     assert (cache / "decode" / "journal.jsonl").read_bytes() == journal  # no video journaled again
     assert {p: p.stat().st_mtime_ns for p in (cache / "decode" / "frames").rglob("*") if p.is_file()} == frames
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a training-like stage: epochs journaled, a checkpoint per epoch, best.pt at the end
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TP:
+    lr: float = param(0.1, "learning rate")
+    epochs: int = param(3, "epochs")
+    stop_after: int = param(-1, "simulate a kill after this many epochs", fingerprint=False)
+
+
+epochs_run: list[tuple[float, int]] = []
+
+
+def train_run(ctx, plan):
+    import torch
+
+    from pipeline.io.atomic import load_checkpoint, save_checkpoint
+
+    last = ctx.dir / "last.pt"
+    w = load_checkpoint(last)["model"] if last.exists() else torch.ones(3)
+    for epoch in range(ctx.params.epochs):
+        if ctx.journal.is_done(f"epoch{epoch}"):
+            continue
+        if epoch == ctx.params.stop_after:
+            raise Killed(epoch)
+        epochs_run.append((ctx.params.lr, epoch))
+        w = w - ctx.params.lr * w  # gradient step of 0.5 |w|^2
+        save_checkpoint(last, {"model": w, "epoch": epoch})
+        ctx.journal.record_ok(f"epoch{epoch}")
+    save_checkpoint(ctx.dir / "best.pt", {"model": w})
+    return {}
+
+
+TRAIN = Stage("train", "1", TP, run=train_run)
+
+
+def test_training_like_stage_a_b_a_and_resume(tmp_path):
+    import torch
+
+    epochs_run.clear()
+    with pytest.raises(Killed):
+        run_stage(TRAIN, TP(stop_after=2), tmp_path)  # epochs 0, 1 done
+    run_stage(TRAIN, TP(lr=0.5), tmp_path)
+    epochs_run.clear()
+    a = run_stage(TRAIN, TP(), tmp_path)
+    assert epochs_run == [(0.1, 2)]  # resumed the killed run
+    w = torch.load(tmp_path / "train" / "best.pt")["model"]
+    assert torch.allclose(w, torch.full((3,), 0.9 ** 3))  # hand-computed: three steps of w <- 0.9 w
+    best = (tmp_path / "train" / "best.pt").read_bytes()
+    run_stage(TRAIN, TP(lr=0.5), tmp_path)
+    assert torch.allclose(torch.load(tmp_path / "train" / "best.pt")["model"], torch.full((3,), 0.5 ** 3))
+    epochs_run.clear()
+    again = run_stage(TRAIN, TP(), tmp_path)
+    assert again.restored and epochs_run == [] and again.fingerprint == a.fingerprint
+    assert (tmp_path / "train" / "best.pt").read_bytes() == best
