@@ -2,7 +2,6 @@
 (no recompute, byte-identical) or resumes it; gc; status names what changed."""
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.stage import Plan, Stage, StageLock, StageLocked, param, run_stage, stage_keys_in_cache, status
+from pipeline.stage import Stage, StageLock, StageLocked, param, run_stage, stage_keys_in_cache, status
 from pipeline.stage import runcache
 
 
@@ -178,6 +177,9 @@ def test_cli_runs_and_gc(tmp_path):
     lines = res.output.splitlines()
     assert len(lines) == 4 and lines[0].startswith("* items") and "current" in lines[0]
     assert any("scale 4 -> 1" in line for line in lines[1:])
+    st = CliRunner().invoke(main, ["status", "--cache-dir", str(tmp_path)])
+    row = next(line for line in st.output.splitlines() if line.startswith("items "))
+    assert st.exit_code == 0 and "  3 (" in row and "KiB" in row  # three kept runs and their size
     dry = CliRunner().invoke(main, ["gc", "--cache-dir", str(tmp_path)])
     assert dry.exit_code == 0 and "would remove 3 run(s)" in dry.output and "--yes" in dry.output
     bad = CliRunner().invoke(main, ["gc", "--older-than", "soon", "--cache-dir", str(tmp_path)])
