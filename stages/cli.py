@@ -1,4 +1,4 @@
-"""The ``pipeline`` command: a Click group with one thin command per stage, plus ``status``.
+"""The ``pipeline`` command: a Click group with one thin command per stage, plus ``status``, ``runs``, ``gc``.
 
 Each stage command is generated from the stage's parameter dataclass (every field becomes an option with its
 help text and default), builds the params object (defaults < ``--config`` TOML < options) and calls
@@ -20,7 +20,7 @@ import click
 
 from pipeline.stage import config as cfg
 from pipeline import dist
-from pipeline.stage import StageError, StageFailures, run_stage, status
+from pipeline.stage import StageError, StageFailures, run_stage, runcache, stage_keys_in_cache, status
 from pipeline.stage.config import ConfigError
 from stages.options import _fail, param_options
 
@@ -140,8 +140,75 @@ def status_command(cache_dir, config_path):
     click.echo(f"cache: {root}")
     width = max([len(r.key) for r in rows] + [5])
     click.echo(f"{'stage':<{width}}  {'state':<10}  {'fingerprint':<12}  {'finished':<25}  {'done':>6}  "
-               f"{'failed':>6}  why")
+               f"{'failed':>6}  {'kept':<16}  why")
     for r in rows:
+        kept = f"{r.kept} ({runcache.human_size(r.kept_size)})" if r.kept else "-"
         click.echo(f"{r.key:<{width}}  {r.state:<10}  {r.fingerprint[:12]:<12}  {r.finished:<25}  "
-                   f"{r.done:>6}  {r.failed:>6}  {r.reason}")
+                   f"{r.done:>6}  {r.failed:>6}  {kept:<16}  {r.reason}")
+
+
+def _root_from(cache_dir, config_path) -> Path:
+    try:
+        conf = cfg.load_config(config_path)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    return resolve_cache_dir(cache_dir, conf)
+
+
+def _run_line(rec, current_params: dict) -> str:
+    diff = ", ".join(runcache.param_diff(current_params, rec.params)) if not rec.current else ""
+    state = "complete" if rec.complete else "partial"
+    return (f"{'*' if rec.current else ' '} {rec.key}  {rec.fingerprint[:12]:<12}  {state:<8}  "
+            f"{runcache.human_age(rec.age_seconds) + ' ago':>9}  {runcache.human_size(rec.size):>10}  "
+            f"{diff or ('current' if rec.current else 'same parameters')}")
+
+
+@main.command("runs")
+@click.argument("stage_or_key")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Cache root.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="TOML config.")
+def runs_command(stage_or_key, cache_dir, config_path):
+    """Every run of a stage (or one key) in the cache, current one marked *, with age, size, completeness and
+    the parameters that differ from the current run."""
+    root = _root_from(cache_dir, config_path)
+    keys = sorted({k for k in stage_keys_in_cache(root) + runcache.keys_with_kept_runs(root)
+                   if k == stage_or_key or k.startswith(stage_or_key.rstrip("/") + "/")})
+    if not keys:
+        _fail(f"no run of {stage_or_key!r} in {root}", 2)
+    for key in keys:
+        recs = runcache.all_runs(root, key)
+        current = next((r.params for r in recs if r.current), {})
+        for rec in recs:
+            click.echo(_run_line(rec, current))
+
+
+@main.command("gc")
+@click.option("--stage", default=None, help="Only the runs of this stage (or key).")
+@click.option("--keep-last", type=click.IntRange(min=0), default=None,
+              help="Per key, keep the N newest kept runs besides the current one.")
+@click.option("--older-than", default=None, help="Only runs older than this (e.g. 7d, 12h, 30m).")
+@click.option("--yes", is_flag=True, default=False, help="Delete (without it, only list what would go).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Cache root.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="TOML config.")
+def gc_command(stage, keep_last, older_than, yes, cache_dir, config_path):
+    """Remove kept runs from the run cache (a dry run unless --yes); the current run of a key is never removed
+    and a key being run is refused."""
+    root = _root_from(cache_dir, config_path)
+    try:
+        age = runcache.parse_duration(older_than) if older_than is not None else None
+    except ValueError as e:
+        _fail(str(e), 2)
+    try:
+        removed = runcache.gc(root, stage=stage, keep_last=keep_last, older_than=age, yes=yes)
+    except StageError as e:
+        _fail(str(e), 2)
+    currents = {}
+    for rec in removed:
+        if rec.key not in currents:
+            currents[rec.key] = next((r.params for r in runcache.all_runs(root, rec.key, with_size=False)
+                                      if r.current), {})
+        click.echo(_run_line(rec, currents[rec.key]))
+    total = runcache.human_size(sum(r.size for r in removed))
+    click.echo(f"{'removed' if yes else 'would remove'} {len(removed)} run(s), {total}"
+               + ("" if yes or not removed else "; pass --yes to delete them"))
 

@@ -10,6 +10,7 @@ from pipeline.stage.declare import (CACHE_FORMAT, MANIFEST, RUN_INFO, Plan, Stag
 from pipeline.stage.journal import Journal, read_records
 from pipeline.stage.lock import StageLock, lock_holder, lock_path
 from pipeline.stage.runner import RunResult, StageContext, compute_fingerprint, library_versions, run_stage
+from pipeline.stage import runcache  # noqa: F401  (the run cache: kept runs, gc)
 from pipeline.stage.status import StageStatus, stage_keys_in_cache, status
 
 __all__ = [
@@ -17,5 +18,5 @@ __all__ = [
     "Upstream", "digest", "file_sha256", "load_upstream", "param", "params_dict", "read_manifest",
     "read_run_info", "Journal", "read_records", "StageLock", "lock_holder", "lock_path", "RunResult",
     "StageContext", "compute_fingerprint", "library_versions", "run_stage", "StageStatus",
-    "stage_keys_in_cache", "status",
+    "stage_keys_in_cache", "status", "runcache",
 ]

@@ -8,15 +8,22 @@
 3. take the stage's lock (:class:`~pipeline.stage.lock.StageLock`; a second concurrent run is refused with a
    clear message, and a killed run never leaves a stale lock);
 4. if a complete manifest with the same fingerprint exists, do nothing and say so;
-5. if earlier partial work has another fingerprint, clear it; otherwise resume it: the stage asks its
+5. the run cache (:mod:`pipeline.stage.runcache`): a folder in place with another fingerprint (finished or
+   partial) is moved to ``<cache>/.runs/<key>/<its fingerprint>/``, never deleted; a kept run with the
+   requested fingerprint is moved back: a complete one is "restored from the run cache" with no recompute, a
+   partial one is resumed. ``force`` moves the finished run of the same fingerprint aside and removes it only
+   once the new run has finished (a killed forced run leaves it kept). Partial work of the same fingerprint
+   is resumed: the stage asks its
    :class:`~pipeline.stage.journal.Journal` which videos are done and skips them. Each video's output is
    committed atomically before its journal line, so a resumed run produces the same result as an
    uninterrupted one;
 6. write ``manifest.json``: fingerprint, parameters, upstream fingerprints, counts, timings, failures and
    library versions. A run with failures is marked incomplete (exit status 1) unless failures are allowed.
 
-Cache layout: ``<cache>/<stage key>/{manifest.json, run.json, journal.jsonl, log.txt, ...}`` with the lock
-file beside the folder (``<cache>/<stage key>.lock``).
+Cache layout: ``<cache>/<stage key>/{manifest.json, run.json, journal.jsonl, log.txt, ...}`` (the current run)
+with the lock file beside the folder (``<cache>/<stage key>.lock``, one run of a key at a time whatever its
+fingerprint) and the kept runs in ``<cache>/.runs/<stage key>/<fingerprint>/``. A lost manifest.json with
+run.json and the journal intact is rebuilt by re-running: the journaled work is skipped.
 
 Under ``torchrun`` every rank calls :func:`run_stage`: rank 0 takes the lock, decides (error / skip / run),
 writes run.json and, after every rank's ``run`` returned, the manifest; the other ranks follow its decision
@@ -39,6 +46,7 @@ from pipeline.stage.declare import (CACHE_FORMAT, MANIFEST, RUN_INFO, Plan, Stag
                                     Upstream, digest, load_upstream, params_dict, read_manifest, read_run_info)
 from pipeline.stage.journal import Journal, journal_files
 from pipeline.stage.lock import StageLock, lock_path, now
+from pipeline.stage import runcache
 
 log = logging.getLogger("pipeline")
 
@@ -76,6 +84,7 @@ class RunResult:
     skipped: bool
     manifest: dict
     message: str
+    restored: bool = False  # made current from the run cache, no recompute
 
 
 def library_versions() -> dict[str, str]:
@@ -120,12 +129,14 @@ def run_stage(stage: Stage, params: Any, cache_root: Path, *, allow_failures: bo
         fp = compute_fingerprint(stage, params, upstream, plan)
         with StageLock(lock_path(cache_root, key), key):
             fresh = _fresh_result(cache_root / key, key, fp, force)
+            if fresh is None and not force:
+                fresh = _from_run_cache(cache_root, key, fp)
             if fresh is not None:
                 _tell_ranks({"action": "skip", "fingerprint": fp, "manifest": fresh.manifest,
                              "message": fresh.message})
                 return fresh
             decided = True
-            manifest = _run(stage, params, cache_root / key, upstream, plan, fp, allow_failures, force)
+            manifest = _run(stage, params, cache_root, upstream, plan, fp, allow_failures, force)
     except StageError as e:
         if not decided:
             _tell_ranks({"action": "error", "message": str(e)})
@@ -175,23 +186,51 @@ def _fresh_result(out: Path, key: str, fp: str, force: bool) -> RunResult | None
     return RunResult(key, fp, True, manifest, msg)
 
 
-def _prepare_folder(out: Path, fp: str, force: bool) -> bool:
-    """Clear stale partial work (another fingerprint, or ``force``), drop an old manifest; returns whether
+def _from_run_cache(cache_root: Path, key: str, fp: str) -> RunResult | None:
+    """Make run ``fp`` of ``key`` current: the folder in place (another fingerprint) goes to the run cache and
+    a kept run ``fp`` comes back. The restored result when that run is complete, else None (run / resume)."""
+    out = cache_root / key
+    if out.exists() and runcache.folder_fingerprint(out) == fp:
+        return None  # partial work of this run in place: resumed
+    if not runcache.kept_dir(cache_root, key, fp).exists():
+        return None  # a new run: _prepare_folder keeps what is in place
+    where = runcache.stash(cache_root, key)
+    if where is not None:
+        log.info("%s: kept the run in place in the run cache (%s)", key, where)
+    runcache.restore(cache_root, key, fp)
+    manifest = read_manifest(out)
+    if not manifest or not manifest.get("complete") or manifest.get("fingerprint") != fp:
+        log.info("%s: partial run %s taken back from the run cache, resuming it", key, fp[:12])
+        return None
+    msg = f"{key}: restored from the run cache (fingerprint {fp[:12]}, finished {manifest.get('finished')})"
+    if (manifest.get("summary") or {}).get("line"):
+        msg += f"\nlast run: {manifest['summary']['line']}"
+    return RunResult(key, fp, True, manifest, msg, restored=True)
+
+
+def _prepare_folder(cache_root: Path, key: str, fp: str, force: bool) -> bool:
+    """Keep what is in place in the run cache when it is another run (another fingerprint, unknown, or
+    ``force``: the finished run is kept until the new one finishes), drop an old manifest; returns whether
     journaled work of the same run is resumed."""
+    out = cache_root / key
     info = read_run_info(out)
-    if out.exists() and (force or info is None or info.get("fingerprint") != fp
-                         or info.get("cache_format") != CACHE_FORMAT):
-        shutil.rmtree(out)  # parameters, code version or upstream changed (or forced): the output is stale
+    if out.exists() and (force or info is None
+                         or info.get("fingerprint") != fp or info.get("cache_format") != CACHE_FORMAT):
+        where = runcache.stash(cache_root, key)
+        log.info("%s: the run in place is kept in the run cache (%s)", key, where)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # a manifest only ever describes a finished run
     return bool(journal_files(out))
 
 
-def _run(stage: Stage, params: Any, out: Path, upstream: Upstream, plan: Plan, fp: str, allow_failures: bool,
-         force: bool) -> dict:
+def _run(stage: Stage, params: Any, cache_root: Path, upstream: Upstream, plan: Plan, fp: str,
+         allow_failures: bool, force: bool) -> dict:
     """Rank 0's run (the lock is held): prepare the folder, run every rank's share, write the manifest."""
     world, key = dist.world_size(), stage.output_key(params)
-    resumed = _prepare_folder(out, fp, force)
+    out = cache_root / key
+    replaced = runcache.kept_dir(cache_root, key, fp) if force else None
+    had_kept = replaced is not None and replaced.exists()
+    resumed = _prepare_folder(cache_root, key, fp, force)
     started = now()
     write_json(out / RUN_INFO, {
         "cache_format": CACHE_FORMAT, "stage": stage.name, "version": stage.version, "fingerprint": fp,
@@ -225,8 +264,11 @@ def _run(stage: Stage, params: Any, out: Path, upstream: Upstream, plan: Plan, f
         "world_size": world,
     }
     write_json(out / MANIFEST, manifest)
+    if replaced is not None and not had_kept and replaced.exists() and manifest["complete"]:
+        shutil.rmtree(replaced)  # --force: the finished run it replaces (same fingerprint) is superseded
     dist.barrier()
     return manifest
+
 
 
 def _result(key: str, fp: str, manifest: dict, out: Path, allow_failures: bool) -> RunResult:

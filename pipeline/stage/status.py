@@ -9,6 +9,7 @@ from pipeline.io.atomic import TMP_PREFIX
 from pipeline.stage.declare import RUN_INFO, Stage, StageError, read_manifest, read_run_info
 from pipeline.stage.journal import journal_files, read_records
 from pipeline.stage.lock import lock_holder, lock_path
+from pipeline.stage import runcache
 
 
 @dataclass
@@ -20,17 +21,27 @@ class StageStatus:
     finished: str = ""
     done: int = 0
     failed: int = 0
+    kept: int = 0  # other runs of this key kept in the run cache
+    kept_size: int = -1  # their bytes on disk (measured only with ``sizes=True``)
 
 
 def stage_keys_in_cache(cache_root: Path) -> list[str]:
-    """Every stage output folder (one holding run.json) under the cache, e.g. 'decode', 'finetune/rgb'."""
+    """Every current stage output folder (one holding run.json) under the cache, e.g. 'decode',
+    'finetune/rgb'; the run cache (``.runs/``), temporary folders and a stage folder's own outputs are not
+    searched."""
+    import os
+
     keys = []
+    cache_root = Path(cache_root)
     if cache_root.is_dir():
-        for run_json in cache_root.rglob(RUN_INFO):
-            rel = run_json.parent.relative_to(cache_root).as_posix()
-            if not any(p.startswith(TMP_PREFIX) for p in rel.split("/")):
+        for dirpath, dirnames, filenames in os.walk(cache_root):
+            rel = Path(dirpath).relative_to(cache_root).as_posix()
+            if RUN_INFO in filenames and rel != ".":
                 keys.append(rel)
+                dirnames.clear()  # a stage folder's outputs hold no other key (no scan of big stores)
+            dirnames[:] = [d for d in dirnames if d != runcache.RUNS_DIR and not d.startswith(TMP_PREFIX)]
     return sorted(keys)
+
 
 
 def _unfinished(cache_root: Path, key: str) -> StageStatus:
@@ -46,9 +57,10 @@ def _unfinished(cache_root: Path, key: str) -> StageStatus:
     return StageStatus(key, state, why, info.get("fingerprint", ""), "", len(done), len(failed))
 
 
-def status(cache_root: Path, stages: Iterable[Stage]) -> list[StageStatus]:
+def status(cache_root: Path, stages: Iterable[Stage], *, sizes: bool = True) -> list[StageStatus]:
     """Fresh / stale (and why) / incomplete / running / missing for every declared stage and every output in
-    the cache. A partial run counts its journaled videos as done."""
+    the cache, with how many other runs of each key are kept (and their size, measured only for kept runs). A
+    partial run counts its journaled videos as done."""
     cache_root = Path(cache_root)
     by_name = {s.name: s for s in stages}
     keys = stage_keys_in_cache(cache_root)
@@ -68,8 +80,15 @@ def status(cache_root: Path, stages: Iterable[Stage]) -> list[StageStatus]:
         if m is None or lock_holder(lock_path(cache_root, key)) is not None:
             rows[key] = _unfinished(cache_root, key)
             continue
-        rows[key] = _finished(m, key, by_name.get(m.get("stage", "")), manifests)
+        rows[key] = _finished(m, key, by_name.get(m.get("stage", "")), manifests, cache_root)
     _propagate_staleness(rows, manifests)
+    for key in runcache.keys_with_kept_runs(cache_root):
+        if key not in rows:
+            rows[key] = StageStatus(key, "missing", "no current run; `pipeline runs` lists the kept ones")
+            present.add(key.split("/")[0])
+        kept = runcache.kept_runs(cache_root, key, with_size=sizes)
+        rows[key].kept = len(kept)
+        rows[key].kept_size = sum(r.size for r in kept) if sizes else -1
     out = list(rows.values())
     for name in by_name:
         if name not in present:
@@ -79,7 +98,8 @@ def status(cache_root: Path, stages: Iterable[Stage]) -> list[StageStatus]:
     return out
 
 
-def _finished(m: dict, key: str, stage: Stage | None, manifests: dict[str, dict | None]) -> StageStatus:
+def _finished(m: dict, key: str, stage: Stage | None, manifests: dict[str, dict | None],
+              cache_root: Path) -> StageStatus:
     row = StageStatus(key, "fresh", "", m["fingerprint"], m.get("finished", ""), m.get("done", 0),
                       m.get("failed", 0))
     reasons = []
@@ -93,7 +113,7 @@ def _finished(m: dict, key: str, stage: Stage | None, manifests: dict[str, dict 
         if up is None:
             reasons.append(f"upstream {up_key} is missing or unfinished")
         elif up["fingerprint"] != up_fp:
-            reasons.append(f"upstream {up_key} changed ({up_fp[:8]} -> {up['fingerprint'][:8]})")
+            reasons.append(runcache.upstream_change(cache_root, up_key, up_fp, up))
     if reasons and row.state == "fresh":
         row.state = "stale"
     row.reason = "; ".join(reasons)
