@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from pipeline.data import STREAMS
 from pipeline.eval.scores import fuse_scores
+from pipeline.training import NonFiniteLoss, check_finite_loss  # noqa: F401 (NonFiniteLoss re-exported)
 
 __all__ = [
     "segment_positions",
