@@ -42,7 +42,6 @@ import torch
 
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, file_sha256, param, params_dict
 from pipeline.data.clips import STREAMS, TestViews, TrainClips, VideoList, input_channels, input_normalizer
-from pipeline.data.datasets import VideoRecord, holdout_groups
 from pipeline.models.backbones import create_backbone, imagenet_weights_path, list_backbones
 from pipeline.io.store import VideoStore
 from pipeline.data.table import VideoTable
@@ -82,9 +81,6 @@ class FinetuneParams:
     partial_bn: str = param("auto", "TSN partial BN: freeze every BatchNorm layer but the first. auto: on "
                             "with pretrained weights, off with --weights none (from scratch BN must learn).",
                             choices=("auto", "on", "off"))
-    val_fraction: float = param(0.1, "Fraction of the training split held out for validation, by whole "
-                                "groups (UCF101 gNN, HMDB51 source clip); 0: no validation (the schedule "
-                                "then follows the training loss and best.pt is the last epoch).")
     val_frames: int = param(5, "Centre views per validation video (uniformly spaced), each epoch.")
     num_test_frames: int = param(25, "Centre views per test video, uniformly spaced (two-stream protocol: 25).")
     flow_length: int = param(10, "L, flow fields per stack ([STFN] §4.2: 10 -> 20 input channels).")
@@ -113,8 +109,6 @@ class FinetuneParams:
             raise StageError("--patience and --lr-decays must be >= 0")
         if not (self.dropout == -1 or 0 <= self.dropout < 1):
             raise StageError(f"--dropout must be in [0, 1) or -1 (got {self.dropout})")
-        if not 0 <= self.val_fraction < 1:
-            raise StageError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         if self.flow_bound <= 0:
             raise StageError(f"--flow-bound must be > 0 (got {self.flow_bound})")
 
@@ -197,13 +191,9 @@ def plan(p: FinetuneParams, upstream: Upstream) -> Plan:
         raise StageError(f"split {p.split}: {len(absent)} class(es) of the test split have no training video "
                          f"({names}); a network cannot learn them")
 
-    # Validation: whole groups of the training split ([STFN] §4.2 validation error; grouped so that
-    # clips of one actor/scene do not land on both sides).
-    records = [VideoRecord(table.video_ids[i], Path(table.sources[i]), table.labels[i],
-                           table.classes[table.labels[i]], "train", table.groups[i]) for i in train_rows]
-    held = holdout_groups(records, p.val_fraction, seed=p.seed) if p.val_fraction > 0 else frozenset()
-    val_rows = [i for i in train_rows if table.groups[i] in held]
-    fit_rows = [i for i in train_rows if table.groups[i] not in held]
+    # Validation ([STFN] §4.2 validation error): the one hold-out, recorded by decode in the video table (pipeline/data/splits.py).
+    val_rows = [i for i, s in enumerate(membership) if s == "val"]
+    fit_rows = train_rows
 
     def vl(rows: list[int]) -> VideoList:
         return VideoList(tuple(table.video_ids[i] for i in rows), tuple(table.labels[i] for i in rows),
@@ -234,7 +224,7 @@ def plan(p: FinetuneParams, upstream: Upstream) -> Plan:
                      "frames": [table.num_frames[i] for i in train_rows + test_rows],
                      "weights": _weights_digest(p.weights, p.arch)})
     describe = (f"{p.stream} {p.arch}, {len(table.classes)} classes, {len(data.train)} train / {len(data.val)} "
-                f"val ({len(held)} groups) / {len(data.test)} test videos")
+                f"val ({len({table.groups[i] for i in val_rows})} groups) / {len(data.test)} test videos")
 
     return Plan(inputs, data, describe)
 
@@ -409,7 +399,8 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     return {"line": line, "top1": m["top1"], "mean_class_acc": m["mean_class_acc"], "best_epoch": best["epoch"],
             "best_val_acc": best["val_acc"] if best["val_acc"] >= 0 else None, "epochs": res["epochs"],
             "lr_decays": res["decays"], "classes": len(data.classes), "train_videos": len(data.train),
-            "val_videos": len(data.val), "test_videos": len(labels), "world_size": info.world_size,
+            "val_videos": len(data.val), "val_video_ids": list(data.val.video_ids), "test_videos": len(labels),
+            "world_size": info.world_size,
             "device": str(device), "median_frames_per_s": float(np.median(fps)) if fps else None,
             "data_wait_fraction": waiting, "seconds": seconds}
 

@@ -18,8 +18,8 @@ without it the running statistics drift from those the head was trained on (demo
 with it off, -> 81.2% with it on, 3 epochs). A step takes ``--batch-size`` videos
 (32, the paper's batch) in micro-batches of ``--micro-batch`` videos per rank whose gradients accumulate,
 so the memory of N x 2 backbone passes per video stays bounded; BatchNorm statistics are those of a
-micro-batch. Validation videos are whole groups held out of the training split (the finetune rule,
-:func:`pipeline.data.datasets.holdout_groups`). On CUDA: bf16 autocast + channels_last (``--amp``) and gradient
+micro-batch. Validation videos are the one hold-out decode recorded in the video table
+(:mod:`pipeline.data.splits`), the same as finetune's and train-head's. On CUDA: bf16 autocast + channels_last (``--amp``) and gradient
 checkpointing of the backbones' residual stages / Inception blocks (``--grad-checkpoint auto``: on CUDA).
 
 Test protocol, that of ``train-head``: ``--num-test`` (5) sequences per video, sequence j taking in every
@@ -67,7 +67,6 @@ from pipeline.io.atomic import write_json as write_json_atomic
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param, params_dict, \
     read_manifest
 from pipeline.data.clips import VideoList
-from pipeline.data.datasets import VideoRecord, holdout_groups
 from pipeline.eval.metrics import evaluate
 from pipeline.training.heads import NUM_TEST
 from pipeline.models.backbones import create_backbone
@@ -104,9 +103,6 @@ class RefineParams:
                             "auto: on, since refine starts from trained backbones (TSN's rule for pre-trained "
                             "networks; measured on the demo: off lets the statistics drift, -6 points).",
                             choices=("auto", "on", "off"))
-    val_fraction: float = param(0.1, "Fraction of the training split held out for validation by whole groups "
-                                "(the finetune rule); 0: none (the schedule follows the training loss, best.pt "
-                                "is the last epoch).")
     num_test: int = param(NUM_TEST, "Test sequences per video ([STFN] §4.2: 5), as train-head.")
     seed: int = param(0, "Seed of the data order, augmentation, dropout and validation hold-out.")
     grad_checkpoint: str = param("auto", "Gradient checkpointing of the backbones' residual stages: less "
@@ -132,8 +128,6 @@ class RefineParams:
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise StageError(f"need --lr > 0, --weight-decay >= 0 and 0 <= --momentum < 1 (got {self.lr}, "
                              f"{self.weight_decay}, {self.momentum})")
-        if not 0 <= self.val_fraction < 1:
-            raise StageError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
 
 
 def _key(p: RefineParams) -> str:
@@ -285,13 +279,11 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
     test_rows = [i for i, s in enumerate(membership) if s == "test"]
     if not train_rows or not test_rows:
         raise StageError(f"split {split}: {len(train_rows)} training and {len(test_rows)} test videos; both needed")
-    records = [VideoRecord(table.video_ids[i], Path(table.sources[i]), table.labels[i],
-                           table.classes[table.labels[i]], "train", table.groups[i]) for i in train_rows]
-    held = holdout_groups(records, p.val_fraction, seed=p.seed) if p.val_fraction > 0 else frozenset()
-    val_rows = [i for i in train_rows if table.groups[i] in held]
-    fit_rows = [i for i in train_rows if table.groups[i] not in held]
+    # The one validation hold-out, recorded by decode in the video table (pipeline/data/splits.py).
+    val_rows = [i for i, s in enumerate(membership) if s == "val"]
+    fit_rows = train_rows
     if len(fit_rows) < 1:
-        raise StageError("no training videos left after the validation hold-out; lower --val-fraction")
+        raise StageError("no training videos left after the validation hold-out; lower decode's --val-fraction")
 
     def vl(rows: list[int]) -> VideoList:
         return VideoList(tuple(table.video_ids[i] for i in rows), tuple(table.labels[i] for i in rows),
@@ -322,7 +314,7 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
                      "frames": [table.num_frames[i] for i in train_rows + test_rows], "positions": positions})
     describe = (f"{head_ckpt['head']} head {p.head_name} (N={n}) on {ck['rgb'][1]['arch']} rgb {sizes['rgb']}px + "
                 f"{ck['flow'][1]['arch']} flow {sizes['flow']}px, {len(table.classes)} classes, {len(data.train)} "
-                f"train / {len(data.val)} val ({len(held)} groups) / {len(data.test)} test videos")
+                f"train / {len(data.val)} val ({len({table.groups[i] for i in val_rows})} groups) / {len(data.test)} test videos")
     return Plan(inputs, data, describe)
 
 
@@ -660,6 +652,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         "name": name, "head": data.head_meta["head"], "head_kwargs": data.head_meta["head_kwargs"],
         "params": params_dict(p), **ev.as_dict(), "comparison": comparison,
         "videos": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        "val_video_ids": list(data.val.video_ids),
         "segments": data.head_meta["num_segments"], "positions": data.positions, "num_test": p.num_test,
         "views": 1, "input_size": {"rgb": data.rgb_size, "flow": data.flow_size},
         "backbones": {s: data.sources[s]["arch"] for s in STREAMS}, "partial_bn": data.partial_bn,

@@ -259,6 +259,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     results = {
         "name": name, "head": p.head, "head_kwargs": kwargs, "head_options": options, "params": params_dict(p),
         **ev.as_dict(), "videos": {"train": int(tr.size), "val": int(va.size), "test": int(test.size)},
+        "val_video_ids": [str(v) for v in np.asarray(fs.video_ids)[va]],
         "positions": info["P"], "views": info["views"], "segments": n, "num_test": p.num_test,
         "distinct_test_sequences": info["distinct_test_sequences"], "test_fusion": p.test_fusion,
         "device": str(device), "fit_seconds": fit_seconds, "history": history.as_dict(),

@@ -478,3 +478,31 @@ def test_real_clips_as_csv(shared_data, tmp_path):
     ds = load_csv(tmp_path / "list.csv")
     assert [v.group for v in ds.videos] == ["ApplyEyeMakeup_g01", "BaseballPitch_g01"]
     assert all(v.path.is_file() for v in ds.videos)
+
+
+def test_one_holdout_on_the_official_ucf101_split(shared_data):
+    """mark_validation on UCF101 split 1 (official lists, 25 groups per class): whole groups per class,
+    about 10 % of each class's training videos, no test video touched, deterministic for a seed."""
+    from pipeline.data.splits import VAL, mark_validation
+
+    lists = shared_data / "splits" / "ucf101"
+    classes = [line.split()[1] for line in (lists / "classInd.txt").read_text().split("\n") if line.strip()]
+    rows = [(line.split()[0], "train") for line in (lists / "trainlist01.txt").read_text().split("\n") if line.strip()]
+    rows += [(line.strip(), "test") for line in (lists / "testlist01.txt").read_text().split("\n") if line.strip()]
+    names = [r[0].split("/")[1].rsplit(".", 1)[0] for r in rows]
+    groups = [n.rsplit("_", 1)[0] for n in names]  # v_<Class>_gGG
+    labels = [classes.index(r[0].split("/")[0]) if r[0].split("/")[0] in classes else
+              [c.lower() for c in classes].index(r[0].split("/")[0].lower()) for r in rows]
+    membership = [m for _, m in rows]
+    marked = mark_validation(membership, groups, labels, 0.1, seed=0)
+    assert mark_validation(membership, groups, labels, 0.1, seed=0) == marked
+    assert mark_validation(membership, groups, labels, 0.1, seed=1) != marked
+    assert all(m == "test" for m, o in zip(marked, membership) if o == "test")
+    val_groups = {g for g, m in zip(groups, marked) if m == VAL}
+    train_groups = {g for g, m in zip(groups, marked) if m == "train"}
+    assert not val_groups & train_groups
+    for c in range(len(classes)):
+        tr = [i for i, (m, y) in enumerate(zip(membership, labels)) if m == "train" and y == c]
+        held = sum(marked[i] == VAL for i in tr)
+        assert 1 <= held and abs(held - 0.1 * len(tr)) <= 5  # a UCF101 group holds 4-7 clips
+    assert len(marked) == 9537 + 3783

@@ -36,10 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 # class -> 6 training, 2 validation, 2 test videos; resnet18 at 32 px.
 # Dropout off unless a test turns it on: with it, ranks draw their own masks (by design), so a 2-rank run
 # cannot repeat a 1-process one. Partial BN is off (auto with --weights none).
-TINY = dict(arch="resnet18", input_size=32, weights="none", batch_size=4, segments=2, val_fraction=0.25,
+TINY = dict(arch="resnet18", input_size=32, weights="none", batch_size=4, segments=2,
             val_frames=2, num_test_frames=3, workers=0, dropout=0.0)
 TINY_CLI = ["--arch", "resnet18", "--input-size", "32", "--weights", "none", "--batch-size", "4", "--segments", "2",
-            "--val-fraction", "0.25", "--val-frames", "2", "--num-test-frames", "3", "--dropout", "0"]
+            "--val-frames", "2", "--num-test-frames", "3", "--dropout", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def upstream(tmp_path_factory):
     """decode + (Farneback) extract-flow outputs of the tiny dataset, shared read-only by the tests."""
     root = tmp_path_factory.mktemp("finetune")
     data = make_csv_dataset(root / "data", videos_per_class=5, num_frames=12, size=(48, 32))
-    run_stage(DECODE, DecodeParams(dataset="csv", root=data, short_side=0, workers=1), root / "cache")
+    run_stage(DECODE, DecodeParams(dataset="csv", root=data, short_side=0, val_fraction=0.25, workers=1), root / "cache")
     run_stage(FAKE_FLOW_STAGE, FakeFlowParams(), root / "cache")
     return root / "cache"
 
@@ -119,6 +119,8 @@ def test_rgb_outputs_and_test_scores_recomputed(rgb_run):
     per_class = [float((pred[s["labels"] == c] == c).mean()) for c in np.unique(s["labels"])]
     assert summary["mean_class_acc"] == pytest.approx(float(np.mean(per_class)))
     assert summary["train_videos"] == 6 and summary["val_videos"] == 2 and summary["test_videos"] == 2
+    # The one hold-out: finetune validates on the videos decode marked "val" in the video table.
+    assert sorted(summary["val_video_ids"]) == sorted(table.video_ids[i] for i in table.indices(1, "val"))
     assert r.manifest["done"] == 2 and "test top-1" in r.message
     assert run_stage(STAGE, FinetuneParams(stream="rgb", epochs=2, **TINY), cache).skipped
 
@@ -198,7 +200,7 @@ def test_test_classes_absent_from_training_are_refused(tmp_path):
                             num_frames=6, size=(32, 24))
     rows = (data / "list.csv").read_text().splitlines()
     (data / "list.csv").write_text("\n".join(r.replace(",train", ",test") if "Gamma" in r else r for r in rows) + "\n")
-    run_stage(DECODE, DecodeParams(dataset="csv", root=data, short_side=0, workers=1), tmp_path / "cache")
+    run_stage(DECODE, DecodeParams(dataset="csv", root=data, short_side=0, val_fraction=0.25, workers=1), tmp_path / "cache")
     with pytest.raises(StageError, match="1 class.*no training video.*Gamma"):
         run_stage(STAGE, FinetuneParams(stream="rgb", **TINY), tmp_path / "cache")
 

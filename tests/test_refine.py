@@ -102,7 +102,7 @@ HEAD = TrainHeadParams(head="stfn", segments=3, max_epochs=3, batch_size=4, devi
 HEAD_NAME = "stfn-a-avg-bi-n3-s0"
 # Tiny refine: 6 training videos (2 validation); one step of 4 videos per epoch (the incomplete last batch is
 # dropped), accumulated over 2 micro-batches of 2.
-TINY = dict(head_name=HEAD_NAME, batch_size=4, micro_batch=2, val_fraction=0.25, workers=0, device="cpu")
+TINY = dict(head_name=HEAD_NAME, batch_size=4, micro_batch=2, workers=0, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -454,7 +454,27 @@ def test_head_that_does_not_fit_the_backbones(upstream, tmp_path, head, match):
 
 
 def test_bad_parameters():
-    for bad, match in ((dict(micro_batch=0), "--micro-batch"), (dict(val_fraction=1.0), "--val-fraction"),
+    for bad, match in ((dict(micro_batch=0), "--micro-batch"),
                        (dict(head_name="a/b"), "--head-name")):
         with pytest.raises(StageError, match=match):
             RefineParams(**bad).validate()
+
+
+def test_one_holdout_feature_store_train_head_and_refine_validate_on_the_same_videos(upstream, tmp_path):
+    """decode records the hold-out (one group per class at --val-fraction 0.25 with 4 training groups per
+    class); the feature store copies it, train-head and refine validate on exactly those videos."""
+    from pipeline.data.table import VideoTable
+    from pipeline.io.store import read_feature_store
+
+    table = VideoTable.load(upstream / "decode")
+    val = sorted(table.video_ids[i] for i in table.indices(1, "val"))
+    assert len(val) == 2 and {v.split("/")[0] for v in val} == {"Alpha", "Beta"}
+    assert not set(val) & {table.video_ids[i] for i in table.indices(1, "train")}
+    fs = read_feature_store(upstream / "extract-features" / "features.zarr", ["rgb"])
+    assert sorted(np.asarray(fs.video_ids)[np.asarray(fs.split).astype(str) == "val"].astype(str)) == val
+    head_r = json.loads((upstream / "train-head" / HEAD_NAME / "results.json").read_text())
+    assert sorted(head_r["val_video_ids"]) == val
+    cache = fresh_cache(upstream, tmp_path)
+    run_stage(STAGE, RefineParams(epochs=0, **TINY), cache)
+    r = json.loads((cache / "refine" / HEAD_NAME / "results.json").read_text())
+    assert sorted(r["val_video_ids"]) == val
