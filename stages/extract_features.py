@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from pipeline import dist
+from pipeline.io.atomic import weights_sha256
 from pipeline.stage import (Journal, Plan, Stage, StageContext, StageError, Upstream, digest, file_sha256, param,
                             read_manifest)
 from pipeline.models.backbones import (
@@ -148,13 +149,23 @@ class StreamSource:
     arch: str
     weights: str            # finetune | imagenet | none | file
     path: str | None        # the weights file (None for none)
-    sha256: str | None
+    sha256: str | None      # of the weights file's bytes (provenance, recorded in the store's attributes)
     in_channels: int
     input_size: int
     flow_length: int        # L (flow stream; 0 for rgb)
     num_features: int
     seed: int = 0
     upstream_fingerprint: str | None = None  # finetune/<stream>'s fingerprint for finetune weights
+    weights_sha256: str | None = None  # of the weights tensors alone (pipeline.io.atomic.weights_sha256)
+
+    def identity(self) -> dict:
+        """What determines the features: the weights' tensors, not the file's bytes or path (a resumed
+        finetune rewrites best.pt with other timings and the same weights)."""
+        d = asdict(self)
+        if self.weights_sha256:
+            d.pop("sha256"), d.pop("path")
+        d.pop("upstream_fingerprint")  # finetune's fingerprint is already an upstream fingerprint
+        return d
 
 
 def _num_features(arch: str, in_channels: int) -> int:
@@ -235,7 +246,8 @@ def resolve_source(stream: str, p: ExtractFeaturesParams, upstream: Upstream, cl
                              "(copy the torchvision file there, or use the finetune checkpoints)")
     kind = weights if weights in ("finetune", "imagenet", "none") else "file"
     return StreamSource(stream, arch, kind, str(path) if path else None, file_sha256(path) if path else None,
-                        in_channels, int(size), int(L), _num_features(arch, in_channels), p.seed, up_fp)
+                        in_channels, int(size), int(L), _num_features(arch, in_channels), p.seed, up_fp,
+                        weights_sha256(ckpt["model"]) if ckpt is not None else None)
 
 
 def build_backbone(src: StreamSource, device: str | torch.device = "cpu") -> Backbone:
@@ -503,7 +515,7 @@ def plan(p: ExtractFeaturesParams, upstream: Upstream) -> Plan:
 
     outputs = ["zarr", "h5"] if p.format == "both" else [p.format]
     inputs = digest({"videos": [table.video_ids[i] for i in rows],
-                     "sources": {s: asdict(src) for s, src in sources.items()}})
+                     "sources": {s: src.identity() for s, src in sources.items()}})
     describe = (f"{len(rows)} videos of split {p.split}, P = {p.positions}, {p.views} view(s); " +
                 ", ".join(f"{s}: {src.arch} ({src.weights}, {src.input_size}px"
                           + (f", L = {src.flow_length}" if s == "flow" else "") + ")" for s, src in sources.items()))

@@ -385,3 +385,24 @@ def test_bad_input_is_refused_before_work(cache, monkeypatch, case):
     res = CliRunner().invoke(main, ["extract-features", "--cache-dir", str(cache), *args])
     assert res.exit_code == 2 and expect in res.output, res.output
     assert not (cache / "extract-features").exists()  # nothing started
+
+
+def test_same_weights_give_the_same_fingerprint_whatever_the_bookkeeping(cache):
+    """A resumed or forced finetune rewrites best.pt with other timings/epochs but the same weights: the
+    extract-features fingerprint must not change; other weights must change it."""
+    from pipeline.stage import load_upstream
+    from pipeline.stage.runner import compute_fingerprint
+
+    def fingerprint():
+        p = ExtractFeaturesParams(positions=4)
+        up = load_upstream(cache, STAGE.upstream_keys(p, cache), STAGE.name)
+        return compute_fingerprint(STAGE, p, up, STAGE.plan(p, up))
+
+    before = fingerprint()
+    best = cache / "finetune" / "rgb" / "best.pt"
+    ckpt = torch.load(best, weights_only=True)
+    torch.save({**ckpt, "epoch": 7, "seconds": 123.4, "history": [1.0, 2.0]}, best)  # other bytes, same weights
+    assert best.read_bytes() != b"" and fingerprint() == before
+    ckpt["model"] = {k: (v + 1 if v.is_floating_point() else v) for k, v in ckpt["model"].items()}
+    torch.save(ckpt, best)
+    assert fingerprint() != before

@@ -117,3 +117,25 @@ def load_checkpoint(path: Path, *, require: tuple[str, ...] = ("model",), map_lo
     if missing:
         raise ValueError(f"{path}: not a checkpoint of this pipeline (no {', '.join(map(repr, missing))} entry)")
     return obj
+
+
+def weights_sha256(state_dict: dict) -> str:
+    """sha256 of a state dict's tensors (names, dtypes, shapes and bytes, in name order).
+
+    What determines a network's output, and nothing else: two checkpoints with the same weights but other
+    bookkeeping (timings, epoch counters, optimizer state) have the same digest, so a resumed or forced
+    fine-tuning that ends with the same weights gives its downstream stages the same fingerprint.
+    """
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
