@@ -255,6 +255,9 @@ def test_truncated_video_is_a_failure_or_stored_as_truncated(tmp_path, shared_da
     with VideoStore(tmp_path / "cache" / "decode" / "frames", "zarr").reader("cut") as c:
         assert c.attrs["truncated"] == rec["truncated"] and c.attrs["num_frames"] == rec["num_frames"] < 107
     assert "1 stored truncated" in res.output
+    st = CliRunner().invoke(main, ["status", "--cache-dir", str(tmp_path / "cache")])
+    row = next(line for line in st.output.splitlines() if line.startswith("decode "))
+    assert "fresh" in row and "1 video(s) stored truncated (cut;" in row
 
 
 def test_missing_videos_are_summarised_in_one_line_and_listed_in_a_file(tmp_path, caplog):

@@ -116,6 +116,10 @@ def _finished(m: dict, key: str, stage: Stage | None, manifests: dict[str, dict 
             reasons.append(runcache.upstream_change(cache_root, up_key, up_fp, up))
     if reasons and row.state == "fresh":
         row.state = "stale"
+    truncated = (m.get("summary") or {}).get("truncated") or {}
+    if truncated:  # stored under --allow-truncated: not a failure, but never silent
+        first = ", ".join(list(truncated)[:3]) + (", ..." if len(truncated) > 3 else "")
+        reasons.append(f"{len(truncated)} video(s) stored truncated ({first}; details in manifest.json)")
     row.reason = "; ".join(reasons)
     return row
 
