@@ -70,7 +70,14 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` with paths as strings and tuples as lists (what JSON can hold)."""
+    """``value`` with paths as strings, tuples as lists and numpy scalars as Python numbers (what JSON and
+    store attributes can hold)."""
+    import numpy as np
+
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, (tuple, list)):

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.io.atomic import TMP_PREFIX, atomic_dir, remove_path
+from pipeline.io.atomic import TMP_PREFIX, atomic_dir, jsonable, remove_path
 
 #: Bumped when a stored layout changes incompatibly; checked on open.
 FORMAT_VERSION = 1
@@ -44,21 +44,6 @@ def _check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown store backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     return backend
-
-
-def _json_attr(value: Any) -> Any:
-    """Attributes are stored as JSON-compatible values (numpy scalars and paths converted)."""
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_json_attr(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _json_attr(v) for k, v in value.items()}
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,9 +136,9 @@ class _Container:
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:
         if self.backend == "h5":
             for k, v in attrs.items():
-                self.handle.attrs[k] = json.dumps(_json_attr(v))
+                self.handle.attrs[k] = json.dumps(jsonable(v))
         else:
-            self.handle.attrs.update({k: _json_attr(v) for k, v in attrs.items()})
+            self.handle.attrs.update({k: jsonable(v) for k, v in attrs.items()})
 
     # -- reading --
     @property
