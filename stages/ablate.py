@@ -1,7 +1,8 @@
 """``ablate``: [STFN]'s ablations (Tables 1-4) and the baselines, each row a cached ``train-head`` output.
 
 A plain command, not a stage: every row runs the train-head stage (so re-running recomputes only what
-changed) and the tables, a bar chart and ablate.json go to ``<cache>/ablate/``.
+changed) and the tables, a bar chart and ablate.json go to ``<cache>/ablate/<scope>/`` (the split and
+backbone of ``[train-head]``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pipeline.io.atomic import write_json, write_text
 from pipeline.models.heads import HEAD_OPTIONS, applicable_options
 from pipeline.models.stfn import ARCHS
 from pipeline.stage import StageError, StageLocked, param, params_dict, run_stage
-from stages.train_head import STAGE, TrainHeadParams, head_name
+from stages.train_head import STAGE, TrainHeadParams, head_key, head_name
 
 #: Head options of ``[train-head]`` that every row keeps where they apply (the others define the rows).
 CARRIED = ("fused_dim", "dropout")
@@ -85,6 +86,11 @@ def ablation_rows(base: TrainHeadParams, grid: str, seeds: int) -> list[tuple[st
     return out
 
 
+def ablate_dir(cache_root: Path, base: TrainHeadParams) -> Path:
+    """``<cache>/ablate/<scope>/``: the tables of the features of one split and backbone."""
+    return Path(cache_root) / "ablate" / artifacts.scope(base.split, base.backbone)
+
+
 def run_ablation(base: TrainHeadParams, cache_root: Path, grid: str = "tables", seeds: int = 1,
                  echo=lambda s: None) -> dict:
     """Train every row of ``grid`` (cached train-head outputs) and write the tables and the chart to
@@ -98,7 +104,7 @@ def run_ablation(base: TrainHeadParams, cache_root: Path, grid: str = "tables", 
     for _, _, rows in tables:
         for _, ps in rows:
             for p in ps:
-                key = artifacts.head_key(head_name(p))
+                key = head_key(p)
                 if key in done:
                     continue
                 try:
@@ -112,14 +118,14 @@ def run_ablation(base: TrainHeadParams, cache_root: Path, grid: str = "tables", 
                 r = json.loads((cache_root / key / artifacts.RESULTS).read_text())
                 done[key] = {"top1": r["top1"], "mean_class_accuracy": r["mean_class_accuracy"]}
                 echo(f"[{len(done)}/{total}] {res.message}")
-    out_dir = cache_root / "ablate"
+    out_dir = ablate_dir(cache_root, base)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, list] = {}
     chart, chart_err = {}, {}
     for stem, title, rows in tables:
         body, recs = [], []
         for label, ps in rows:
-            keys = [artifacts.head_key(head_name(p)) for p in ps]
+            keys = [head_key(p) for p in ps]
             res = [done[k] for k in keys]
             skipped = [r["skipped"] for r in res if "skipped" in r]
             rec = {"label": label, "keys": keys, "params": params_dict(ps[0])}
@@ -132,8 +138,8 @@ def run_ablation(base: TrainHeadParams, cache_root: Path, grid: str = "tables", 
                 rec.update(top1=top1, mean_class_accuracy=mca, top1_mean_std=mean_std(top1),
                            mean_class_accuracy_mean_std=mean_std(mca))
                 body.append([label, ps[0].head, fmt_mean_std(top1), fmt_mean_std(mca), str(len(ps)),
-                             ", ".join(k.split("/", 1)[1] for k in keys)])
-                bar = keys[0].split("/", 1)[1].rsplit("-s0", 1)[0]
+                             ", ".join(artifacts.key_parts(k).name for k in keys)])
+                bar = artifacts.key_parts(keys[0]).name.rsplit("-s0", 1)[0]
                 chart[bar], chart_err[bar] = rec["top1_mean_std"]
             recs.append(rec)
         std_note = f" (mean ± sample std over {seeds} seeds)" if seeds > 1 else ""
@@ -185,8 +191,9 @@ def ablate_command(grid, seeds, config_path, cache_dir, verbose):
         click.echo(f"Error: {e}", err=True)
         sys.exit(2)
     skipped = sum("skipped" in r for recs in report.values() for r in recs)
-    click.echo(f"ablate: {len(report)} tables in {root / 'ablate'}"
+    out = ablate_dir(root, base)
+    click.echo(f"ablate: {len(report)} tables in {out}"
                + (f" ({skipped} row(s) skipped, reasons in the tables)" if skipped else ""))
     for stem in report:
-        click.echo(f"  {root / 'ablate' / (stem + '.md')}")
-    click.echo(f"  {root / 'ablate' / 'ablate.png'}")
+        click.echo(f"  {out / (stem + '.md')}")
+    click.echo(f"  {out / 'ablate.png'}")

@@ -52,6 +52,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from pipeline.io import artifacts
 from pipeline import dist
 from pipeline.io.atomic import weights_sha256
 from pipeline.stage import (Journal, Plan, Stage, StageContext, StageError, Upstream, digest, file_sha256, param,
@@ -92,8 +93,8 @@ PARTS = "parts"
 
 @dataclass(frozen=True)
 class ExtractFeaturesParams:
-    split: str = param("1", "Split whose train / test membership is stored beside the features (a split id "
-                       "of the video table: 1, 2, 3 for UCF101 / HMDB51, 1 otherwise).")
+    split: int = param(1, "Split whose train / test membership is stored beside the features (a split id "
+                       "of the video table: 1, 2, 3 for UCF101 / HMDB51, 1 otherwise).", scope="split")
     positions: int = param(45, "P, temporal positions per video. A head with N segments needs P >= 5 N "
                            "(5 test positions per segment, [STFN] §4.2): 45 covers N up to 9; 25 / 35 "
                            "cover the paper's N = 5 / 7.")
@@ -103,9 +104,9 @@ class ExtractFeaturesParams:
                              "imagenet, none (random, seeded by --seed) or a weights file.")
     flow_weights: str = param("finetune", "Motion backbone: finetune (<cache>/finetune/flow/best.pt), "
                               "imagenet (cross-modality first conv), none or a weights file.")
-    arch: str = param("auto", "Backbone for non-finetune weights (resnet18/34/50/101/152, inception_v3); "
-                      "auto: the checkpoint's arch, else resnet101. Given explicitly, a checkpoint of another "
-                      "arch is refused.")
+    arch: str = param(DEFAULT_ARCH, "Backbone of both streams (resnet18/34/50/101/152, inception_v3): reads "
+                      "finetune's outputs of this backbone; a weights file of another arch is refused.",
+                      aliases=("--backbone",), scope="backbone")
     input_size: int = param(0, "Network input side in pixels; 0: the checkpoint's input_size, else the "
                             "backbone's native size (224 ResNet, 299 Inception-V3).")
     flow_length: int = param(0, "L, flow fields per stack (2L input channels); 0: the flow checkpoint's, "
@@ -131,8 +132,8 @@ class ExtractFeaturesParams:
             raise StageError(f"--input-size must be 0 (automatic) or at least 16 (got {self.input_size})")
         if self.flow_length < 0:
             raise StageError(f"--flow-length must be 0 (automatic) or positive (got {self.flow_length})")
-        if self.arch != "auto" and self.arch not in list_backbones():
-            raise StageError(f"--arch {self.arch!r} is unknown; choose auto or one of {', '.join(list_backbones())}")
+        if self.arch not in list_backbones():
+            raise StageError(f"--arch {self.arch!r} is unknown; choose one of {', '.join(list_backbones())}")
         if self.batch_size < 1 or self.workers < 1:
             raise StageError("--batch-size and --workers must be at least 1")
 
@@ -196,7 +197,7 @@ def resolve_source(stream: str, p: ExtractFeaturesParams, upstream: Upstream, cl
     path: Path | None = None
     up_fp = None
     if weights == "finetune":
-        key = f"finetune/{stream}"
+        key = artifacts.finetune_key(stream, p.split, p.arch)
         path = upstream.dir(key) / "best.pt"
         up_fp = upstream.manifests[key]["fingerprint"]
         if not path.is_file():
@@ -221,12 +222,14 @@ def resolve_source(stream: str, p: ExtractFeaturesParams, upstream: Upstream, cl
         ckpt = _load_checkpoint(path)
 
     ck_arch = ckpt.get("arch") if ckpt else None
-    if p.arch != "auto" and ck_arch is not None and ck_arch != p.arch:
+    if ck_arch is not None and ck_arch != p.arch:
         raise StageError(f"{path}: checkpoint holds a {ck_arch} backbone but --arch {p.arch} was asked")
-    arch = ck_arch or (DEFAULT_ARCH if p.arch == "auto" else p.arch)
-    if arch not in list_backbones():
-        raise StageError(f"{path}: checkpoint arch {arch!r} is not a known backbone")
+    arch = p.arch
     ck_params = (ckpt.get("params") or {}) if ckpt else {}
+    if ck_params.get("split") is not None and int(ck_params["split"]) != int(p.split):
+        raise StageError(f"{path}: this {stream} network was fine-tuned on split {ck_params['split']}; its "
+                         f"features for split {p.split} would score test videos it was trained on. Use the "
+                         f"split {p.split} network (or --split {ck_params['split']})")
 
     if stream == "rgb":
         L, in_channels = 0, 3
@@ -445,7 +448,8 @@ def write_part(parts: VideoStore, vf: VideoFeatures) -> None:
 
 def upstream_keys(p: ExtractFeaturesParams) -> tuple[str, ...]:
     keys = ["decode", "extract-flow"]
-    keys += [f"finetune/{s}" for s in STREAMS if (p.rgb_weights if s == "rgb" else p.flow_weights) == "finetune"]
+    keys += [artifacts.finetune_key(s, p.split, p.arch) for s in STREAMS
+             if (p.rgb_weights if s == "rgb" else p.flow_weights) == "finetune"]
     return tuple(keys)
 
 
@@ -653,7 +657,7 @@ def _size(path: Path) -> int:
 
 STAGE = Stage(
     name="extract-features", version=VERSION, params_type=ExtractFeaturesParams, plan=plan, run=run,
-    upstream=upstream_keys,
+    upstream=upstream_keys, key=lambda p: artifacts.features_key(p.split, p.arch),
     help="Pooled RGB and flow backbone features at P positions per video ([STFN] §4.2) to Zarr / HDF5.",
 )
 

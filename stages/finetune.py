@@ -43,6 +43,7 @@ import torch
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, file_sha256, param, params_dict
 from pipeline.data.clips import STREAMS, TestViews, TrainClips, VideoList, input_channels, input_normalizer
 from pipeline.models.backbones import create_backbone, imagenet_weights_path, list_backbones
+from pipeline.io import artifacts
 from pipeline.io.store import VideoStore
 from pipeline.data.table import VideoTable
 from pipeline import dist
@@ -59,12 +60,12 @@ class FinetuneParams:
     stream: str = param("rgb", "Which network: rgb (appearance) or flow (motion; reads extract-flow).",
                         choices=STREAMS)
     arch: str = param("resnet101", "Backbone ([STFN] §4.2 uses resnet101 and inception_v3).",
-                      choices=list_backbones())
+                      choices=list_backbones(), aliases=("--backbone",), scope="backbone")
     input_size: int = param(224, "Network input side in pixels ([STFN] §4.2: 224).")
     weights: str = param("imagenet", "Initial weights: imagenet (torchvision's, from the torch hub cache; "
                          "never downloaded), none (random), or a path (torchvision state dict or our "
                          "checkpoint). [STFN] §4.2 starts from ImageNet.")
-    split: int = param(1, "Which split of the video table (1..3 for UCF101 / HMDB51).")
+    split: int = param(1, "Which split of the video table (1..3 for UCF101 / HMDB51).", scope="split")
     segments: int = param(1, "TSN segments N: one random frame (stack) from each of N equal parts, scores "
                           "averaged (consensus). 1 is the two-stream sampling [STFN] §4.2 describes for "
                           "these networks (its N = 5 segments are for STFN); TSN uses 3.")
@@ -122,7 +123,7 @@ class FinetuneParams:
 
 
 def _key(p: FinetuneParams) -> str:
-    return f"finetune/{p.stream}"
+    return artifacts.finetune_key(p.stream, p.split, p.arch)
 
 
 def _upstream(p: FinetuneParams) -> tuple[str, ...]:
@@ -391,7 +392,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     waiting = sum(h["data_seconds"] for h in history) / max(sum(h["seconds"] for h in history), 1e-9)
     best = res["best"]
     val = f", best epoch {best['epoch']} (val acc {best['val_acc']:.1%})" if best["val_acc"] >= 0 else ""
-    line = (f"finetune/{p.stream}: {p.arch} {p.input_size}px, {res['epochs']} epochs{val}; test top-1 "
+    line = (f"{_key(p)}: {p.arch} {p.input_size}px, {res['epochs']} epochs{val}; test top-1 "
             f"{m['top1']:.1%}, mean class {m['mean_class_acc']:.1%} on {len(labels)} videos "
             f"(chance {1 / len(data.classes):.1%}); {float(np.median(fps)) if fps else 0:.0f} "
             f"{'images' if p.stream == 'rgb' else 'stacks'}/s, {seconds:.0f} s")

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import dist
+from pipeline.io import artifacts
 from pipeline.training import check_finite_loss
 from pipeline.training import loop as T
 from pipeline.io.atomic import write_json as write_json_atomic
@@ -87,6 +88,10 @@ from pipeline.data import STREAMS  # noqa: E402,F401
 class RefineParams:
     head_name: str = param(DEFAULT_HEAD, "The train-head output to refine (train-head/<name>), with the "
                            "finetune/rgb and finetune/flow backbones it was trained on.")
+    split: int = param(1, "Split of the backbones and head (finetune/train-head --split).",
+                       scope="split")
+    backbone: str = param(artifacts.DEFAULT_BACKBONE, "Backbone of finetune's outputs (finetune --arch).",
+                          scope="backbone")
     input_size: int = param(0, "Network input side in pixels; 0: each finetune checkpoint's own.")
     batch_size: int = param(32, "Videos per SGD step over all ranks ([STFN] §4.2: 32); reached by "
                             "accumulating micro-batches.")
@@ -131,12 +136,12 @@ class RefineParams:
 
 
 def _key(p: RefineParams) -> str:
-    return f"refine/{p.head_name}"
+    return artifacts.refine_key(p.head_name, p.split, p.backbone)
 
 
-def available_heads(cache_root: Path) -> list[str]:
-    """Names of the finished train-head outputs under ``cache_root``."""
-    folder = Path(cache_root) / "train-head"
+def available_heads(cache_root: Path, split: int = 1, backbone: str = artifacts.DEFAULT_BACKBONE) -> list[str]:
+    """Names of the finished train-head outputs of one split and backbone under ``cache_root``."""
+    folder = Path(cache_root) / artifacts.TRAIN_HEAD / artifacts.scope(split, backbone)
     names = []
     if folder.is_dir():
         for d in sorted(folder.iterdir()):
@@ -150,18 +155,18 @@ def available_heads(cache_root: Path) -> list[str]:
 
 
 def _upstream(p: RefineParams, cache_root: Path) -> tuple[str, ...]:
-    head = f"train-head/{p.head_name}"
+    head = artifacts.head_key(p.head_name, p.split, p.backbone)
     try:
         m = read_manifest(Path(cache_root) / head)
     except StageError:
         m = None
     if not (m and m.get("complete")):
-        found = available_heads(cache_root)
+        found = available_heads(cache_root, p.split, p.backbone)
         listed = ", ".join(found) if found else "none"
         raise StageError(f"refine --head-name {p.head_name}: no finished train-head output "
                          f"{Path(cache_root) / head}; available train-head outputs: {listed}. Run "
                          f"`pipeline train-head` for it or pick one with --head-name")
-    return ("decode", "extract-flow", "finetune/rgb", "finetune/flow", head)
+    return ("decode", "extract-flow", *(artifacts.finetune_key(s, p.split, p.backbone) for s in STREAMS), head)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,8 +194,8 @@ class _Data:
     head_only: dict
 
 
-def _load_backbone_ckpt(upstream: Upstream, stream: str) -> tuple[Path, dict]:
-    path = upstream.dir(f"finetune/{stream}") / "best.pt"
+def _load_backbone_ckpt(upstream: Upstream, key: str, stream: str) -> tuple[Path, dict]:
+    path = upstream.dir(key) / "best.pt"
     if not path.is_file():
         raise StageError(f"{path}: the finetune/{stream} stage finished but its best.pt is missing; re-run "
                          f"`pipeline finetune --stream {stream} --force`")
@@ -212,26 +217,27 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
     if p.batch_size < dist.world_size():
         raise StageError(f"--batch-size {p.batch_size} is smaller than the {dist.world_size()} ranks")
     table = VideoTable.load(upstream.dir("decode"))
-    ck = {s: _load_backbone_ckpt(upstream, s) for s in STREAMS}
-    fparams = {s: dict(upstream.manifests[f"finetune/{s}"].get("params") or ck[s][1].get("params") or {})
+    fkeys = {s: artifacts.finetune_key(s, p.split, p.backbone) for s in STREAMS}
+    ck = {s: _load_backbone_ckpt(upstream, fkeys[s], s) for s in STREAMS}
+    fparams = {s: dict(upstream.manifests[fkeys[s]].get("params") or ck[s][1].get("params") or {})
                for s in STREAMS}
     for s in STREAMS:
         path, c = ck[s]
         if c["classes"] != list(table.classes):
             raise StageError(f"{path}: trained on classes {c['classes'][:5]}..., the video table has "
                              f"{list(table.classes)[:5]}...; re-run finetune on this dataset")
-    splits = {s: fparams[s].get("split", 1) for s in STREAMS}
-    if splits["rgb"] != splits["flow"]:
-        raise StageError(f"finetune/rgb was trained on split {splits['rgb']}, finetune/flow on split "
-                         f"{splits['flow']}; refine needs both on one split")
-    split = splits["rgb"]
+    for s in STREAMS:
+        if int(fparams[s].get("split", 1)) != p.split:
+            raise StageError(f"{upstream.dir(fkeys[s])}: trained on split {fparams[s].get('split')}, refine "
+                             f"--split {p.split} asked")
+    split = p.split
     flow_length = ck["flow"][1]["in_channels"] // 2
     if ck["rgb"][1]["in_channels"] != 3 or ck["flow"][1]["in_channels"] != 2 * flow_length:
         raise StageError(f"finetune/rgb/best.pt takes {ck['rgb'][1]['in_channels']} channels and finetune/flow/"
                          f"best.pt {ck['flow'][1]['in_channels']}; expected 3 and 2L")
 
     # The head: its classes and feature widths must be the backbones'.
-    head_dir = upstream.dir(f"train-head/{p.head_name}")
+    head_dir = upstream.dir(artifacts.head_key(p.head_name, p.split, p.backbone))
     head_path = head_dir / "best.pt"
     if not head_path.is_file():
         raise StageError(f"{head_path}: missing; re-run `pipeline train-head` for {p.head_name}")
@@ -632,7 +638,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     head_only = data.head_only
     comparison = {
         "head_only": {"top1": head_only["top1"], "mean_class_accuracy": head_only["mean_class_accuracy"],
-                      "source": f"train-head/{p.head_name}/results.json"},
+                      "source": f"{artifacts.head_key(p.head_name, p.split, p.backbone)}/results.json"},
         "refined": {"top1": ev.top1, "mean_class_accuracy": ev.mean_class_accuracy},
         "delta_top1": ev.top1 - head_only["top1"],
         "delta_mean_class_accuracy": ev.mean_class_accuracy - head_only["mean_class_accuracy"],
@@ -664,10 +670,10 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     }
     write_json_atomic(ctx.dir / "results.json", results)
     if res["history"]:
-        training_curves(res["history"], ctx.dir / "curves.png", title=f"refine/{name}")
+        training_curves(res["history"], ctx.dir / "curves.png", title=_key(p))
     confusion_matrix_plot(ev.confusion, data.classes, ctx.dir / "confusion.png",
-                          title=f"refine/{name}: top-1 {100 * ev.top1:.1f}%")
-    line = (f"refine/{name}: top-1 {100 * ev.top1:.1f}%, mean class accuracy {100 * ev.mean_class_accuracy:.1f}% "
+                          title=f"{_key(p)}: top-1 {100 * ev.top1:.1f}%")
+    line = (f"{_key(p)}: top-1 {100 * ev.top1:.1f}%, mean class accuracy {100 * ev.mean_class_accuracy:.1f}% "
             f"on {len(data.test)} test videos (head only -> refined: top-1 {100 * head_only['top1']:.1f}% -> "
             f"{100 * ev.top1:.1f}%, {100 * comparison['delta_top1']:+.1f}); {res['epochs']} epochs, best "
             f"{best['epoch']}, {seconds:.0f} s on {device}")

@@ -36,7 +36,6 @@ from pipeline.training.heads import (NUM_TEST, NonFiniteLoss, feature_tensors, f
                                      stream_shapes, test_scores, test_sequences)
 
 VERSION = "2"
-UPSTREAM = artifacts.FEATURES
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -69,7 +68,10 @@ class TrainHeadParams:
     dropout: float | None = _head_option("dropout", "Dropout before each classifier.")
     segments: int = param(5, "N segments per video ([STFN] §4.2; Table 4: 3, 5, 7, 9).")
     seed: int = param(0, "Seed of the head's initialisation, the sampled positions and dropout.")
-    split: int | None = param(None, "Check that the features were extracted for this split.")
+    split: int = param(1, "Split of the features (extract-features --split) the head trains and tests on.",
+                       scope="split")
+    backbone: str = param(artifacts.DEFAULT_BACKBONE, "Backbone of the features (extract-features --arch).",
+                          scope="backbone")
     test_fusion: str = param("mean", "Fusion of the test sequences' scores: mean ([STFN] §4.2) or sci "
                              "([FstCN] eq. 6).", choices=SCORE_FUSIONS)
     num_test: int = param(NUM_TEST, "Test sequences per video ([STFN] §4.2).")
@@ -121,7 +123,16 @@ def head_name(p: TrainHeadParams) -> str:
         return p.name
     effective_options(p)  # the clear error first
     return head_output_name(p.head, given_options(p), segments=p.segments, seed=p.seed,
-                            test_fusion=p.test_fusion, split=p.split)
+                            test_fusion=p.test_fusion)
+
+
+def _upstream_key(p: TrainHeadParams) -> str:
+    return artifacts.features_key(p.split, p.backbone)
+
+
+def head_key(p: TrainHeadParams) -> str:
+    """This head's output key: ``train-head/<split>-<backbone>/<name>``."""
+    return artifacts.head_key(head_name(p), p.split, p.backbone)
 
 
 def make_head(p: TrainHeadParams, options: dict, *, num_classes: int, rgb_dim: int, flow_dim: int):
@@ -134,7 +145,7 @@ def plan(params: TrainHeadParams, upstream: Upstream) -> Plan:
     p = params
     options = effective_options(p)
     try:
-        path = artifacts.feature_store_file(upstream.dir(UPSTREAM))
+        path = artifacts.feature_store_file(upstream.dir(_upstream_key(p)))
         meta = read_feature_store(path, streams=[])
     except artifacts.ArtifactError as e:
         raise StageError(str(e)) from None
@@ -158,9 +169,9 @@ def plan(params: TrainHeadParams, upstream: Upstream) -> Plan:
         raise StageError(f"{path}: {P} cached positions per video cannot be split into --segments {n} "
                          f"(need at least {n}); re-run extract-features with more positions")
     stored_split = meta.attrs.get("split_id")
-    if p.split is not None and stored_split is not None and str(stored_split) != str(p.split):
+    if stored_split is not None and str(stored_split) != str(p.split):
         raise StageError(f"{path}: features were extracted for split {stored_split}, --split {p.split} "
-                         f"asked; re-run extract-features --split {p.split}")
+                         f"asked: a head would be tested on videos its backbones were trained on")
     view_names = list(meta.attrs.get("view_names") or [])
     train_view = view_names.index("center") if "center" in view_names else 0
     try:
@@ -238,7 +249,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
                            patience=p.patience, batch_size=p.batch_size, max_epochs=p.max_epochs,
                            num_test=p.num_test, device=device, seed=p.seed, log=on_epoch)
     except NonFiniteLoss as e:
-        raise NonFiniteLoss(f"train-head/{name}: {e}; nothing was written") from None
+        raise NonFiniteLoss(f"{head_key(p)}: {e}; nothing was written") from None
     finally:
         bar.close()
     fit_seconds = time.perf_counter() - t0
@@ -265,11 +276,11 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         "device": str(device), "fit_seconds": fit_seconds, "history": history.as_dict(),
     }
     write_json(ctx.dir / artifacts.RESULTS, results)
-    title = f"train-head/{name}: top-1 {100 * ev.top1:.1f}%"
+    title = f"{head_key(p)}: top-1 {100 * ev.top1:.1f}%"
     confusion_matrix_plot(ev.confusion, class_names, ctx.dir / "confusion.png", title=title)
     training_curves([{**r, "val_acc": 1.0 - r["val_error"]} for r in history.epochs], ctx.dir / "curves.png",
-                    title=f"train-head/{name}")
-    line = (f"train-head/{name}: top-1 {100 * ev.top1:.1f}%, mean class accuracy "
+                    title=head_key(p))
+    line = (f"{head_key(p)}: top-1 {100 * ev.top1:.1f}%, mean class accuracy "
             f"{100 * ev.mean_class_accuracy:.1f}% on {test.size} test videos ({len(history.epochs)} epochs, "
             f"best {history.best_epoch}, {fit_seconds:.1f} s on {device})")
     ctx.log.info(line)
@@ -280,6 +291,6 @@ def run(ctx: StageContext, plan: Plan) -> dict:
 
 STAGE = Stage(
     name="train-head", version=VERSION, params_type=TrainHeadParams, plan=plan, run=run,
-    upstream=lambda params: (UPSTREAM,), key=lambda params: artifacts.head_key(head_name(params)),
+    upstream=lambda params: (_upstream_key(params),), key=lambda params: head_key(params),
     help="Train a temporal head (STFN, STCB, baselines) on the cached features and evaluate it.",
 )

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from pipeline.io import artifacts
 from pipeline.stage import Plan, Stage, param, run_stage, status
 from stages.cli import main
 from pipeline.eval.results import TestScores, save_test_scores
@@ -25,17 +26,22 @@ FLOW = [[0.3, 0.7], [0.8, 0.2], [0.45, 0.55], [0.1, 0.9]]
 class FakeFinetuneParams:
     stream: str = param("rgb", "stream")
     tag: str = param("", "changes the fingerprint")
+    split: int = param(1, "split")
 
 
-def finetune_output(root: Path, stream: str, scores, ids=IDS, labels=LABELS, classes=CLASSES, tag="") -> None:
+EVAL = artifacts.evaluate_key((1,))  # evaluate/split1-resnet101
+
+
+def finetune_output(root: Path, stream: str, scores, ids=IDS, labels=LABELS, classes=CLASSES, tag="",
+                    split=1, trained_on=None) -> None:
     """A finished finetune/<stream> output with the given test scores (test-only stage, real version)."""
     def run(ctx, plan):
         save_test_scores(ctx.dir / "test_scores.npz", TestScores(np.array(scores), ids, labels, classes))
         return {}
 
     stage = Stage(name="finetune", version=FINETUNE_VERSION, params_type=FakeFinetuneParams, run=run,
-                  key=lambda p: f"finetune/{p.stream}", plan=lambda p, u: Plan(json.dumps(scores)))
-    run_stage(stage, FakeFinetuneParams(stream, tag), root)
+                  key=lambda p: artifacts.finetune_key(p.stream, split), plan=lambda p, u: Plan(json.dumps(scores)))
+    run_stage(stage, FakeFinetuneParams(stream, tag, split if trained_on is None else trained_on), root)
 
 
 def invoke(*args):
@@ -43,7 +49,7 @@ def invoke(*args):
 
 
 def rows_of(root: Path) -> dict:
-    return {r["name"]: r for r in json.loads((root / "evaluate" / "results.json").read_text())["rows"]}
+    return {r["name"]: r for r in json.loads((root / EVAL / "results.json").read_text())["rows"]}
 
 
 def test_streams_and_late_fusion_by_hand(tmp_path):
@@ -61,10 +67,10 @@ def test_streams_and_late_fusion_by_hand(tmp_path):
     # v3 .55 -> a (wrong); v4 .14 -> b (right).
     late = rows["late fusion rgb+flow (1:1.5)"]
     assert late["top1"] == pytest.approx(0.5) and late["confusion"] == [[1, 1], [1, 1]]
-    text = (root / "evaluate" / "results.md").read_text()
-    assert "| rgb stream | finetune/rgb | 4 | 50.0 | 50.0 |" in text
+    text = (root / EVAL / "results.md").read_text()
+    assert "| rgb stream | finetune/split1-resnet101/rgb | 4 | 50.0 | – | 50.0 |" in text  # top-5: < 5 classes
     assert "## Per-class accuracy" in text
-    assert (root / "evaluate" / "confusion" / "flow_stream.png").is_file()
+    assert (root / EVAL / "confusion" / "flow_stream.png").is_file()
     assert "late fusion" in res.output and "75.0" in res.output  # the table is printed
     # Unchanged: a no-op; another flow weight: recomputed. With w = 0 late fusion is the rgb stream.
     assert "nothing to do" in invoke("evaluate", "--streams", "--cache-dir", root).output
@@ -88,7 +94,7 @@ def test_external_scores_averaged_by_hand(tmp_path):
     assert rows["rgb stream"]["external"]["mean_class_accuracy"] == pytest.approx(0.75)
     # flow + MIFS: v1 (.6, .4), v2 (.85, .15), v3 (.275, .725), v4 (.475, .525): all right.
     assert rows["flow stream"]["external"]["top1"] == pytest.approx(1.0)
-    assert "+MIFS top-1 (%)" in (root / "evaluate" / "results.md").read_text()
+    assert "+MIFS top-1 (%)" in (root / EVAL / "results.md").read_text()
     # The same scores as .npz, classes named: same figures.
     npz = tmp_path / "mifs.npz"
     np.savez(npz, video_ids=np.array(["v1", "v2", "v3", "v4"]), class_names=np.array(["b", "a"]),
@@ -133,14 +139,66 @@ def test_head_rows_and_staleness(tmp_path):
     res = invoke("evaluate", "--cache-dir", root)
     assert res.exit_code == 0, res.output
     row = rows_of(root)["tsn-n2-s0"]
-    with np.load(root / "train-head" / "tsn-n2-s0" / "test_scores.npz") as z:
+    with np.load(root / artifacts.head_key("tsn-n2-s0") / "test_scores.npz") as z:
         assert row["top1"] == pytest.approx(float((z["scores"].argmax(1) == z["labels"]).mean()))
     # --streams with no finetune output: nothing to evaluate.
     assert "nothing to evaluate" in invoke("evaluate", "--streams", "--cache-dir", root).output
     # The head changes: evaluate is stale, then recomputes.
     assert invoke("train-head", "--head", "tsn", "--lr", 0.01, "--config", cfg, "--cache-dir", root).exit_code == 0
     state = {r.key: r for r in status(root, all_stages())}
-    assert state["evaluate"].state == "stale" and "train-head/tsn-n2-s0" in state["evaluate"].reason
+    assert state[EVAL].state == "stale" and artifacts.head_key("tsn-n2-s0") in state[EVAL].reason
     res = invoke("evaluate", "--cache-dir", root)
     assert res.exit_code == 0 and "nothing to do" not in res.output
-    assert {r.key: r.state for r in status(root, all_stages())}["evaluate"] == "fresh"
+    assert {r.key: r.state for r in status(root, all_stages())}[EVAL] == "fresh"
+
+
+# Three splits, 4 test videos each, hand-made so that each split's accuracies are known:
+#   rgb top-1: split 1 2/4, split 2 3/4, split 3 4/4 -> mean 75.0, sample std 25.0
+#   flow top-1: split 1 3/4, split 2 3/4, split 3 1/4 -> mean 58.3, sample std sqrt(((.75-.5833)^2 * 2 +
+#   (.25-.5833)^2) / 2) = 28.9
+SPLIT_SCORES = {
+    1: (RGB, FLOW),
+    2: ([[0.6, 0.4], [0.7, 0.3], [0.3, 0.7], [0.6, 0.4]], FLOW),
+    3: ([[0.6, 0.4], [0.7, 0.3], [0.3, 0.7], [0.2, 0.8]], [[0.4, 0.6], [0.4, 0.6], [0.6, 0.4], [0.1, 0.9]]),
+}
+
+
+def test_three_splits_mean_and_std_by_hand(tmp_path):
+    root = tmp_path / "cache"
+    for split, (rgb, flow) in SPLIT_SCORES.items():
+        finetune_output(root, "rgb", rgb, split=split)
+        finetune_output(root, "flow", flow, split=split)
+    res = invoke("evaluate", "--streams", "--splits", "1,2,3", "--cache-dir", root)
+    assert res.exit_code == 0, res.output
+    out = root / "evaluate" / "splits1-2-3-resnet101"
+    summary = {r["name"]: r for r in json.loads((out / "results.json").read_text())["summary"]}
+    rgb, flow = summary["rgb stream"], summary["flow stream"]
+    assert [rgb["splits"][s]["top1"] for s in "123"] == pytest.approx([0.5, 0.75, 1.0])
+    assert rgb["top1"]["mean"] == pytest.approx(0.75) and rgb["top1"]["std"] == pytest.approx(0.25)
+    assert [flow["splits"][s]["top1"] for s in "123"] == pytest.approx([0.75, 0.75, 0.25])
+    m = (0.75 + 0.75 + 0.25) / 3
+    assert flow["top1"]["mean"] == pytest.approx(m)
+    assert flow["top1"]["std"] == pytest.approx((((0.75 - m) ** 2 * 2 + (0.25 - m) ** 2) / 2) ** 0.5)
+    # Mean class accuracy of split 3's flow: class a 0/2, class b 1/2 -> 25 %.
+    assert flow["splits"]["3"]["mean_class_accuracy"] == pytest.approx(0.25)
+    text = (out / "results.md").read_text()
+    assert "| rgb stream | 50.0 | 75.0 | 100.0 | 75.0 ± 25.0 |" in text
+    assert "| flow stream | 75.0 | 75.0 | 25.0 | 58.3 ± 28.9 |" in text
+    # Each split's own evaluation is its own output; the three-split one only aggregates.
+    assert invoke("evaluate", "--streams", "--split", 2, "--cache-dir", root).exit_code == 0
+    assert rows_of_key(root, artifacts.evaluate_key((2,)))["rgb stream"]["top1"] == pytest.approx(0.75)
+
+
+def rows_of_key(root: Path, key: str) -> dict:
+    return {r["name"]: r for r in json.loads((root / key / "results.json").read_text())["rows"]}
+
+
+def test_a_missing_split_is_named_and_a_model_of_another_split_is_refused(tmp_path):
+    root = tmp_path / "cache"
+    finetune_output(root, "rgb", RGB, split=1)
+    res = invoke("evaluate", "--streams", "--splits", "1,2", "--cache-dir", root)
+    assert res.exit_code == 2 and "split 2" in res.output and "split1-resnet101" in res.output, res.output
+    # A split-1 network stored as split 2 (a copied folder): its test scores would include training videos.
+    finetune_output(root, "rgb", RGB, split=2, trained_on=1)
+    res = invoke("evaluate", "--streams", "--split", 2, "--cache-dir", root)
+    assert res.exit_code == 2 and "trained on split 1" in res.output, res.output

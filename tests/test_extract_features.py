@@ -28,6 +28,7 @@ import zarr
 from click.testing import CliRunner
 
 import stages.extract_features as ef
+from pipeline.io import artifacts
 from pipeline.stage import Plan, Stage, StageFailures, param, run_stage
 from stages.cli import main
 from pipeline.models.backbones import create_backbone
@@ -51,6 +52,10 @@ def _table_plan(params, upstream):
     return Plan("", VideoTable.load(upstream.dir("decode")))
 
 
+ARCH = "resnet18"  # the fake finetune's backbone: the scope split1-resnet18
+FEATURES = artifacts.features_key(1, ARCH)
+
+
 @dataclass(frozen=True)
 class FinetuneParams:
     stream: str = param("rgb", "rgb or flow")
@@ -65,13 +70,13 @@ def _finetune_run(ctx, plan):
     model = create_backbone("resnet18", num_classes=c, in_channels=3 if p.stream == "rgb" else 2 * L)
     torch.save({"model": model.state_dict(), "arch": "resnet18", "num_classes": c,
                 "in_channels": model.in_channels, "classes": list(table.classes)[:c] + ["x"] * (c - len(table.classes)),
-                "params": {"arch": "resnet18", "input_size": SIZE, "flow_length": L}, "epoch": 1},
+                "params": {"arch": "resnet18", "input_size": SIZE, "flow_length": L, "split": 1}, "epoch": 1},
                ctx.dir / "best.pt")
     return {}
 
 
 FAKE_FINETUNE = Stage("finetune", "test", FinetuneParams, run=_finetune_run, plan=_table_plan,
-                      upstream=lambda p: ("decode",), key=lambda p: f"finetune/{p.stream}")
+                      upstream=lambda p: ("decode",), key=lambda p: artifacts.finetune_key(p.stream, 1, ARCH))
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +160,8 @@ def assert_fp16_close(stored, ref):
 
 def test_layout_values_and_plain_readers(cache):
     P = 16  # more positions than the clips' 12 frames: positions repeat and are computed once
-    r = run_stage(STAGE, ExtractFeaturesParams(positions=P, format="both", batch_size=7, workers=2), cache)
-    out = cache / "extract-features"
+    r = run_stage(STAGE, ExtractFeaturesParams(arch=ARCH, positions=P, format="both", batch_size=7, workers=2), cache)
+    out = cache / FEATURES
     assert r.manifest["complete"] and r.manifest["done"] == 6 and "frames/s" in r.message
     assert not (out / "parts").exists() and not list(out.rglob(".tmp-*"))
 
@@ -180,18 +185,18 @@ def test_layout_values_and_plain_readers(cache):
     assert h5["positions"].dtype == np.float32
     assert h5["positions"].tolist() == [hand_positions(NUM_FRAMES, P)] * 6
     assert attrs["format_version"] == 1 and attrs["streams"] == ["rgb", "flow"] and attrs["num_positions"] == P
-    assert attrs["max_segments"] == 3 and attrs["dtype"] == "float16" and attrs["split_id"] == "1"
+    assert attrs["max_segments"] == 3 and attrs["dtype"] == "float16" and attrs["split_id"] == 1
     for s in ("rgb", "flow"):
         b = attrs["backbones"][s]
-        ck = cache / "finetune" / s / "best.pt"
+        ck = cache / artifacts.finetune_key(s, 1, ARCH) / "best.pt"
         assert b["arch"] == "resnet18" and b["weights"] == "finetune" and b["input_size"] == SIZE
         assert b["sha256"] == hashlib.sha256(ck.read_bytes()).hexdigest()
         assert b["upstream_fingerprint"] == json.loads((ck.parent / "manifest.json").read_text())["fingerprint"]
     assert attrs["backbones"]["flow"]["flow_length"] == L and attrs["backbones"]["flow"]["in_channels"] == 2 * L
 
     # Values: an independent forward of the same weights on the same crops, for two videos, every position.
-    rgb_model = reference_model(cache / "finetune" / "rgb" / "best.pt")
-    flow_model = reference_model(cache / "finetune" / "flow" / "best.pt")
+    rgb_model = reference_model(cache / artifacts.finetune_key("rgb", 1, ARCH) / "best.pt")
+    flow_model = reference_model(cache / artifacts.finetune_key("flow", 1, ARCH) / "best.pt")
     pos = hand_positions(NUM_FRAMES, P)
     for v in (0, 4):
         assert_fp16_close(rgb[v, :, 0], rgb_reference(rgb_model, cache, ids[v], pos))
@@ -200,20 +205,20 @@ def test_layout_values_and_plain_readers(cache):
 
     back = read_feature_store(out / "features.zarr")  # the library reader sees the same
     assert np.array_equal(back.streams["flow"], flow) and back.attrs["fingerprint"] == r.fingerprint
-    assert run_stage(STAGE, ExtractFeaturesParams(positions=P, format="both"), cache).skipped
+    assert run_stage(STAGE, ExtractFeaturesParams(arch=ARCH, positions=P, format="both"), cache).skipped
 
 
 def test_ten_crop_views_float32(cache):
-    r = run_stage(STAGE, ExtractFeaturesParams(positions=3, views=10, dtype="float32", format="h5"), cache)
+    r = run_stage(STAGE, ExtractFeaturesParams(arch=ARCH, positions=3, views=10, dtype="float32", format="h5"), cache)
     assert r.manifest["complete"]
-    with h5py.File(cache / "extract-features" / "features.h5", "r") as f:
+    with h5py.File(cache / FEATURES / "features.h5", "r") as f:
         rgb, flow = f["streams/rgb"][...], f["streams/flow"][...]
         vid = f["video_ids"][2].decode()
         names = json.loads(f.attrs["view_names"])
     assert rgb.shape == (6, 3, 10, 512) and rgb.dtype == np.float32 and names[4] == "center"
     pos = hand_positions(NUM_FRAMES, 3)
-    rgb_model = reference_model(cache / "finetune" / "rgb" / "best.pt")
-    flow_model = reference_model(cache / "finetune" / "flow" / "best.pt")
+    rgb_model = reference_model(cache / artifacts.finetune_key("rgb", 1, ARCH) / "best.pt")
+    flow_model = reference_model(cache / artifacts.finetune_key("flow", 1, ARCH) / "best.pt")
     tol = dict(rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(rgb[2, :, 4], rgb_reference(rgb_model, cache, vid, pos), **tol)
     np.testing.assert_allclose(rgb[2, :, 5], rgb_reference(rgb_model, cache, vid, pos, "tl_flip"), **tol)
@@ -237,9 +242,9 @@ def test_kill_and_resume_gives_identical_features(cache, tmp_path):
     shutil.copytree(cache, clean)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = ["--positions", "16", "--input-size", "112", "--format", "h5", "--workers", "1"]
-    cmd = [sys.executable, "-m", "stages", "extract-features", "--cache-dir", str(cache), *args]
+    cmd = [sys.executable, "-m", "stages", "extract-features", "--arch", ARCH, "--cache-dir", str(cache), *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal = cache / "extract-features" / "journal.jsonl"
+    journal = cache / FEATURES / "journal.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < 2):
         if proc.poll() is not None:
@@ -249,14 +254,14 @@ def test_kill_and_resume_gives_identical_features(cache, tmp_path):
     proc.wait()
     done_before = len(journal.read_text().splitlines())
     assert 2 <= done_before < 6, f"the run must be killed mid-stage ({done_before} of 6 were done)"
-    assert not (cache / "extract-features" / "manifest.json").exists()
+    assert not (cache / FEATURES / "manifest.json").exists()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming" in res.stderr and f"{6 - done_before} inputs" not in res.stdout
-    p = ExtractFeaturesParams(positions=16, input_size=112, format="h5", workers=1)
+    p = ExtractFeaturesParams(arch=ARCH, positions=16, input_size=112, format="h5", workers=1)
     assert run_stage(STAGE, p, clean).manifest["done"] == 6
-    _assert_same_store(cache / "extract-features" / "features.h5", clean / "extract-features" / "features.h5")
-    assert not list((cache / "extract-features").rglob(".tmp-*"))
+    _assert_same_store(cache / FEATURES / "features.h5", clean / FEATURES / "features.h5")
+    assert not list((cache / FEATURES).rglob(".tmp-*"))
 
 
 def _free_port():
@@ -275,18 +280,18 @@ def test_two_ranks_equal_one_process(cache, tmp_path):
             "--flow-length", "2", "--positions", "8", "--format", "h5", "--workers", "1"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "stages", "extract-features", "--cache-dir", str(cache), *args]
+           str(_free_port()), "-m", "stages", "extract-features", "--arch", ARCH, "--cache-dir", str(cache), *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    out = cache / "extract-features"
+    out = cache / FEATURES
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["done"] == 6 and m["world_size"] == 2
     rank1 = [json.loads(x) for x in (out / "journal.rank1.jsonl").read_text().splitlines()]
     assert len(rank1) == 3 and all(r["rank"] == 1 for r in rank1)  # rank 1 took videos 1, 3, 5
 
-    res = CliRunner().invoke(main, ["extract-features", "--cache-dir", str(single), *args])
+    res = CliRunner().invoke(main, ["extract-features", "--arch", ARCH, "--cache-dir", str(single), *args])
     assert res.exit_code == 0, res.output
-    _assert_same_store(out / "features.h5", single / "extract-features" / "features.h5")
+    _assert_same_store(out / "features.h5", single / FEATURES / "features.h5")
     with h5py.File(out / "features.h5", "r") as f:
         assert json.loads(f.attrs["backbones"])["rgb"]["weights"] == "none"
 
@@ -321,13 +326,13 @@ def _poisoned_backbones(monkeypatch):
 
 def test_non_finite_features_are_failures_never_stored(cache, monkeypatch):
     _poisoned_backbones(monkeypatch)
-    p = ExtractFeaturesParams(positions=8, format="zarr", workers=1)
+    p = ExtractFeaturesParams(arch=ARCH, positions=8, format="zarr", workers=1)
     with pytest.raises(StageFailures) as e:
         run_stage(STAGE, p, cache)
     ids = VideoTable.load(cache / "decode").video_ids
     assert f"{ids[1]}: non-finite rgb features (NaN) at 1 of 8 positions" in str(e.value)
     assert f"{ids[3]}: non-finite flow features (values beyond the float16 range" in str(e.value)
-    out = cache / "extract-features"
+    out = cache / FEATURES
     assert not (out / "features.zarr").exists()  # failures not allowed: nothing consolidated
     parts = VideoStore(out / "parts", "h5")
     assert parts.video_ids() == [ids[i] for i in (0, 2, 4, 5)]
@@ -341,14 +346,14 @@ def test_non_finite_features_are_failures_never_stored(cache, monkeypatch):
 def test_missing_flow_is_a_failure_of_that_video(cache):
     ids = VideoTable.load(cache / "decode").video_ids
     shutil.rmtree(cache / "extract-flow" / "flow" / f"{ids[2]}.zarr")
-    res = CliRunner().invoke(main, ["extract-features", "--cache-dir", str(cache), "--positions", "4",
+    res = CliRunner().invoke(main, ["extract-features", "--arch", ARCH, "--cache-dir", str(cache), "--positions", "4",
                                     "--workers", "1"])
     assert res.exit_code == 1 and f"{ids[2]}: no flow for this video" in res.output
     assert f"{ids[2]}.zarr is missing" in res.output
-    res = CliRunner().invoke(main, ["extract-features", "--cache-dir", str(cache), "--positions", "4",
+    res = CliRunner().invoke(main, ["extract-features", "--arch", ARCH, "--cache-dir", str(cache), "--positions", "4",
                                     "--workers", "1", "--allow-failures"])
     assert res.exit_code == 0, res.output
-    fs = read_feature_store(cache / "extract-features" / "features.zarr")
+    fs = read_feature_store(cache / FEATURES / "features.zarr")
     assert ids[2] not in set(fs.video_ids) and len(fs.video_ids) == 5
 
 
@@ -360,7 +365,8 @@ def test_bad_input_is_refused_before_work(cache, monkeypatch, case):
         run_stage(FAKE_FINETUNE, FinetuneParams(stream="rgb", num_classes=5), cache)
         expect = "5-way classifier, the video table has 2 classes"
     elif case == "arch":
-        args += ["--arch", "resnet50"]
+        args += ["--arch", "resnet50", "--rgb-weights", str(cache / artifacts.finetune_key("rgb", 1, ARCH) / "best.pt"),
+                 "--flow-weights", "none"]
         expect = "holds a resnet18 backbone but --arch resnet50"
     elif case == "in_channels":
         args += ["--flow-length", "10"]
@@ -381,10 +387,10 @@ def test_bad_input_is_refused_before_work(cache, monkeypatch, case):
         expect = "nope.pt does not exist"
     else:
         args += ["--split", "2"]
-        expect = "split 2 is not defined"
-    res = CliRunner().invoke(main, ["extract-features", "--cache-dir", str(cache), *args])
+        expect = "finetune/split2-resnet18/rgb"  # no split-2 network: run finetune --split 2 first
+    res = CliRunner().invoke(main, ["extract-features", "--arch", ARCH, "--cache-dir", str(cache), *args])
     assert res.exit_code == 2 and expect in res.output, res.output
-    assert not (cache / "extract-features").exists()  # nothing started
+    assert not (cache / FEATURES).exists()  # nothing started
 
 
 def test_same_weights_give_the_same_fingerprint_whatever_the_bookkeeping(cache):
@@ -394,12 +400,12 @@ def test_same_weights_give_the_same_fingerprint_whatever_the_bookkeeping(cache):
     from pipeline.stage.runner import compute_fingerprint
 
     def fingerprint():
-        p = ExtractFeaturesParams(positions=4)
+        p = ExtractFeaturesParams(arch=ARCH, positions=4)
         up = load_upstream(cache, STAGE.upstream_keys(p, cache), STAGE.name)
         return compute_fingerprint(STAGE, p, up, STAGE.plan(p, up))
 
     before = fingerprint()
-    best = cache / "finetune" / "rgb" / "best.pt"
+    best = cache / artifacts.finetune_key("rgb", 1, ARCH) / "best.pt"
     ckpt = torch.load(best, weights_only=True)
     torch.save({**ckpt, "epoch": 7, "seconds": 123.4, "history": [1.0, 2.0]}, best)  # other bytes, same weights
     assert best.read_bytes() != b"" and fingerprint() == before

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from pipeline.training import loop as T
+from pipeline.io import artifacts
 from pipeline.stage import StageError, run_stage
 from stages.cli import main
 from pipeline.models.backbones import create_backbone, normalize_rgb
@@ -82,7 +83,7 @@ def model_state(path: Path) -> dict:
 
 def test_rgb_outputs_and_test_scores_recomputed(rgb_run):
     cache, r = rgb_run
-    out = cache / "finetune" / "rgb"
+    out = cache / artifacts.finetune_key("rgb", 1, "resnet18")
     for name in ("best.pt", "last.pt", "history.csv", "curves.png", "confusion.png", "test_scores.npz"):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(open(out / "history.csv")))
@@ -128,10 +129,10 @@ def test_rgb_outputs_and_test_scores_recomputed(rgb_run):
 def test_flow_stream_trains_on_20_channel_stacks(upstream, tmp_path):
     cache = fresh_cache(upstream, tmp_path)
     r = run_stage(STAGE, FinetuneParams(stream="flow", epochs=1, **TINY), cache)
-    ckpt = torch.load(cache / "finetune" / "flow" / "best.pt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(cache / artifacts.finetune_key("flow", 1, "resnet18") / "best.pt", map_location="cpu", weights_only=True)
     assert ckpt["in_channels"] == 20 and ckpt["model"]["trunk.conv1.weight"].shape == (64, 20, 7, 7)
     assert r.manifest["upstream"].keys() == {"decode", "extract-flow"}
-    assert np.load(cache / "finetune" / "flow" / "test_scores.npz")["scores"].shape == (2, 2)
+    assert np.load(cache / artifacts.finetune_key("flow", 1, "resnet18") / "test_scores.npz")["scores"].shape == (2, 2)
     # TSN's dropout by stream: 0.7 for flow
     assert r.manifest["summary"]["epochs"] == 1 and FinetuneParams(stream="flow").drop == 0.7
 
@@ -146,7 +147,7 @@ def test_flow_store_with_other_bound_or_step_is_refused(upstream, tmp_path, chan
     cache = fresh_cache(upstream, tmp_path)
     with pytest.raises(StageError, match=expect):
         run_stage(STAGE, FinetuneParams(stream="flow", epochs=1, **{**TINY, **change}), cache)
-    assert not (cache / "finetune" / "flow").exists()  # refused before any work
+    assert not (cache / artifacts.finetune_key("flow", 1, "resnet18")).exists()  # refused before any work
 
 
 def test_unknown_arch_is_refused(upstream, tmp_path):
@@ -166,7 +167,7 @@ def test_missing_imagenet_weights_name_the_file(upstream, tmp_path):
             run_stage(STAGE, FinetuneParams(stream="rgb", **{**TINY, "weights": "imagenet"}), cache)
     finally:
         torch.hub.set_dir(old)
-    assert not (cache / "finetune" / "rgb").exists()
+    assert not (cache / artifacts.finetune_key("rgb", 1, "resnet18")).exists()
 
 
 def test_weights_of_other_arch_or_class_count_are_refused(upstream, tmp_path):
@@ -185,8 +186,8 @@ def test_incompatible_last_checkpoint_is_refused(upstream, rgb_run, tmp_path):
     import shutil
 
     cache = fresh_cache(upstream, tmp_path)
-    out = cache / "finetune" / "rgb"
-    shutil.copytree(rgb_run[0] / "finetune" / "rgb", out)
+    out = cache / artifacts.finetune_key("rgb", 1, "resnet18")
+    shutil.copytree(rgb_run[0] / artifacts.finetune_key("rgb", 1, "resnet18"), out)
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     ckpt["arch"], ckpt["done"] = "resnet34", False
     torch.save(ckpt, out / "last.pt")
@@ -221,7 +222,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(upstream, tmp_path):
     cmd = [sys.executable, "-m", "stages", "finetune", "--stream", "rgb", "--epochs", "2", "--cache-dir",
            str(killed), *TINY_CLI, "--workers", "1", "--dropout", "0.5"]
     proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    history = killed / "finetune" / "rgb" / "history.csv"
+    history = killed / artifacts.finetune_key("rgb", 1, "resnet18") / "history.csv"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if history.exists() and len(history.read_text().splitlines()) >= 2:  # epoch 1 checkpointed
@@ -229,7 +230,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(upstream, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    out = killed / "finetune" / "rgb"
+    out = killed / artifacts.finetune_key("rgb", 1, "resnet18")
     assert not (out / "manifest.json").exists(), "the run must be killed before it finishes"
     epochs_before = len(history.read_text().splitlines()) - 1
     assert epochs_before == 1
@@ -243,14 +244,14 @@ def test_sigkill_then_resume_equals_uninterrupted_run(upstream, tmp_path):
         clean = run_stage(STAGE, FinetuneParams(stream="rgb", epochs=2, **{**TINY, "dropout": 0.5}), clean_root)
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
-    a, b = model_state(out / "last.pt"), model_state(clean_root / "finetune" / "rgb" / "last.pt")
+    a, b = model_state(out / "last.pt"), model_state(clean_root / artifacts.finetune_key("rgb", 1, "resnet18") / "last.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert np.array_equal(np.load(out / "test_scores.npz")["scores"],
-                          np.load(clean_root / "finetune" / "rgb" / "test_scores.npz")["scores"])
+                          np.load(clean_root / artifacts.finetune_key("rgb", 1, "resnet18") / "test_scores.npz")["scores"])
     resumed = json.loads((out / "manifest.json").read_text())
     assert resumed["resumed"] and resumed["summary"]["top1"] == clean.manifest["summary"]["top1"]
     assert list(csv.DictReader(open(out / "history.csv")))[-1]["train_loss"] == \
-        list(csv.DictReader(open(clean_root / "finetune" / "rgb" / "history.csv")))[-1]["train_loss"]
+        list(csv.DictReader(open(clean_root / artifacts.finetune_key("rgb", 1, "resnet18") / "history.csv")))[-1]["train_loss"]
 
 
 @pytest.mark.slow
@@ -266,10 +267,10 @@ def test_two_ranks_match_one_process(upstream, rgb_run, tmp_path):
            "finetune", "--stream", "rgb", "--cache-dir", str(ddp), *TINY_CLI, *extra]
     res = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    m = json.loads((ddp / "finetune" / "rgb" / "manifest.json").read_text())
+    m = json.loads((ddp / artifacts.finetune_key("rgb", 1, "resnet18") / "manifest.json").read_text())
     assert m["world_size"] == 2 and m["summary"]["world_size"] == 2
     single = rgb_run[0]
-    a, b = model_state(ddp / "finetune" / "rgb" / "last.pt"), model_state(single / "finetune" / "rgb" / "last.pt")
+    a, b = model_state(ddp / artifacts.finetune_key("rgb", 1, "resnet18") / "last.pt"), model_state(single / artifacts.finetune_key("rgb", 1, "resnet18") / "last.pt")
     changed = 0
     init = create_backbone("resnet18", num_classes=2, weights="none").state_dict()
     for k in a:
@@ -279,8 +280,8 @@ def test_two_ranks_match_one_process(upstream, rgb_run, tmp_path):
         else:
             assert torch.equal(a[k], b[k]), k  # num_batches_tracked: the same number of steps
     assert changed > 40  # the comparison is between trained networks, not two copies of the init
-    np.testing.assert_allclose(np.load(ddp / "finetune" / "rgb" / "test_scores.npz")["scores"],
-                               np.load(single / "finetune" / "rgb" / "test_scores.npz")["scores"], atol=1e-4)
+    np.testing.assert_allclose(np.load(ddp / artifacts.finetune_key("rgb", 1, "resnet18") / "test_scores.npz")["scores"],
+                               np.load(single / artifacts.finetune_key("rgb", 1, "resnet18") / "test_scores.npz")["scores"], atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- utilities

@@ -22,6 +22,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from pipeline.io import artifacts
 from pipeline.stage import Stage, StageError, param, run_stage
 from pipeline.data.clips import VideoList
 from pipeline.models.backbones import create_backbone, normalize_flow, normalize_rgb
@@ -40,6 +41,8 @@ from stages.train_head import STAGE as TRAIN_HEAD, TrainHeadParams
 from tests.fakes import FAKE_FLOW_STAGE as FLOW_STAGE
 from tests.fakes import FakeFlowParams as FlowParams
 from tests.videos import make_csv_dataset
+
+ARCH = "resnet18"  # the fake finetune's backbone: every later stage runs in the scope split1-resnet18
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # network input side of the tiny backbones
@@ -72,7 +75,7 @@ def _finetune_run(ctx, plan):
     return {"line": f"test finetune/{p.stream}"}
 
 
-FINETUNE_STAGE = Stage("finetune", "test", FakeFinetuneParams, run=_finetune_run, key=lambda p: f"finetune/{p.stream}",
+FINETUNE_STAGE = Stage("finetune", "test", FakeFinetuneParams, run=_finetune_run, key=lambda p: artifacts.finetune_key(p.stream, 1, p.arch),
                        upstream=lambda p: ("decode",) if p.stream == "rgb" else ("decode", "extract-flow"))
 
 
@@ -95,14 +98,14 @@ def _head_run(ctx, plan):
     return {"line": "test head"}
 
 
-HEAD_STAGE = Stage("train-head", "test", FakeHeadParams, run=_head_run, key=lambda p: f"train-head/{p.name}",
-                   upstream=lambda p: ("extract-features",))
+HEAD_STAGE = Stage("train-head", "test", FakeHeadParams, run=_head_run, key=lambda p: artifacts.head_key(p.name, 1, ARCH),
+                   upstream=lambda p: (artifacts.features_key(1, ARCH),))
 
-HEAD = TrainHeadParams(head="stfn", segments=3, max_epochs=3, batch_size=4, device="cpu")
+HEAD = TrainHeadParams(backbone=ARCH, head="stfn", segments=3, max_epochs=3, batch_size=4, device="cpu")
 HEAD_NAME = "stfn-a-avg-bi-n3-s0"
 # Tiny refine: 6 training videos (2 validation); one step of 4 videos per epoch (the incomplete last batch is
 # dropped), accumulated over 2 micro-batches of 2.
-TINY = dict(head_name=HEAD_NAME, batch_size=4, micro_batch=2, workers=0, device="cpu")
+TINY = dict(backbone=ARCH, head_name=HEAD_NAME, batch_size=4, micro_batch=2, workers=0, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +118,7 @@ def upstream(tmp_path_factory):
     run_stage(FLOW_STAGE, FlowParams(), cache)
     for stream in ("rgb", "flow"):
         run_stage(FINETUNE_STAGE, FakeFinetuneParams(stream=stream), cache)
-    run_stage(FEATURES, ExtractFeaturesParams(positions=6, workers=1, batch_size=16, device="cpu"), cache)
+    run_stage(FEATURES, ExtractFeaturesParams(arch=ARCH, positions=6, workers=1, batch_size=16, device="cpu"), cache)
     run_stage(TRAIN_HEAD, HEAD, cache)
     return cache
 
@@ -363,13 +366,13 @@ def test_untrained_refine_reproduces_train_head_scores(upstream, tmp_path):
     + train-head, so the same test scores up to the feature store's float16."""
     cache = fresh_cache(upstream, tmp_path)
     res = run_stage(STAGE, RefineParams(epochs=0, **TINY), cache)
-    out = cache / "refine" / HEAD_NAME
+    out = cache / artifacts.refine_key(HEAD_NAME, 1, ARCH)
     ours = load_test_scores(out / "test_scores.npz")
-    theirs = load_test_scores(upstream / "train-head" / HEAD_NAME / "test_scores.npz")
+    theirs = load_test_scores(upstream / artifacts.head_key(HEAD_NAME, 1, ARCH) / "test_scores.npz")
     assert ours.video_ids.tolist() == theirs.video_ids.tolist() and ours.scores.shape == (2, 2)
     np.testing.assert_allclose(ours.scores, theirs.scores, atol=5e-3)
     r = json.loads((out / "results.json").read_text())
-    head_r = json.loads((upstream / "train-head" / HEAD_NAME / "results.json").read_text())
+    head_r = json.loads((upstream / artifacts.head_key(HEAD_NAME, 1, ARCH) / "results.json").read_text())
     assert r["comparison"]["head_only"]["top1"] == head_r["top1"]
     assert r["comparison"]["refined"]["top1"] == r["top1"] == float((ours.scores.argmax(1) == ours.labels).mean())
     assert "head only -> refined" in res.message and r["epochs"] == 0
@@ -392,7 +395,7 @@ def test_kill_and_resume_gives_the_same_model(upstream, tmp_path):
     run_stage(STAGE, RefineParams(epochs=3, **TINY), full)  # one thread, as the subprocess
     killed = fresh_cache(upstream, tmp_path / "killed")
     proc = subprocess.Popen(_train_cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = killed / "refine" / HEAD_NAME / "last.pt"
+    last = killed / artifacts.refine_key(HEAD_NAME, 1, ARCH) / "last.pt"
     deadline = time.time() + 120
     while time.time() < deadline and not last.exists():
         time.sleep(0.02)
@@ -402,16 +405,16 @@ def test_kill_and_resume_gives_the_same_model(upstream, tmp_path):
     res = run_stage(STAGE, RefineParams(epochs=3, **TINY), killed)
     assert res.manifest["resumed"]
     for name in ("last.pt", "best.pt"):
-        a = torch.load(full / "refine" / HEAD_NAME / name, weights_only=True)
-        b = torch.load(killed / "refine" / HEAD_NAME / name, weights_only=True)
+        a = torch.load(full / artifacts.refine_key(HEAD_NAME, 1, ARCH) / name, weights_only=True)
+        b = torch.load(killed / artifacts.refine_key(HEAD_NAME, 1, ARCH) / name, weights_only=True)
         assert a["epoch"] == b["epoch"]
         for k in a["model"]:
             assert torch.equal(a["model"][k], b["model"][k]), (name, k)
-    r = json.loads((killed / "refine" / HEAD_NAME / "results.json").read_text())
+    r = json.loads((killed / artifacts.refine_key(HEAD_NAME, 1, ARCH) / "results.json").read_text())
     assert r["epochs"] == 3 and len(r["history"]) == 3 and r["history"][0]["train_loss"] > 0
-    assert (killed / "refine" / HEAD_NAME / "curves.png").is_file()
-    np.testing.assert_array_equal(load_test_scores(full / "refine" / HEAD_NAME / "test_scores.npz").scores,
-                                  load_test_scores(killed / "refine" / HEAD_NAME / "test_scores.npz").scores)
+    assert (killed / artifacts.refine_key(HEAD_NAME, 1, ARCH) / "curves.png").is_file()
+    np.testing.assert_array_equal(load_test_scores(full / artifacts.refine_key(HEAD_NAME, 1, ARCH) / "test_scores.npz").scores,
+                                  load_test_scores(killed / artifacts.refine_key(HEAD_NAME, 1, ARCH) / "test_scores.npz").scores)
     # Fresh now: a second run does nothing.
     assert run_stage(STAGE, RefineParams(epochs=3, **TINY), killed).skipped
 
@@ -423,9 +426,9 @@ def test_single_stream_head_trains_only_its_backbone(upstream, tmp_path):
     (cache / "train-head").unlink()
     run_stage(TRAIN_HEAD, dataclasses.replace(HEAD, head="rgb"), cache)
     run_stage(STAGE, RefineParams(epochs=1, **{**TINY, "head_name": "rgb-n3-s0"}), cache)
-    refined = torch.load(cache / "refine" / "rgb-n3-s0" / "last.pt", weights_only=True)["model"]
+    refined = torch.load(cache / artifacts.refine_key("rgb-n3-s0", 1, ARCH) / "last.pt", weights_only=True)["model"]
     for stream, moved in (("rgb", True), ("flow", False)):
-        start = torch.load(cache / "finetune" / stream / "best.pt", weights_only=True)["model"]
+        start = torch.load(cache / artifacts.finetune_key(stream, 1, ARCH) / "best.pt", weights_only=True)["model"]
         same = [torch.equal(refined[f"{stream}.{k}"], v) for k, v in start.items() if k.startswith("trunk.")]
         assert (not all(same)) if moved else all(same), stream
 
@@ -470,11 +473,11 @@ def test_one_holdout_feature_store_train_head_and_refine_validate_on_the_same_vi
     val = sorted(table.video_ids[i] for i in table.indices(1, "val"))
     assert len(val) == 2 and {v.split("/")[0] for v in val} == {"Alpha", "Beta"}
     assert not set(val) & {table.video_ids[i] for i in table.indices(1, "train")}
-    fs = read_feature_store(upstream / "extract-features" / "features.zarr", ["rgb"])
+    fs = read_feature_store(upstream / artifacts.features_key(1, ARCH) / "features.zarr", ["rgb"])
     assert sorted(np.asarray(fs.video_ids)[np.asarray(fs.split).astype(str) == "val"].astype(str)) == val
-    head_r = json.loads((upstream / "train-head" / HEAD_NAME / "results.json").read_text())
+    head_r = json.loads((upstream / artifacts.head_key(HEAD_NAME, 1, ARCH) / "results.json").read_text())
     assert sorted(head_r["val_video_ids"]) == val
     cache = fresh_cache(upstream, tmp_path)
     run_stage(STAGE, RefineParams(epochs=0, **TINY), cache)
-    r = json.loads((cache / "refine" / HEAD_NAME / "results.json").read_text())
+    r = json.loads((cache / artifacts.refine_key(HEAD_NAME, 1, ARCH) / "results.json").read_text())
     assert sorted(r["val_video_ids"]) == val

@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from pipeline.io import artifacts
 from pipeline.stage import Plan, Stage, param, run_stage, status
 from stages.cli import main
 from pipeline.io.store import FeatureSet, feature_store_path, write_feature_store
@@ -52,6 +53,9 @@ def make_features(*, groups_per_class=5, clips_per_group=3, P=8, D=8, views=1, f
                                                             [f"v{i}" for i in range(views)]})
 
 
+HEADS_DIR = "train-head/" + artifacts.scope(1)  # train-head/split1-resnet101
+
+
 @dataclass(frozen=True)
 class FakeFeatureParams:
     backend: str = param("zarr", "store back end")
@@ -65,9 +69,10 @@ def build_upstream(root: Path, fs: FeatureSet, backend: str = "zarr", tag: str =
         return {}
 
     stage = Stage(name="extract-features", version=FEATURES_VERSION, params_type=FakeFeatureParams, run=run,
-                  plan=lambda p, u: Plan(str(np.asarray(fs.streams["rgb"], dtype=np.float64).sum())))
+                  plan=lambda p, u: Plan(str(np.asarray(fs.streams["rgb"], dtype=np.float64).sum())),
+                  key=lambda p: artifacts.features_key(1))
     run_stage(stage, FakeFeatureParams(backend, tag), root, force=True)
-    return feature_store_path(root / "extract-features", backend)
+    return feature_store_path(root / artifacts.features_key(1), backend)
 
 
 FAST = ('[train-head]\nlr = 3e-3\nmin_lr = 3e-5\npatience = 2\nmax_epochs = 30\nbatch_size = 16\n'
@@ -113,8 +118,8 @@ def test_cli_end_to_end(tmp_path, backend):
     res = invoke("train-head", "--head", "stfn", "--fusion", "avg", "--dir", "bi", "--segments", 4,
                  "--config", cfg, "--cache-dir", root)
     assert res.exit_code == 0, res.output
-    out = root / "train-head" / "stfn-a-avg-bi-p0-n4-s0"
-    assert "train-head/stfn-a-avg-bi-p0-n4-s0: top-1" in res.output
+    out = root / HEADS_DIR / "stfn-a-avg-bi-p0-n4-s0"
+    assert f"{HEADS_DIR}/stfn-a-avg-bi-p0-n4-s0: top-1" in res.output
     for f in ("best.pt", "results.json", "test_scores.npz", "confusion.png", "curves.png", "manifest.json"):
         assert (out / f).is_file(), f
     r = json.loads((out / "results.json").read_text())
@@ -151,7 +156,7 @@ def test_stfn_beats_tsn_on_order_only_classes(tmp_path):
         res = invoke("train-head", "--head", head, *lr, "--segments", 4, "--config", cfg, "--cache-dir", root)
         assert res.exit_code == 0, res.output
         key = "stfn-a-avg-bi-p0-n4-s0" if head == "stfn" else "tsn-p0-n4-s0"
-        acc[head] = json.loads((root / "train-head" / key / "results.json").read_text())["per_class_accuracy"]
+        acc[head] = json.loads((root / HEADS_DIR / key / "results.json").read_text())["per_class_accuracy"]
     pair = lambda a: (a["AThenB"] + a["BThenA"]) / 2  # noqa: E731
     assert pair(acc["stfn"]) >= 0.9
     assert pair(acc["tsn"]) <= 0.75  # identical bags of features: chance within the pair is 0.5
@@ -165,7 +170,7 @@ def test_changing_one_head_recomputes_only_that_head(tmp_path):
     common = ("--segments", 4, "--config", cfg, "--cache-dir", root)
     assert invoke("train-head", "--head", "stfn", *common).exit_code == 0
     assert invoke("train-head", "--head", "tsn", *common).exit_code == 0
-    stfn, tsn = root / "train-head" / "stfn-a-avg-bi-p0-n4-s0", root / "train-head" / "tsn-p0-n4-s0"
+    stfn, tsn = root / HEADS_DIR / "stfn-a-avg-bi-p0-n4-s0", root / HEADS_DIR / "tsn-p0-n4-s0"
     tsn_manifest = (tsn / "manifest.json").read_text()
     stfn_fp = json.loads((stfn / "manifest.json").read_text())["fingerprint"]
     # A training setting of one head: that head recomputes in place, the other is untouched.
@@ -186,14 +191,14 @@ def test_changing_one_head_recomputes_only_that_head(tmp_path):
     # A structural option makes a new head beside the others.
     assert invoke("train-head", "--head", "stfn", "--fusion", "max", *common).exit_code == 0
     rows = {r.key: r.state for r in status(root, all_stages())}
-    assert rows["train-head/stfn-a-avg-bi-p0-n4-s0"] == rows["train-head/tsn-p0-n4-s0"] == "fresh"
-    assert rows["train-head/stfn-a-max-bi-p0-n4-s0"] == "fresh"
+    assert rows[f"{HEADS_DIR}/stfn-a-avg-bi-p0-n4-s0"] == rows[f"{HEADS_DIR}/tsn-p0-n4-s0"] == "fresh"
+    assert rows[f"{HEADS_DIR}/stfn-a-max-bi-p0-n4-s0"] == "fresh"
     res = invoke("status", "--cache-dir", root)
-    assert "train-head/tsn-p0-n4-s0" in res.output
+    assert f"{HEADS_DIR}/tsn-p0-n4-s0" in res.output
     # New features make every head stale.
     build_upstream(root, make_features(seed=1))
     rows = {r.key: r for r in status(root, all_stages())}
-    assert rows["train-head/tsn-p0-n4-s0"].state == "stale" and "extract-features" in rows["train-head/tsn-p0-n4-s0"].reason
+    assert rows[f"{HEADS_DIR}/tsn-p0-n4-s0"].state == "stale" and "extract-features" in rows[f"{HEADS_DIR}/tsn-p0-n4-s0"].reason
 
 
 def test_views_train_on_centre_and_test_on_all(tmp_path):
@@ -204,7 +209,7 @@ def test_views_train_on_centre_and_test_on_all(tmp_path):
     cfg = _config(tmp_path, FAST.replace("max_epochs = 30", "max_epochs = 2"))
     res = invoke("train-head", "--head", "rgb", "--segments", 2, "--config", cfg, "--cache-dir", root)
     assert res.exit_code == 0, res.output
-    out = root / "train-head" / "rgb-p0-n2-s0"
+    out = root / HEADS_DIR / "rgb-p0-n2-s0"
     head, _ = load_head_checkpoint(out / "best.pt")
     head.eval()
     test = np.flatnonzero(fs.split == "test")
@@ -242,7 +247,7 @@ def test_mismatched_dims_train_with_fused_dim(tmp_path):
     cfg = _config(tmp_path, FAST.replace("max_epochs = 30", "max_epochs = 1"))
     res = invoke("train-head", "--fused-dim", 8, "--segments", 2, "--config", cfg, "--cache-dir", root)
     assert res.exit_code == 0, res.output
-    assert (root / "train-head" / "stfn-a-avg-bi-f8-p0-n2-s0" / "best.pt").is_file()
+    assert (root / HEADS_DIR / "stfn-a-avg-bi-f8-p0-n2-s0" / "best.pt").is_file()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -270,7 +275,7 @@ def test_ablate_tables_chart_seeds_and_skipped_rows(tmp_path):
                   + '[ablate]\ngrid = "reduced"\nseeds = 2\n')
     res = invoke("ablate", "--config", cfg, "--cache-dir", root)
     assert res.exit_code == 0, res.output
-    out = root / "ablate"
+    out = root / "ablate" / artifacts.scope(1)
     stems = ("table1_architecture", "table2_fusion", "table3_direction", "table4_segments", "baselines")
     for stem in stems:
         assert (out / f"{stem}.md").is_file(), stem
@@ -281,13 +286,13 @@ def test_ablate_tables_chart_seeds_and_skipped_rows(tmp_path):
     assert "row(s) skipped" in res.output
     # Every other row: mean ± sample std of the two seeds' results.
     t1 = (out / "table1_architecture.md").read_text()
-    r0, r1 = (json.loads((root / "train-head" / f"stfn-c-p0-n3-s{s}" / "results.json").read_text())["top1"]
+    r0, r1 = (json.loads((root / HEADS_DIR / f"stfn-c-p0-n3-s{s}" / "results.json").read_text())["top1"]
               for s in (0, 1))
     expected = f"{100 * np.mean([r0, r1]):.1f} ± {100 * np.std([r0, r1], ddof=1):.1f}"
     line = next(ln for ln in t1.splitlines() if ln.startswith("| arch c"))
     assert expected in line, (line, expected)
     # Re-running recomputes nothing.
-    manifests = {p: p.read_text() for p in (root / "train-head").glob("*/manifest.json")}
+    manifests = {p: p.read_text() for p in (root / HEADS_DIR).glob("*/manifest.json")}
     # a-avg-bi (shared by every table), c, mul, m2a, rgb, flow, tsn at N = 3; x 2 seeds
     assert len(manifests) == 7 * 2
     res = invoke("ablate", "--config", cfg, "--cache-dir", root)
@@ -307,12 +312,12 @@ def test_nonfinite_features_are_named_and_follow_allow_failures(tmp_path):
     assert "2 video(s) have NaN/inf features" in res.output
     assert all(v in res.output for v in bad) and "rgb: 1 non-finite values" in res.output
     assert "flow: 2 non-finite values" in res.output
-    assert not (tmp_path / "train-head" / "stfn-a-avg-bi-p0-n4-s0" / "manifest.json").exists()
+    assert not (tmp_path / HEADS_DIR / "stfn-a-avg-bi-p0-n4-s0" / "manifest.json").exists()
     res = CliRunner().invoke(main, args + ["--allow-failures"])
     assert res.exit_code == 0, res.output
-    m = json.loads((tmp_path / "train-head" / "stfn-a-avg-bi-p0-n4-s0" / "manifest.json").read_text())
+    m = json.loads((tmp_path / HEADS_DIR / "stfn-a-avg-bi-p0-n4-s0" / "manifest.json").read_text())
     assert m["complete"] and sorted(m["failures"]) == sorted(bad)
-    r = json.loads((tmp_path / "train-head" / "stfn-a-avg-bi-p0-n4-s0" / "results.json").read_text())
+    r = json.loads((tmp_path / HEADS_DIR / "stfn-a-avg-bi-p0-n4-s0" / "results.json").read_text())
     assert r["videos"]["train"] + r["videos"]["val"] + r["videos"]["test"] == len(fs.video_ids) - 2
 
 
@@ -332,4 +337,4 @@ def test_diverging_loss_stops_the_run_without_a_manifest(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["train-head", "--cache-dir", str(tmp_path), "--config", str(_config(tmp_path))])
     assert res.exit_code == 2, res.output
     assert "training loss became nan in epoch 2" in res.output
-    assert not (tmp_path / "train-head" / "stfn-a-avg-bi-p0-n4-s0" / "manifest.json").exists()
+    assert not (tmp_path / HEADS_DIR / "stfn-a-avg-bi-p0-n4-s0" / "manifest.json").exists()

@@ -22,7 +22,7 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -288,19 +288,54 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: 
 
 
 def results_markdown(rows: Sequence[ResultRow], external_name: str | None = None) -> str:
-    """Row | source | top-1 | mean class accuracy [| +external top-1 | +external mean class]."""
-    header = ["row", "from", "videos", "top-1 (%)", "mean class acc. (%)"]
+    """Row | source | videos | top-1 | top-5 | mean class accuracy [| +external top-1 | +external mean class]."""
+    header = ["row", "from", "videos", "top-1 (%)", "top-5 (%)", "mean class acc. (%)"]
     if external_name:
         header += [f"+{external_name} top-1 (%)", f"+{external_name} mean class (%)"]
     body = []
     for r in rows:
         line = [r.name, r.source, str(int(r.evaluation.confusion.sum())), fmt_pct(r.evaluation.top1),
-                fmt_pct(r.evaluation.mean_class_accuracy)]
+                fmt_pct(r.evaluation.top5), fmt_pct(r.evaluation.mean_class_accuracy)]
         if external_name:
             ext = r.external
             line += [fmt_pct(ext.top1 if ext else None), fmt_pct(ext.mean_class_accuracy if ext else None)]
         body.append(line)
     return markdown_table(header, body, "lll" + "r" * (len(header) - 3))
+
+
+def splits_summary(rows_of: Mapping[int, Sequence[ResultRow]]) -> list[dict]:
+    """Rows matched by name across splits: each split's top-1 / top-5 / mean class accuracy and, for a row
+    finished on every split, their mean and sample std ([STFN] Table 6 reports the mean over 3 splits)."""
+    names: list[str] = []
+    for rows in rows_of.values():
+        names += [r.name for r in rows if r.name not in names]
+    out = []
+    for name in names:
+        per = {split: next(r.evaluation for r in rows if r.name == name)
+               for split, rows in rows_of.items() if any(r.name == name for r in rows)}
+        rec: dict = {"name": name, "splits": {str(s): {"top1": e.top1, "mean_class_accuracy": e.mean_class_accuracy,
+                                                      "top5": None if math.isnan(e.top5) else e.top5}
+                                             for s, e in per.items()}}
+        if len(per) == len(rows_of):
+            for metric in ("top1", "mean_class_accuracy", "top5"):
+                values = [getattr(e, metric) for e in per.values()]
+                if not any(math.isnan(v) for v in values):
+                    rec[metric] = dict(zip(("mean", "std"), mean_std(values)))
+        out.append(rec)
+    return out
+
+
+def splits_markdown(summary: Sequence[dict], splits: Sequence[int]) -> str:
+    """Row | top-1 of each split | mean ± std of top-1, mean class accuracy and top-5 (percent)."""
+    def cell(rec: dict, metric: str) -> str:
+        m = rec.get(metric)
+        return "–" if m is None else f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f}"
+
+    header = ["row", *(f"split {s} top-1" for s in splits), "top-1 mean ± std", "mean class acc. mean ± std",
+              "top-5 mean ± std"]
+    body = [[rec["name"], *(fmt_pct((rec["splits"].get(str(s)) or {}).get("top1")) for s in splits),
+             cell(rec, "top1"), cell(rec, "mean_class_accuracy"), cell(rec, "top5")] for rec in summary]
+    return markdown_table(header, body)
 
 
 def per_class_markdown(rows: Sequence[ResultRow], class_names: Sequence[str]) -> str:

@@ -4,20 +4,28 @@ Every stage's output lives in ``<cache>/<key>/``. This module names those keys a
 and opens the stores a finished stage wrote (reading the store kind from its manifest). Stages reach their
 upstream's outputs only through here, never by importing another stage's module.
 
-| stage            | key                         | what is inside                                             |
-|------------------|-----------------------------|------------------------------------------------------------|
-| decode           | ``decode``                  | ``frames/`` (one container per video), ``videos.json``     |
-| extract-flow     | ``extract-flow``            | ``flow/`` (one container per video)                        |
-| finetune         | ``finetune/<stream>``       | ``best.pt``, ``last.pt``, ``test_scores.npz``, plots       |
-| extract-features | ``extract-features``        | ``features.zarr`` and/or ``features.h5``                   |
-| train-head       | ``train-head/<name>``       | ``best.pt``, ``results.json``, ``test_scores.npz``         |
-| refine           | ``refine/<name>``           | ``best.pt``, ``last.pt``, ``results.json``, ``test_scores.npz`` |
-| evaluate         | ``evaluate``                | ``results.md``, ``results.json``, plots                    |
+``decode`` and ``extract-flow`` are shared by every split and backbone (one decode serves UCF101's three
+splits, and the ResNet-101 and Inception-V3 configs share it). Every later stage's output is per *scope*:
+the split and the backbone, ``split<k>-<backbone>`` (:func:`scope`), so the models of split 1 and split 2, or
+of two backbones, exist side by side in one cache.
+
+| stage            | key                                      | what is inside                                  |
+|------------------|------------------------------------------|-------------------------------------------------|
+| decode           | ``decode``                               | ``frames/`` (one container per video), ``videos.json`` |
+| extract-flow     | ``extract-flow``                         | ``flow/`` (one container per video)             |
+| finetune         | ``finetune/<scope>/<stream>``            | ``best.pt``, ``last.pt``, ``test_scores.npz``, plots |
+| extract-features | ``extract-features/<scope>``             | ``features.zarr`` and/or ``features.h5``        |
+| train-head       | ``train-head/<scope>/<name>``            | ``best.pt``, ``results.json``, ``test_scores.npz`` |
+| refine           | ``refine/<scope>/<name>``                | ``best.pt``, ``last.pt``, ``results.json``, ``test_scores.npz`` |
+| evaluate         | ``evaluate/<scope>``, ``evaluate/splits1-2-3-<backbone>`` | ``results.md``, ``results.json``, plots |
 """
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from pipeline.io.store import BACKENDS, VideoStore
 
@@ -45,22 +53,79 @@ class ArtifactError(RuntimeError):
     """A stage's output is missing or unreadable; the message names the file and the stage to re-run."""
 
 
-def finetune_key(stream: str) -> str:
-    return f"{FINETUNE}/{stream}"
+#: The backbone of a scope when none is named (finetune's and extract-features' default ``--arch``).
+DEFAULT_BACKBONE = "resnet101"
 
 
-def head_key(name: str) -> str:
-    return f"{TRAIN_HEAD}/{name}"
+def scope(split: int, backbone: str = DEFAULT_BACKBONE) -> str:
+    """``split1-resnet101``: the split and backbone a per-scope output belongs to."""
+    return f"split{int(split)}-{backbone}"
 
 
-def refine_key(name: str) -> str:
-    return f"{REFINE}/{name}"
+def parse_scope(text: str) -> tuple[int, str] | None:
+    """``"split2-inception_v3"`` -> ``(2, "inception_v3")``; None for anything else."""
+    m = re.fullmatch(r"split(\d+)-(.+)", text)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def finetune_key(stream: str, split: int = 1, backbone: str = DEFAULT_BACKBONE) -> str:
+    return f"{FINETUNE}/{scope(split, backbone)}/{stream}"
+
+
+def features_key(split: int = 1, backbone: str = DEFAULT_BACKBONE) -> str:
+    return f"{FEATURES}/{scope(split, backbone)}"
+
+
+def head_key(name: str, split: int = 1, backbone: str = DEFAULT_BACKBONE) -> str:
+    return f"{TRAIN_HEAD}/{scope(split, backbone)}/{name}"
+
+
+def refine_key(name: str, split: int = 1, backbone: str = DEFAULT_BACKBONE) -> str:
+    return f"{REFINE}/{scope(split, backbone)}/{name}"
+
+
+def evaluate_key(splits: Sequence[int] = (1,), backbone: str = DEFAULT_BACKBONE) -> str:
+    """``evaluate/split1-resnet101`` for one split; ``evaluate/splits1-2-3-resnet101`` across several."""
+    splits = [int(s) for s in splits]
+    if len(splits) == 1:
+        return f"{EVALUATE}/{scope(splits[0], backbone)}"
+    return f"{EVALUATE}/splits{'-'.join(map(str, splits))}-{backbone}"
 
 
 def split_key(key: str) -> tuple[str, str]:
-    """``"finetune/rgb"`` -> ``("finetune", "rgb")``; ``"decode"`` -> ``("decode", "")``."""
+    """``"finetune/split1-resnet101/rgb"`` -> ``("finetune", "split1-resnet101/rgb")``; ``"decode"`` ->
+    ``("decode", "")``."""
     stage, _, variant = key.partition("/")
     return stage, variant
+
+
+@dataclass(frozen=True)
+class KeyParts:
+    """A key taken apart: its stage, its scope's split and backbone (None for shared outputs) and the
+    variant inside the scope (the stream of finetune, the head name of train-head and refine)."""
+
+    stage: str
+    split: int | None = None
+    backbone: str | None = None
+    name: str = ""
+
+
+def key_parts(key: str) -> KeyParts:
+    stage, rest = split_key(key)
+    head, _, name = rest.partition("/")
+    parsed = parse_scope(head)
+    if parsed is None:
+        return KeyParts(stage, None, None, rest)
+    return KeyParts(stage, parsed[0], parsed[1], name)
+
+
+def scope_keys(cache_root: Path, stage: str) -> list[str]:
+    """The scopes (``split1-resnet101``, ...) under which ``stage`` has an output folder in the cache: the
+    hint when a stage reads a scope that has none."""
+    folder = Path(cache_root) / stage
+    if not folder.is_dir():
+        return []
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and parse_scope(d.name) is not None)
 
 
 def manifest_params(stage_dir: Path) -> dict:

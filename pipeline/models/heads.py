@@ -152,14 +152,13 @@ def head_label(name: str, options: Mapping[str, Any]) -> str:
 
 
 def head_output_name(name: str, given: Mapping[str, Any] | None = None, *, segments: int = 5, seed: int = 0,
-                     test_fusion: str = "mean", split: int | None = None) -> str:
-    """The ``train-head/<name>`` output of a head: :func:`head_label` of the effective options, then N, the
-    seed, a non-default test fusion and the split (``stfn-a-avg-bi-n5-s0``)."""
+                     test_fusion: str = "mean") -> str:
+    """The name of a head's ``train-head/<scope>/<name>`` output: :func:`head_label` of the effective options,
+    then N, the seed and a non-default test fusion (``stfn-a-avg-bi-n5-s0``). The split and backbone are in
+    the scope (:func:`pipeline.io.artifacts.scope`), not in the name."""
     parts = [head_label(name, head_options(name, given)), f"n{segments}", f"s{seed}"]
     if test_fusion != "mean":
         parts.append(test_fusion)
-    if split is not None:
-        parts.append(f"split{split}")
     return "-".join(parts)
 
 

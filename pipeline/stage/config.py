@@ -4,6 +4,8 @@ A config file has one table per stage, named like the command, plus an optional 
 
     [pipeline]
     cache_dir = "/data/stfn-cache"
+    backbone = "resnet101"   # the scope of every stage after extract-flow (finetune's and
+    split = 1                # extract-features' --arch, train-head's --backbone, every --split)
 
     [decode]
     dataset = "ucf101"
@@ -14,7 +16,10 @@ A config file has one table per stage, named like the command, plus an optional 
     head = "stfn"
     segments = 7
 
-Precedence: dataclass default < config file < command-line option. A table the program does not know (a
+Precedence: dataclass default < ``[pipeline]`` scope setting < the stage's table < command-line option.
+``[pipeline]`` takes ``cache_dir`` and the two scope settings, ``split`` and ``backbone``: they are the
+defaults of every parameter declared with ``scope="split"`` or ``scope="backbone"`` (the split and backbone
+that name the per-scope outputs, :mod:`pipeline.io.artifacts`). A table the program does not know (a
 misspelt ``[train_head]``) and a key a stage does not take are errors naming the closest known name; every
 built params object then goes through :func:`pipeline.stage.validate.validate_params` (types, finite numbers,
 ranges) before anything runs.
@@ -35,6 +40,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CACHE_ENV = "PIPELINE_CACHE_DIR"
+#: The keys of the ``[pipeline]`` table.
+PIPELINE_KEYS = ("cache_dir", "split", "backbone")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -85,6 +92,10 @@ def load_config(path: Path | None, tables: Any = None) -> dict[str, dict[str, An
             raise ConfigError(f"{path}: top-level key {section!r} must be a [table] named after a stage")
     if tables is not None:
         check_tables(data, tables, path)
+    for key in data.get("pipeline", {}):
+        if key not in PIPELINE_KEYS:
+            raise ConfigError(f"{path}: [pipeline] has unknown key {key!r}{_closest(key, PIPELINE_KEYS)}; known: "
+                              f"{', '.join(PIPELINE_KEYS)}")
     # Relative paths in a config file are relative to the file's folder.
     return {k: {**v, "__base__": path.parent} for k, v in data.items()}
 
@@ -146,6 +157,14 @@ def build_params(params_type: type, config: Mapping[str, Mapping[str, Any]], sec
     """Dataclass defaults, then the config file's ``[section]`` table, then non-None ``overrides``."""
     names = {f.name for f in dataclasses.fields(params_type)}
     values: dict[str, Any] = {}
+    shared = config.get("pipeline", {})
+    for f in dataclasses.fields(params_type):  # the [pipeline] scope settings (split, backbone)
+        setting = f.metadata.get("scope")
+        if setting and shared.get(setting) is not None:
+            value = shared[setting]
+            if typing.get_origin(_base(_type_of(params_type, f.name))) is tuple and not isinstance(value, (list, str)):
+                value = [value]
+            values[f.name] = coerce(params_type, f.name, value, source=f"{config_path} [pipeline] {setting}")
     table = dict(config.get(section, {}))
     base = table.pop("__base__", None)
     for key, value in table.items():

@@ -158,10 +158,25 @@ def load_upstream(cache_root: Path, keys: Iterable[str], for_stage: str) -> Upst
         m = read_manifest(cache_root / key)
         if m is None:
             raise StageError(f"stage {for_stage!r} reads the output of {key!r}, which is missing in "
-                             f"{cache_root / key}: run `pipeline {key.split('/')[0]}` first")
+                             f"{cache_root / key}: run `pipeline {key.split('/')[0]}` first"
+                             + _other_scopes_hint(cache_root, key))
         if not m.get("complete"):
             raise StageError(f"stage {for_stage!r} reads the output of {key!r}, which is incomplete "
                              f"({m.get('failed', 0)} failures): re-run `pipeline {key.split('/')[0]}` "
                              "or allow failures there")
         manifests[key] = m
     return Upstream(cache_root, manifests)
+
+
+def _other_scopes_hint(cache_root: Path, key: str) -> str:
+    """For a missing per-scope key: the scopes (split, backbone) that stage does have in the cache."""
+    from pipeline.io.artifacts import key_parts, scope_keys
+
+    parts = key_parts(key)
+    if parts.split is None:
+        return ""
+    others = scope_keys(cache_root, parts.stage)
+    if not others:
+        return f" (with --split {parts.split} and backbone {parts.backbone})"
+    return (f" (with --split {parts.split} and backbone {parts.backbone}; {parts.stage} has outputs for "
+            f"{', '.join(others)})")
