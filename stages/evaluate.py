@@ -19,7 +19,8 @@ path component); a test video without external scores, or other classes, is an e
 
 Outputs in ``<cache>/evaluate/<scope>/`` (or ``evaluate/splits1-2-3-<backbone>/``): ``results.md`` (the
 table, a per-class accuracy table, notes), ``results.json`` (every figure, per-class accuracies and
-confusion matrices), ``confusion/<row>.png`` (one split).
+confusion matrices), ``confusion/<row>.png`` and ``per_class/<row>.csv`` (precision, recall and F1 per
+class), the last two for one split.
 
 The stage's upstream is whatever it reads: its plan lists the finished outputs above and records their
 fingerprints as its upstream, so re-running with nothing changed is a no-op, a changed or new head makes it
@@ -43,7 +44,8 @@ from pathlib import Path
 
 from pipeline.eval.results import (ResultRow, ResultsError, TestScores, combine_scores, finished_outputs,
                                    late_fusion, load_test_scores, match_external, per_class_markdown,
-                                   read_external_scores, results_markdown, splits_markdown, splits_summary)
+                                   per_class_csv, read_external_scores, results_markdown, splits_markdown,
+                                   splits_summary)
 from pipeline.io import artifacts
 from pipeline.io.artifacts import SCORES
 from pipeline.io.atomic import write_json, write_text
@@ -231,6 +233,10 @@ def _one_split(ctx: StageContext, rows: list[ResultRow], notes: list[str], with_
     for r in rows:
         confusion_matrix_plot(r.evaluation.confusion, r.evaluation.class_names, conf_dir / f"{_safe(r.name)}.png",
                               title=f"{r.name}: top-1 {100 * r.evaluation.top1:.1f}%")
+    report_dir = ctx.dir / "per_class"
+    report_dir.mkdir(exist_ok=True)
+    for r in rows:  # precision / recall / F1 per class of every row
+        write_text(report_dir / f"{_safe(r.name)}.csv", per_class_csv(r.evaluation))
     ext_name = p.external_name if with_external else None
     table = results_markdown(rows, ext_name)
     if with_external:

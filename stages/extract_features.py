@@ -100,9 +100,9 @@ class ExtractFeaturesParams:
                            "cover the paper's N = 5 / 7.")
     views: int = param(1, "Spatial views per position: 1 (centre crop) or 10 (TSN's 4 corners + centre and "
                        "their mirrors), stored as an extra axis.")
-    rgb_weights: str = param("finetune", "Appearance backbone: finetune (<cache>/finetune/rgb/best.pt), "
+    rgb_weights: str = param("finetune", "Appearance backbone: finetune (<cache>/finetune/<scope>/rgb/best.pt), "
                              "imagenet, none (random, seeded by --seed) or a weights file.")
-    flow_weights: str = param("finetune", "Motion backbone: finetune (<cache>/finetune/flow/best.pt), "
+    flow_weights: str = param("finetune", "Motion backbone: finetune (<cache>/finetune/<scope>/flow/best.pt), "
                               "imagenet (cross-modality first conv), none or a weights file.")
     arch: str = param(DEFAULT_ARCH, "Backbone of both streams (resnet18/34/50/101/152, inception_v3): reads "
                       "finetune's outputs of this backbone; a weights file of another arch is refused.",

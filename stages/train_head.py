@@ -31,6 +31,8 @@ from pipeline.models.heads import (HEADS, HEAD_OPTIONS, HeadOptionError, create_
                                    head_output_name, list_heads, load_head_checkpoint)  # noqa: F401
 from pipeline.models.stfn import ARCHS, DIRECTIONS, STFN_FUSIONS
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param, params_dict
+from pipeline.training.tensorboard import EpochScalars, TensorBoardMissing
+from pipeline.training.tensorboard import check_available as check_tensorboard
 from pipeline.training.heads import (NUM_TEST, NonFiniteLoss, feature_tensors, fit_head, load_features,
                                      nonfinite_videos, split_indices,
                                      stream_shapes, test_scores, test_sequences)
@@ -81,6 +83,8 @@ class TrainHeadParams:
     batch_size: int = param(32, "Videos per mini-batch.")
     max_epochs: int = param(100, "Hard cap on epochs.")
     device: str = param("auto", "Training device: auto, cpu, cuda, cuda:1, ...", fingerprint=False)
+    tensorboard: bool = param(False, "Write per-epoch loss, error and lr for TensorBoard to <output>/tensorboard/.",
+                              fingerprint=False)
     name: str | None = param(None, "Output name (train-head/<name>); default derived from the head's options.",
                              fingerprint=False)
 
@@ -144,6 +148,11 @@ def make_head(p: TrainHeadParams, options: dict, *, num_classes: int, rgb_dim: i
 def plan(params: TrainHeadParams, upstream: Upstream) -> Plan:
     p = params
     options = effective_options(p)
+    if p.tensorboard:
+        try:
+            check_tensorboard()
+        except TensorBoardMissing as e:
+            raise StageError(str(e)) from None
     try:
         path = artifacts.feature_store_file(upstream.dir(_upstream_key(p)))
         meta = read_feature_store(path, streams=[])
@@ -234,8 +243,10 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         head = make_head(p, options, num_classes=info["num_classes"], rgb_dim=info["rgb_dim"],
                          flow_dim=info["flow_dim"])
     bar = ctx.progress(p.max_epochs, f"train-head {name}", unit="epoch")
+    curves = EpochScalars(ctx.dir, p.tensorboard)
 
     def on_epoch(rec: dict) -> None:
+        curves.epoch(rec["epoch"], rec)
         bar.update(1)
         bar.set_postfix_str(f"lr {rec['lr']:.0e} loss {rec['train_loss']:.3f} val err {rec['val_error']:.3f}")
         ctx.log.debug("epoch %(epoch)d lr %(lr).0e train loss %(train_loss).4f val loss %(val_loss).4f "
@@ -252,6 +263,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         raise NonFiniteLoss(f"{head_key(p)}: {e}; nothing was written") from None
     finally:
         bar.close()
+        curves.close()
     fit_seconds = time.perf_counter() - t0
 
     scores = test_scores(head, *feature_tensors(fs, test, None), n, p.num_test, p.test_fusion).numpy()

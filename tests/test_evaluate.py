@@ -1,4 +1,5 @@
 """evaluate: per-stream and late-fusion rows ([STFN] Table 5), external scores, re-runs, bad input."""
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,16 @@ def test_streams_and_late_fusion_by_hand(tmp_path):
     assert "| rgb stream | finetune/split1-resnet101/rgb | 4 | 50.0 | – | 50.0 |" in text  # top-5: < 5 classes
     assert "## Per-class accuracy" in text
     assert (root / EVAL / "confusion" / "flow_stream.png").is_file()
+    # Per-class precision / recall / F1 of the flow stream, by hand: predicted b, a, b, b for a, a, b, b.
+    # a: 1 of 2 found (recall .5), 1 predicted and right (precision 1), F1 2 * 1 * .5 / 1.5 = .6667;
+    # b: 2 of 2 (recall 1), 3 predicted (precision .6667), F1 .8.
+    with open(root / EVAL / "per_class" / "flow_stream.csv") as f:
+        report = {r["class"]: r for r in csv.DictReader(f)}
+    assert {k: float(report["a"][k]) for k in ("precision", "recall", "f1")} == pytest.approx(
+        {"precision": 1.0, "recall": 0.5, "f1": 2 / 3}, abs=1e-6)
+    assert {k: float(report["b"][k]) for k in ("precision", "recall", "f1")} == pytest.approx(
+        {"precision": 2 / 3, "recall": 1.0, "f1": 0.8}, abs=1e-6)
+    assert report["b"]["support"] == "2" and report["b"]["predicted"] == "3"
     assert "late fusion" in res.output and "75.0" in res.output  # the table is printed
     # Unchanged: a no-op; another flow weight: recomputed. With w = 0 late fusion is the rgb stream.
     assert "nothing to do" in invoke("evaluate", "--streams", "--cache-dir", root).output
@@ -202,3 +213,24 @@ def test_a_missing_split_is_named_and_a_model_of_another_split_is_refused(tmp_pa
     finetune_output(root, "rgb", RGB, split=2, trained_on=1)
     res = invoke("evaluate", "--streams", "--split", 2, "--cache-dir", root)
     assert res.exit_code == 2 and "trained on split 1" in res.output, res.output
+
+
+def test_top5_and_per_class_report_by_hand():
+    from pipeline.eval.metrics import evaluate, per_class_report
+
+    # 6 classes, 3 videos. Video 0 (class 0): class 0 ranked 1st. Video 1 (class 1): ranked 5th (in the top 5).
+    # Video 2 (class 2): ranked 6th (last, outside). Top-1 1/3, top-5 2/3.
+    scores = np.array([[.9, .05, .02, .01, .01, .01],
+                       [.30, .05, .25, .20, .15, .05 - 1e-3],
+                       [.3, .2, .0, .2, .2, .1]])
+    ev = evaluate(scores, np.array([0, 1, 2]), [f"c{i}" for i in range(6)])
+    assert ev.top1 == pytest.approx(1 / 3) and ev.top5 == pytest.approx(2 / 3)
+    # Confusion by hand for labels 0, 0, 1, 1, 2 and predictions 0, 1, 1, 1, 0.
+    confusion = np.zeros((3, 3), int)
+    for t, q in zip([0, 0, 1, 1, 2], [0, 1, 1, 1, 0]):
+        confusion[t, q] += 1
+    r = per_class_report(confusion, ["x", "y", "z"])
+    assert (r[0]["precision"], r[0]["recall"], r[0]["f1"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert (r[1]["precision"], r[1]["recall"], r[1]["f1"]) == pytest.approx((2 / 3, 1.0, 0.8))
+    assert r[2]["precision"] is None and r[2]["recall"] == 0.0 and r[2]["f1"] is None
+    assert [x["support"] for x in r] == [2, 2, 1] and [x["predicted"] for x in r] == [2, 3, 0]

@@ -252,6 +252,18 @@ def test_sigkill_then_resume_equals_uninterrupted_run(upstream, tmp_path):
     assert resumed["resumed"] and resumed["summary"]["top1"] == clean.manifest["summary"]["top1"]
     assert list(csv.DictReader(open(out / "history.csv")))[-1]["train_loss"] == \
         list(csv.DictReader(open(clean_root / artifacts.finetune_key("rgb", 1, "resnet18") / "history.csv")))[-1]["train_loss"]
+    # Downstream sees the same thing: extract-features of the resumed and of the uninterrupted network have
+    # one fingerprint (it digests the weights, not best.pt's bookkeeping of timings and resumes).
+    from pipeline.stage import load_upstream
+    from pipeline.stage.runner import compute_fingerprint
+    from stages.extract_features import STAGE as FEATURES, ExtractFeaturesParams
+
+    def features_fingerprint(cache: Path) -> str:
+        fp = ExtractFeaturesParams(arch="resnet18", flow_weights="none", positions=4)
+        up = load_upstream(cache, FEATURES.upstream_keys(fp, cache), FEATURES.name)
+        return compute_fingerprint(FEATURES, fp, up, FEATURES.plan(fp, up))
+
+    assert features_fingerprint(killed) == features_fingerprint(clean_root)
 
 
 @pytest.mark.slow

@@ -338,3 +338,47 @@ def test_diverging_loss_stops_the_run_without_a_manifest(tmp_path, monkeypatch):
     assert res.exit_code == 2, res.output
     assert "training loss became nan in epoch 2" in res.output
     assert not (tmp_path / HEADS_DIR / "stfn-a-avg-bi-p0-n4-s0" / "manifest.json").exists()
+
+
+def test_a_b_a_restores_the_first_head_from_the_run_cache(tmp_path):
+    """lr A, then lr B, then lr A again: the third run is restored (no training) with byte-identical files."""
+    import hashlib
+
+    root = tmp_path / "cache"
+    build_upstream(root, make_features())
+    cfg = _config(tmp_path, FAST.replace("max_epochs = 30", "max_epochs = 2"))
+    out = root / HEADS_DIR / "tsn-p0-n4-s0"
+
+    def digest() -> dict:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
+                if p.is_file() and p.name != "log.txt"}
+
+    assert invoke("train-head", "--head", "tsn", "--config", cfg, "--cache-dir", root).exit_code == 0
+    first = digest()
+    res = invoke("train-head", "--head", "tsn", "--lr", "0.01", "--config", cfg, "--cache-dir", root)
+    assert res.exit_code == 0 and "restored" not in res.output and digest() != first
+    res = invoke("train-head", "--head", "tsn", "--config", cfg, "--cache-dir", root)
+    assert res.exit_code == 0 and "restored from the run cache" in res.output, res.output
+    assert digest() == first
+
+
+def test_tensorboard_curves_written_and_read_back(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed "
+                                              "(pip install 'stfn-pipeline[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = tmp_path / "cache"
+    build_upstream(root, make_features())
+    cfg = _config(tmp_path, FAST.replace("max_epochs = 30", "max_epochs = 3"))
+    res = invoke("train-head", "--head", "tsn", "--tensorboard", "--config", cfg, "--cache-dir", root)
+    assert res.exit_code == 0, res.output
+    out = root / HEADS_DIR / "tsn-p0-n4-s0"
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/train", "loss/val", "error/val", "lr"} <= tags, tags
+    history = json.loads((out / "results.json").read_text())["history"]["epochs"]
+    losses = [e.value for e in events.Scalars("loss/train")]
+    assert [e.step for e in events.Scalars("loss/train")] == [h["epoch"] for h in history]
+    assert losses == pytest.approx([h["train_loss"] for h in history], rel=1e-6)
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([h["lr"] for h in history])

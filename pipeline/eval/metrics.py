@@ -71,3 +71,22 @@ def evaluate(scores: Tensor | np.ndarray, labels: Tensor | np.ndarray,
     return Evaluation(top1=float((pred == labels).mean()), top5=top5,
                       mean_class_accuracy=float(np.nanmean(per_class)),
                       per_class_accuracy=per_class, confusion=confusion, class_names=names)
+
+
+def per_class_report(confusion: np.ndarray, class_names: Sequence[str]) -> list[dict]:
+    """Per class: support (test videos of the class), predicted (videos predicted as it), precision, recall
+    (= the class's accuracy) and F1 from a confusion matrix (rows = true class, columns = predicted).
+    Precision is None for a class never predicted, recall for a class absent from the labels, F1 when either
+    is None or both are 0."""
+    confusion = np.asarray(confusion, dtype=np.int64)
+    out = []
+    for i, name in enumerate(class_names):
+        tp, support, predicted = int(confusion[i, i]), int(confusion[i].sum()), int(confusion[:, i].sum())
+        precision = tp / predicted if predicted else None
+        recall = tp / support if support else None
+        f1 = (2 * precision * recall / (precision + recall)
+              if precision is not None and recall is not None and precision + recall > 0 else None)
+        out.append({"class": str(name), "support": support, "predicted": predicted, "precision": precision,
+                    "recall": recall, "f1": f1})
+    return out
+

@@ -338,6 +338,23 @@ def splits_markdown(summary: Sequence[dict], splits: Sequence[int]) -> str:
     return markdown_table(header, body)
 
 
+def per_class_csv(evaluation: Evaluation) -> str:
+    """The per-class report of one row as CSV: class, support, predicted, precision, recall, f1 (empty where
+    undefined; :func:`pipeline.eval.metrics.per_class_report`)."""
+    import io
+
+    from pipeline.eval.metrics import per_class_report
+
+    buf = io.StringIO()
+    fields = ["class", "support", "predicted", "precision", "recall", "f1"]
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for rec in per_class_report(evaluation.confusion, evaluation.class_names):
+        w.writerow({k: ("" if rec[k] is None else f"{rec[k]:.6f}" if isinstance(rec[k], float) else rec[k])
+                    for k in fields})
+    return buf.getvalue()
+
+
 def per_class_markdown(rows: Sequence[ResultRow], class_names: Sequence[str]) -> str:
     """Per-class accuracy (%). Up to 20 classes: one line per result row, one column per class;
     more classes: one line per class, one column per result row."""

@@ -92,6 +92,26 @@ def evaluate_key(splits: Sequence[int] = (1,), backbone: str = DEFAULT_BACKBONE)
     return f"{EVALUATE}/splits{'-'.join(map(str, splits))}-{backbone}"
 
 
+#: The stages whose outputs are per scope (split and backbone).
+SCOPED = (FINETUNE, FEATURES, TRAIN_HEAD, REFINE, EVALUATE)
+
+
+def old_layout_hint(key: str, params: dict) -> str | None:
+    """For an output written before keys had a scope (``finetune/rgb``, cache format of 2026-12-01): what to
+    do with it; None for a key of the current layout. A finetune output only needs moving (its upstream,
+    decode and extract-flow, kept their keys, so it is fresh at its new place); the later stages read
+    upstream keys that changed, so they are recomputed under their new keys."""
+    stage, rest = split_key(key)
+    if stage not in SCOPED or key_parts(key).split is not None:
+        return None
+    split = int(params.get("split") or 1)
+    if stage == FINETUNE:
+        new = finetune_key(rest, split, params.get("arch") or DEFAULT_BACKBONE)
+        return f"old layout (before per-split keys): move it to {new} (mv {key} {new}) to keep using it"
+    return (f"old layout (before per-split keys): its stage now writes {stage}/split<k>-<backbone>/...; "
+            f"re-run it there (this folder is never removed by the pipeline)")
+
+
 def split_key(key: str) -> tuple[str, str]:
     """``"finetune/split1-resnet101/rgb"`` -> ``("finetune", "split1-resnet101/rgb")``; ``"decode"`` ->
     ``("decode", "")``."""

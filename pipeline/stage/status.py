@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from pipeline.io.artifacts import old_layout_hint
 from pipeline.io.atomic import TMP_PREFIX
 from pipeline.stage.declare import RUN_INFO, Stage, StageError, read_manifest, read_run_info
 from pipeline.stage.journal import journal_files, read_records
@@ -103,6 +104,10 @@ def _finished(m: dict, key: str, stage: Stage | None, manifests: dict[str, dict 
     row = StageStatus(key, "fresh", "", m["fingerprint"], m.get("finished", ""), m.get("done", 0),
                       m.get("failed", 0))
     reasons = []
+    hint = old_layout_hint(key, m.get("params") or {})
+    if hint:
+        row.state, row.reason = "old layout", hint
+        return row
     if not m.get("complete"):
         row.state = "incomplete"
         reasons.append(f"{m.get('failed', 0)} failures not allowed")
