@@ -29,6 +29,7 @@ CATALOG: dict[str, tuple[str, str | None, str]] = {
     "refine": ("refine", None, "Train both backbones and a trained head end to end ([STFN] §4.2, second "
                "training step)."),
     "run-all": ("workflow", "run_all_command", "Every stage in order, in one process; fresh stages are skipped."),
+    "predict": ("predict", "predict_command", "Top-k classes of new videos with the cache's trained models."),
     "evaluate": ("evaluate", None, "Results table of every finished stream, head and refined model in the cache "
                  "(+ external scores)."),
 }

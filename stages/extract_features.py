@@ -190,8 +190,10 @@ def _load_checkpoint(path: Path) -> dict | None:
     return None
 
 
-def resolve_source(stream: str, p: ExtractFeaturesParams, upstream: Upstream, classes: Sequence[str]) -> StreamSource:
-    """Decide arch, weights file, input size and flow length of ``stream``; refuse what does not fit."""
+def resolve_source(stream: str, p: ExtractFeaturesParams, upstream: Upstream, classes: Sequence[str],
+                   splits: Sequence[str] = ()) -> StreamSource:
+    """Decide arch, weights file, input size and flow length of ``stream``; refuse what does not fit.
+    ``splits``: the split ids the video table defines (a network of another of them is refused)."""
     weights = p.rgb_weights if stream == "rgb" else p.flow_weights
     ckpt: dict | None = None
     path: Path | None = None
@@ -226,7 +228,8 @@ def resolve_source(stream: str, p: ExtractFeaturesParams, upstream: Upstream, cl
         raise StageError(f"{path}: checkpoint holds a {ck_arch} backbone but --arch {p.arch} was asked")
     arch = p.arch
     ck_params = (ckpt.get("params") or {}) if ckpt else {}
-    if ck_params.get("split") is not None and int(ck_params["split"]) != int(p.split):
+    trained = ck_params.get("split")
+    if trained is not None and int(trained) != int(p.split) and str(trained) in {str(s) for s in splits}:
         raise StageError(f"{path}: this {stream} network was fine-tuned on split {ck_params['split']}; its "
                          f"features for split {p.split} would score test videos it was trained on. Use the "
                          f"split {p.split} network (or --split {ck_params['split']})")
@@ -491,7 +494,7 @@ def plan(p: ExtractFeaturesParams, upstream: Upstream) -> Plan:
     rows = [i for i, s in enumerate(membership) if s in keep]
     if not rows:
         raise StageError(f"split {p.split} of {upstream.dir('decode')} has no train or test videos")
-    sources = {s: resolve_source(s, p, upstream, table.classes) for s in STREAMS}
+    sources = {s: resolve_source(s, p, upstream, table.classes, list(table.splits)) for s in STREAMS}
 
     # An incompatible frame or flow store is a clear error before any work, not a failure per video.
     frames = frame_store(upstream.dir("decode"))

@@ -105,3 +105,16 @@ def test_scope_keys_parse_back():
     assert artifacts.key_parts("decode").split is None
     assert artifacts.evaluate_key((1, 2, 3), "resnet101") == "evaluate/splits1-2-3-resnet101"
     assert np.all([artifacts.parse_scope(s) is None for s in ("rgb", "split-x", "splitA-resnet")])
+
+
+def test_a_network_of_another_split_is_refused(two_split_cache):
+    """The "100 %" trap: split 1's network scoring split 2, whose test videos include split 1's training
+    videos. Given as a weights file (no key to tell), it is refused by the split recorded in it."""
+    from stages.extract_features import STAGE as FEATURES, ExtractFeaturesParams
+
+    run_stage(FINETUNE, FinetuneParams(stream="rgb", split=1, **TINY), two_split_cache)
+    weights = two_split_cache / artifacts.finetune_key("rgb", 1, "resnet18") / artifacts.BEST
+    with pytest.raises(StageError, match="fine-tuned on split 1.*split 2 would score test videos it was trained"):
+        run_stage(FEATURES, ExtractFeaturesParams(arch="resnet18", split=2, positions=4, rgb_weights=str(weights),
+                                                  flow_weights="none"), two_split_cache)
+    assert not (two_split_cache / artifacts.features_key(2, "resnet18")).exists()

@@ -94,3 +94,21 @@ def bar_chart(values: Mapping[str, float], path: Path, *, errors: Mapping[str, f
     path = _save(fig, path)
     plt.close(fig)
     return path
+
+
+def timeline_plot(times: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: Path, *,
+                  top: int = 5, title: str = "", xlabel: str = "time (s)") -> Path:
+    """Class probabilities over time (``pipeline predict --timeline``): one line per class among the ``top``
+    classes by their largest probability. times (W,), probs (W, C)."""
+    plt = _plt()
+    order = np.argsort(-probs.max(axis=0), kind="stable")[:top]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for c in order:
+        ax.plot(times, probs[:, c], label=str(class_names[c]), lw=1.5)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("probability")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,146 @@
+"""Scoring videos outside the dataset with the cache's trained models (``pipeline predict``).
+
+The command (``stages/predict.py``) runs the real ``decode``, ``extract-flow`` and ``extract-features`` stages on
+the new videos in a work cache of their own, with the parameters the dataset's cache recorded for them and the
+dataset's fine-tuned backbones as weights files, so the videos go through exactly the code and settings the
+head was trained on. This module holds what comes before and after: finding the models in the cache
+(:func:`find_models`), the test protocol of ``train-head`` on the new features (:func:`video_probabilities`,
+the same :func:`pipeline.training.heads.test_scores`), the top-k (:func:`top_k`) and the per-window scores of
+the timeline (:func:`timeline_probabilities`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pipeline.data import STREAMS
+from pipeline.io import artifacts
+from pipeline.io.artifacts import key_parts
+from pipeline.stage.declare import read_manifest
+
+
+class PredictError(RuntimeError):
+    """A model is missing or unusable; the message names the stage to run."""
+
+
+@dataclass
+class Models:
+    """The finished outputs a prediction uses, with their folders and manifests."""
+
+    cache_root: Path
+    split: int
+    backbone: str
+    head_key: str
+    manifests: dict[str, dict]  # key -> manifest for decode, extract-flow, finetune rgb/flow, features, head
+
+    def dir(self, key: str) -> Path:
+        return self.cache_root / key
+
+    def params(self, key: str) -> dict:
+        return dict(self.manifests[key].get("params") or {})
+
+    @property
+    def head_name(self) -> str:
+        return artifacts.key_parts(self.head_key).name
+
+    def fingerprints(self) -> dict[str, str]:
+        return {k: m["fingerprint"] for k, m in self.manifests.items()}
+
+
+def _finished(cache_root: Path, key: str) -> dict | None:
+    try:
+        m = read_manifest(cache_root / key)
+    except Exception:  # noqa: BLE001 - an unreadable manifest is not a usable model
+        return None
+    return m if m and m.get("complete") else None
+
+
+def finished_heads(cache_root: Path, split: int, backbone: str) -> list[str]:
+    """Names of the finished train-head outputs of one scope."""
+    folder = Path(cache_root) / artifacts.TRAIN_HEAD / artifacts.scope(split, backbone)
+    if not folder.is_dir():
+        return []
+    return sorted(d.name for d in folder.iterdir()
+                  if d.is_dir() and _finished(cache_root, artifacts.head_key(d.name, split, backbone)))
+
+
+def default_head(names: Sequence[str]) -> str | None:
+    """The STFN head at its paper defaults (a, avg, bi, N = 5, seed 0; [STFN] §4.2) when trained, else the
+    first other STFN a-avg-bi head, else the first STFN head."""
+    if "stfn-a-avg-bi-n5-s0" in names:
+        return "stfn-a-avg-bi-n5-s0"
+    for prefix in ("stfn-a-avg-bi-", "stfn-"):
+        hits = sorted(n for n in names if n.startswith(prefix))
+        if hits:
+            return hits[0]
+    return None
+
+
+def find_models(cache_root: Path, split: int, backbone: str, head: str | None = None) -> Models:
+    """The decode, extract-flow, finetune (both streams), extract-features and train-head outputs of one
+    scope; a PredictError naming the stage to run when one is missing."""
+    cache_root = Path(cache_root)
+    names = finished_heads(cache_root, split, backbone)
+    scope = artifacts.scope(split, backbone)
+    if head is None:
+        head = default_head(names)
+        if head is None:
+            listed = ", ".join(names) if names else "none"
+            raise PredictError(f"no finished STFN head in {cache_root / artifacts.TRAIN_HEAD / scope}: run "
+                               f"`pipeline train-head` (or pick one with --head; finished: {listed})")
+    keys = {"decode": artifacts.DECODE, "extract-flow": artifacts.FLOW,
+            **{f"finetune {s}": artifacts.finetune_key(s, split, backbone) for s in STREAMS},
+            "extract-features": artifacts.features_key(split, backbone),
+            "train-head": artifacts.head_key(head, split, backbone)}
+    manifests = {}
+    for stage, key in keys.items():
+        m = _finished(cache_root, key)
+        if m is None:
+            hint = (f"; finished heads of {scope}: {', '.join(names) or 'none'}" if stage == "train-head" else "")
+            command = stage.split()[0] + (f" --stream {stage.split()[1]}" if " " in stage else "")
+            scoped = f" with --split {split} and backbone {backbone}" if key_parts(key).split is not None else ""
+            raise PredictError(f"{cache_root / key}: no finished {stage} output; run `pipeline {command}`"
+                               f"{scoped} first{hint}")
+        manifests[key] = m
+    return Models(cache_root, split, backbone, keys["train-head"], manifests)
+
+
+def video_probabilities(head: torch.nn.Module, rgb: np.ndarray, flow: np.ndarray, num_segments: int,
+                        num_test: int, fusion: str = "mean") -> np.ndarray:
+    """(V, C) class probabilities of ``train-head``'s test protocol on features (V, P, views, D)."""
+    from pipeline.training.heads import test_scores
+
+    with torch.no_grad():
+        out = test_scores(head, torch.from_numpy(np.asarray(rgb, dtype=np.float32)),
+                          torch.from_numpy(np.asarray(flow, dtype=np.float32)), num_segments, num_test, fusion)
+    return out.numpy()
+
+
+def timeline_probabilities(head: torch.nn.Module, rgb: np.ndarray, flow: np.ndarray,
+                           num_segments: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores over time of one video: window w holds the N = ``num_segments`` consecutive feature positions
+    w .. w + N - 1 (stride 1), one per segment, scored by the head (views averaged). Returns (the window
+    centres as position indices (W,), probabilities (W, C)); rgb, flow (P, views, D)."""
+    P = rgb.shape[0]
+    n = num_segments
+    if P < n:
+        raise ValueError(f"{P} positions cannot fill {n} segments")
+    starts = np.arange(P - n + 1)
+    idx = torch.from_numpy(starts[:, None] + np.arange(n)[None])  # (W, N)
+    r = torch.from_numpy(np.asarray(rgb, dtype=np.float32))
+    f = torch.from_numpy(np.asarray(flow, dtype=np.float32))
+    probs = []
+    with torch.no_grad():
+        for k in range(r.shape[1]):
+            probs.append(head(r[idx, k], f[idx, k]).exp())
+    return starts + (n - 1) / 2, torch.stack(probs).mean(0).numpy()
+
+
+def top_k(probs: np.ndarray, class_names: Sequence[str], k: int) -> list[dict]:
+    """``[{"label": name, "prob": p}, ...]``, the k most probable classes, highest first."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"label": str(class_names[i]), "prob": float(probs[i])} for i in order]

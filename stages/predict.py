@@ -1,0 +1,212 @@
+"""``predict``: class scores of new videos with the cache's trained models.
+
+A plain command, not a stage. Each video (any size, frame rate or container) goes through the real
+``decode``, ``extract-flow`` and ``extract-features`` stages in a work cache of its own (``--work-dir``, else
+a temporary folder), with the parameters the dataset's cache recorded for those stages and the dataset's
+fine-tuned backbones as weights files; the trained head then scores it with ``train-head``'s test protocol
+([STFN] §4.2: 5 test sequences of N segments, scores averaged). The dataset's cache is only read.
+See :mod:`pipeline.predict`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from pipeline.io import artifacts
+from pipeline.io.atomic import write_json, write_text
+from pipeline.predict import PredictError, find_models, timeline_probabilities, top_k, video_probabilities
+from pipeline.stage import StageError, param, run_stage
+from pipeline.stage import config as cfg
+
+#: decode parameters that describe the dataset, not how a video becomes frames (not copied to the work cache).
+DATASET_PARAMS = {"dataset", "root", "splits", "list", "labels", "classes", "test_fraction", "val_fraction",
+                  "val_seed", "demo_seed", "allow_missing", "workers"}
+
+
+@dataclass(frozen=True)
+class PredictParams:
+    head: str | None = param(None, "train-head output to use (default: the STFN head at its paper defaults).")
+    split: int = param(1, "Split of the models.", scope="split")
+    backbone: str = param(artifacts.DEFAULT_BACKBONE, "Backbone of the models (finetune --arch).",
+                          scope="backbone")
+    top_k: int = param(5, "Classes listed per video.", min=1)
+    device: str = param("auto", "Device of flow and features: auto, cpu, cuda, cuda:N.")
+
+
+def _copied(manifest: dict, params_type, exclude=frozenset(), **over):
+    """Params of ``params_type`` from a finished stage's recorded parameters (those it has), then ``over``."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(params_type)}
+    table = {k: v for k, v in (manifest.get("params") or {}).items()
+             if k in names and k not in exclude and v is not None}
+    return cfg.build_params(params_type, {"x": table}, "x", over)
+
+
+def _video_list(videos: list[Path], classes: list[str], folder: Path) -> tuple[Path, Path]:
+    """A CSV list of the videos (every one a test video; the label column is a placeholder) and the class
+    list, so that decode keeps the dataset's classes."""
+    missing = [str(v) for v in videos if not Path(v).is_file()]
+    if missing:
+        raise StageError(f"video file(s) not found: {', '.join(missing)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["path,label,split"] + [f"{Path(v).resolve()},{classes[0]},test" for v in videos]
+    write_text(folder / "list.csv", "\n".join(lines) + "\n")
+    write_text(folder / "classes.txt", "\n".join(classes) + "\n")
+    return folder / "list.csv", folder / "classes.txt"
+
+
+def predict(videos: list[Path], cache_root: Path, p: PredictParams, *, work_dir: Path | None = None,
+            timeline: Path | None = None, echo=lambda s: None) -> list[dict]:
+    """Top-k classes of each video (and failures), with the models' fingerprints; see the module docstring."""
+    from pipeline.data.table import VideoTable
+    from pipeline.io.store import read_feature_store
+    from pipeline.models.heads import load_head_checkpoint
+    from stages.decode import STAGE as DECODE, DecodeParams
+    from stages.extract_features import STAGE as FEATURES, ExtractFeaturesParams
+    from stages.extract_flow import STAGE as FLOW, FlowParams
+
+    try:
+        models = find_models(cache_root, p.split, p.backbone, p.head)
+    except PredictError as e:
+        raise StageError(str(e)) from None
+    head, ckpt = load_head_checkpoint(models.dir(models.head_key) / artifacts.BEST)
+    head.eval()
+    classes = [str(c) for c in VideoTable.load(models.dir(artifacts.DECODE)).classes]
+    if ckpt.get("classes") is not None and [str(c) for c in ckpt["classes"]] != classes:
+        raise StageError(f"{models.dir(models.head_key)}: the head's classes differ from the dataset's")
+    n = int(ckpt["num_segments"])
+    num_test = int((models.params(models.head_key)).get("num_test") or 5)
+    fusion = str(models.params(models.head_key).get("test_fusion") or "mean")
+
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="pipeline-predict-"))
+    try:
+        list_csv, class_file = _video_list([Path(v) for v in videos], classes, work / "videos")
+        dp = _copied(models.manifests[artifacts.DECODE], DecodeParams, DATASET_PARAMS, dataset="csv",
+                     root=work / "videos", list=list_csv, classes=class_file, val_fraction=0.0)
+        decoded = run_stage(DECODE, dp, work / "cache", allow_failures=True)
+        failures = dict(decoded.manifest.get("failures") or {})
+        table = VideoTable.load(work / "cache" / artifacts.DECODE)
+        if not decoded.manifest.get("done"):
+            return [{"video": str(v), "error": f"cannot be read: {_failure(failures, v)}"} for v in videos]
+        flow_p = _copied(models.manifests[artifacts.FLOW], FlowParams, {"workers"}, device=p.device)
+        run_stage(FLOW, flow_p, work / "cache", allow_failures=True)
+        weights = {s: str(models.dir(artifacts.finetune_key(s, p.split, p.backbone)) / artifacts.BEST)
+                   for s in ("rgb", "flow")}
+        fp = _copied(models.manifests[artifacts.features_key(p.split, p.backbone)], ExtractFeaturesParams,
+                     {"workers", "include_unused"}, split=1, rgb_weights=weights["rgb"], flow_weights=weights["flow"],
+                     device=p.device)
+        feats = run_stage(FEATURES, fp, work / "cache", allow_failures=True)
+        failures.update(feats.manifest.get("failures") or {})
+        store = artifacts.feature_store_file(work / "cache" / FEATURES.output_key(fp))
+        fs = read_feature_store(store)
+    finally:
+        if work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)  # our own scratch folder, never a user's output
+
+    probs = video_probabilities(head, fs.streams["rgb"], fs.streams["flow"], n, num_test, fusion)
+    by_id = {str(v): i for i, v in enumerate(fs.video_ids)}
+    out = []
+    for video in videos:
+        vid = _video_id(table, video)
+        rec = {"video": str(video), "head": models.head_name, "scope": artifacts.scope(p.split, p.backbone),
+               "models": models.fingerprints()}
+        if vid is None or vid not in by_id:
+            out.append({**rec, "error": f"cannot be read: {_failure(failures, video)}"})
+            continue
+        i = by_id[vid]
+        rec["top_k"] = top_k(probs[i], classes, p.top_k)
+        if timeline is not None:
+            rec["timeline"] = str(_timeline(head, fs, i, n, table, vid, classes, _timeline_path(timeline, video,
+                                                                                           len(videos))))
+        out.append(rec)
+    return out
+
+
+def _video_id(table, video: Path) -> str | None:
+    """The decode id of ``video`` (decode names a video outside the list's folder by its absolute path
+    without the leading ``/`` and the extension); None when decode did not keep it."""
+    vid = str(Path(video).resolve().with_suffix("")).lstrip("/")
+    return vid if vid in table.video_ids else None
+
+
+def _failure(failures: dict, video: Path) -> str:
+    return failures.get(str(Path(video).resolve().with_suffix("")).lstrip("/"), "not decoded")
+
+
+def _timeline_path(timeline: Path, video: Path, count: int) -> Path:
+    timeline = Path(timeline)
+    return timeline if count == 1 else timeline.with_name(f"{timeline.stem}-{Path(video).stem}{timeline.suffix}")
+
+
+def _timeline(head, fs, i: int, n: int, table, vid: str, classes: list[str], path: Path) -> Path:
+    from pipeline.eval.plots import timeline_plot
+
+    centres, probs = timeline_probabilities(head, fs.streams["rgb"][i], fs.streams["flow"][i], n)
+    positions = np.asarray(fs.positions[i], dtype=np.float64)
+    frames = np.interp(centres, np.arange(len(positions)), positions)
+    row = table.video_ids.index(vid)
+    fps = float(table.fps[row]) if table.fps and table.fps[row] else 0.0
+    times, xlabel = (frames / fps, "time (s)") if fps > 0 else (frames, "frame")
+    return timeline_plot(times, probs, classes, path, title=f"{Path(vid).name}: windows of {n} positions",
+                         xlabel=xlabel)
+
+
+@click.command("predict")
+@click.argument("videos", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--head", default=None, help="train-head output name (default: the STFN head, paper defaults).")
+@click.option("--top-k", type=int, default=None, help="Classes per video. [default: 5]")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+@click.option("--timeline", type=click.Path(path_type=Path), default=None,
+              help="PNG of class probabilities over time (one per video: -<video> added for several).")
+@click.option("--split", type=int, default=None, help="Split of the models. [default: 1]")
+@click.option("--backbone", default=None, help="Backbone of the models. [default: resnet101]")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N. [default: auto]")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="Keep the new videos' frames, flow and features here (re-running is then instant).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="TOML config.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Cache root of the models.")
+@click.option("-v", "--verbose", is_flag=True, default=False, help="Debug logging.")
+def predict_command(videos, head, top_k, json_path, timeline, split, backbone, device, work_dir, config_path,
+                    cache_dir, verbose):
+    """Top-k classes of new videos with the cache's trained models (docs/predict.md).
+
+    \b
+    Examples:
+      pipeline predict clip.mp4 --config configs/demo.toml
+      pipeline predict a.avi b.mp4 --head stcb-n5-s0 --json out.json --timeline out.png
+    """
+    from stages.cli import config_tables, resolve_cache_dir, setup_logging
+
+    setup_logging(verbose)
+    try:
+        conf = cfg.load_config(config_path, config_tables())
+        p = cfg.build_params(PredictParams, conf, "predict", {"head": head, "top_k": top_k, "split": split,
+                                                               "backbone": backbone, "device": device},
+                             config_path=config_path)
+        root = resolve_cache_dir(cache_dir, conf)
+        results = predict(list(videos), root, p, work_dir=work_dir, timeline=timeline)
+    except (StageError, cfg.ConfigError) as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+    for r in results:
+        if "error" in r:
+            click.echo(f"{r['video']}: {r['error']}")
+            continue
+        click.echo(f"{r['video']} ({r['head']}, {r['scope']}):")
+        for t in r["top_k"]:
+            click.echo(f"  {100 * t['prob']:5.1f}%  {t['label']}")
+    if json_path is not None:
+        write_json(json_path, results)
+        click.echo(f"written to {json_path}")
+    failed = sum("error" in r for r in results)
+    click.echo(f"predict: {len(results) - failed} video(s) scored" + (f", {failed} unreadable" if failed else ""))
+    if failed:
+        sys.exit(1)
