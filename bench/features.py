@@ -1,7 +1,7 @@
 """End-to-end feature extraction speed: read + decode + crop + forward (both streams) + write, in frames/s.
 
 Builds a synthetic frame store (JPEG-in-array, as ``decode`` writes by default) and flow store (raw uint8)
-of ``--videos`` clips at 340x256, then runs the extract-features engine (``stages.extract_features.extract``
+of ``--videos`` clips at 340x256, then runs the extract-features engine (``pipeline.features.extract``
 and ``write_part``, the code the stage runs) with random backbones (weights do not change the speed).
 "frames" counts network inputs: RGB frames plus flow stacks (one forward each). Prints a markdown table.
 
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.io.store import VideoStore  # noqa: E402
-from stages.extract_features import StreamSource, build_backbone, extract, write_part  # noqa: E402
+from pipeline.features import StreamSource, build_backbone, extract, write_part  # noqa: E402
 
 WIDTH, HEIGHT = 340, 256
 

@@ -9,7 +9,6 @@ See :mod:`pipeline.predict`.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile

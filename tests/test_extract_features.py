@@ -27,6 +27,7 @@ import torchvision.transforms.v2.functional as TF
 import zarr
 from click.testing import CliRunner
 
+import pipeline.features
 import stages.extract_features as ef
 from pipeline.io import artifacts
 from pipeline.stage import Plan, Stage, StageFailures, param, run_stage
@@ -301,7 +302,7 @@ def _poisoned_backbones(monkeypatch):
 
     Video 1 fails in its RGB pass, so its flow pass never runs: flow forward #3 is video 3's.
     """
-    real = ef.create_backbone
+    real = pipeline.features.create_backbone
 
     def fake(arch, **kw):
         model = real(arch, **kw)
@@ -321,7 +322,7 @@ def _poisoned_backbones(monkeypatch):
         model.forward_features = forward_features
         return model
 
-    monkeypatch.setattr(ef, "create_backbone", fake)
+    monkeypatch.setattr(pipeline.features, "create_backbone", fake)
 
 
 def test_non_finite_features_are_failures_never_stored(cache, monkeypatch):
