@@ -30,6 +30,10 @@ CATALOG: dict[str, tuple[str, str | None, str]] = {
                "training step)."),
     "run-all": ("workflow", "run_all_command", "Every stage in order, in one process; fresh stages are skipped."),
     "predict": ("predict", "predict_command", "Top-k classes of new videos with the cache's trained models."),
+    "import-rawframes": ("import_rawframes", "import_rawframes_command", "Frames and flow extracted by mmaction2, "
+                         "TSN, denseflow or twostreamfusion, as the decode and extract-flow outputs."),
+    "export": ("export", "export_command", "The cache's frames, flow, split lists and features in mmaction2's "
+               "layout (rawframes tree, lists, per-video .npy features)."),
     "evaluate": ("evaluate", None, "Results table of every finished stream, head and refined model in the cache "
                  "(+ external scores)."),
 }

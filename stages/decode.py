@@ -17,6 +17,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from pipeline.data import datasets as ds
+from pipeline.interop import rawframes
 from pipeline.io import artifacts
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param
 from pipeline.io.store import BACKENDS, IMAGE_CODECS, VideoStore
@@ -29,8 +30,9 @@ VERSION = "1"
 @dataclass(frozen=True)
 class DecodeParams:
     dataset: str = param("demo", "Dataset layout: ucf101, hmdb51, folder (a folder per class), csv "
-                         "(path,label[,split[,group]] list) or demo (the built-in synthetic dataset).",
-                         choices=ds.DATASET_KINDS)
+                         "(path,label[,split[,group]] list), demo (the built-in synthetic dataset) or rawframes "
+                         "(frames already extracted by mmaction2 / TSN / denseflow, see docs/rawframes.md).",
+                         choices=(*ds.DATASET_KINDS, "rawframes"))
     root: Path | None = param(None, "Dataset root folder (for demo: where to generate it; default "
                               "<cache>/demo-data).")
     splits: Path | None = param(None, "Folder with the official split files (ucf101: classInd.txt, "
@@ -61,6 +63,14 @@ class DecodeParams:
                                         "counts as truncated.", min=0.0, max=1.0, max_exclusive=True)
     allow_truncated: bool = param(False, "Store truncated videos (marked 'truncated' in the journal and "
                                   "their attributes) instead of failing them.")
+    rawframes_layout: str = param("mmaction2", "For --dataset rawframes: the tree's layout (docs/rawframes.md).",
+                                  choices=tuple(rawframes.LAYOUTS))
+    rawframes_labels: str = param("lists", "For --dataset rawframes: labels from the rawframe lists (--rawframes-"
+                                  "train-list / --rawframes-test-list) or the official ucf101 / hmdb51 split files "
+                                  "(--splits).", choices=rawframes.LABEL_SOURCES)
+    rawframes_train_list: Path | None = param(None, "For --dataset rawframes: mmaction2 / TSN train list "
+                                              "('frame_dir total_frames label', label 0-based).")
+    rawframes_test_list: Path | None = param(None, "For --dataset rawframes: mmaction2 / TSN test list.")
     workers: int = param(0, "Decoding processes (0: one per CPU core).", fingerprint=False)
 
     def validate(self) -> None:
@@ -74,6 +84,9 @@ class DecodeParams:
             raise StageError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         if not 0.0 <= self.test_fraction < 1.0:
             raise StageError(f"--test-fraction must be in [0, 1) (got {self.test_fraction})")
+        if self.dataset != "rawframes" and (self.rawframes_train_list or self.rawframes_test_list
+                                            or self.rawframes_labels != "lists"):
+            raise StageError(f"--rawframes-* options apply to --dataset rawframes only (got --dataset {self.dataset})")
 
 
 def demo_root(params: DecodeParams, cache_root: Path) -> Path:
@@ -90,7 +103,8 @@ def load_tables(params: DecodeParams, cache_root: Path) -> VideoTable:
         make_demo(root, seed=params.demo_seed)
     else:
         root = Path(params.root)
-    split_ids: list[int] = [1, 2, 3] if kind in ("ucf101", "hmdb51") else [1]
+    official = kind in ("ucf101", "hmdb51") or (kind == "rawframes" and params.rawframes_labels != "lists")
+    split_ids: list[int] = [1, 2, 3] if official else [1]
     loaded: dict[int, ds.Dataset] = {}
     for sid in split_ids:
         kw: dict = {"allow_missing": params.allow_missing} if kind != "folder" else {}
@@ -100,10 +114,11 @@ def load_tables(params: DecodeParams, cache_root: Path) -> VideoTable:
             kw.update(csv=params.list, labels=params.labels, classes_file=params.classes)
         elif kind == "folder":
             kw.update(test_fraction=params.test_fraction or None)
-        if kind != "csv" and (params.labels != "names" or params.classes is not None):
+        if kind not in ("csv", "rawframes") and (params.labels != "names" or params.classes is not None):
             raise StageError(f"--labels and --classes apply to --dataset csv only (got --dataset {kind})")
         try:
-            loaded[sid] = ds.load_dataset(kind, root, **kw)
+            loaded[sid] = (_rawframes_split(params, sid) if kind == "rawframes"
+                           else ds.load_dataset(kind, root, **kw))
         except ds.MissingSplitFile as e:
             if sid == 1:
                 raise StageError(str(e)) from None
@@ -125,6 +140,41 @@ def load_tables(params: DecodeParams, cache_root: Path) -> VideoTable:
                                      seed=params.val_seed) for sid, m in split_of.items()},
         missing={str(sid): list(d.missing) for sid, d in loaded.items() if d.missing},
     )
+
+
+def _rawframes_split(params: DecodeParams, sid: int) -> ds.Dataset:
+    """Split ``sid`` of a rawframes tree (its frame folders are the videos' sources)."""
+    return rawframes.load_split(Path(params.root), params.rawframes_layout, params.rawframes_labels, sid,
+                                splits_dir=params.splits, train_list=params.rawframes_train_list,
+                                test_list=params.rawframes_test_list, classes_file=params.classes,
+                                allow_missing=params.allow_missing)
+
+
+def _import_one(source: str, video_id: str, store_root: str, store_kind: str, short_side: int, codec: str,
+                quality: int, max_frames: int, layout: str) -> dict:
+    """Worker for --dataset rawframes: check a frame folder and commit its container, the JPEG bytes copied
+    as they are (decoded to raw uint8 for --frame-codec raw); raises RawframesError naming the folder."""
+    import cv2
+    import numpy as np
+
+    t0 = time.perf_counter()
+    blobs, total, (h, w) = rawframes.read_frame_jpegs(Path(source), rawframes.layout(layout), max_frames)
+    if short_side and min(h, w) != short_side:
+        raise rawframes.RawframesError(f"{source}: frames are {w}x{h} (short side {min(h, w)}), --short-side is "
+                                       f"{short_side}; frames are imported as they are, pass --short-side 0 "
+                                       f"or {min(h, w)}")
+    store = VideoStore(Path(store_root), store_kind)
+    with store.writer(video_id) as c:
+        if codec == "jpeg":
+            c.write_encoded_images("frames", blobs)
+        else:
+            rgb = np.stack([cv2.cvtColor(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR),
+                                         cv2.COLOR_BGR2RGB) for b in blobs])
+            c.write_images("frames", rgb, codec=codec, quality=quality)
+        c.set_attrs({"num_frames": len(blobs), "fps": 0.0, "height": h, "width": w, "source": source,
+                     "source_frames": total, "rawframes_layout": layout})
+    return {"num_frames": len(blobs), "fps": 0.0, "height": h, "width": w, "source_frames": total,
+            "seconds": time.perf_counter() - t0}
 
 
 def _decode_one(source: str, video_id: str, store_root: str, store_kind: str, short_side: int, codec: str,
@@ -197,6 +247,9 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     bar = ctx.progress(len(table), "decode", initial=len(table) - len(todo))
     args = (str(store_root), p.store, p.short_side, p.frame_codec, p.jpeg_quality, p.max_frames,
             p.truncation_tolerance, p.allow_truncated)
+    work = _decode_one
+    if p.dataset == "rawframes":  # frames already extracted: checked and copied (pipeline/interop/rawframes.py)
+        work, args = _import_one, (*args[:6], p.rawframes_layout)
 
     def finish(vid: str, fut) -> None:
         nonlocal frames
@@ -216,7 +269,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         for vid, src in todo:
             fut: Future = Future()
             try:
-                fut.set_result(_decode_one(src, vid, *args))
+                fut.set_result(work(src, vid, *args))
             except Exception as e:  # noqa: BLE001
                 fut.set_exception(e)
             finish(vid, fut)
@@ -225,7 +278,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
             pending = {}
             queue = iter(todo)
             for vid, src in queue:  # keep a bounded number in flight so a kill loses little work
-                pending[pool.submit(_decode_one, src, vid, *args)] = vid
+                pending[pool.submit(work, src, vid, *args)] = vid
                 if len(pending) >= 4 * workers:
                     break
             while pending:
@@ -234,7 +287,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
                     finish(pending.pop(fut), fut)
                     nxt = next(queue, None)
                     if nxt is not None:
-                        pending[pool.submit(_decode_one, nxt[1], nxt[0], *args)] = nxt[0]
+                        pending[pool.submit(work, nxt[1], nxt[0], *args)] = nxt[0]
     bar.close()
     seconds = time.perf_counter() - t0
 
@@ -257,7 +310,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     line = (f"decode: {len(ok)} videos ({len(ctx.journal.failed)} failed"
             + (f", {len(truncated)} stored truncated" if truncated else "")
             + (f", {n_missing} missing" if n_missing else "")
-            + f"), {frames} frames decoded in {seconds:.1f} s ({frames / max(seconds, 1e-9):.0f} frames/s, "
+            + f"), {frames} frames {'imported' if p.dataset == 'rawframes' else 'decoded'} in {seconds:.1f} s ({frames / max(seconds, 1e-9):.0f} frames/s, "
             f"{workers} workers); {total_frames} frames stored")
     ctx.log.info(line)
     return {"line": line, "videos": len(ok), "frames": total_frames, "frames_this_run": frames,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 
@@ -24,13 +25,14 @@ from pipeline.io.store import BACKENDS, VideoStore, read_frames
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, param
 
 VERSION = "1"
-FLOW_BACKENDS = ("torch", "opencv")
+FLOW_BACKENDS = ("torch", "opencv", "import")
 
 
 @dataclass(frozen=True)
 class FlowParams:
     backend: str = param("torch", "TV-L1 implementation: torch (ours, batched, CPU or CUDA) or opencv (OpenCV's "
-                         "CPU DualTVL1OpticalFlow, the reference).", choices=FLOW_BACKENDS)
+                         "CPU DualTVL1OpticalFlow, the reference); import: the flow images of the rawframes tree "
+                         "that decode --dataset rawframes read (docs/rawframes.md).", choices=FLOW_BACKENDS)
     device: str = param("auto", "Device for --backend torch: auto (CUDA when available), cpu, cuda, cuda:N.",
                         fingerprint=False)
     step: int = param(1, "Flow i goes from frame i to frame i + step; T frames give T - step flows.")
@@ -48,6 +50,8 @@ class FlowParams:
     gamma: float = param(0.0, "Illumination term weight (OpenCV default 0: off).")
     median_filtering: int = param(5, "Median filter size applied to the flow (OpenCV default 5; 0 or 1: off).")
     store: str = param("zarr", "Flow store back end: zarr or h5.", choices=BACKENDS)
+    flow_start_index: int | None = param(None, "For --backend import: index of the first flow image, 0 or 1 "
+                                         "(default: the layout's, 0 for denseflow, else 1).")
     batch_size: int = param(64, "Frame pairs per TV-L1 call (torch backend); pairs of several videos of one size "
                             "share a batch.", fingerprint=False)
     fast: bool = param(True, "Fuse the inner iteration with torch.compile (the eager path is the reference).",
@@ -61,6 +65,10 @@ class FlowParams:
             raise StageError(f"--step must be >= 1 (got {self.step})")
         if not self.bound > 0:
             raise StageError(f"--bound must be > 0 (got {self.bound})")
+        if self.flow_start_index not in (None, 0, 1):
+            raise StageError(f"--flow-start-index must be 0 or 1 (got {self.flow_start_index})")
+        if self.flow_start_index is not None and self.backend != "import":
+            raise StageError("--flow-start-index applies to --backend import only")
         if self.batch_size < 1:
             raise StageError(f"--batch-size must be >= 1 (got {self.batch_size})")
         try:
@@ -71,6 +79,8 @@ class FlowParams:
 
 def plan(params: FlowParams, upstream: Upstream) -> Plan:
     table = VideoTable.load(upstream.dir(artifacts.DECODE))
+    if params.backend == "import":
+        return _import_plan(params, upstream, table)
     short = [v for v, n in zip(table.video_ids, table.num_frames) if n <= params.step]
     describe = f"{len(table)} videos, backend {params.backend}"
     if short:
@@ -97,6 +107,8 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     from pipeline.flow.tvl1 import opencv_tvl1_flow, rgb_to_gray, tvl1_flow
 
     p: FlowParams = ctx.params
+    if p.backend == "import":
+        return _import_run(ctx, plan)
     table: VideoTable = plan.data
     frames = artifacts.frame_store(ctx.upstream.dir(artifacts.DECODE))
     out = VideoStore(ctx.dir / artifacts.FLOW_DIR, p.store)
@@ -205,6 +217,74 @@ def run(ctx: StageContext, plan: Plan) -> dict:
             f"in {seconds:.1f} s ({rate:.1f} pairs/s, {p.backend} on {device})")
     ctx.log.info(line)
     return {"line": line, "pairs": pairs_done, "seconds": seconds, "pairs_per_s": rate, "device": device}
+
+
+def _import_plan(params: FlowParams, upstream: Upstream, table: VideoTable) -> Plan:
+    """--backend import: the flow folders of the rawframes tree decode read; their stats are the input digest."""
+    from pipeline.interop import rawframes
+    from pipeline.stage import digest
+
+    dp = upstream.manifests[artifacts.DECODE].get("params") or {}
+    if dp.get("dataset") != "rawframes":
+        raise StageError(f"extract-flow --backend import reads the flow images of a rawframes tree, but decode "
+                         f"read --dataset {dp.get('dataset')}; run `pipeline import-rawframes` (or decode "
+                         "--dataset rawframes) first, or choose --backend torch|opencv")
+    lay = rawframes.layout(dp.get("rawframes_layout") or "mmaction2")
+    root = Path(dp["root"])
+    stats = rawframes.flow_source_stats(root, lay, table.sources)
+    start = lay.flow_start if params.flow_start_index is None else params.flow_start_index
+    data = {"table": table, "layout": lay, "root": root, "start": start}
+    return Plan(digest({"flow_dirs": stats, "start": start}), data,
+                f"{len(table)} videos, flow images of the {lay.name} tree {root} (first index {start})")
+
+
+def _import_run(ctx: StageContext, plan: Plan) -> dict:
+    """Check and store every video's flow images as the flow store's uint8 codes (docs/rawframes.md)."""
+    import os
+
+    from pipeline.interop import rawframes
+
+    p: FlowParams = ctx.params
+    table, lay, root, start = (plan.data[k] for k in ("table", "layout", "root", "start"))
+    out = VideoStore(ctx.dir / artifacts.FLOW_DIR, p.store)
+    if ctx.rank == 0:
+        out.clean_temporary()
+    rows = ctx.shard(list(range(len(table))))
+    todo = [i for i in rows if not ctx.journal.is_done(table.video_ids[i])]
+    t0 = time.perf_counter()
+    bar = ctx.progress(len(todo), "extract-flow (import)")
+    flows = 0
+
+    def one(i: int) -> int:
+        vid, n, (h, w) = table.video_ids[i], table.num_frames[i], table.sizes[i]
+        t = time.perf_counter()
+        q = rawframes.read_flow_codes(root, Path(table.sources[i]), lay, start_index=start, step=p.step,
+                                      num_frames=n, size=(h, w))
+        with out.writer(vid) as c:
+            c.write_images("flow", q, codec="raw")
+            c.set_attrs({"num_flows": len(q), "num_frames": n, "step": p.step, "bound": p.bound, "height": h,
+                         "width": w, "backend": "import", "source": [str(d) for d in lay.flow_dirs(root,
+                                                                     Path(table.sources[i]))],
+                         "rawframes_layout": lay.name, "flow_start_index": start})
+        ctx.journal.record_ok(vid, num_flows=len(q), seconds=round(time.perf_counter() - t, 3))
+        return len(q)
+
+    # cv2.imdecode and the store writes release the GIL: a few threads keep the cores busy.
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        futures = {table.video_ids[i]: pool.submit(one, i) for i in todo}
+        for vid, fut in futures.items():
+            try:
+                flows += fut.result()
+            except Exception as e:  # noqa: BLE001 - recorded per video, naming its folder
+                ctx.journal.record_failure(vid, f"{type(e).__name__}: {e}")
+            bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    line = (f"extract-flow: {len(ctx.journal.done)} videos ({len(ctx.journal.failed)} failed), {flows} flows "
+            f"imported from the {lay.name} tree in {seconds:.1f} s ({flows / max(seconds, 1e-9):.0f} flows/s)")
+    ctx.log.info(line)
+    return {"line": line, "pairs": flows, "seconds": seconds, "pairs_per_s": flows / max(seconds, 1e-9),
+            "device": "cpu"}
 
 
 def _done_future(value):

@@ -340,6 +340,7 @@ def load_ucf101(
     splits_dir: str | os.PathLike | None = None,
     split: int = 1,
     allow_missing: bool = False,
+    index=None,
 ) -> Dataset:
     """UCF101 with its official split ``split`` (1, 2 or 3).
 
@@ -347,7 +348,9 @@ def load_ucf101(
     ``<root>/ucfTrainTestlist`` when present, else ``root``. Videos on disk that the split's
     lists do not name are ``"unused"``. Listed videos missing on disk raise a
     :class:`DatasetError` unless ``allow_missing``, in which case they are dropped and recorded
-    in ``Dataset.missing`` (as listed, without the label column).
+    in ``Dataset.missing`` (as listed, without the label column). ``index`` replaces the scan of the root
+    for video files (an object like ``_DiskIndex``: ``root``, ``files``, ``resolve``); the rawframes import
+    passes one over frame folders (:mod:`pipeline.interop.rawframes`).
     """
     root = _abs(root)
     _require_dir(root, "UCF101 root")
@@ -362,7 +365,7 @@ def load_ucf101(
 
     classes = _read_class_ind(class_ind)
     lookup = _class_lookup(classes)
-    index = _DiskIndex(root)
+    index = _DiskIndex(root) if index is None else index
     records, missing, used = [], [], set()
     for subset, list_path in lists.items():
         for n, line in _read_lines(list_path):
@@ -404,6 +407,7 @@ def load_hmdb51(
     splits_dir: str | os.PathLike | None = None,
     split: int = 1,
     allow_missing: bool = False,
+    index=None,
 ) -> Dataset:
     """HMDB51 with its official split ``split`` (1, 2 or 3).
 
@@ -435,7 +439,7 @@ def load_hmdb51(
         classes = listed
 
     lookup = _class_lookup(classes)
-    index = _DiskIndex(root)
+    index = _DiskIndex(root) if index is None else index
     records, missing, used = [], [], set()
     for label, class_name in enumerate(classes):
         list_path = splits_dir / f"{class_name}{suffix}"

@@ -194,6 +194,16 @@ class ContainerWriter(_Container):
                 frames = frames[..., None]
             self.create(f"{name}/raw", frames, chunks=(1, *frames.shape[1:]))
 
+    def write_encoded_images(self, name: str, images: Sequence[bytes]) -> None:
+        """Store already-encoded JPEG images as ``<name>/jpeg`` + ``<name>/offsets``, bytes copied as they are
+        (no re-encoding; the same layout :meth:`write_images` writes with ``codec="jpeg"``)."""
+        chunks = [np.frombuffer(b, dtype=np.uint8) for b in images]
+        offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum([len(c) for c in chunks], out=offsets[1:])
+        data = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
+        self.create(f"{name}/jpeg", data, chunks=(1 << 20,), compress=False)
+        self.create(f"{name}/offsets", offsets, compress=False)
+
 
 class ContainerReader(_Container):
     """A read-only open container."""

@@ -1,0 +1,1 @@
+"""Interoperability with other tools' files (rawframes trees of mmaction2 / TSN / denseflow / twostreamfusion)."""
