@@ -22,10 +22,10 @@ from pipeline.stage.config import ConfigError
 
 def import_params(root: Path, layout: str, *, train_list: Path | None = None, test_list: Path | None = None,
                   dataset: str | None = None, splits: Path | None = None, classes: Path | None = None,
-                  flow_bound: float = 20.0, flow_start_index: int | None = None, conf: dict | None = None,
-                  config_path: Path | None = None, **decode_over):
+                  flow_bound: float = 20.0, flow_start_index: int | None = None, short_side: int = 0,
+                  conf: dict | None = None, config_path: Path | None = None, **decode_over):
     """The (decode, extract-flow) parameters of an import: the config's [decode] / [extract-flow] tables, then
-    the rawframes source."""
+    the rawframes source. Frames are never resized: ``short_side`` (default 0, any size) only checks them."""
     from stages.decode import STAGE as DECODE
     from stages.extract_flow import STAGE as FLOW
 
@@ -37,7 +37,7 @@ def import_params(root: Path, layout: str, *, train_list: Path | None = None, te
     conf = conf or {}
     over = {"dataset": "rawframes", "root": Path(root), "rawframes_layout": layout,
             "rawframes_labels": dataset or "lists", "rawframes_train_list": train_list,
-            "rawframes_test_list": test_list, "splits": splits, "classes": classes,
+            "rawframes_test_list": test_list, "splits": splits, "classes": classes, "short_side": short_side,
             **{k: v for k, v in decode_over.items() if v is not None}}
     dp = cfg.build_params(DECODE.params_type, conf, DECODE.name, over, config_path=config_path)
     fp = cfg.build_params(FLOW.params_type, conf, FLOW.name,
