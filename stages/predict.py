@@ -26,7 +26,8 @@ from pipeline.stage import config as cfg
 
 #: decode parameters that describe the dataset, not how a video becomes frames (not copied to the work cache).
 DATASET_PARAMS = {"dataset", "root", "splits", "list", "labels", "classes", "test_fraction", "val_fraction",
-                  "val_seed", "demo_seed", "allow_missing", "workers"}
+                  "val_seed", "demo_seed", "allow_missing", "workers", "rawframes_layout", "rawframes_labels",
+                  "rawframes_train_list", "rawframes_test_list"}
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,10 @@ def predict(videos: list[Path], cache_root: Path, p: PredictParams, *, work_dir:
         table = VideoTable.load(work / "cache" / artifacts.DECODE)
         if not decoded.manifest.get("done"):
             return [{"video": str(v), "error": f"cannot be read: {_failure(failures, v)}"} for v in videos]
-        flow_p = _copied(models.manifests[artifacts.FLOW], FlowParams, {"workers"}, device=p.device)
+        flow_m = models.manifests[artifacts.FLOW]
+        # Flow imported from a rawframes tree (import-rawframes): new videos get our TV-L1 with the same bound.
+        imported = {"backend": "torch"} if (flow_m.get("params") or {}).get("backend") == "import" else {}
+        flow_p = _copied(flow_m, FlowParams, {"workers", "flow_start_index"}, device=p.device, **imported)
         run_stage(FLOW, flow_p, work / "cache", allow_failures=True)
         weights = {s: str(models.dir(artifacts.finetune_key(s, p.split, p.backbone)) / artifacts.BEST)
                    for s in ("rgb", "flow")}

@@ -309,3 +309,40 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, clips):
                                    short_side=32, workers=1), tmp_path / "c2")
     with pytest.raises(StageError, match="reads the flow images of a rawframes tree"):
         run_stage(FLOW, FlowParams(backend="import"), tmp_path / "c2")
+
+
+def test_later_stages_read_an_import_as_usual(tmp_path, clips):
+    """finetune (flow stream) trains on the imported flow with its bound, and reads the frames."""
+    import torch
+
+    from pipeline.data.clips import read_flow_stacks
+    from pipeline.io import artifacts
+    from pipeline.stage import StageError, run_stage
+    from stages.finetune import STAGE as FINETUNE, FinetuneParams
+
+    # Two classes x three groups: g01, g02 train, g03 test.
+    many = [(name.replace("_g01_", f"_g0{g}_"), cls, frames, flow) for g in (1, 2, 3)
+            for name, cls, frames, flow in clips]
+    root, cache = tmp_path / "tree", tmp_path / "cache"
+    _, _, expected = make_tree(root, "mmaction2", many)
+    label = {cls: i for i, (_, cls, _, _) in enumerate(clips)}
+    rows = [(f"{cls}/{name} {T} {label[cls]}\n", "_g03_" in name) for name, cls, _, _ in many]
+    (root / "train.txt").write_text("".join(r for r, test in rows if not test))
+    (root / "test.txt").write_text("".join(r for r, test in rows if test))
+    run_import(root, "mmaction2", cache, val_fraction=0.0)
+    vid = f"{clips[0][1]}/{clips[0][0]}"
+    stacks = read_flow_stacks(artifacts.flow_store(cache / "extract-flow"), vid, [1], 2, bound=20.0, step=1)
+    codes = expected[vid][2]  # stack centred on frame 1: flows 0 and 1, channels x0, y0, x1, y1
+    want = np.stack([codes[0, ..., 0], codes[0, ..., 1], codes[1, ..., 0], codes[1, ..., 1]])
+    np.testing.assert_array_equal(stacks[0].numpy(), want)
+    tiny = dict(arch="resnet18", input_size=32, weights="none", batch_size=4, segments=2, val_frames=2,
+                num_test_frames=3, workers=0, dropout=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = run_stage(FINETUNE, FinetuneParams(stream="flow", epochs=1, **tiny), cache)
+        with pytest.raises(StageError, match="bound"):  # the imported bound is checked like a computed one
+            run_stage(FINETUNE, FinetuneParams(stream="flow", epochs=1, flow_bound=15.0, **tiny), cache)
+    finally:
+        torch.set_num_threads(threads)
+    assert r.manifest["upstream"].keys() == {"decode", "extract-flow"} and r.manifest["complete"]
