@@ -178,6 +178,33 @@ def test_official_ucf101_splits_over_a_flat_tree(tmp_path, clips, shared_data):
     assert table.classes[index["BaseballPitch"]] == "BaseballPitch"
 
 
+def test_official_hmdb51_splits_over_a_nested_tree(tmp_path, clips, shared_data):
+    """--dataset hmdb51: labels in class_list.txt order, tags 1 train / 2 test / 0 unused per split file."""
+    from pipeline.data.table import VideoTable
+
+    splits = shared_data / "splits" / "hmdb51"
+    picks = []  # (class, clip stem, {split: tag}) of the first and the last line of two classes' split 1 files
+    for cls in ("brush_hair", "wave"):
+        line = (splits / f"{cls}_test_split1.txt").read_text().split("\n")[-2]
+        stem = line.split()[0][:-4]
+        tags = {k: next(ln.split()[1] for ln in (splits / f"{cls}_test_split{k}.txt").read_text().splitlines()
+                        if ln.startswith(stem + ".avi")) for k in ("1", "2", "3")}
+        picks.append((cls, stem, tags))
+    renamed = [(stem, cls, c[2], c[3]) for (cls, stem, _), c in zip(picks, clips)]
+    root, cache = tmp_path / "tree", tmp_path / "cache"
+    make_tree(root, "tsn", renamed)
+    run_import(root, "tsn", cache, dataset="hmdb51", splits=splits, allow_missing=True)
+    table = VideoTable.load(cache / "decode")
+    order = [c.strip() for c in (splits / "class_list.txt").read_text().splitlines() if c.strip()]
+    assert table.classes == order
+    names = {"1": "train", "2": "test", "0": "unused"}
+    for cls, stem, tags in picks:
+        i = table.video_ids.index(f"{cls}/{stem}")
+        assert table.labels[i] == order.index(cls)
+        for k, tag in tags.items():
+            assert table.splits[k][i] == names[tag] or (tag == "1" and table.splits[k][i] == "val")
+
+
 def _first(root: Path, layout: str, clips, kind: str, i: int) -> Path:
     name, cls = clips[0][0], clips[0][1]
     return root / NAMES[layout][{"frame": 0, "x": 1, "y": 2}[kind]].format(v=f"{cls}/{name}", i=i)
@@ -201,6 +228,10 @@ BROKEN = [
     ("grayscale frame", "tsn", "tsn", lambda f: _write_gray(f("frame", 4), W, H), "expected colour"),
     ("frame gap", "mmaction2", "mmaction2", lambda f: f("frame", 3).unlink(), "frame image index 3 missing"),
     ("flow index base", "denseflow", "mmaction2", lambda f: None, "start at index 0"),
+    ("no flow folder", "twostreamfusion", "twostreamfusion", lambda f: __import__("shutil").rmtree(f("y", 1).parent),
+     "no flow folder (y)"),
+    ("unreadable flow", "denseflow", "denseflow", lambda f: f("x", 0).write_bytes(b"\xff\xd8garbage\xff\xd9"),
+     "flow_x_00000.jpg: unreadable JPEG"),
 ]
 
 
