@@ -64,13 +64,16 @@ class DecodeParams:
     allow_truncated: bool = param(False, "Store truncated videos (marked 'truncated' in the journal and "
                                   "their attributes) instead of failing them.")
     rawframes_layout: str = param("mmaction2", "For --dataset rawframes: the tree's layout (docs/rawframes.md).",
-                                  choices=tuple(rawframes.LAYOUTS))
+                                  choices=tuple(rawframes.LAYOUTS), omit_default=True)
     rawframes_labels: str = param("lists", "For --dataset rawframes: labels from the rawframe lists (--rawframes-"
                                   "train-list / --rawframes-test-list) or the official ucf101 / hmdb51 split files "
-                                  "(--splits).", choices=rawframes.LABEL_SOURCES)
+                                  "(--splits).", choices=rawframes.LABEL_SOURCES,
+                                  omit_default=True)
     rawframes_train_list: Path | None = param(None, "For --dataset rawframes: mmaction2 / TSN train list "
-                                              "('frame_dir total_frames label', label 0-based).")
-    rawframes_test_list: Path | None = param(None, "For --dataset rawframes: mmaction2 / TSN test list.")
+                                              "('frame_dir total_frames label', label 0-based).",
+                                              omit_default=True)
+    rawframes_test_list: Path | None = param(None, "For --dataset rawframes: mmaction2 / TSN test list.",
+                                             omit_default=True)
     workers: int = param(0, "Decoding processes (0: one per CPU core).", fingerprint=False)
 
     def validate(self) -> None:

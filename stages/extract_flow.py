@@ -51,7 +51,7 @@ class FlowParams:
     median_filtering: int = param(5, "Median filter size applied to the flow (OpenCV default 5; 0 or 1: off).")
     store: str = param("zarr", "Flow store back end: zarr or h5.", choices=BACKENDS)
     flow_start_index: int | None = param(None, "For --backend import: index of the first flow image, 0 or 1 "
-                                         "(default: the layout's, 0 for denseflow, else 1).")
+                                         "(default: the layout's, 0 for denseflow, else 1).", omit_default=True)
     batch_size: int = param(64, "Frame pairs per TV-L1 call (torch backend); pairs of several videos of one size "
                             "share a batch.", fingerprint=False)
     fast: bool = param(True, "Fuse the inner iteration with torch.compile (the eager path is the reference).",

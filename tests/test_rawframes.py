@@ -377,3 +377,31 @@ def test_later_stages_read_an_import_as_usual(tmp_path, clips):
     finally:
         torch.set_num_threads(threads)
     assert r.manifest["upstream"].keys() == {"decode", "extract-flow"} and r.manifest["complete"]
+
+
+def test_new_options_keep_the_fingerprints_of_earlier_runs():
+    """The rawframes options are left out of decode's and extract-flow's fingerprints at their defaults, so a
+    cache decoded before they existed stays fresh; set, they count."""
+    from dataclasses import dataclass
+
+    from pipeline.stage import param
+    from pipeline.stage.declare import digest, params_dict
+    from stages.decode import DecodeParams
+    from stages.extract_flow import FlowParams
+
+    @dataclass(frozen=True)
+    class Before:
+        a: int = param(1, "a")
+
+    @dataclass(frozen=True)
+    class After:
+        a: int = param(1, "a")
+        b: str | None = param(None, "b", omit_default=True)
+
+    assert digest(params_dict(After(), only_fingerprinted=True)) == digest(params_dict(Before(), only_fingerprinted=True))
+    assert params_dict(After(b="x"), only_fingerprinted=True) == {"a": 1, "b": "x"}
+    assert params_dict(After(), only_fingerprinted=False) == {"a": 1, "b": None}
+    assert not [k for k in params_dict(DecodeParams(), only_fingerprinted=True) if k.startswith("rawframes")]
+    assert "flow_start_index" not in params_dict(FlowParams(), only_fingerprinted=True)
+    assert "rawframes_layout" in params_dict(DecodeParams(dataset="rawframes", root=Path("/x"),
+                                                          rawframes_layout="tsn"), only_fingerprinted=True)

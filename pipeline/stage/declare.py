@@ -40,10 +40,13 @@ class StageFailures(StageError):
 # ----------------------------------------------------------------------------------------------------------
 
 def param(default: Any, help: str, *, fingerprint: bool = True, choices: Iterable[str] | None = None,
-          cli: bool = True, **kw) -> Any:
+          cli: bool = True, omit_default: bool = False, **kw) -> Any:
     """A stage parameter: a dataclass field with help text (shown by ``--help``), optional choices, and
-    whether it changes the output (``fingerprint=False`` for execution-only knobs like ``workers``)."""
-    meta = {"help": help, "fingerprint": fingerprint, "choices": tuple(choices) if choices else None, "cli": cli}
+    whether it changes the output (``fingerprint=False`` for execution-only knobs like ``workers``).
+    ``omit_default``: left out of the fingerprint while it has its default value, so that adding a parameter
+    to a stage keeps the fingerprints of the runs made before it existed."""
+    meta = {"help": help, "fingerprint": fingerprint, "choices": tuple(choices) if choices else None, "cli": cli,
+            "omit_default": omit_default}
     meta.update(kw)
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -56,7 +59,11 @@ def params_dict(params: Any, *, only_fingerprinted: bool = False) -> dict[str, A
     for f in dataclasses.fields(params):
         if only_fingerprinted and not f.metadata.get("fingerprint", True):
             continue
-        out[f.name] = jsonable(getattr(params, f.name))
+        value = getattr(params, f.name)
+        if only_fingerprinted and f.metadata.get("omit_default") and value == (
+                f.default if f.default is not dataclasses.MISSING else f.default_factory()):
+            continue
+        out[f.name] = jsonable(value)
     return out
 
 
