@@ -313,7 +313,8 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     line = (f"decode: {len(ok)} videos ({len(ctx.journal.failed)} failed"
             + (f", {len(truncated)} stored truncated" if truncated else "")
             + (f", {n_missing} missing" if n_missing else "")
-            + f"), {frames} frames {'imported' if p.dataset == 'rawframes' else 'decoded'} in {seconds:.1f} s ({frames / max(seconds, 1e-9):.0f} frames/s, "
+            + f"), {frames} frames {'imported' if p.dataset == 'rawframes' else 'decoded'} in {seconds:.1f} s "
+            f"({frames / max(seconds, 1e-9):.0f} frames/s, "
             f"{workers} workers); {total_frames} frames stored")
     ctx.log.info(line)
     return {"line": line, "videos": len(ok), "frames": total_frames, "frames_this_run": frames,

@@ -1,14 +1,14 @@
 """Frames and TV-L1 flow extracted by other tools ("rawframes"): the layouts, finding the videos, the checks,
-and reading them into the pipeline's stores; plus the mmaction2 export (:func:`export_mmaction2`).
+and reading them into the pipeline's stores (the mmaction2 export is :mod:`pipeline.interop.mmaction2`).
 
 Layouts (``T`` frames give ``T - step`` flows; flow ``k`` goes from frame ``k`` to frame ``k + step``):
 
-| layout            | frames                                | flow x / y                                               | first frame / flow |
-|-------------------|---------------------------------------|----------------------------------------------------------|--------------------|
-| ``mmaction2``     | ``<frame_dir>/img_%05d.jpg``          | ``<frame_dir>/flow_x_%05d.jpg``, ``flow_y_%05d.jpg``      | 1 / 1              |
-| ``tsn``           | the same names (TSN's dense_flow)     | the same                                                 | 1 / 1              |
-| ``denseflow``     | the same names                        | the same                                                 | 1 / 0              |
-| ``twostreamfusion`` | ``jpegs_256/<vid>/frame%06d.jpg``   | ``tvl1_flow/u/<vid>/frame%06d.jpg``, ``tvl1_flow/v/...``  | 1 / 1              |
+* ``mmaction2``: ``<frame_dir>/img_%05d.jpg`` with ``flow_x_%05d.jpg`` / ``flow_y_%05d.jpg``; first frame 1,
+  first flow 1.
+* ``tsn``: the same names (TSN's dense_flow); 1 / 1.
+* ``denseflow``: the same names; 1 / 0.
+* ``twostreamfusion``: ``jpegs_256/<vid>/frame%06d.jpg`` with ``tvl1_flow/u/<vid>/frame%06d.jpg`` and
+  ``tvl1_flow/v/<vid>/frame%06d.jpg``; 1 / 1.
 
 A frame folder is ``<root>/<Class>/<vid>`` or ``<root>/<vid>`` (under ``jpegs_256`` for twostreamfusion); its
 path relative to that root is the video id. ``decode --dataset rawframes`` stores the frames' JPEG bytes as
