@@ -61,10 +61,10 @@ def model_rate(arch: str, size: int, stream: str, batch: int, device: torch.devi
     y = torch.randint(0, 101, (batch,))
     loader = [{"input": x, "label": y}]
     norm = input_normalizer(stream)
-    T.train_one_epoch(model, loader * 2, opt, device=device, normalize=norm, amp=amp)  # warm-up
+    T.train_one_epoch(model, loader * 2, opt, device=device, loss_fn=T.segment_consensus_loss(norm, amp))  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
-    st = T.train_one_epoch(model, loader * steps, opt, device=device, normalize=norm, amp=amp)
+    st = T.train_one_epoch(model, loader * steps, opt, device=device, loss_fn=T.segment_consensus_loss(norm, amp))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return st["frames"] / st["seconds"]

@@ -32,9 +32,9 @@ failures and are never stored.
 Examples::
 
 \b
-    pipeline extract-features --format zarr
+    pipeline extract-features --store zarr
     pipeline extract-features --rgb-weights imagenet --flow-weights imagenet --arch resnet50 --views 10
-    torchrun --nproc-per-node 4 -m stages extract-features --format h5
+    torchrun --nproc-per-node 4 -m stages extract-features --store h5
 """
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ class ExtractFeaturesParams:
     flow_length: int = param(0, "L, flow fields per stack (2L input channels); 0: the flow checkpoint's, "
                              "else 10 ([STFN] §4.2).")
     dtype: str = param("float16", "Stored feature dtype.", choices=DTYPES)
-    format: str = param("zarr", "Feature store: features.zarr, features.h5 or both.", choices=FORMATS)
+    store: str = param("zarr", "Feature store: features.zarr, features.h5 or both.", choices=FORMATS,
+                       aliases=("--format",), recorded_as="format")
     include_unused: bool = param(False, "Also extract the videos that are in neither the train nor the test "
                                  "list of --split.")
     seed: int = param(0, "Seed of the random initialisation for --*-weights none.")
@@ -169,16 +170,16 @@ def plan(p: ExtractFeaturesParams, upstream: Upstream) -> Plan:
     # Disk: the parts and the consolidated store(s) exist side by side until the parts are removed.
     itemsize = np.dtype(p.dtype).itemsize
     per_video = p.positions * p.views * itemsize * sum(s.num_features for s in sources.values()) + 4 * p.positions
-    copies = 1 + (2 if p.format == "both" else 1)
+    copies = 1 + (2 if p.store == "both" else 1)
     estimate = int(len(rows) * per_video * copies * 1.05) + (16 << 20)
     root = upstream.cache_root
     free = _free_bytes(root if root.exists() else root.parent)
     if free < estimate:
         raise StageError(f"not enough disk space in {root}: extracting {len(rows)} videos needs about "
                          f"{estimate / 2**20:.0f} MiB ({p.positions} positions x {p.views} view(s), {p.dtype}, "
-                         f"parts + {p.format}), {free / 2**20:.0f} MiB free")
+                         f"parts + {p.store}), {free / 2**20:.0f} MiB free")
 
-    outputs = ["zarr", "h5"] if p.format == "both" else [p.format]
+    outputs = ["zarr", "h5"] if p.store == "both" else [p.store]
     inputs = digest({"videos": [table.video_ids[i] for i in rows],
                      "sources": {s: src.identity() for s, src in sources.items()}})
     describe = (f"{len(rows)} videos of split {p.split}, P = {p.positions}, {p.views} view(s); " +

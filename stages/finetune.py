@@ -30,9 +30,6 @@ Examples:
 """
 from __future__ import annotations
 
-import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +38,18 @@ import numpy as np
 import torch
 
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, file_sha256, param, params_dict
-from pipeline.data.clips import STREAMS, TestViews, TrainClips, VideoList, input_channels, input_normalizer
-from pipeline.models.backbones import create_backbone, imagenet_weights_path, list_backbones
+from pipeline.data.clips import STREAMS, TestViews, TrainClips, VideoList, input_channels, input_normalizer, \
+    split_videos
+from pipeline.models.backbones import (backbone_info, create_backbone, imagenet_weights_path, list_backbones,
+                                      require_imagenet_weights)
 from pipeline.io import artifacts
 from pipeline.io.store import VideoStore
 from pipeline.data.table import VideoTable
-from pipeline import dist
+from pipeline.eval.metrics import evaluate
+from pipeline.eval.results import TestScores, save_test_scores
 from pipeline.training import loop as T
+from pipeline.training.tensorboard import TensorBoardMissing
+from pipeline.training.tensorboard import check_available as check_tensorboard
 
 VERSION = "1"
 
@@ -93,6 +95,8 @@ class FinetuneParams:
     device: str = param("auto", "auto (CUDA when available), cpu or cuda.", fingerprint=False,
                         choices=("auto", "cpu", "cuda"))
     amp: bool = param(True, "bf16 autocast and channels_last on CUDA (ignored on CPU).", fingerprint=False)
+    tensorboard: bool = param(False, "Write per-epoch loss, accuracy and lr for TensorBoard to <output>/tensorboard/.",
+                              fingerprint=False)
 
     def validate(self) -> None:
         if self.stream not in STREAMS:
@@ -141,7 +145,6 @@ class _Data:
     val: VideoList
     test: VideoList
     store: VideoStore
-    model: torch.nn.Module
 
 
 def _check_flow_store(p: FinetuneParams, upstream: Upstream, store: VideoStore, videos: list[str]) -> None:
@@ -174,58 +177,47 @@ def _weights_digest(weights: str, arch: str) -> str:
 
 def plan(p: FinetuneParams, upstream: Upstream) -> Plan:
     p.validate()
+    if p.tensorboard:
+        try:
+            check_tensorboard()
+        except TensorBoardMissing as e:
+            raise StageError(str(e)) from None
     decode_dir = upstream.dir("decode")
     table = VideoTable.load(decode_dir)
+    # Validation ([STFN] §4.2 validation error): the one hold-out decode recorded in the video table.
     try:
-        membership = table.split_of(p.split)
-    except KeyError as e:
-        raise StageError(f"--split {p.split}: {e.args[0]}") from None
-    train_rows = [i for i, s in enumerate(membership) if s == "train"]
-    test_rows = [i for i, s in enumerate(membership) if s == "test"]
-    if not train_rows or not test_rows:
-        raise StageError(f"split {p.split} of {decode_dir / 'videos.json'} has {len(train_rows)} training and "
-                         f"{len(test_rows)} test videos; both are needed")
-    train_classes = {table.labels[i] for i in train_rows}
-    absent = sorted({table.labels[i] for i in test_rows} - train_classes)
-    if absent:
-        names = ", ".join(table.classes[c] for c in absent[:10])
-        raise StageError(f"split {p.split}: {len(absent)} class(es) of the test split have no training video "
-                         f"({names}); a network cannot learn them")
-
-    # Validation ([STFN] §4.2 validation error): the one hold-out, recorded by decode in the video table (pipeline/data/splits.py).
-    val_rows = [i for i, s in enumerate(membership) if s == "val"]
-    fit_rows = train_rows
-
-    def vl(rows: list[int]) -> VideoList:
-        return VideoList(tuple(table.video_ids[i] for i in rows), tuple(table.labels[i] for i in rows),
-                         tuple(table.num_frames[i] for i in rows))
+        videos = split_videos(table, p.split)
+    except ValueError as e:
+        raise StageError(f"{decode_dir / 'videos.json'}: {e}") from None
+    used = list(videos.train.video_ids + videos.val.video_ids + videos.test.video_ids)
 
     if p.stream == "flow":
         from pipeline.io.artifacts import flow_store
 
         store = flow_store(upstream.dir("extract-flow"))
-        _check_flow_store(p, upstream, store, [table.video_ids[i] for i in train_rows + test_rows])
+        _check_flow_store(p, upstream, store, used)
     else:
         from pipeline.io.artifacts import frame_store
 
         store = frame_store(upstream.dir("decode"))
 
+    # Cheap checks only (no weights loaded, no global RNG touched): the network is built in run().
     try:
-        torch.manual_seed(p.seed)  # the random initialisation (new classifier, or everything for none)
-        model = create_backbone(p.arch, num_classes=len(table.classes), in_channels=input_channels(
-            p.stream, p.flow_length), weights=p.weights, dropout=p.drop)
+        info = backbone_info(p.arch)
+        if p.weights == "imagenet":
+            require_imagenet_weights(p.arch)
     except (ValueError, FileNotFoundError) as e:
         raise StageError(f"--arch {p.arch} --weights {p.weights}: {e}") from None
-    if p.input_size < model.min_input_size:
-        raise StageError(f"{p.arch} needs --input-size >= {model.min_input_size} (got {p.input_size})")
+    if p.input_size < info["min_input_size"]:
+        raise StageError(f"{p.arch} needs --input-size >= {info['min_input_size']} (got {p.input_size})")
 
-    data = _Data(list(table.classes), vl(fit_rows), vl(val_rows), vl(test_rows), store, model)
+    data = _Data(list(table.classes), videos.train, videos.val, videos.test, store)
     inputs = digest({"classes": table.classes, "train": data.train.video_ids, "val": data.val.video_ids,
-                     "test": data.test.video_ids, "labels": [table.labels[i] for i in train_rows + test_rows],
-                     "frames": [table.num_frames[i] for i in train_rows + test_rows],
+                     "test": data.test.video_ids, "labels": list(data.train.labels + data.test.labels),
+                     "frames": list(data.train.num_frames + data.test.num_frames),
                      "weights": _weights_digest(p.weights, p.arch)})
     describe = (f"{p.stream} {p.arch}, {len(table.classes)} classes, {len(data.train)} train / {len(data.val)} "
-                f"val ({len({table.groups[i] for i in val_rows})} groups) / {len(data.test)} test videos")
+                f"val ({len({table.groups[i] for i in table.indices(p.split, 'val')})} groups) / {len(data.test)} test videos")
 
     return Plan(inputs, data, describe)
 
@@ -240,26 +232,20 @@ def _checkpoint_meta(p: FinetuneParams, data: _Data) -> dict:
             "input_size": p.input_size, "params": params_dict(p)}
 
 
-def _workers(p: FinetuneParams, world: int) -> int:
-    if p.workers >= 0:
-        return p.workers
-    return max(0, min(8, (os.cpu_count() or 1) // world - 1))
-
-
-def _loader(dataset, *, workers: int, device: torch.device, **kw):
-    from torch.utils.data import DataLoader
-
-    # Its own generator: creating an iterator must not draw from the global one (dropout's, seeded per epoch).
-    return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0, generator=torch.Generator(), **kw)
+def build_model(p: FinetuneParams, num_classes: int) -> torch.nn.Module:
+    """The network to fine-tune: ``--weights`` loaded, the new classifier initialised from ``--seed``."""
+    try:
+        torch.manual_seed(p.seed)  # the random initialisation (new classifier, or everything for none)
+        return create_backbone(p.arch, num_classes=num_classes, in_channels=input_channels(p.stream, p.flow_length),
+                               weights=p.weights, dropout=p.drop)
+    except (ValueError, FileNotFoundError) as e:
+        raise StageError(f"--arch {p.arch} --weights {p.weights}: {e}") from None
 
 
 def _fit(p: FinetuneParams, data: _Data, device: torch.device, info: T.DistInfo, out: Path,
          ckpt: dict | None, log) -> dict:
     """Train (from ``ckpt`` when resuming), then score the test videos with best.pt. Only rank 0 writes."""
-    main = info.is_main
-    model = data.model
-    meta = _checkpoint_meta(p, data)
+    model = build_model(p, len(data.classes))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     if p.use_partial_bn:
@@ -269,10 +255,6 @@ def _fit(p: FinetuneParams, data: _Data, device: torch.device, info: T.DistInfo,
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(T.trainable_param_groups(model, p.weight_decay), lr=p.lr, momentum=p.momentum)
-    # [STFN] §4.2: divide the learning rate by 10 when the validation error saturates.
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1,
-                                                           patience=p.patience)
     net = model
     if info.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -280,76 +262,38 @@ def _fit(p: FinetuneParams, data: _Data, device: torch.device, info: T.DistInfo,
         # Running statistics are computed from global batches on every rank alike: no buffer broadcast.
         net = DDP(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
 
-    history: list[dict] = []
-    best = {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf}
-    start, decays, done = 0, 0, False
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        history, best = list(ckpt["history"]), dict(ckpt["best"])
-        start, decays, done = int(ckpt["epoch"]), int(ckpt["lr_decays"]), bool(ckpt["done"])
-
     normalize = input_normalizer(p.stream)
-    workers = _workers(p, info.world_size)
+    workers = T.auto_workers(p.workers, info.world_size)
     flow_kw = {"flow_bound": p.flow_bound, "flow_step": p.flow_step} if p.stream == "flow" else {}
     train_set = TrainClips(data.store, data.train, p.stream, num_segments=p.segments, input_size=p.input_size,
                            flow_length=p.flow_length, seed=p.seed, **flow_kw)
     batches = T.EpochBatches(len(train_set), p.batch_size, seed=p.seed, rank=info.rank,
                              world_size=info.world_size)
-    train_loader = _loader(train_set, workers=workers, device=device, batch_sampler=batches)
+    train_loader = T.make_loader(train_set, workers=workers, device=device, batch_sampler=batches)
+    loss_fn = T.segment_consensus_loss(normalize, p.amp)
 
     def views(videos: VideoList, frames: int):
         ds = TestViews(data.store, videos, p.stream, num_frames=frames, input_size=p.input_size,
                        flow_length=p.flow_length, **flow_kw)
-        mine = list(range(info.rank, len(videos), info.world_size))
-        return _loader(ds, workers=min(workers, len(mine)), device=device, batch_size=None, sampler=mine)
+        mine = T.rank_share(len(videos), info)
+        return T.make_loader(ds, workers=min(workers, len(mine)), device=device, batch_size=None, sampler=mine)
 
     val_loader = views(data.val, p.val_frames) if len(data.val) else None
     eval_kw = {"device": device, "normalize": normalize, "amp": p.amp, "chunk": max(p.batch_size, 1)}
-    bar = None
-    if main and not done:
-        from tqdm import tqdm
 
-        bar = tqdm(total=(p.epochs - start) * len(train_set), desc=f"finetune {p.stream}", unit="clip",
-                   dynamic_ncols=True, file=sys.stderr, disable=None)
+    def validate() -> tuple[float, float]:
+        probs = T.evaluate(model, val_loader, len(data.val), len(data.classes), **eval_kw)["probs"]
+        return T.val_metrics(probs, data.val.labels)
 
-    epoch = start
-    while not done and epoch < p.epochs:
-        T.seed_epoch(p.seed, epoch, info.rank)
-        batches.set_epoch(epoch)
-        T.set_train_mode(net, True)
-        lr = optimizer.param_groups[0]["lr"]
-        st = T.train_one_epoch(net, train_loader, optimizer, device=device, normalize=normalize, amp=p.amp,
-                               progress=(lambda n: bar.update(n * info.world_size)) if bar is not None else None)
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": st["loss"], "train_acc": st["acc"],
-               "val_loss": None, "val_acc": None, "seconds": round(st["seconds"], 3),
-               "data_seconds": round(st["data_seconds"], 3),
-               "frames_per_s": round(st["frames"] / max(st["seconds"], 1e-9), 2)}
-        if val_loader is not None:
-            ev = T.evaluate(model, val_loader, len(data.val), len(data.classes), **eval_kw)
-            labels = torch.tensor(data.val.labels)
-            row["val_acc"] = float((ev["probs"].argmax(1) == labels).float().mean())
-            row["val_loss"] = float(torch.nn.functional.nll_loss(ev["probs"].clamp_min(1e-12).log(), labels))
-        epoch, decays, best, improved, done = T.end_epoch(
-            row, history, best, epoch=epoch, decays=decays, lr=lr, scheduler=scheduler, optimizer=optimizer,
-            max_epochs=p.epochs, max_decays=p.lr_decays)
-        if main:
-            T.save_epoch(out, {**meta, "model": model.state_dict(), "epoch": epoch, "metrics": row},
-                         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best": best,
-                          "lr_decays": decays, "done": done}, history, improved=improved)
-            val = f", val acc {row['val_acc']:.3f} loss {row['val_loss']:.3f}" if row["val_acc"] is not None else ""
-            log.info("epoch %d: lr %.0e, train loss %.3f acc %.3f%s, %.0f %s/s (%.0f%% waiting for data)",
-                     epoch, lr, st["loss"], st["acc"], val, row["frames_per_s"],
-                     "images" if p.stream == "rgb" else "stacks", 100 * st["data_seconds"] / max(st["seconds"], 1e-9))
-    if bar is not None:
-        bar.close()
-
-    # Test with the best weights (written by rank 0; the other ranks wait for the file).
-    if info.distributed:
-        torch.distributed.barrier()
-    model.load_state_dict(T.load_checkpoint(out / "best.pt")["model"])
+    res = T.fit(model, lambda opt, progress: T.train_one_epoch(net, train_loader, opt, device=device,
+                                                                loss_fn=loss_fn, progress=progress),
+                schedule=T.Schedule(p.lr, p.momentum, p.weight_decay, p.patience, p.lr_decays, p.epochs, p.seed),
+                batches=batches, validate=validate if val_loader is not None else None, out=out,
+                meta=_checkpoint_meta(p, data), ckpt=ckpt, info=info, log=log, net=net,
+                rate=("frames_per_s", "frames", "images" if p.stream == "rgb" else "stacks"),
+                desc=f"finetune {p.stream}", unit="clip", tensorboard=p.tensorboard)
     test = T.evaluate(model, views(data.test, p.num_test_frames), len(data.test), len(data.classes), **eval_kw)
-    return {"history": history, "best": best, "test": test, "epochs": epoch, "decays": decays}
+    return {"history": res.history, "best": res.best, "test": test, "epochs": res.epochs, "decays": res.decays}
 
 
 #: What a checkpoint left by a killed run must share with this run to be resumed.
@@ -361,10 +305,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
 
     p: FinetuneParams = ctx.params
     data: _Data = plan.data
-    info = T.DistInfo(ctx.rank, ctx.world_size, dist.local_rank())
-    device = torch.device(dist.device(p.device))
-    meta = _checkpoint_meta(p, data)
-    ckpt = T.resume_checkpoint(ctx.dir / "last.pt", meta, RESUME_KEYS, is_main=info.is_main, log=ctx.log)
+    info, device, ckpt = T.start_run(ctx, p.device, _checkpoint_meta(p, data), RESUME_KEYS)
     t0 = time.perf_counter()
     res = _fit(p, data, device, info, ctx.dir, ckpt, ctx.log)
     if not info.is_main:
@@ -374,30 +315,27 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     test = res["test"]
     probs, logits = test["probs"].numpy(), test["logits"].numpy()
     labels = np.asarray(data.test.labels, dtype=np.int64)
-    m = T.accuracy_metrics(probs, labels, len(data.classes))
-    tmp = ctx.dir / ".tmp-test_scores.npz"
-    with open(tmp, "wb") as f:
-        np.savez(f, scores=probs.astype(np.float32), logits=logits.astype(np.float32),
-                 video_ids=np.array(data.test.video_ids, dtype=str), labels=labels,
-                 class_names=np.array(data.classes, dtype=str), stream=np.array(p.stream))
-    tmp.replace(ctx.dir / "test_scores.npz")
+    ts = TestScores(probs, np.array(data.test.video_ids), labels, data.classes)
+    m = evaluate(ts.scores, ts.labels, data.classes)
+    save_test_scores(ctx.dir / "test_scores.npz", ts, logits=logits.astype(np.float32), stream=np.array(p.stream))
     for vid, label, pred in zip(data.test.video_ids, labels, probs.argmax(1)):
         ctx.journal.record_ok(vid, label=int(label), pred=int(pred))
     title = f"{p.stream} {p.arch} (split {p.split})"
     training_curves(res["history"], ctx.dir / "curves.png", title=title)
-    confusion_matrix_plot(m["confusion"], data.classes, ctx.dir / "confusion.png",
-                          title=f"{title}: top-1 {m['top1']:.1%}")
+    confusion_matrix_plot(m.confusion, data.classes, ctx.dir / "confusion.png", title=f"{title}: top-1 {m.top1:.1%}")
     history = res["history"]
     fps = [h["frames_per_s"] for h in history]
     waiting = sum(h["data_seconds"] for h in history) / max(sum(h["seconds"] for h in history), 1e-9)
     best = res["best"]
     val = f", best epoch {best['epoch']} (val acc {best['val_acc']:.1%})" if best["val_acc"] >= 0 else ""
+    top5 = f", top-5 {m.top5:.1%}" if m.top5 == m.top5 else ""
     line = (f"{_key(p)}: {p.arch} {p.input_size}px, {res['epochs']} epochs{val}; test top-1 "
-            f"{m['top1']:.1%}, mean class {m['mean_class_acc']:.1%} on {len(labels)} videos "
+            f"{m.top1:.1%}{top5}, mean class {m.mean_class_accuracy:.1%} on {len(labels)} videos "
             f"(chance {1 / len(data.classes):.1%}); {float(np.median(fps)) if fps else 0:.0f} "
             f"{'images' if p.stream == 'rgb' else 'stacks'}/s, {seconds:.0f} s")
     ctx.log.info(line)
-    return {"line": line, "top1": m["top1"], "mean_class_acc": m["mean_class_acc"], "best_epoch": best["epoch"],
+    return {"line": line, "top1": m.top1, "top5": m.as_dict()["top5"], "mean_class_acc": m.mean_class_accuracy,
+            "best_epoch": best["epoch"],
             "best_val_acc": best["val_acc"] if best["val_acc"] >= 0 else None, "epochs": res["epochs"],
             "lr_decays": res["decays"], "classes": len(data.classes), "train_videos": len(data.train),
             "val_videos": len(data.val), "val_video_ids": list(data.val.video_ids), "test_videos": len(labels),

@@ -1,41 +1,12 @@
-"""``refine``: train both backbones and a trained temporal head together, end to end ([STFN] §4.2).
+"""``refine``: train both backbones and a trained temporal head together, end to end ([STFN] §4.2, second step).
 
-"We apply two step training process. We first fix the weights of trained appearance and motion networks and
-train only STFN. Then we train the entire networks with same methods described in Two-stream ConvNets
-training." The first step is ``train-head`` on cached features; this stage is the second. It starts from
-``finetune/rgb/best.pt``, ``finetune/flow/best.pt`` and ``train-head/<name>/best.pt``: the N segments of a
-video pass through the shared-weight RGB backbone (N frames) and flow backbone (the N stacks of L flow fields
-centred on the same frames), TSN style; ``forward_features`` gives (B, N, D) per stream and the head fuses
-them into class log-probabilities; the loss is the head's (NLL).
-
-Training, as the two-stream ConvNets ([STFN] §4.2) and the finetune stage: TSN segment sampling, one
-multi-scale corner crop + flip per video for all its frames and flow stacks ("same augmentations for selected
-frames and optical flow stacks in an input sequence"); SGD, momentum 0.9, learning rate 1e-3 divided by 10
-when the validation error saturates (stopping at the plateau after ``--lr-decays`` divisions), weight decay on
-conv / linear weights. TSN partial BN (every BatchNorm of a backbone frozen but the first) is on by default,
-whatever finetune did: TSN uses it whenever training starts from trained networks, and refine always does;
-without it the running statistics drift from those the head was trained on (demo: 79.2% -> 72.9% top-1
-with it off, -> 81.2% with it on, 3 epochs). A step takes ``--batch-size`` videos
-(32, the paper's batch) in micro-batches of ``--micro-batch`` videos per rank whose gradients accumulate,
-so the memory of N x 2 backbone passes per video stays bounded; BatchNorm statistics are those of a
-micro-batch. Validation videos are the one hold-out decode recorded in the video table
-(:mod:`pipeline.data.splits`), the same as finetune's and train-head's. On CUDA: bf16 autocast + channels_last (``--amp``) and gradient
-checkpointing of the backbones' residual stages / Inception blocks (``--grad-checkpoint auto``: on CUDA).
-
-Test protocol, that of ``train-head``: ``--num-test`` (5) sequences per video, sequence j taking in every
-segment the j-th of 5 uniformly spaced of the head's P feature positions (the frames ``extract-features``
-computed the head's test features at, centre view); class probabilities averaged over the sequences. So the
-"head only -> refined" comparison scores the same frames before and after end-to-end training.
-
-Outputs in ``<cache>/refine/<head name>/``: ``best.pt`` (best validation epoch; :func:`load_refine_checkpoint`)
-and ``last.pt`` (every epoch, atomic; a killed run resumes from it and ends in the same state, as
-``finetune``), ``history.csv``, ``curves.png``, ``confusion.png``, ``test_scores.npz``
-(:mod:`pipeline.eval.results`, read by ``evaluate``) and ``results.json`` (top-1, mean class accuracy, per-class
-accuracy, confusion matrix, history, and ``comparison``: head only -> refined).
-
-Distributed: ``torchrun --nproc-per-node K -m stages refine ...``: every rank trains its slice of each
-global batch under DistributedDataParallel (gradients synchronised once per step), scores its share of the
-validation and test videos; rank 0 writes.
+Starts from ``finetune/<scope>/{rgb,flow}/best.pt`` and ``train-head/<scope>/<name>/best.pt``, trains the
+whole :class:`pipeline.models.two_stream.TwoStreamSegmentNet` with the one training loop
+(:func:`pipeline.training.loop.fit`; the two-stream parts in :mod:`pipeline.training.end_to_end`) and tests it
+with train-head's protocol, so "head only -> refined" scores the same frames before and after. Outputs in
+``<cache>/refine/<scope>/<name>/``: ``best.pt``, ``last.pt`` (a killed run resumes from it), ``history.csv``,
+``curves.png``, ``confusion.png``, ``test_scores.npz`` and ``results.json`` (with ``comparison``). The sampling,
+partial BN, micro-batches, distributed training and the test protocol are described in ``docs/training.md``.
 
 Examples:
 
@@ -46,42 +17,39 @@ Examples:
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline import dist
+from pipeline.data import STREAMS
+from pipeline.data.clips import VideoList, split_videos
+from pipeline.data.paired import PairedClips, PairedTestSequences
+from pipeline.data.table import VideoTable
+from pipeline.eval.metrics import evaluate
+from pipeline.eval.results import TestScores, save_test_scores
 from pipeline.io import artifacts
-from pipeline.training import check_finite_loss
-from pipeline.training import loop as T
+from pipeline.io.atomic import load_checkpoint, save_checkpoint
 from pipeline.io.atomic import write_json as write_json_atomic
+from pipeline.models.backbones import backbone_info
+from pipeline.models.heads import head_output_name, load_head_checkpoint
+from pipeline.models.two_stream import build_two_stream, enable_gradient_checkpointing
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param, params_dict, \
     read_manifest
-from pipeline.data.clips import VideoList
-from pipeline.eval.metrics import evaluate
+from pipeline.training import end_to_end as E2E
+from pipeline.training import loop as T
 from pipeline.training.heads import NUM_TEST
-from pipeline.models.backbones import create_backbone
-from pipeline.models.heads import create_head
-from pipeline.data.paired import (PairedClips, PairedTestSequences, TwoStreamSegmentNet,
-                                  enable_gradient_checkpointing, head_streams)
-from pipeline.eval.results import TestScores, save_test_scores
-from pipeline.data.table import VideoTable
-from stages.train_head import TrainHeadParams, head_name, load_head_checkpoint
+from pipeline.training.tensorboard import TensorBoardMissing
+from pipeline.training.tensorboard import check_available as check_tensorboard
 
 VERSION = "1"
-#: The default head: train-head's default STFN (a, avg, bi, N = 5; [STFN] §4.2).
-DEFAULT_HEAD = head_name(TrainHeadParams())
-from pipeline.data import STREAMS  # noqa: E402,F401
+#: The default head: train-head's default output (STFN a, avg, bi, N = 5; [STFN] §4.2).
+DEFAULT_HEAD = head_output_name()
 
 
 @dataclass(frozen=True)
@@ -118,6 +86,8 @@ class RefineParams:
     device: str = param("auto", "auto (CUDA when available), cpu or cuda.", fingerprint=False,
                         choices=("auto", "cpu", "cuda"))
     amp: bool = param(True, "bf16 autocast and channels_last on CUDA (ignored on CPU).", fingerprint=False)
+    tensorboard: bool = param(False, "Write per-epoch loss, accuracy and lr for TensorBoard to <output>/tensorboard/.",
+                              fingerprint=False)
 
     def validate(self) -> None:
         if not self.head_name or "/" in self.head_name or self.head_name.startswith("."):
@@ -139,21 +109,6 @@ def _key(p: RefineParams) -> str:
     return artifacts.refine_key(p.head_name, p.split, p.backbone)
 
 
-def available_heads(cache_root: Path, split: int = 1, backbone: str = artifacts.DEFAULT_BACKBONE) -> list[str]:
-    """Names of the finished train-head outputs of one split and backbone under ``cache_root``."""
-    folder = Path(cache_root) / artifacts.TRAIN_HEAD / artifacts.scope(split, backbone)
-    names = []
-    if folder.is_dir():
-        for d in sorted(folder.iterdir()):
-            try:
-                m = read_manifest(d) if d.is_dir() else None
-            except StageError:
-                m = None
-            if m and m.get("complete"):
-                names.append(d.name)
-    return names
-
-
 def _upstream(p: RefineParams, cache_root: Path) -> tuple[str, ...]:
     head = artifacts.head_key(p.head_name, p.split, p.backbone)
     try:
@@ -161,7 +116,7 @@ def _upstream(p: RefineParams, cache_root: Path) -> tuple[str, ...]:
     except StageError:
         m = None
     if not (m and m.get("complete")):
-        found = available_heads(cache_root, p.split, p.backbone)
+        found = artifacts.finished_outputs(cache_root, artifacts.TRAIN_HEAD, p.split, p.backbone)
         listed = ", ".join(found) if found else "none"
         raise StageError(f"refine --head-name {p.head_name}: no finished train-head output "
                          f"{Path(cache_root) / head}; available train-head outputs: {listed}. Run "
@@ -200,13 +155,9 @@ def _load_backbone_ckpt(upstream: Upstream, key: str, stream: str) -> tuple[Path
         raise StageError(f"{path}: the finetune/{stream} stage finished but its best.pt is missing; re-run "
                          f"`pipeline finetune --stream {stream} --force`")
     try:
-        ckpt = T.load_checkpoint(path)
+        return path, load_checkpoint(path, require=("model", "arch", "num_classes", "in_channels", "classes"))
     except ValueError as e:
-        raise StageError(str(e)) from None
-    for k in ("arch", "num_classes", "in_channels", "classes"):
-        if k not in ckpt:
-            raise StageError(f"{path}: not a finetune checkpoint (no {k!r})")
-    return path, ckpt
+        raise StageError(f"{e} (expected a finetune checkpoint)") from None
 
 
 def plan(p: RefineParams, upstream: Upstream) -> Plan:
@@ -214,6 +165,11 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
     from pipeline.io.artifacts import flow_store
 
     p.validate()
+    if p.tensorboard:
+        try:
+            check_tensorboard()
+        except TensorBoardMissing as e:
+            raise StageError(str(e)) from None
     if p.batch_size < dist.world_size():
         raise StageError(f"--batch-size {p.batch_size} is smaller than the {dist.world_size()} ranks")
     table = VideoTable.load(upstream.dir("decode"))
@@ -249,10 +205,10 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
     for s in STREAMS:
         path, c = ck[s]
         try:
-            net = create_backbone(c["arch"], num_classes=0, in_channels=c["in_channels"])
+            spec = backbone_info(c["arch"])
         except ValueError as e:
             raise StageError(f"{path}: {e}") from None
-        dims[s], min_sizes[s] = net.num_features, net.min_input_size
+        dims[s], min_sizes[s] = spec["num_features"], spec["min_input_size"]
     if head_ckpt["num_classes"] != len(table.classes):
         raise StageError(f"{head_path}: the head has {head_ckpt['num_classes']} classes, the backbones and the "
                          f"video table {len(table.classes)}; re-run train-head on these backbones' features")
@@ -264,39 +220,32 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
                          f"{head_ckpt['flow_dim']}-d features, but finetune/rgb ({ck['rgb'][1]['arch']}) gives "
                          f"{dims['rgb']}-d and finetune/flow ({ck['flow'][1]['arch']}) {dims['flow']}-d; re-run "
                          "extract-features and train-head on these backbones")
-    results_path = head_dir / "results.json"
+    # The head-only figures refine compares with, and the P feature positions its test sequences pick from
+    # (recorded in the head's checkpoint; its results for heads trained before that).
     try:
-        head_results = json.loads(results_path.read_text())
-        positions = int(head_results["positions"])
+        head_results = artifacts.read_results(head_dir, artifacts.TRAIN_HEAD)
+        positions = int(head_ckpt.get("positions") or head_results["positions"])
         head_only = {"top1": float(head_results["top1"]),
                      "mean_class_accuracy": float(head_results["mean_class_accuracy"]),
                      "views": int(head_results.get("views", 1)), "test_fusion": head_results.get("test_fusion")}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise StageError(f"{results_path}: cannot read the head's positions and accuracy ({e}); re-run "
-                         f"`pipeline train-head` for {p.head_name}") from None
+    except artifacts.ArtifactError as e:
+        raise StageError(str(e)) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise StageError(f"{head_dir / artifacts.RESULTS}: cannot read the head's positions and accuracy ({e}); "
+                         f"re-run `pipeline train-head` for {p.head_name}") from None
+    results_path = head_dir / artifacts.RESULTS
     n = int(head_ckpt["num_segments"])
     if positions < n:
         raise StageError(f"{results_path}: {positions} positions for {n} segments")
 
-    membership = table.split_of(split) if str(split) in table.splits else None
-    if membership is None:
-        raise StageError(f"split {split} (of finetune) is not in {upstream.dir('decode') / 'videos.json'}")
-    train_rows = [i for i, s in enumerate(membership) if s == "train"]
-    test_rows = [i for i, s in enumerate(membership) if s == "test"]
-    if not train_rows or not test_rows:
-        raise StageError(f"split {split}: {len(train_rows)} training and {len(test_rows)} test videos; both needed")
-    # The one validation hold-out, recorded by decode in the video table (pipeline/data/splits.py).
-    val_rows = [i for i, s in enumerate(membership) if s == "val"]
-    fit_rows = train_rows
-    if len(fit_rows) < 1:
-        raise StageError("no training videos left after the validation hold-out; lower decode's --val-fraction")
-
-    def vl(rows: list[int]) -> VideoList:
-        return VideoList(tuple(table.video_ids[i] for i in rows), tuple(table.labels[i] for i in rows),
-                         tuple(table.num_frames[i] for i in rows))
+    try:
+        videos = split_videos(table, split)
+    except ValueError as e:
+        raise StageError(f"{upstream.dir('decode') / 'videos.json'}: {e}") from None
 
     flows = flow_store(upstream.dir("extract-flow"))
-    missing = [table.video_ids[i] for i in train_rows + test_rows if not flows.path(table.video_ids[i]).exists()]
+    used = videos.train.video_ids + videos.val.video_ids + videos.test.video_ids
+    missing = [v for v in used if not flows.path(v).exists()]
     if missing:
         raise StageError(f"{len(missing)} video(s) have no flow in {flows.root}, e.g. {', '.join(missing[:3])}; "
                          "re-run `pipeline extract-flow`")
@@ -307,7 +256,7 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
         if sizes[s] < min_sizes[s]:
             raise StageError(f"{ck[s][1]['arch']} needs --input-size >= {min_sizes[s]} (got {sizes[s]})")
     data = _Data(
-        classes=list(table.classes), train=vl(fit_rows), val=vl(val_rows), test=vl(test_rows),
+        classes=list(table.classes), train=videos.train, val=videos.val, test=videos.test,
         frames=frame_store(upstream.dir("decode")), flows=flows,
         sources={s: {"path": str(ck[s][0]), "arch": ck[s][1]["arch"], "in_channels": ck[s][1]["in_channels"]}
                  for s in STREAMS},
@@ -316,26 +265,17 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
         flow_bound=float(ff.get("flow_bound", 20.0)), flow_step=int(ff.get("flow_step", 1)),
         partial_bn={s: p.partial_bn != "off" for s in STREAMS}, head_only=head_only)
     inputs = digest({"classes": table.classes, "train": data.train.video_ids, "val": data.val.video_ids,
-                     "test": data.test.video_ids, "labels": [table.labels[i] for i in train_rows + test_rows],
-                     "frames": [table.num_frames[i] for i in train_rows + test_rows], "positions": positions})
+                     "test": data.test.video_ids, "labels": list(data.train.labels + data.test.labels),
+                     "frames": list(data.train.num_frames + data.test.num_frames), "positions": positions})
     describe = (f"{head_ckpt['head']} head {p.head_name} (N={n}) on {ck['rgb'][1]['arch']} rgb {sizes['rgb']}px + "
                 f"{ck['flow'][1]['arch']} flow {sizes['flow']}px, {len(table.classes)} classes, {len(data.train)} "
-                f"train / {len(data.val)} val ({len({table.groups[i] for i in val_rows})} groups) / {len(data.test)} test videos")
+                f"train / {len(data.val)} val ({len({table.groups[i] for i in table.indices(split, 'val')})} groups) / {len(data.test)} test videos")
     return Plan(inputs, data, describe)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The model, its checkpoints
+# Training (the loop: pipeline.training.loop.fit; the two-stream parts: pipeline.training.end_to_end)
 # ----------------------------------------------------------------------------------------------------------
-
-def build_model(data: _Data, *, amp: bool = False) -> TwoStreamSegmentNet:
-    """Backbones from finetune/*/best.pt, the head from train-head/<name>/best.pt."""
-    backbones = {s: create_backbone(src["arch"], num_classes=0, in_channels=src["in_channels"], weights=src["path"])
-                 for s, src in data.sources.items()}
-    head, _ = load_head_checkpoint(data.head_path)
-    return TwoStreamSegmentNet(backbones["rgb"], backbones["flow"], head,
-                               streams=head_streams(data.head_meta["head"]), amp=amp)
-
 
 def _checkpoint_meta(p: RefineParams, data: _Data) -> dict:
     return {"sources": data.sources, "head": data.head_meta["head"], "head_kwargs": data.head_meta["head_kwargs"],
@@ -345,166 +285,10 @@ def _checkpoint_meta(p: RefineParams, data: _Data) -> dict:
             "flow_length": data.flow_length, "params": params_dict(p)}
 
 
-def load_refine_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[TwoStreamSegmentNet, dict]:
-    """(model, checkpoint dict) from a ``best.pt`` / ``last.pt`` written by this stage."""
-    ckpt = T.load_checkpoint(path)
-    src = ckpt["sources"]
-    backbones = {s: create_backbone(src[s]["arch"], num_classes=0, in_channels=src[s]["in_channels"])
-                 for s in STREAMS}
-    head = create_head(ckpt["head"], num_classes=ckpt["num_classes"], rgb_dim=ckpt["rgb_dim"],
-                       flow_dim=ckpt["flow_dim"], num_segments=ckpt["num_segments"], **ckpt["head_kwargs"])
-    model = TwoStreamSegmentNet(backbones["rgb"], backbones["flow"], head, streams=head_streams(ckpt["head"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device), ckpt
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """SGD groups: weight decay on conv (2-D and the head's 1-D) and linear weights, none on biases and
-    BatchNorm parameters (tsn-pytorch ``get_optim_policies``); frozen parameters are left out."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, q in module.named_parameters(recurse=False):
-            if q.requires_grad:
-                is_weight = name == "weight" and isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
-                (decay if is_weight else no_decay).append(q)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One epoch, evaluation
-# ----------------------------------------------------------------------------------------------------------
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def micro_batches(b: int, micro_batch: int) -> list[slice]:
-    """``ceil(b / micro_batch)`` contiguous slices of ``range(b)`` of near-equal sizes (at most ``micro_batch``):
-    10 videos in micro-batches of 4 are 3 + 3 + 4, not 4 + 4 + 2, so no micro-batch's BatchNorm statistics come
-    from needlessly few videos."""
-    k = -(-b // micro_batch)
-    edges = [(i * b) // k for i in range(k + 1)]
-    return [slice(edges[i], edges[i + 1]) for i in range(k)]
-
-
-class FullBatches(T.EpochBatches):
-    """:class:`pipeline.training.loop.EpochBatches` without the last, incomplete global batch of an epoch when there are
-    complete ones (the drop_last of TSN's training loader): a step on a few videos would take BatchNorm
-    statistics from one or two videos per rank, whose segments can be nearly identical."""
-
-    def global_batches(self) -> list[np.ndarray]:
-        batches = super().global_batches()
-        if len(batches) > 1 and len(batches[-1]) < self.batch_size:
-            batches = batches[:-1]
-        return batches
-
-
-def train_one_epoch(net: nn.Module, loader, optimizer: torch.optim.Optimizer, *, device: torch.device,
-                    micro_batch: int, progress=None) -> dict:
-    """One pass of SGD; every step is one global batch, each rank's slice in micro-batches.
-
-    ``loader`` yields this rank's slice of a global batch, ``{"rgb": (b, N, 3, H, W), "flow": (b, N, 2L, H,
-    W) uint8, "label": (b,)}``, cut by :func:`micro_batches`. The micro-batch losses (means) are weighted by
-    ``size * world / global batch`` and their gradients accumulate (DDP synchronises on the last micro-batch
-    only), so a step follows the gradient of the global batch's mean loss. Returns ``loss`` (mean over
-    samples), ``samples``, ``seconds``, ``data_seconds``.
-    """
-    world = _world()
-    ddp = isinstance(net, nn.parallel.DistributedDataParallel)
-    totals = torch.zeros(2, dtype=torch.float64)  # loss sum, samples
-    t0 = t_wait = time.perf_counter()
-    data_s = 0.0
-    for batch in loader:
-        data_s += time.perf_counter() - t_wait
-        b = batch["label"].shape[0]
-        global_b = torch.tensor([float(b)], device=device)
-        if world > 1:
-            torch.distributed.all_reduce(global_b)
-        optimizer.zero_grad(set_to_none=True)
-        chunks = micro_batches(b, micro_batch)
-        for k, sl in enumerate(chunks):
-            rgb = batch["rgb"][sl].to(device, non_blocking=True)
-            flow = batch["flow"][sl].to(device, non_blocking=True)
-            y = batch["label"][sl].to(device, non_blocking=True)
-            sync = contextlib.nullcontext() if (not ddp or k == len(chunks) - 1) else net.no_sync()
-            with sync:
-                loss = net(rgb, flow, y)
-                (loss * (y.shape[0] * world / global_b[0])).backward()
-            totals += torch.tensor([loss.item() * y.shape[0], y.shape[0]], dtype=torch.float64)
-        optimizer.step()
-        if progress is not None:
-            progress(b)
-        t_wait = time.perf_counter()
-    if world > 1:
-        torch.distributed.all_reduce(totals)
-    n = max(totals[1].item(), 1.0)
-    check_finite_loss(totals[0].item() / n, "this epoch")
-    return {"loss": totals[0].item() / n, "samples": int(totals[1]), "seconds": time.perf_counter() - t0,
-            "data_seconds": data_s}
-
-
-@torch.no_grad()
-def predict(model: TwoStreamSegmentNet, loader, num_videos: int, num_classes: int, *, device: torch.device,
-            chunk: int = 32, progress=None) -> torch.Tensor:
-    """(V, C) float32 class probabilities averaged over each video's test sequences.
-
-    ``loader`` yields :class:`~pipeline.data.paired.PairedTestSequences` items (``batch_size=None``) for this
-    rank's share of the videos; the features of a video's U distinct inputs are computed once (in chunks of
-    ``chunk``), gathered into its ``num_test`` sequences of N segments and fused by the head. Results are
-    summed over ranks (each video is scored by one rank). Leaves the model in eval mode.
-    """
-    model.eval()
-    out = torch.zeros(num_videos, num_classes + 1, dtype=torch.float64)
-    for item in loader:
-        feats = []
-        for s in STREAMS:
-            x = item[s]
-            feats.append(torch.cat([model.stream_features(s, x[i:i + chunk].to(device)[None])[0]
-                                    for i in range(0, x.shape[0], chunk)]))
-        seq = item["sequences"].to(device)  # (num_test, N)
-        probs = model.head(feats[0][seq], feats[1][seq]).float().exp()  # (num_test, C)
-        idx = int(item["index"])
-        out[idx, :num_classes] = probs.mean(0).double().cpu()
-        out[idx, -1] = 1
-        if progress is not None:
-            progress(1)
-    if _world() > 1:
-        out_dev = out.to(device) if device.type == "cuda" else out
-        torch.distributed.all_reduce(out_dev)
-        out = out_dev.cpu()
-    return out[:, :num_classes].float()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
-
-def _workers(p: RefineParams, world: int) -> int:
-    if p.workers >= 0:
-        return p.workers
-    return max(0, min(8, (os.cpu_count() or 1) // world - 1))
-
-
-def _loader(dataset, *, workers: int, device: torch.device, **kw):
-    from torch.utils.data import DataLoader
-
-    # Its own generator: creating an iterator must not draw from the global one (dropout's, seeded per epoch).
-    return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0, generator=torch.Generator(), **kw)
-
-
-def _set_train_mode(model: TwoStreamSegmentNet) -> None:
-    T.set_train_mode(model, True)
-    for s in STREAMS:
-        if s not in model.streams:
-            getattr(model, s).eval()  # a stream the head ignores is not trained, BN statistics included
-
-
 def _fit(p: RefineParams, data: _Data, device: torch.device, info: T.DistInfo, out: Path, ckpt: dict | None,
          log) -> dict:
-    main = info.is_main
     meta = _checkpoint_meta(p, data)
-    model = build_model(data, amp=p.amp)
+    model = build_two_stream(data.sources, data.head_path, amp=p.amp)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     for s in STREAMS:
@@ -517,98 +301,58 @@ def _fit(p: RefineParams, data: _Data, device: torch.device, info: T.DistInfo, o
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(param_groups(model, p.weight_decay), lr=p.lr, momentum=p.momentum)
-    # [STFN] §4.2: divide the learning rate by 10 when the validation error saturates.
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=p.patience)
     net: nn.Module = model
     if info.distributed:
         # BatchNorm statistics are per micro-batch on each rank (no collective in forward: ranks may run
         # different numbers of micro-batches in a step); rank 0's running statistics are saved.
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                                   broadcast_buffers=False)
-    history: list[dict] = []
-    best = {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf}
-    start, decays, done = 0, 0, p.epochs == 0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        history, best = list(ckpt["history"]), dict(ckpt["best"])
-        start, decays, done = int(ckpt["epoch"]), int(ckpt["lr_decays"]), bool(ckpt["done"])
 
-    workers = _workers(p, info.world_size)
+    workers = T.auto_workers(p.workers, info.world_size)
     flow_kw = {"flow_length": data.flow_length, "flow_bound": data.flow_bound, "flow_step": data.flow_step,
                "rgb_size": data.rgb_size, "flow_size": data.flow_size}
     n = model.num_segments
     train_set = PairedClips(data.frames, data.flows, data.train, num_segments=n, seed=p.seed, **flow_kw)
-    batches = FullBatches(len(train_set), p.batch_size, seed=p.seed, rank=info.rank, world_size=info.world_size)
-    train_loader = _loader(train_set, workers=workers, device=device, batch_sampler=batches)
+    batches = T.EpochBatches(len(train_set), p.batch_size, seed=p.seed, rank=info.rank, world_size=info.world_size,
+                             drop_last=True)
+    train_loader = T.make_loader(train_set, workers=workers, device=device, batch_sampler=batches)
 
     def sequences(videos: VideoList):
         ds = PairedTestSequences(data.frames, data.flows, videos, num_segments=n, num_positions=data.positions,
                                  num_test=p.num_test, **flow_kw)
-        mine = list(range(info.rank, len(videos), info.world_size))
-        return _loader(ds, workers=min(workers, len(mine)), device=device, batch_size=None, sampler=mine)
+        mine = T.rank_share(len(videos), info)
+        return T.make_loader(ds, workers=min(workers, len(mine)), device=device, batch_size=None, sampler=mine)
 
     val_loader = sequences(data.val) if len(data.val) else None
-    bar = None
-    if main and not done:
-        from tqdm import tqdm
-
-        per_epoch = sum(len(b) for b in batches.global_batches())
-        bar = tqdm(total=(p.epochs - start) * per_epoch, desc=f"refine {p.head_name}", unit="video",
-                   dynamic_ncols=True, file=sys.stderr, disable=None)
+    chunk = max(p.micro_batch * n, 1)
 
     def validate() -> tuple[float, float]:
-        probs = predict(model, val_loader, len(data.val), len(data.classes), device=device,
-                        chunk=max(p.micro_batch * n, 1))
-        labels = torch.tensor(data.val.labels)
-        return (float((probs.argmax(1) == labels).float().mean()),
-                float(F.nll_loss(probs.clamp_min(1e-12).log(), labels)))
+        probs = E2E.predict(model, val_loader, len(data.val), len(data.classes), device=device, chunk=chunk)
+        return T.val_metrics(probs, data.val.labels)
 
+    best = None
     if ckpt is None:
         # The starting point (backbones + head as trained separately) is the best so far until an epoch
         # beats it on validation; with --epochs 0 it is what gets tested.
+        best = {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf}
         if val_loader is not None:
             acc, loss = validate()
             best = {"epoch": 0, "val_acc": acc, "val_loss": loss}
-        if main:
-            T.save_checkpoint(out / "best.pt", {**meta, "model": model.state_dict(), "epoch": 0,
-                                                "metrics": {"val_acc": best["val_acc"], "val_loss": best["val_loss"]}})
-    start_val = dict(ckpt["start_val"]) if ckpt is not None else dict(best)
-    epoch = start
-    while not done and epoch < p.epochs:
-        T.seed_epoch(p.seed, epoch, info.rank)
-        batches.set_epoch(epoch)
-        _set_train_mode(model)
-        lr = optimizer.param_groups[0]["lr"]
-        st = train_one_epoch(net, train_loader, optimizer, device=device, micro_batch=p.micro_batch,
-                             progress=(lambda k: bar.update(k * info.world_size)) if bar is not None else None)
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": st["loss"], "val_loss": None, "val_acc": None,
-               "seconds": round(st["seconds"], 3), "data_seconds": round(st["data_seconds"], 3),
-               "videos_per_s": round(st["samples"] / max(st["seconds"], 1e-9), 3)}
-        if val_loader is not None:
-            row["val_acc"], row["val_loss"] = validate()
-        epoch, decays, best, improved, done = T.end_epoch(
-            row, history, best, epoch=epoch, decays=decays, lr=lr, scheduler=scheduler, optimizer=optimizer,
-            max_epochs=p.epochs, max_decays=p.lr_decays)
-        if main:
-            T.save_epoch(out, {**meta, "model": model.state_dict(), "epoch": epoch, "metrics": row},
-                         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best": best,
-                          "start_val": start_val, "lr_decays": decays, "done": done}, history, improved=improved)
-            val = f", val acc {row['val_acc']:.3f} loss {row['val_loss']:.3f}" if row["val_acc"] is not None else ""
-            log.info("epoch %d: lr %.0e, train loss %.3f%s, %.2f videos/s (%.0f%% waiting for data)", epoch, lr,
-                     st["loss"], val, row["videos_per_s"], 100 * st["data_seconds"] / max(st["seconds"], 1e-9))
-    if bar is not None:
-        bar.close()
-
-    # Test with the best weights (written by rank 0; the other ranks wait for the file).
-    if info.distributed:
-        torch.distributed.barrier()
-    model.load_state_dict(T.load_checkpoint(out / "best.pt")["model"])
-    probs = predict(model, sequences(data.test), len(data.test), len(data.classes), device=device,
-                    chunk=max(p.micro_batch * n, 1))
-    return {"history": history, "best": best, "start_val": start_val, "probs": probs, "epochs": epoch,
-            "decays": decays, "grad_checkpoint": use_ckpt}
+        if info.is_main:
+            save_checkpoint(out / artifacts.BEST, {**meta, "model": model.state_dict(), "epoch": 0,
+                                                   "metrics": {"val_acc": best["val_acc"], "val_loss": best["val_loss"]}})
+    res = T.fit(model, lambda opt, progress: T.train_one_epoch(net, train_loader, opt, device=device,
+                                                                loss_fn=E2E.two_stream_loss,
+                                                                micro_batch=p.micro_batch, progress=progress),
+                schedule=T.Schedule(p.lr, p.momentum, p.weight_decay, p.patience, p.lr_decays, p.epochs, p.seed),
+                batches=batches, validate=validate if val_loader is not None else None, out=out, meta=meta,
+                ckpt=ckpt, info=info, log=log, net=net, train_mode=lambda: E2E.set_train_mode(model), best=best,
+                last_extra={"start_val": dict(best) if best is not None else {}},
+                rate=("videos_per_s", "samples", "videos"), desc=f"refine {p.head_name}", unit="video",
+                tensorboard=p.tensorboard)
+    probs = E2E.predict(model, sequences(data.test), len(data.test), len(data.classes), device=device, chunk=chunk)
+    return {"history": res.history, "best": res.best, "start_val": res.extra["start_val"], "probs": probs,
+            "epochs": res.epochs, "decays": res.decays, "grad_checkpoint": use_ckpt}
 
 
 #: What a checkpoint left by a killed run must share with this run to be resumed.
@@ -620,10 +364,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
 
     p: RefineParams = ctx.params
     data: _Data = plan.data
-    info = T.DistInfo(ctx.rank, ctx.world_size, dist.local_rank())
-    device = torch.device(dist.device(p.device))
-    meta = _checkpoint_meta(p, data)
-    ckpt = T.resume_checkpoint(ctx.dir / "last.pt", meta, RESUME_KEYS, is_main=info.is_main, log=ctx.log)
+    info, device, ckpt = T.start_run(ctx, p.device, _checkpoint_meta(p, data), RESUME_KEYS)
     t0 = time.perf_counter()
     res = _fit(p, data, device, info, ctx.dir, ckpt, ctx.log)
     if not info.is_main:

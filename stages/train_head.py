@@ -27,8 +27,8 @@ from pipeline.eval.scores import SCORE_FUSIONS
 from pipeline.io import artifacts
 from pipeline.io.atomic import save_checkpoint, write_json
 from pipeline.io.store import StoreError, read_feature_store
-from pipeline.models.heads import (HEADS, HEAD_OPTIONS, HeadOptionError, create_head, head_kwargs, head_options,
-                                   head_output_name, list_heads, load_head_checkpoint)  # noqa: F401
+from pipeline.models.heads import (DEFAULT_HEAD, DEFAULT_SEGMENTS, HEADS, HEAD_OPTIONS, HeadOptionError, create_head,
+                                   head_kwargs, head_options, head_output_name, list_heads)
 from pipeline.models.stfn import ARCHS, DIRECTIONS, STFN_FUSIONS
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param, params_dict
 from pipeline.training.tensorboard import EpochScalars, TensorBoardMissing
@@ -55,7 +55,7 @@ def _head_option(option: str, help: str, **kw):
 
 @dataclass(frozen=True)
 class TrainHeadParams:
-    head: str = param("stfn", "Head: stfn, stcb, stcb_temporal, stmultiplier or a baseline (rgb, flow, late, "
+    head: str = param(DEFAULT_HEAD, "Head: stfn, stcb, stcb_temporal, stmultiplier or a baseline (rgb, flow, late, "
                       "tsn, concat).", choices=list_heads())
     arch: str | None = _head_option("arch", "STFN architecture, Fig. 4: a, b or c.", choices=ARCHS)
     fusion: str | None = _head_option("fusion", "STFN fusion G: avg, max, mul (eq. 4-6) or stcb.",
@@ -68,7 +68,7 @@ class TrainHeadParams:
     stcb_dim: int | None = _head_option("stcb_dim", "STCB output width ([STPN] Table 3).")
     flow_weight: float | None = _head_option("flow_weight", "Weight of the flow scores.")
     dropout: float | None = _head_option("dropout", "Dropout before each classifier.")
-    segments: int = param(5, "N segments per video ([STFN] §4.2; Table 4: 3, 5, 7, 9).")
+    segments: int = param(DEFAULT_SEGMENTS, "N segments per video ([STFN] §4.2; Table 4: 3, 5, 7, 9).")
     seed: int = param(0, "Seed of the head's initialisation, the sampled positions and dropout.")
     split: int = param(1, "Split of the features (extract-features --split) the head trains and tests on.",
                        scope="split")
@@ -275,7 +275,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         "model": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "head": p.head,
         "head_kwargs": kwargs, "head_options": options, "num_classes": info["num_classes"],
         "rgb_dim": info["rgb_dim"], "flow_dim": info["flow_dim"], "num_segments": n, "classes": class_names,
-        "epoch": history.best_epoch, "params": params_dict(p),
+        "positions": info["P"], "epoch": history.best_epoch, "params": params_dict(p),
         "metrics": {"top1": ev.top1, "top5": ev.as_dict()["top5"], "mean_class_accuracy": ev.mean_class_accuracy},
     })
     save_test_scores(ctx.dir / artifacts.SCORES, ts)

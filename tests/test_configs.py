@@ -31,3 +31,23 @@ def test_demo_config_lists_every_results_row():
     conf = cfg.load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml")
     heads = cfg.build_params(RunAllParams, conf, "run-all", {}).heads
     assert {"stfn", "stcb", "rgb", "flow", "late", "tsn", "concat"} <= set(heads)
+
+
+def test_renamed_parameter_keeps_its_old_name_in_fingerprints_and_configs(tmp_path):
+    """extract-features --format became --store: runs recorded under "format" stay fresh, and the old option
+    and config key still work."""
+    from click.testing import CliRunner
+
+    from pipeline.stage import params_dict
+    from stages.cli import main
+    from stages.extract_features import ExtractFeaturesParams
+
+    p = ExtractFeaturesParams(store="h5")
+    assert params_dict(p, only_fingerprinted=True)["format"] == "h5" and "store" not in params_dict(p)
+    for key in ("store", "format"):
+        (tmp_path / f"{key}.toml").write_text(f'[extract-features]\n{key} = "h5"\n')
+        built = cfg.build_params(ExtractFeaturesParams, cfg.load_config(tmp_path / f"{key}.toml"), "extract-features", {})
+        assert built.store == "h5", key
+    for flag in ("--store", "--format"):
+        res = CliRunner().invoke(main, ["extract-features", flag, "nonsense", "--cache-dir", str(tmp_path / "c")])
+        assert res.exit_code != 0 and "nonsense" in res.output and "is not one of" in res.output, res.output

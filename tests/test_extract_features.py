@@ -161,7 +161,7 @@ def assert_fp16_close(stored, ref):
 
 def test_layout_values_and_plain_readers(cache):
     P = 16  # more positions than the clips' 12 frames: positions repeat and are computed once
-    r = run_stage(STAGE, ExtractFeaturesParams(arch=ARCH, positions=P, format="both", batch_size=7, workers=2), cache)
+    r = run_stage(STAGE, ExtractFeaturesParams(arch=ARCH, positions=P, store="both", batch_size=7, workers=2), cache)
     out = cache / FEATURES
     assert r.manifest["complete"] and r.manifest["done"] == 6 and "frames/s" in r.message
     assert not (out / "parts").exists() and not list(out.rglob(".tmp-*"))
@@ -206,11 +206,11 @@ def test_layout_values_and_plain_readers(cache):
 
     back = read_feature_store(out / "features.zarr")  # the library reader sees the same
     assert np.array_equal(back.streams["flow"], flow) and back.attrs["fingerprint"] == r.fingerprint
-    assert run_stage(STAGE, ExtractFeaturesParams(arch=ARCH, positions=P, format="both"), cache).skipped
+    assert run_stage(STAGE, ExtractFeaturesParams(arch=ARCH, positions=P, store="both"), cache).skipped
 
 
 def test_ten_crop_views_float32(cache):
-    r = run_stage(STAGE, ExtractFeaturesParams(arch=ARCH, positions=3, views=10, dtype="float32", format="h5"), cache)
+    r = run_stage(STAGE, ExtractFeaturesParams(arch=ARCH, positions=3, views=10, dtype="float32", store="h5"), cache)
     assert r.manifest["complete"]
     with h5py.File(cache / FEATURES / "features.h5", "r") as f:
         rgb, flow = f["streams/rgb"][...], f["streams/flow"][...]
@@ -242,7 +242,7 @@ def test_kill_and_resume_gives_identical_features(cache, tmp_path):
     clean = tmp_path / "clean"
     shutil.copytree(cache, clean)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    args = ["--positions", "16", "--input-size", "112", "--format", "h5", "--workers", "1"]
+    args = ["--positions", "16", "--input-size", "112", "--store", "h5", "--workers", "1"]
     cmd = [sys.executable, "-m", "stages", "extract-features", "--arch", ARCH, "--cache-dir", str(cache), *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = cache / FEATURES / "journal.jsonl"
@@ -259,7 +259,7 @@ def test_kill_and_resume_gives_identical_features(cache, tmp_path):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming" in res.stderr and f"{6 - done_before} inputs" not in res.stdout
-    p = ExtractFeaturesParams(arch=ARCH, positions=16, input_size=112, format="h5", workers=1)
+    p = ExtractFeaturesParams(arch=ARCH, positions=16, input_size=112, store="h5", workers=1)
     assert run_stage(STAGE, p, clean).manifest["done"] == 6
     _assert_same_store(cache / FEATURES / "features.h5", clean / FEATURES / "features.h5")
     assert not list((cache / FEATURES).rglob(".tmp-*"))
@@ -278,7 +278,7 @@ def test_two_ranks_equal_one_process(cache, tmp_path):
     single = tmp_path / "single"
     shutil.copytree(cache, single)
     args = ["--rgb-weights", "none", "--flow-weights", "none", "--arch", "resnet18", "--input-size", "32",
-            "--flow-length", "2", "--positions", "8", "--format", "h5", "--workers", "1"]
+            "--flow-length", "2", "--positions", "8", "--store", "h5", "--workers", "1"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(_free_port()), "-m", "stages", "extract-features", "--arch", ARCH, "--cache-dir", str(cache), *args]
@@ -327,7 +327,7 @@ def _poisoned_backbones(monkeypatch):
 
 def test_non_finite_features_are_failures_never_stored(cache, monkeypatch):
     _poisoned_backbones(monkeypatch)
-    p = ExtractFeaturesParams(arch=ARCH, positions=8, format="zarr", workers=1)
+    p = ExtractFeaturesParams(arch=ARCH, positions=8, store="zarr", workers=1)
     with pytest.raises(StageFailures) as e:
         run_stage(STAGE, p, cache)
     ids = VideoTable.load(cache / "decode").video_ids

@@ -3,6 +3,7 @@ bad input before work, and the training utilities (partial BN, global BN, batch 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ from pipeline.data.table import VideoTable
 from pipeline.data.transforms import center_view
 from stages.decode import STAGE as DECODE, DecodeParams
 from stages.finetune import STAGE, FinetuneParams
+from tests.curves import assert_curves_match_history
 from tests.fakes import FAKE_FLOW_STAGE, FakeFlowParams
 from tests.videos import make_csv_dataset
 
@@ -37,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 # class -> 6 training, 2 validation, 2 test videos; resnet18 at 32 px.
 # Dropout off unless a test turns it on: with it, ranks draw their own masks (by design), so a 2-rank run
 # cannot repeat a 1-process one. Partial BN is off (auto with --weights none).
+HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 TINY = dict(arch="resnet18", input_size=32, weights="none", batch_size=4, segments=2,
             val_frames=2, num_test_frames=3, workers=0, dropout=0.0)
 TINY_CLI = ["--arch", "resnet18", "--input-size", "32", "--weights", "none", "--batch-size", "4", "--segments", "2",
@@ -69,10 +72,16 @@ def rgb_run(upstream, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = run_stage(STAGE, FinetuneParams(stream="rgb", epochs=2, **TINY), cache)
+        result = run_stage(STAGE, FinetuneParams(stream="rgb", epochs=2, tensorboard=HAVE_TENSORBOARD, **TINY), cache)
     finally:
         torch.set_num_threads(threads)
     return cache, result
+
+
+def test_tensorboard_curves_equal_the_history(rgb_run):
+    cache, _ = rgb_run
+    out = cache / artifacts.finetune_key("rgb", 1, "resnet18")
+    assert_curves_match_history(out, list(csv.DictReader(open(out / "history.csv"))))
 
 
 def model_state(path: Path) -> dict:
@@ -357,18 +366,22 @@ def test_global_batchnorm_equals_batchnorm_in_a_one_rank_group(tmp_path):
         dist.destroy_process_group()
 
 
-def test_accuracy_metrics_hand_computed():
+def test_finetune_metrics_hand_computed():
+    from pipeline.eval.metrics import evaluate
+
     scores = np.array([[0.9, 0.1, 0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0, 0.1, 0.9], [0.5, 0.4, 0.1]])
     labels = np.array([0, 1, 1, 2, 2])
-    m = T.accuracy_metrics(scores, labels, 3)
-    assert m["top1"] == pytest.approx(3 / 5)
-    assert m["mean_class_acc"] == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
-    assert m["confusion"].tolist() == [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
+    m = evaluate(scores, labels, ["a", "b", "c"])
+    assert m.top1 == pytest.approx(3 / 5)
+    assert m.mean_class_accuracy == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
+    assert m.confusion.tolist() == [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
 
 
 def test_checkpoint_save_is_atomic_and_load_is_clear(tmp_path):
-    T.save_checkpoint(tmp_path / "a.pt", {"model": {"w": torch.ones(2)}, "epoch": 3})
-    assert T.load_checkpoint(tmp_path / "a.pt")["epoch"] == 3 and not list(tmp_path.glob(".tmp-*"))
+    from pipeline.io.atomic import load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path / "a.pt", {"model": {"w": torch.ones(2)}, "epoch": 3})
+    assert load_checkpoint(tmp_path / "a.pt")["epoch"] == 3 and not list(tmp_path.glob(".tmp-*"))
     (tmp_path / "b.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"b\.pt: unreadable checkpoint"):
-        T.load_checkpoint(tmp_path / "b.pt")
+        load_checkpoint(tmp_path / "b.pt")

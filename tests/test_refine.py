@@ -27,17 +27,19 @@ from pipeline.stage import Stage, StageError, param, run_stage
 from pipeline.data.clips import VideoList
 from pipeline.models.backbones import create_backbone, normalize_flow, normalize_rgb
 from pipeline.models.heads import create_head
-from pipeline.data.paired import (PairedClips, PairedTestSequences, TwoStreamSegmentNet,
-                                  enable_gradient_checkpointing, sequence_frames)
+from pipeline.data.paired import PairedClips, PairedTestSequences, sequence_frames
+from pipeline.models.two_stream import TwoStreamSegmentNet, enable_gradient_checkpointing, load_two_stream_checkpoint
 from pipeline.eval.results import load_test_scores
 from pipeline.data.sampling import flow_stack_indices, train_indices
 from pipeline.io.store import VideoStore
 from pipeline.data.table import VideoTable
 from stages.decode import STAGE as DECODE, DecodeParams
 from stages.extract_features import STAGE as FEATURES, ExtractFeaturesParams
-from stages.refine import (STAGE, FullBatches, RefineParams, load_refine_checkpoint, micro_batches,
-                           train_one_epoch)
+from pipeline.training.end_to_end import two_stream_loss
+from pipeline.training.loop import EpochBatches, micro_batches, train_one_epoch
+from stages.refine import STAGE, RefineParams
 from stages.train_head import STAGE as TRAIN_HEAD, TrainHeadParams
+from tests.curves import assert_curves_match_history
 from tests.fakes import FAKE_FLOW_STAGE as FLOW_STAGE
 from tests.fakes import FakeFlowParams as FlowParams
 from tests.videos import make_csv_dataset
@@ -281,7 +283,7 @@ def test_gradient_checkpointing_matches_plain_backward():
 def test_loss_decreases_on_a_fixed_batch():
     model, batch = _tiny_model(), _fixed_batch()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
-    losses = [train_one_epoch(model, [batch], opt, device=torch.device("cpu"), micro_batch=2)["loss"]
+    losses = [train_one_epoch(model, [batch], opt, device=torch.device("cpu"), loss_fn=two_stream_loss, micro_batch=2)["loss"]
               for _ in range(6)]
     assert losses[-1] < 0.5 * losses[0], losses
 
@@ -295,9 +297,9 @@ def test_micro_batches(b, micro, sizes):
 
 
 def test_full_batches_drop_the_incomplete_last_batch():
-    assert [len(b) for b in FullBatches(10, 4).global_batches()] == [4, 4]
-    assert [len(b) for b in FullBatches(3, 4).global_batches()] == [3]  # a single short batch is kept
-    seen = np.concatenate(FullBatches(12, 4, seed=3).global_batches())
+    assert [len(b) for b in EpochBatches(10, 4, drop_last=True).global_batches()] == [4, 4]
+    assert [len(b) for b in EpochBatches(3, 4, drop_last=True).global_batches()] == [3]  # a single short batch is kept
+    seen = np.concatenate(EpochBatches(12, 4, seed=3, drop_last=True).global_batches())
     assert sorted(seen.tolist()) == list(range(12))
 
 
@@ -324,7 +326,7 @@ def _ddp_step(rank: int, world: int, init_file: str, out: str) -> None:
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     half = {k: v[2 * rank:2 * rank + 2] for k, v in _fixed_batch().items()}
-    train_one_epoch(net, [half], opt, device=torch.device("cpu"), micro_batch=1)
+    train_one_epoch(net, [half], opt, device=torch.device("cpu"), loss_fn=two_stream_loss, micro_batch=1)
     if rank == 0:
         torch.save({k: v.detach() for k, v in model.named_parameters()}, out)
     torch.distributed.destroy_process_group()
@@ -335,7 +337,7 @@ def _single_step(_: int, out: str) -> None:
     torch.set_num_threads(1)
     model = _tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    train_one_epoch(model, [_fixed_batch()], opt, device=torch.device("cpu"), micro_batch=1)
+    train_one_epoch(model, [_fixed_batch()], opt, device=torch.device("cpu"), loss_fn=two_stream_loss, micro_batch=1)
     torch.save({k: v.detach() for k, v in model.named_parameters()}, out)
 
 
@@ -378,7 +380,7 @@ def test_untrained_refine_reproduces_train_head_scores(upstream, tmp_path):
     assert "head only -> refined" in res.message and r["epochs"] == 0
     assert {"per_class_accuracy", "confusion", "mean_class_accuracy"} <= set(r)
     assert (out / "confusion.png").is_file() and (out / "best.pt").is_file()
-    model, ckpt = load_refine_checkpoint(out / "best.pt")
+    model, ckpt = load_two_stream_checkpoint(out / "best.pt")
     assert ckpt["num_segments"] == 3 and model.head.num_segments == 3
 
 
@@ -392,7 +394,8 @@ def _train_cmd(cache: Path) -> list[str]:
 def test_kill_and_resume_gives_the_same_model(upstream, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": "PASSIVE"}
     full = fresh_cache(upstream, tmp_path / "full")
-    run_stage(STAGE, RefineParams(epochs=3, **TINY), full)  # one thread, as the subprocess
+    # One thread, as the subprocess; --tensorboard changes nothing but the curves it writes.
+    run_stage(STAGE, RefineParams(epochs=3, tensorboard=True, **TINY), full)
     killed = fresh_cache(upstream, tmp_path / "killed")
     proc = subprocess.Popen(_train_cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = killed / artifacts.refine_key(HEAD_NAME, 1, ARCH) / "last.pt"
@@ -417,6 +420,8 @@ def test_kill_and_resume_gives_the_same_model(upstream, tmp_path):
                                   load_test_scores(killed / artifacts.refine_key(HEAD_NAME, 1, ARCH) / "test_scores.npz").scores)
     # Fresh now: a second run does nothing.
     assert run_stage(STAGE, RefineParams(epochs=3, **TINY), killed).skipped
+    full_r = json.loads((full / artifacts.refine_key(HEAD_NAME, 1, ARCH) / "results.json").read_text())
+    assert_curves_match_history(full / artifacts.refine_key(HEAD_NAME, 1, ARCH), full_r["history"])
 
 
 def test_single_stream_head_trains_only_its_backbone(upstream, tmp_path):

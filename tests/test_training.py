@@ -26,7 +26,7 @@ def _batches(n=3):
 def test_finite_training_returns_the_mean_loss():
     model = Tiny()
     st = T.train_one_epoch(model, _batches(), torch.optim.SGD(model.parameters(), lr=1e-3),
-                           device=torch.device("cpu"), normalize=lambda x: x.float() / 255)
+                           device=torch.device("cpu"), loss_fn=T.segment_consensus_loss(lambda x: x.float() / 255))
     assert st["samples"] == 6 and 0 < st["loss"] < 10
 
 
@@ -35,7 +35,7 @@ def test_nonfinite_inputs_stop_the_epoch_with_a_stage_error(bad):
     model = Tiny()
     with pytest.raises(NonFiniteLoss, match="training loss became (nan|inf)"):
         T.train_one_epoch(model, _batches(), torch.optim.SGD(model.parameters(), lr=1e-3),
-                          device=torch.device("cpu"), normalize=lambda x: x.float() * bad)
+                          device=torch.device("cpu"), loss_fn=T.segment_consensus_loss(lambda x: x.float() * bad))
 
 
 def test_check_finite_loss():

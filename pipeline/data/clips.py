@@ -81,6 +81,41 @@ class VideoList:
     def __len__(self) -> int:
         return len(self.video_ids)
 
+    @classmethod
+    def of(cls, table, rows: Sequence[int]) -> "VideoList":
+        """The rows ``rows`` of a :class:`pipeline.data.table.VideoTable`."""
+        return cls(tuple(table.video_ids[i] for i in rows), tuple(table.labels[i] for i in rows),
+                   tuple(table.num_frames[i] for i in rows))
+
+
+@dataclass(frozen=True)
+class SplitVideos:
+    """The videos of one split a network is fitted, validated and tested on."""
+
+    train: VideoList
+    val: VideoList  # the one hold-out decode recorded in the video table (pipeline.data.splits)
+    test: VideoList
+
+
+def split_videos(table, split: int) -> SplitVideos:
+    """Split ``split`` of a video table as ``train`` / ``val`` / ``test`` video lists, for every stage that
+    trains a network (finetune, refine). ValueError (naming the problem) when the split is not in the table,
+    when it lacks training or test videos, or when a test class has no training video."""
+    try:
+        membership = table.split_of(split)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+    rows = {w: [i for i, s in enumerate(membership) if s == w] for w in ("train", "val", "test")}
+    if not rows["train"] or not rows["test"]:
+        raise ValueError(f"split {split} has {len(rows['train'])} training and {len(rows['test'])} test videos "
+                         "(after the validation hold-out); both are needed")
+    absent = sorted({table.labels[i] for i in rows["test"]} - {table.labels[i] for i in rows["train"]})
+    if absent:
+        names = ", ".join(table.classes[c] for c in absent[:10])
+        raise ValueError(f"split {split}: {len(absent)} class(es) of the test split have no training video "
+                         f"({names}); a network cannot learn them")
+    return SplitVideos(*(VideoList.of(table, rows[w]) for w in ("train", "val", "test")))
+
 
 def read_flow_stacks(store: VideoStore, video_id: str, centers: Sequence[int], flow_length: int,
                      bound: float | None = None, step: int | None = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""End-to-end training of both backbones and a temporal head: paired RGB + flow samples and the model.
+"""End-to-end training of both backbones and a temporal head: paired RGB + flow samples.
 
 [STFN] §4.2: "We apply two step training process. We first fix the weights of trained appearance and
 motion networks and train only STFN. Then we train the entire networks with same methods described in
@@ -14,30 +14,25 @@ one :class:`~pipeline.data.transforms.CropParams` per sample, applied to the N R
   sequences of :func:`pipeline.training.heads.test_sequences` over the ``P`` feature positions of
   :func:`pipeline.data.sampling.feature_positions`, i.e. the very frames ``extract-features`` computed the head's
   test features at, centre view (:func:`pipeline.data.transforms.center_view`).
-* :class:`TwoStreamSegmentNet`: N segments through the shared-weight RGB and flow backbones (TSN style),
-  ``forward_features`` -> (B, N, D) per stream, the head fuses them -> (B, C) log-probabilities.
-* :func:`enable_gradient_checkpointing`: recompute a backbone's residual stages / Inception blocks in the
-  backward pass instead of keeping their activations (BatchNorm running statistics updated once).
+
+The network these samples feed is :class:`pipeline.models.two_stream.TwoStreamSegmentNet`.
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from pipeline.data.clips import VideoList, read_flow_stacks, sample_key, sample_rng
 from pipeline.training.heads import NUM_TEST, test_sequences
-from pipeline.models.backbones import Backbone, normalize_flow, normalize_rgb
 from pipeline.data.sampling import feature_positions, train_indices
 from pipeline.io.store import VideoStore
 from pipeline.data.transforms import CROP_SCALES, apply_crop, center_view, sample_crop_params
 
-__all__ = ["PairedClips", "PairedTestSequences", "TwoStreamSegmentNet", "enable_gradient_checkpointing",
-           "head_streams", "sequence_frames"]
+__all__ = ["PairedClips", "PairedTestSequences", "sequence_frames"]
 
 
 def _read_rgb(store: VideoStore, video_id: str, frames: Sequence[int]) -> Tensor:
@@ -142,115 +137,3 @@ class PairedTestSequences(Dataset):
         return {"rgb": rgb.contiguous(), "flow": center_view(flow.contiguous(), self.flow_size).contiguous(),
                 "sequences": torch.from_numpy(inverse.reshape(seq.shape).astype(np.int64)),
                 "label": int(self.videos.labels[index]), "index": int(index)}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------------------------
-
-def head_streams(head_name: str) -> tuple[str, ...]:
-    """The streams a head reads: the single-stream baselines read one, every other head both."""
-    return (head_name,) if head_name in ("rgb", "flow") else ("rgb", "flow")
-
-
-class TwoStreamSegmentNet(nn.Module):
-    """N segments through shared-weight RGB and flow backbones, fused by a temporal head ([STFN] §4.2).
-
-    Args:
-        rgb, flow: the appearance and motion backbones (:class:`pipeline.models.backbones.Backbone`).
-        head: a temporal head (:func:`pipeline.models.heads.create_head`) with ``rgb_dim`` / ``flow_dim``
-            equal to the backbones' ``num_features``.
-        streams: the streams the head reads (:func:`head_streams`); a stream it ignores is not computed
-            (its features are zeros) and its backbone is frozen.
-        amp: bf16 autocast of the backbones on CUDA (the head runs in float32).
-
-    ``forward(rgb (B, N, 3, H, W) uint8, flow (B, N, 2L, H', W') uint8)`` -> (B, C) log-probabilities;
-    ``forward(rgb, flow, target)`` -> the head's training loss (its ``loss``: NLL, or the per-stream sum of
-    the late / TSN baselines), so that DistributedDataParallel sees the whole computation.
-    """
-
-    def __init__(self, rgb: Backbone, flow: Backbone, head: nn.Module, *, streams: Sequence[str] = ("rgb", "flow"),
-                 amp: bool = False) -> None:
-        super().__init__()
-        if rgb.num_features != head.rgb_dim or flow.num_features != head.flow_dim:
-            raise ValueError(f"the head takes rgb {head.rgb_dim}-d and flow {head.flow_dim}-d features, the "
-                             f"backbones give {rgb.num_features}-d ({rgb.arch}) and {flow.num_features}-d "
-                             f"({flow.arch})")
-        if not streams or any(s not in ("rgb", "flow") for s in streams):
-            raise ValueError(f"streams must be a non-empty subset of ('rgb', 'flow'), got {tuple(streams)}")
-        self.rgb, self.flow, self.head = rgb, flow, head
-        self.streams, self.amp = tuple(streams), amp
-        for s in ("rgb", "flow"):
-            if s not in self.streams:
-                getattr(self, s).requires_grad_(False)
-
-    @property
-    def num_segments(self) -> int:
-        return self.head.num_segments
-
-    def stream_features(self, stream: str, x: Tensor) -> Tensor:
-        """``(B, N, C, H, W)`` uint8 -> ``(B, N, D)`` float32 pooled features of one backbone."""
-        backbone: Backbone = getattr(self, stream)
-        b, n = x.shape[:2]
-        if stream not in self.streams:
-            return torch.zeros(b, n, backbone.num_features, device=x.device)
-        flat = (normalize_rgb if stream == "rgb" else normalize_flow)(x.flatten(0, 1))
-        if flat.device.type == "cuda":
-            flat = flat.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=flat.device.type, dtype=torch.bfloat16,
-                            enabled=self.amp and flat.device.type == "cuda"):
-            feats = backbone.forward_features(flat)
-        return feats.float().view(b, n, -1)
-
-    def forward(self, rgb: Tensor, flow: Tensor, target: Tensor | None = None) -> Tensor:
-        a, m = self.stream_features("rgb", rgb), self.stream_features("flow", flow)
-        return self.head(a, m) if target is None else self.head.loss(a, m, target)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Gradient checkpointing
-# ----------------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _running_stats_kept(module: nn.Module):
-    """BatchNorm layers of ``module`` leave their running statistics untouched (the recomputation)."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
-    for m in bns:
-        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
-    try:
-        yield
-    finally:
-        for m, (momentum, count) in zip(bns, saved):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(count)
-
-
-def _checkpointed(module: nn.Module, forward):
-    from torch.utils.checkpoint import checkpoint
-
-    def run(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False,
-                          context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(module)), **kwargs)
-
-    return run
-
-
-def enable_gradient_checkpointing(backbone: Backbone) -> int:
-    """Recompute every residual stage (ResNet ``layer1..4``) or Inception block (``Mixed_*``) of ``backbone``
-    in the backward pass instead of storing its activations; returns how many blocks were wrapped.
-
-    Activations inside a block are freed after the forward pass, at the cost of a second forward of the
-    block during backward (about a third more compute). The recomputation leaves BatchNorm running statistics
-    as they were, so results and buffers equal those without checkpointing. The state dict is unchanged
-    (the blocks' ``forward`` is wrapped in place).
-    """
-    n = 0
-    for name, child in backbone.trunk.named_children():
-        if name.startswith(("layer", "Mixed_")) and not getattr(child, "_grad_checkpointed", False):
-            child.forward = _checkpointed(child, child.forward)
-            child._grad_checkpointed = True
-            n += 1
-    return n

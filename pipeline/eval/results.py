@@ -87,10 +87,10 @@ class TestScores:
         return TestScores(self.scores[order], other.video_ids, other.labels, other.class_names)
 
 
-def save_test_scores(path: Path, ts: TestScores) -> Path:
-    """Write ``ts`` to ``path`` (.npz) atomically."""
+def save_test_scores(path: Path, ts: TestScores, **extra: np.ndarray) -> Path:
+    """Write ``ts`` to ``path`` (.npz) atomically, with any ``extra`` arrays beside (finetune's ``logits``)."""
     with atomic_write(path) as f:
-        np.savez(f, scores=ts.scores, video_ids=ts.video_ids, labels=ts.labels, class_names=ts.class_names)
+        np.savez(f, **extra, scores=ts.scores, video_ids=ts.video_ids, labels=ts.labels, class_names=ts.class_names)
     return Path(path)
 
 

@@ -195,3 +195,34 @@ def checkpoint_file(stage_dir: Path, stage: str, name: str = BEST) -> Path:
         raise ArtifactError(f"{path}: the {stage} stage finished but its {name} is missing; "
                             f"re-run `pipeline {stage.split('/')[0]} --force`")
     return path
+
+
+def read_results(stage_dir: Path, stage: str) -> dict:
+    """A finished stage's ``results.json``, or an error naming the file and the stage to re-run."""
+    path = Path(stage_dir) / RESULTS
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: cannot read the {stage} results ({e}); re-run "
+                            f"`pipeline {stage.split('/')[0]} --force`") from None
+    if not isinstance(results, dict):
+        raise ArtifactError(f"{path}: not a results file (a {type(results).__name__}); re-run "
+                            f"`pipeline {stage.split('/')[0]} --force`")
+    return results
+
+
+def finished_outputs(cache_root: Path, stage: str, split: int = 1, backbone: str = DEFAULT_BACKBONE) -> list[str]:
+    """Names of the finished outputs of a per-name ``stage`` (train-head, refine) in one scope, sorted."""
+    from pipeline.stage.declare import StageError, read_manifest
+
+    folder = Path(cache_root) / stage / scope(split, backbone)
+    names = []
+    if folder.is_dir():
+        for d in sorted(folder.iterdir()):
+            try:
+                m = read_manifest(d) if d.is_dir() else None
+            except StageError:
+                m = None
+            if m and m.get("complete"):
+                names.append(d.name)
+    return names

@@ -46,6 +46,8 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Backbone",
+    "backbone_info",
+    "require_imagenet_weights",
     "create_backbone",
     "cross_modality_init",
     "imagenet_weights_path",
@@ -281,6 +283,27 @@ def imagenet_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
+def backbone_info(arch: str) -> dict[str, int]:
+    """What a stage checks before building ``arch``: ``num_features``, ``input_size`` (native) and
+    ``min_input_size``, without building the network. Raises ValueError for an unknown name."""
+    spec = _spec(arch)
+    return {"num_features": spec.num_features, "input_size": spec.input_size, "min_input_size": spec.min_input_size}
+
+
+def require_imagenet_weights(arch: str) -> Path:
+    """:func:`imagenet_weights_path` of ``arch`` when the file is there, else FileNotFoundError naming the file,
+    the folder and the URL to fetch it from (nothing is ever downloaded)."""
+    path = imagenet_weights_path(arch)
+    if not path.is_file():
+        url = _spec(arch).weights.url
+        raise FileNotFoundError(
+            f"ImageNet weights for {arch} not found: expected the file {path.name} at {path}. "
+            f"This pipeline never downloads; on a machine with internet fetch {url} and copy it there "
+            f"(or set TORCH_HOME so that torch.hub.get_dir() points at a folder with checkpoints/{path.name})."
+        )
+    return path
+
+
 def _build_trunk(arch: str, in_channels: int, random_init: bool) -> nn.Module:
     """The torchvision network of ``arch`` without classifier, with ``in_channels`` inputs."""
     spec = _spec(arch)
@@ -383,14 +406,7 @@ def _load_trunk(model: Backbone, state: dict[str, Tensor], source: str) -> None:
 
 
 def _load_imagenet(model: Backbone) -> None:
-    path = imagenet_weights_path(model.arch)
-    if not path.is_file():
-        url = _spec(model.arch).weights.url
-        raise FileNotFoundError(
-            f"ImageNet weights for {model.arch} not found: expected the file {path.name} at {path}. "
-            f"This pipeline never downloads; on a machine with internet fetch {url} and copy it there "
-            f"(or set TORCH_HOME so that torch.hub.get_dir() points at a folder with checkpoints/{path.name})."
-        )
+    path = require_imagenet_weights(model.arch)
     trunk, _, _ = _read_state_dict(path)  # the ImageNet classifier is replaced ([STFN] §4.2)
     _load_trunk(model, trunk, str(path))
 

@@ -66,6 +66,11 @@ def _stfn_applies(option: str, o: Mapping[str, Any]) -> str | None:
     return None
 
 
+#: The default head and segment count N: [STFN] §4.2 ("5 segments, average fusion, and bi-directional fusion as
+#: default"); train-head's defaults, and refine's default head is the output they give.
+DEFAULT_HEAD = "stfn"
+DEFAULT_SEGMENTS = 5
+
 #: name -> the head's declaration; the defaults are [STFN] §4.2's ("5 segments, average fusion, and
 #: bi-directional fusion as default"), [STPN] Table 3's STCB width and TSN's flow weight.
 HEADS: dict[str, HeadSpec] = {
@@ -151,7 +156,8 @@ def head_label(name: str, options: Mapping[str, Any]) -> str:
     return "-".join(parts)
 
 
-def head_output_name(name: str, given: Mapping[str, Any] | None = None, *, segments: int = 5, seed: int = 0,
+def head_output_name(name: str = DEFAULT_HEAD, given: Mapping[str, Any] | None = None, *,
+                     segments: int = DEFAULT_SEGMENTS, seed: int = 0,
                      test_fusion: str = "mean") -> str:
     """The name of a head's ``train-head/<scope>/<name>`` output: :func:`head_label` of the effective options,
     then N, the seed and a non-default test fusion (``stfn-a-avg-bi-n5-s0``). The split and backbone are in

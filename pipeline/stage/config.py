@@ -156,6 +156,9 @@ def build_params(params_type: type, config: Mapping[str, Mapping[str, Any]], sec
                  overrides: Mapping[str, Any], *, config_path: Path | None = None) -> Any:
     """Dataclass defaults, then the config file's ``[section]`` table, then non-None ``overrides``."""
     names = {f.name for f in dataclasses.fields(params_type)}
+    # A renamed parameter's old name (``recorded_as``) still works as a key; other CLI aliases do not.
+    alias_of = {f.metadata["recorded_as"]: f.name for f in dataclasses.fields(params_type)
+                if f.metadata.get("recorded_as")}
     values: dict[str, Any] = {}
     shared = config.get("pipeline", {})
     for f in dataclasses.fields(params_type):  # the [pipeline] scope settings (split, backbone)
@@ -169,6 +172,7 @@ def build_params(params_type: type, config: Mapping[str, Mapping[str, Any]], sec
     base = table.pop("__base__", None)
     for key, value in table.items():
         name = key.replace("-", "_")
+        name = alias_of.get(name, name)
         if name not in names:
             known = sorted(n.replace('_', '-') for n in names)
             raise ConfigError(f"{config_path or 'config'}: [{section}] has unknown parameter {key!r}"

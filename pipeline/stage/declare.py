@@ -44,7 +44,9 @@ def param(default: Any, help: str, *, fingerprint: bool = True, choices: Iterabl
     """A stage parameter: a dataclass field with help text (shown by ``--help``), optional choices, and
     whether it changes the output (``fingerprint=False`` for execution-only knobs like ``workers``).
     ``omit_default``: left out of the fingerprint while it has its default value, so that adding a parameter
-    to a stage keeps the fingerprints of the runs made before it existed."""
+    to a stage keeps the fingerprints of the runs made before it existed. ``recorded_as="old_name"`` (with
+    ``aliases=("--old-name",)``): a renamed parameter keeps its old name in manifests and fingerprints, so the
+    runs made before the rename stay fresh; the old option and config key still work."""
     meta = {"help": help, "fingerprint": fingerprint, "choices": tuple(choices) if choices else None, "cli": cli,
             "omit_default": omit_default}
     meta.update(kw)
@@ -63,7 +65,7 @@ def params_dict(params: Any, *, only_fingerprinted: bool = False) -> dict[str, A
         if only_fingerprinted and f.metadata.get("omit_default") and value == (
                 f.default if f.default is not dataclasses.MISSING else f.default_factory()):
             continue
-        out[f.name] = jsonable(value)
+        out[f.metadata.get("recorded_as", f.name)] = jsonable(value)
     return out
 
 

@@ -1,7 +1,11 @@
-"""Generic training utilities: devices, DDP, batch order, partial BN, one SGD epoch, evaluation, checkpoints.
+"""The one training loop of the backbones: ``finetune`` (one stream) and ``refine`` (both streams + a head).
 
-Plain functions with explicit arguments (torchvision's ``references/`` style), shared by the stages that
-train networks. Nothing here knows about stages or the cache.
+Plain functions with explicit arguments (torchvision's ``references/`` style). :func:`fit` is the epoch loop
+of both stages ([STFN] §4.2: SGD, learning rate divided by 10 when the validation error saturates), with
+resume from ``last.pt``, ``best.pt`` on every validation improvement, ``history.csv``, a progress bar, one log
+line per epoch and optional TensorBoard curves; :func:`train_one_epoch` is one pass of SGD whose loss comes
+from a ``loss_fn`` (:func:`segment_consensus_loss` for one stream, the two-stream network's own loss for
+refine), in micro-batches whose gradients accumulate when asked. Nothing here knows about stages or the cache.
 
 Distributed training (``torchrun --nproc-per-node K``; the process group, gloo for CPU tensors and nccl for
 CUDA ones, is set up by :mod:`pipeline.dist`): :class:`EpochBatches` gives every rank its slice of each *global* batch, and
@@ -12,27 +16,33 @@ computes, up to floating-point summation order.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
+import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-from pipeline.training import check_finite_loss
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.dist import world_size as _world
+from pipeline.io.atomic import atomic_write, load_checkpoint, save_checkpoint
+from pipeline.training import check_finite_loss
+from pipeline.training.tensorboard import EpochScalars
+
 __all__ = [
-    "DistInfo", "EpochBatches", "GlobalBatchNorm2d", "accuracy_metrics", "autocast", "evaluate",
-    "freeze_partial_bn", "load_checkpoint", "save_checkpoint", "seed_epoch", "set_train_mode",
-    "sync_batchnorm", "train_one_epoch", "trainable_param_groups",
+    "DistInfo", "EpochBatches", "FitResult", "GlobalBatchNorm2d", "Schedule", "autocast", "auto_workers",
+    "evaluate", "fit", "freeze_partial_bn", "load_checkpoint", "make_loader", "micro_batches",
+    "resume_checkpoint", "save_checkpoint", "segment_consensus_loss", "seed_epoch", "set_train_mode",
+    "sum_over_ranks", "sync_batchnorm", "train_one_epoch", "trainable_param_groups",
 ]
 
 
@@ -57,10 +67,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
     """Seed torch's generators (dropout) from (seed, epoch, rank), so a resumed epoch repeats exactly."""
     torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
@@ -76,17 +82,20 @@ class EpochBatches:
     Epoch ``e`` shuffles ``range(n)`` with ``np.random.default_rng([seed, e])`` and cuts it into global
     batches of ``batch_size``; rank ``r`` of ``K`` gets the ``r``-th of ``K`` near-equal contiguous slices of
     every global batch (all of it when ``K = 1``). A final global batch smaller than ``K`` is dropped (a rank
-    cannot step on nothing); with ``K = 1`` no sample is dropped. Call :meth:`set_epoch` before iterating.
+    cannot step on nothing); with ``K = 1`` no sample is dropped. ``drop_last``: the last, incomplete global
+    batch is dropped too when there are complete ones (TSN's training loader; refine uses it: a step on a few
+    videos would take BatchNorm statistics from one or two videos per rank). Call :meth:`set_epoch` before
+    iterating.
     """
 
     def __init__(self, n: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, drop_last: bool = False) -> None:
         if n < 1 or batch_size < 1:
             raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
         if batch_size < world_size:
             raise ValueError(f"batch size {batch_size} is smaller than the number of ranks {world_size}")
         self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.rank, self.world_size, self.shuffle, self.drop_last = rank, world_size, shuffle, drop_last
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -96,6 +105,8 @@ class EpochBatches:
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
                  else np.arange(self.n))
         batches = [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        if self.drop_last and len(batches) > 1 and len(batches[-1]) < self.batch_size:
+            batches = batches[:-1]
         return [b for b in batches if len(b) >= self.world_size]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -206,16 +217,42 @@ def sync_batchnorm(model: nn.Module) -> int:
 
 
 def trainable_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """SGD parameter groups: weight decay on conv and linear weights only, none on biases and BN
-    parameters (tsn-pytorch ``get_optim_policies``). Frozen parameters are left out."""
+    """SGD parameter groups: weight decay on convolution (2-D backbones, the heads' 1-D) and linear weights
+    only, none on biases and BN parameters (tsn-pytorch ``get_optim_policies``). Frozen parameters are left
+    out."""
     decay, no_decay = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            is_weight = name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear))
+            is_weight = name == "weight" and isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
             (decay if is_weight else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loaders
+# ----------------------------------------------------------------------------------------------------------
+
+def auto_workers(workers: int, world_size: int = 1) -> int:
+    """DataLoader worker processes per rank: ``workers`` when >= 0, else the cores per rank less one (<= 8)."""
+    if workers >= 0:
+        return workers
+    return max(0, min(8, (os.cpu_count() or 1) // world_size - 1))
+
+
+def make_loader(dataset, *, workers: int, device: torch.device, **kw):
+    """A DataLoader with pinned memory on CUDA and persistent workers."""
+    from torch.utils.data import DataLoader
+
+    # Its own generator: creating an iterator must not draw from the global one (dropout's, seeded per epoch).
+    return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0, generator=torch.Generator(), **kw)
+
+
+def rank_share(n: int, info: DistInfo) -> list[int]:
+    """The indices of ``range(n)`` this rank scores at test time (every ``world_size``-th)."""
+    return list(range(info.rank, n, info.world_size))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,52 +271,108 @@ def _to_input(x: Tensor, device: torch.device, normalize: Callable[[Tensor], Ten
     return x.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 
 
-def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer, *,
-                    device: torch.device, normalize: Callable[[Tensor], Tensor], amp: bool = False,
-                    progress: Callable[[int], Any] | None = None) -> dict[str, float]:
-    """One pass of SGD over ``loader`` with segment average consensus (TSN).
+#: ``loss_fn(net, batch, device) -> (loss_sum, correct, frames)`` for one (micro-)batch dict of CPU tensors:
+#: the summed loss of its samples (a scalar tensor), how many it classified right (a tensor, or None when
+#: the network gives no per-sample prediction) and how many frames / stacks it fed the network.
+LossFn = Callable[[nn.Module, dict, torch.device], tuple[Tensor, "Tensor | None", int]]
 
-    Each batch is ``{"input": (B, N, C, H, W) uint8, "label": (B,)}``; the network scores the B*N
-    frames/stacks, the N scores of a sample are averaged and the cross-entropy of that average is the loss.
-    Under DDP the loss of each rank is ``sum / global_batch * world_size`` so that DDP's gradient average is
-    the gradient of the global batch's mean loss, however the batch is split.
 
-    Returns:
-        ``loss`` and ``acc`` over the epoch (every rank's samples), ``samples`` (global), ``seconds``,
-        ``data_seconds`` (waiting for the loader) and ``frames`` (global B*N summed).
-    """
-    world = _world()
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, samples, frames
-    t0 = time.perf_counter()
-    data_s = 0.0
-    t_wait = time.perf_counter()
-    for batch in loader:
-        data_s += time.perf_counter() - t_wait
+def segment_consensus_loss(normalize: Callable[[Tensor], Tensor], amp: bool = False) -> LossFn:
+    """TSN's segment consensus for one stream: a batch is ``{"input": (B, N, C, H, W) uint8, "label": (B,)}``;
+    the network scores the B*N frames / stacks, the N scores of a sample are averaged and the cross-entropy
+    of that average is the loss."""
+
+    def loss_fn(net: nn.Module, batch: dict, device: torch.device):
         x, y = batch["input"], batch["label"].to(device, non_blocking=True)
         b, n = x.shape[:2]
         x = _to_input(x.flatten(0, 1), device, normalize)
+        with autocast(device, amp):
+            logits = net(x).float().view(b, n, -1).mean(1)
+            loss_sum = F.cross_entropy(logits, y, reduction="sum")
+        return loss_sum, (logits.argmax(1) == y).sum(), b * n
+
+    return loss_fn
+
+
+def micro_batches(b: int, micro_batch: int) -> list[slice]:
+    """``ceil(b / micro_batch)`` contiguous slices of ``range(b)`` of near-equal sizes (at most ``micro_batch``):
+    10 videos in micro-batches of 4 are 3 + 3 + 4, not 4 + 4 + 2, so no micro-batch's BatchNorm statistics come
+    from needlessly few videos. ``micro_batch`` 0: one slice."""
+    if micro_batch <= 0 or micro_batch >= b:
+        return [slice(0, b)]
+    k = -(-b // micro_batch)
+    edges = [(i * b) // k for i in range(k + 1)]
+    return [slice(edges[i], edges[i + 1]) for i in range(k)]
+
+
+def train_one_epoch(net: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer, *,
+                    device: torch.device, loss_fn: LossFn, micro_batch: int = 0,
+                    progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """One pass of SGD over ``loader``; every step is one global batch, each rank's slice in micro-batches.
+
+    Each batch is a dict of CPU tensors with a ``"label"`` (B,) entry; it is cut by :func:`micro_batches`
+    (``micro_batch`` 0: not cut) and ``loss_fn`` scores each part. Under DDP the summed loss of a part is
+    weighted by ``world / global batch`` and the gradients accumulate (DDP synchronises on the last
+    micro-batch only), so DDP's gradient average is the gradient of the global batch's mean loss, however the
+    batch is split over ranks and micro-batches. The running totals stay on the device: one host sync per
+    epoch.
+
+    Returns:
+        ``loss`` and ``acc`` (None when ``loss_fn`` gives no predictions) over the epoch (every rank's
+        samples), ``samples`` (global), ``frames`` (global), ``seconds``, ``data_seconds`` (waiting for the
+        loader).
+    """
+    world = _world()
+    ddp = isinstance(net, nn.parallel.DistributedDataParallel)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct, samples, frames
+    scored = False
+    t0 = t_wait = time.perf_counter()
+    data_s = 0.0
+    for batch in loader:
+        data_s += time.perf_counter() - t_wait
+        b = batch["label"].shape[0]
         global_b = torch.tensor([float(b)], device=device)
         if world > 1:
             dist.all_reduce(global_b)
-        with autocast(device, amp):
-            logits = model(x).float().view(b, n, -1).mean(1)
-            loss_sum = F.cross_entropy(logits, y, reduction="sum")
-        loss = loss_sum * (world / global_b[0])
+        scale = world / global_b[0]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parts = micro_batches(b, micro_batch)
+        for k, sl in enumerate(parts):
+            part = batch if len(parts) == 1 else {key: v[sl] if isinstance(v, Tensor) else v
+                                                   for key, v in batch.items()}
+            sync = contextlib.nullcontext() if (not ddp or k == len(parts) - 1) else net.no_sync()
+            with sync:
+                loss_sum, correct, frames = loss_fn(net, part, device)
+                (loss_sum * scale).backward()
+            with torch.no_grad():
+                totals[0] += loss_sum.detach().double()
+                if correct is not None:
+                    totals[1] += correct.double()
+                    scored = True
+                totals[2] += sl.stop - sl.start
+                totals[3] += frames
         optimizer.step()
-        with torch.no_grad():
-            totals += torch.tensor([loss_sum.item(), (logits.argmax(1) == y).sum().item(), b, b * n],
-                                   dtype=torch.float64)
         if progress is not None:
             progress(b)
         t_wait = time.perf_counter()
     if world > 1:
         dist.all_reduce(totals)
+    totals = totals.cpu()
     samples = max(totals[2].item(), 1.0)
     check_finite_loss(totals[0].item() / samples, "this epoch")
-    return {"loss": totals[0].item() / samples, "acc": totals[1].item() / samples, "samples": int(totals[2]),
-            "frames": int(totals[3]), "seconds": time.perf_counter() - t0, "data_seconds": data_s}
+    return {"loss": totals[0].item() / samples, "acc": totals[1].item() / samples if scored else None,
+            "samples": int(totals[2]), "frames": int(totals[3]), "seconds": time.perf_counter() - t0,
+            "data_seconds": data_s}
+
+
+def sum_over_ranks(out: Tensor, device: torch.device) -> Tensor:
+    """``out`` (CPU) summed over the ranks (through ``device``: NCCL reduces CUDA tensors only); itself
+    outside a process group."""
+    if _world() > 1:
+        out_dev = out.to(device) if device.type == "cuda" else out
+        dist.all_reduce(out_dev)
+        out = out_dev.cpu()
+    return out
 
 
 @torch.no_grad()
@@ -313,59 +406,21 @@ def evaluate(model: nn.Module, loader: Iterable[dict], num_videos: int, num_clas
         out[idx, -1] = 1
         if progress is not None:
             progress(1)
-    if _world() > 1:
-        out_dev = out.to(device) if device.type == "cuda" else out
-        dist.all_reduce(out_dev)
-        out = out_dev.cpu()
+    out = sum_over_ranks(out, device)
     model.train(was_training)
     return {"probs": out[:, :num_classes].float(), "logits": out[:, num_classes:-1].float(),
             "scored": out[:, -1] > 0}
 
 
-def accuracy_metrics(scores: np.ndarray | Tensor, labels: np.ndarray | Tensor, num_classes: int) -> dict:
-    """Top-1 accuracy, mean class accuracy (TSN reports it) and the confusion matrix (rows: true class).
-
-    Mean class accuracy averages the per-class recall over the classes present in ``labels``.
-    """
-    scores = np.asarray(scores)
-    labels = np.asarray(labels, dtype=np.int64)
-    if scores.ndim != 2 or scores.shape[0] != labels.shape[0] or scores.shape[1] != num_classes:
-        raise ValueError(f"scores must be (V, {num_classes}) for {labels.shape[0]} labels, got {scores.shape}")
-    pred = scores.argmax(1)
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (labels, pred), 1)
-    present = cm.sum(1) > 0
-    per_class = np.diag(cm)[present] / cm.sum(1)[present]
-    return {"top1": float((pred == labels).mean()) if len(labels) else float("nan"),
-            "mean_class_acc": float(per_class.mean()) if present.any() else float("nan"), "confusion": cm}
+def val_metrics(probs: Tensor, labels: Sequence[int]) -> tuple[float, float]:
+    """(accuracy, NLL) of (V, C) class probabilities: what the plateau schedule monitors."""
+    y = torch.as_tensor(list(labels), dtype=torch.int64)
+    return (float((probs.argmax(1) == y).float().mean()), float(F.nll_loss(probs.clamp_min(1e-12).log(), y)))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints (the files themselves: pipeline.io.atomic.save_checkpoint / load_checkpoint)
 # ----------------------------------------------------------------------------------------------------------
-
-def save_checkpoint(path: Path, state: dict) -> Path:
-    """``torch.save`` to a temporary sibling, fsync, then rename over ``path`` (atomic on POSIX)."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain values only) on the CPU."""
-    try:
-        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(obj, dict) or "model" not in obj:
-        raise ValueError(f"{path}: not a checkpoint of this pipeline (no 'model' entry)")
-    return obj
-
 
 def resume_checkpoint(path: Path, meta: dict, keys: tuple[str, ...], *, is_main: bool = True, log=None) -> dict | None:
     """The ``last.pt`` a killed run left, checked against this run's ``meta`` on ``keys``; None when absent.
@@ -388,6 +443,17 @@ def resume_checkpoint(path: Path, meta: dict, keys: tuple[str, ...], *, is_main:
     if is_main and log is not None:
         log.info("resuming from %s (epoch %d%s)", path, ckpt["epoch"], ", training finished" if ckpt["done"] else "")
     return ckpt
+
+
+def start_run(ctx, device: str, meta: dict, resume_keys: tuple[str, ...]) -> tuple[DistInfo, torch.device, dict | None]:
+    """What a training stage's ``run`` starts with: this process's rank, its device (``pipeline.dist.device``
+    of ``device``) and the ``last.pt`` of a killed run in the stage folder ``ctx.dir`` to resume from
+    (:func:`resume_checkpoint`)."""
+    from pipeline import dist as pdist
+
+    info = DistInfo(ctx.rank, ctx.world_size, pdist.local_rank())
+    ckpt = resume_checkpoint(ctx.dir / "last.pt", meta, resume_keys, is_main=info.is_main, log=ctx.log)
+    return info, torch.device(pdist.device(device)), ckpt
 
 
 def end_epoch(row: dict, history: list[dict], best: dict, *, epoch: int, decays: int, lr: float, scheduler,
@@ -421,10 +487,123 @@ def save_epoch(out: Path, state: dict, last_extra: dict, history: list[dict], *,
     if improved:
         save_checkpoint(out / "best.pt", state)
     save_checkpoint(out / "last.pt", {**state, **last_extra, "history": history})
-    tmp = out / ".tmp-history.csv"
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(out / "history.csv", "w") as f:
         w = csv.DictWriter(f, fieldnames=list(history[0]))
         w.writeheader()
         for r in history:
             w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    tmp.replace(out / "history.csv")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The epoch loop
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Schedule:
+    """The plateau schedule of [STFN] §4.2 as finetune and refine run it: SGD with momentum, the learning rate
+    divided by 10 after ``patience`` epochs without a lower validation error, stopping at the first plateau
+    after ``lr_decays`` divisions or after ``epochs`` epochs; ``seed`` seeds the data order and dropout."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    patience: int
+    lr_decays: int
+    epochs: int
+    seed: int = 0
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=dict)
+    epochs: int = 0
+    decays: int = 0
+    extra: dict = field(default_factory=dict)  # the ``last_extra`` entries of the checkpoint resumed from
+
+
+def fit(model: nn.Module, train: Callable[[torch.optim.Optimizer, Callable[[int], Any] | None], dict], *, schedule: Schedule,
+        batches: EpochBatches, validate: Callable[[], tuple[float, float]] | None, out: Path, meta: dict,
+        ckpt: dict | None, info: DistInfo, log, net: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None, train_mode: Callable[[], None] | None = None,
+        best: dict | None = None, last_extra: dict | None = None,
+        rate: tuple[str, str, str] = ("frames_per_s", "frames", "frames"), desc: str = "train",
+        unit: str = "sample", tensorboard: bool = False) -> FitResult:
+    """Train ``model`` (from ``ckpt`` when resuming a killed run) on the plateau ``schedule``; rank 0 writes
+    ``best.pt`` on every validation improvement, ``last.pt`` and ``history.csv`` after every epoch.
+
+    ``train(optimizer, progress)`` runs one epoch (:func:`train_one_epoch` with the stage's loader and loss) and returns
+    its statistics; ``validate()`` gives (accuracy, NLL) on the validation videos (None: no validation set,
+    the training loss is monitored). ``net`` is what trains (``model`` wrapped in DDP; default ``model``),
+    ``train_mode()`` puts it in training mode (default :func:`set_train_mode`). ``best`` is the starting point's
+    validation (refine scores its starting networks; default: nothing yet); ``last_extra`` goes into
+    ``last.pt`` too (returned as ``extra`` when resuming). ``rate`` is (row key, statistics key, unit) of the
+    throughput logged per epoch. With ``tensorboard`` the rows also go to ``<out>/tensorboard/`` (rank 0).
+    After training every rank loads ``best.pt``'s weights into ``model``.
+    """
+    main = info.is_main
+    net = model if net is None else net
+    if optimizer is None:
+        optimizer = torch.optim.SGD(trainable_param_groups(model, schedule.weight_decay), lr=schedule.lr,
+                                    momentum=schedule.momentum)
+    # [STFN] §4.2: divide the learning rate by 10 when the validation error saturates.
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1,
+                                                           patience=schedule.patience)
+    history: list[dict] = []
+    best = dict(best) if best is not None else {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf}
+    start, decays, done = 0, 0, schedule.epochs == 0
+    extra = dict(last_extra or {})
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        history, best = list(ckpt["history"]), dict(ckpt["best"])
+        start, decays, done = int(ckpt["epoch"]), int(ckpt["lr_decays"]), bool(ckpt["done"])
+        extra = {k: ckpt[k] for k in extra if k in ckpt}
+    bar = None
+    if main and not done:
+        from tqdm import tqdm
+
+        bar = tqdm(total=(schedule.epochs - start) * sum(len(b) for b in batches.global_batches()), desc=desc,
+                   unit=unit, dynamic_ncols=True, file=sys.stderr, disable=None)
+    curves = EpochScalars(out, tensorboard and main)
+    rate_key, rate_count, rate_unit = rate
+    epoch = start
+    try:
+        while not done and epoch < schedule.epochs:
+            seed_epoch(schedule.seed, epoch, info.rank)
+            batches.set_epoch(epoch)
+            (train_mode or (lambda: set_train_mode(net, True)))()
+            lr = optimizer.param_groups[0]["lr"]
+            st = train(optimizer, (lambda k: bar.update(k * info.world_size)) if bar is not None else None)
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": st["loss"]}
+            if st.get("acc") is not None:
+                row["train_acc"] = st["acc"]
+            row.update({"val_loss": None, "val_acc": None, "seconds": round(st["seconds"], 3),
+                        "data_seconds": round(st["data_seconds"], 3),
+                        rate_key: round(st[rate_count] / max(st["seconds"], 1e-9), 3)})
+            if validate is not None:
+                row["val_acc"], row["val_loss"] = validate()
+            epoch, decays, best, improved, done = end_epoch(
+                row, history, best, epoch=epoch, decays=decays, lr=lr, scheduler=scheduler, optimizer=optimizer,
+                max_epochs=schedule.epochs, max_decays=schedule.lr_decays)
+            if main:
+                save_epoch(out, {**meta, "model": model.state_dict(), "epoch": epoch, "metrics": row},
+                           {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best": best,
+                            "lr_decays": decays, "done": done, **extra}, history, improved=improved)
+                curves.epoch(epoch, row)
+                acc = f" acc {row['train_acc']:.3f}" if "train_acc" in row else ""
+                val = (f", val acc {row['val_acc']:.3f} loss {row['val_loss']:.3f}" if row["val_acc"] is not None
+                       else "")
+                log.info("epoch %d: lr %.0e, train loss %.3f%s%s, %.3g %s/s (%.0f%% waiting for data)", epoch, lr,
+                         st["loss"], acc, val, row[rate_key], rate_unit,
+                         100 * st["data_seconds"] / max(st["seconds"], 1e-9))
+    finally:
+        if bar is not None:
+            bar.close()
+        curves.close()
+
+    # Test with the best weights (written by rank 0; the other ranks wait for the file).
+    if info.distributed:
+        dist.barrier()
+    model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    return FitResult(history=history, best=best, epochs=epoch, decays=decays, extra=extra)
