@@ -26,6 +26,7 @@ from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, para
 
 VERSION = "1"
 FLOW_BACKENDS = ("torch", "opencv", "import")
+KERNELS = ("auto", "triton", "compile", "eager")  # pipeline.flow.tvl1.KERNELS (imported lazily: torch)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,11 @@ class FlowParams:
                             "share a batch.", fingerprint=False)
     fast: bool = param(True, "Fuse the inner iteration with torch.compile (the eager path is the reference).",
                        fingerprint=False)
+    # Not fingerprinted, like device and fast: every kernel computes the eager reference's flow up to float
+    # rounding (tested), so the choice changes speed, not the output's meaning; caches stay valid.
+    kernel: str = param("auto", "Inner-iteration kernel for --backend torch: auto (triton on CUDA when Triton "
+                        "imports, else compile), triton, compile (torch.compile) or eager (the reference; the "
+                        "same as --no-fast).", choices=KERNELS, fingerprint=False)
 
     def tvl1(self):
         return tvl1_params({f.name: getattr(self, f.name) for f in fields(self)})
@@ -69,6 +75,8 @@ class FlowParams:
             raise StageError(f"--flow-start-index must be 0 or 1 (got {self.flow_start_index})")
         if self.flow_start_index is not None and self.backend != "import":
             raise StageError("--flow-start-index applies to --backend import only")
+        if not self.fast and self.kernel not in ("auto", "eager"):
+            raise StageError(f"--no-fast runs the eager reference; it contradicts --kernel {self.kernel}")
         if self.batch_size < 1:
             raise StageError(f"--batch-size must be >= 1 (got {self.batch_size})")
         try:
@@ -104,7 +112,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     import torch
 
     from pipeline.flow.quantize import quantize_flow as quantize
-    from pipeline.flow.tvl1 import opencv_tvl1_flow, rgb_to_gray, tvl1_flow
+    from pipeline.flow.tvl1 import opencv_tvl1_flow, resolve_kernel, rgb_to_gray, tvl1_flow
 
     p: FlowParams = ctx.params
     if p.backend == "import":
@@ -116,6 +124,12 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         out.clean_temporary()
     tv = p.tvl1()
     device = dist.device(p.device) if p.backend == "torch" else "cpu"
+    kernel = "eager" if not p.fast else p.kernel
+    if p.backend == "torch":
+        try:
+            kernel = resolve_kernel(kernel, device)
+        except ValueError as e:
+            raise StageError(str(e)) from None
     mine = ctx.shard(list(zip(table.video_ids, table.num_frames)))
     todo = [(v, n) for v, n in mine if not ctx.journal.is_done(v)]
     for v, n in todo:
@@ -148,7 +162,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         if p.backend == "torch":
             I0 = torch.cat([it.gray[a:b] for it, a, b in batch]).to(device, non_blocking=True)
             I1 = torch.cat([it.gray[a + it.step:b + it.step] for it, a, b in batch]).to(device, non_blocking=True)
-            flow = tvl1_flow(I0, I1, tv, fast=p.fast)
+            flow = tvl1_flow(I0, I1, tv, kernel=kernel)
             q = quantize(flow, p.bound).cpu().numpy()
         else:
             qs = []
@@ -214,7 +228,8 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     seconds = time.perf_counter() - t_start
     rate = pairs_done / max(seconds, 1e-9)
     line = (f"extract-flow: {len(ctx.journal.done)} videos ({len(ctx.journal.failed)} failed), {pairs_done} pairs "
-            f"in {seconds:.1f} s ({rate:.1f} pairs/s, {p.backend} on {device})")
+            f"in {seconds:.1f} s ({rate:.1f} pairs/s, {p.backend} on {device}"
+            + (f", kernel {kernel}" if p.backend == "torch" else "") + ")")
     ctx.log.info(line)
     return {"line": line, "pairs": pairs_done, "seconds": seconds, "pairs_per_s": rate, "device": device}
 
