@@ -253,6 +253,23 @@ def test_fast_flow_agrees_with_eager(video_pairs):
     assert _epe(fast.numpy(), eager.numpy()) < 0.02
 
 
+@pytest.mark.slow
+def test_fast_pair_alone_equals_pair_in_batch(video_pairs):
+    """The compiled path too: a pair's flow and iteration count do not depend on its batch mates (the batch
+    shrinks to B = 1 as pairs converge, so both compiled graphs, B = 1 and dynamic B, are exercised)."""
+    b, h, w = _FAST_SHAPE
+    I0 = torch.from_numpy(np.stack([a for a, _ in video_pairs[:3]])).float()[:, :h, :w]
+    I1 = torch.from_numpy(np.stack([b for _, b in video_pairs[:3]])).float()[:, :h, :w]
+    batch_stats = {}
+    batched = tvl1_flow(I0, I1, _FAST_PARAMS, kernel="compile", stats=batch_stats)
+    for k in range(len(I0)):
+        alone_stats = {}
+        alone = tvl1_flow(I0[k], I1[k], _FAST_PARAMS, kernel="compile", stats=alone_stats)
+        torch.testing.assert_close(batched[k], alone, rtol=0, atol=1e-4)
+        assert int(alone_stats["pair_iterations"][0]) == int(batch_stats["pair_iterations"][k]), k
+    assert batch_stats["rows"] == int(batch_stats["pair_iterations"].sum())
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     def broken(fn, key):
         raise RuntimeError("no compiler")
