@@ -26,6 +26,7 @@ from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, para
 
 VERSION = "1"
 FLOW_BACKENDS = ("torch", "opencv", "import")
+KERNELS = ("auto", "triton", "compile", "eager")  # pipeline.flow.tvl1.KERNELS (imported lazily: torch)
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,16 @@ class FlowParams:
     store: str = param("zarr", "Flow store back end: zarr or h5.", choices=BACKENDS)
     flow_start_index: int | None = param(None, "For --backend import: index of the first flow image, 0 or 1 "
                                          "(default: the layout's, 0 for denseflow, else 1).", omit_default=True)
-    batch_size: int = param(64, "Frame pairs per TV-L1 call (torch backend); pairs of several videos of one size "
-                            "share a batch.", fingerprint=False)
+    batch_size: int | None = param(None, "Frame pairs per TV-L1 call (torch backend); pairs of several videos of "
+                                   "one size share a batch. Default: 4 on CPU, 64 on CUDA "
+                                   "(pipeline/flow/extract.py; measured in docs/benchmarks.md).", fingerprint=False)
     fast: bool = param(True, "Fuse the inner iteration with torch.compile (the eager path is the reference).",
                        fingerprint=False)
+    # Not fingerprinted, like device and fast: every kernel computes the eager reference's flow up to float
+    # rounding (tested), so the choice changes speed, not the output's meaning; caches stay valid.
+    kernel: str = param("auto", "Inner-iteration kernel for --backend torch: auto (triton on CUDA when Triton "
+                        "imports, else compile), triton, compile (torch.compile) or eager (the reference; the "
+                        "same as --no-fast).", choices=KERNELS, fingerprint=False)
 
     def tvl1(self):
         return tvl1_params({f.name: getattr(self, f.name) for f in fields(self)})
@@ -69,7 +76,9 @@ class FlowParams:
             raise StageError(f"--flow-start-index must be 0 or 1 (got {self.flow_start_index})")
         if self.flow_start_index is not None and self.backend != "import":
             raise StageError("--flow-start-index applies to --backend import only")
-        if self.batch_size < 1:
+        if not self.fast and self.kernel not in ("auto", "eager"):
+            raise StageError(f"--no-fast runs the eager reference; it contradicts --kernel {self.kernel}")
+        if self.batch_size is not None and self.batch_size < 1:
             raise StageError(f"--batch-size must be >= 1 (got {self.batch_size})")
         try:
             self.tvl1()
@@ -104,7 +113,8 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     import torch
 
     from pipeline.flow.quantize import quantize_flow as quantize
-    from pipeline.flow.tvl1 import opencv_tvl1_flow, rgb_to_gray, tvl1_flow
+    from pipeline.flow.extract import default_batch_size, flow_codes
+    from pipeline.flow.tvl1 import opencv_tvl1_flow, resolve_kernel, rgb_to_gray
 
     p: FlowParams = ctx.params
     if p.backend == "import":
@@ -116,6 +126,13 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         out.clean_temporary()
     tv = p.tvl1()
     device = dist.device(p.device) if p.backend == "torch" else "cpu"
+    kernel = "eager" if not p.fast else p.kernel
+    batch_size = p.batch_size or default_batch_size(device)
+    if p.backend == "torch":
+        try:
+            kernel = resolve_kernel(kernel, device)
+        except ValueError as e:
+            raise StageError(str(e)) from None
     mine = ctx.shard(list(zip(table.video_ids, table.num_frames)))
     todo = [(v, n) for v, n in mine if not ctx.journal.is_done(v)]
     for v, n in todo:
@@ -146,10 +163,9 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         """Run TV-L1 on the pairs [a, b) of each listed video, in one call for the torch backend."""
         nonlocal pairs_done
         if p.backend == "torch":
-            I0 = torch.cat([it.gray[a:b] for it, a, b in batch]).to(device, non_blocking=True)
-            I1 = torch.cat([it.gray[a + it.step:b + it.step] for it, a, b in batch]).to(device, non_blocking=True)
-            flow = tvl1_flow(I0, I1, tv, fast=p.fast)
-            q = quantize(flow, p.bound).cpu().numpy()
+            I0 = torch.cat([it.gray[a:b] for it, a, b in batch])
+            I1 = torch.cat([it.gray[a + it.step:b + it.step] for it, a, b in batch])
+            q = flow_codes(I0, I1, tv, bound=p.bound, kernel=kernel, device=device)
         else:
             qs = []
             for it, a, b in batch:
@@ -176,7 +192,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         active: list[_Pending] = []
         while loads or active:
             # Fill the batch: pairs of videos with the same frame size.
-            while loads and sum(it.num - it.next for it in active) < p.batch_size:
+            while loads and sum(it.num - it.next for it in active) < batch_size:
                 vid, fut = loads.pop(0)
                 nxt = next(queue, None)
                 if nxt is not None:
@@ -191,7 +207,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
                     loads.insert(0, (vid, _done_future(gray)))
                     break
                 active.append(_Pending(vid, gray, p.step))
-            batch, room = [], p.batch_size
+            batch, room = [], batch_size
             for it in active:
                 if room == 0:
                     break
@@ -214,7 +230,8 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     seconds = time.perf_counter() - t_start
     rate = pairs_done / max(seconds, 1e-9)
     line = (f"extract-flow: {len(ctx.journal.done)} videos ({len(ctx.journal.failed)} failed), {pairs_done} pairs "
-            f"in {seconds:.1f} s ({rate:.1f} pairs/s, {p.backend} on {device})")
+            f"in {seconds:.1f} s ({rate:.1f} pairs/s, {p.backend} on {device}"
+            + (f", kernel {kernel}" if p.backend == "torch" else "") + ")")
     ctx.log.info(line)
     return {"line": line, "pairs": pairs_done, "seconds": seconds, "pairs_per_s": rate, "device": device}
 

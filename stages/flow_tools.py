@@ -18,7 +18,7 @@ from stages.options import _fail, param_options
 
 #: The FlowParams fields that flow-pair takes.
 PAIR_KEYS = {"tau", "lambda_", "theta", "nscales", "warps", "epsilon", "inner_iterations", "outer_iterations",
-             "scale_step", "gamma", "median_filtering", "device", "backend", "fast"}
+             "scale_step", "gamma", "median_filtering", "device", "backend", "fast", "kernel"}
 
 
 @click.command("flow-pair")
@@ -68,7 +68,8 @@ def flow_pair_command(img0, img1, output, vis, **opts):
         else:
             dev = dist.device(params.device)
             I0, I1 = (torch.from_numpy(g).float().to(dev) for g in imgs)
-            flow = tvl1_flow(I0, I1, params.tvl1(), fast=params.fast).cpu().numpy()
+            kernel = "eager" if not params.fast else params.kernel
+            flow = tvl1_flow(I0, I1, params.tvl1(), kernel=kernel).cpu().numpy()
     except (ValueError, StageError) as e:
         _fail(str(e), 2)
     write_flo(output, flow)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.stage import StageFailures, run_stage
+from pipeline.stage import StageError, StageFailures, run_stage
 from stages.cli import main
 from pipeline.flow.flo import read_flo
 from pipeline.flow.tvl1 import TVL1Params, opencv_tvl1_flow, to_gray, tvl1_flow
@@ -71,6 +71,15 @@ def test_step_and_rerun(decoded):
         assert c.num_images("flow") == 7 and c.attrs["step"] == 2
     again = run_stage(FLOW, FlowParams(step=2, **{**QUICK, "fast": True}), decoded)  # execution knob only
     assert again.skipped
+    # The kernel is an execution knob too (each computes the eager reference's flow to float rounding).
+    for kernel in ("compile", "triton", "auto"):
+        assert run_stage(FLOW, FlowParams(step=2, **{**QUICK, "fast": True, "kernel": kernel}), decoded).skipped
+
+
+def test_kernel_option_is_checked():
+    with pytest.raises(StageError, match="--no-fast.*--kernel compile"):
+        FlowParams(**{**QUICK, "kernel": "compile"}).validate()
+    FlowParams(**{**QUICK, "kernel": "eager"}).validate()
 
 
 def test_too_short_video_is_a_recorded_failure(tmp_path):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +18,10 @@ from stages.extract_flow import STAGE as FLOW, FlowParams
 from stages.finetune import STAGE as FINETUNE, FinetuneParams
 from stages.predict import PredictParams, predict
 from stages.train_head import STAGE as TRAIN_HEAD, TrainHeadParams
+from tests.conftest import SHARED_DATA
 from tests.videos import make_csv_dataset
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "clips"
+SHARED = SHARED_DATA / "clips"
 CLIP = SHARED / "ucf101" / "v_ApplyEyeMakeup_g01_c01.avi"
 ARCH = "resnet18"
 TINY = dict(arch=ARCH, input_size=32, weights="none", batch_size=4, segments=2, val_frames=2, num_test_frames=2,

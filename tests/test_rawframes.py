@@ -316,7 +316,7 @@ def test_export_features_per_video(tmp_path, clips):
             np.testing.assert_array_equal(got, streams[s][i, :, 4, :].astype(np.float32))
 
 
-def test_bad_arguments_are_refused_before_any_work(tmp_path, clips):
+def test_bad_arguments_are_refused_before_any_work(tmp_path, clips, shared_data):
     from pipeline.stage import StageError
     from stages.decode import DecodeParams
     from stages.extract_flow import FlowParams, STAGE as FLOW
@@ -334,7 +334,7 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, clips):
     # extract-flow --backend import needs a rawframes decode.
     from stages.decode import STAGE as DECODE
 
-    clip = sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "clips" / "ucf101").glob("*.avi"))[0]
+    clip = sorted((shared_data / "clips" / "ucf101").glob("*.avi"))[0]
     (tmp_path / "list.csv").write_text(f"{clip},a\n")
     run_stage(DECODE, DecodeParams(dataset="csv", root=tmp_path, list=tmp_path / "list.csv", max_frames=2,
                                    short_side=32, workers=1), tmp_path / "c2")

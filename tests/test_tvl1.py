@@ -233,7 +233,7 @@ def test_fast_step_and_median_match_eager():
     prm = _FAST_PARAMS
     scaled_eps = float(np.float32(prm.epsilon * prm.epsilon * h * w))
     args = (u, p, active, coef, grad, rho_c, prm.lambda_ * prm.theta, prm.theta, prm.tau / prm.theta, scaled_eps)
-    kernels = T._Kernels(fast=True)
+    kernels = T._Kernels("compile")
     assert kernels.compiled
     for fast_out, eager_out in zip(kernels.run_step(*args), T._tvl1_step(*args)):
         torch.testing.assert_close(fast_out, eager_out, rtol=1e-5, atol=1e-5)
@@ -253,8 +253,25 @@ def test_fast_flow_agrees_with_eager(video_pairs):
     assert _epe(fast.numpy(), eager.numpy()) < 0.02
 
 
+@pytest.mark.slow
+def test_fast_pair_alone_equals_pair_in_batch(video_pairs):
+    """The compiled path too: a pair's flow and iteration count do not depend on its batch mates (the batch
+    shrinks to B = 1 as pairs converge, so both compiled graphs, B = 1 and dynamic B, are exercised)."""
+    b, h, w = _FAST_SHAPE
+    I0 = torch.from_numpy(np.stack([a for a, _ in video_pairs[:3]])).float()[:, :h, :w]
+    I1 = torch.from_numpy(np.stack([b for _, b in video_pairs[:3]])).float()[:, :h, :w]
+    batch_stats = {}
+    batched = tvl1_flow(I0, I1, _FAST_PARAMS, kernel="compile", stats=batch_stats)
+    for k in range(len(I0)):
+        alone_stats = {}
+        alone = tvl1_flow(I0[k], I1[k], _FAST_PARAMS, kernel="compile", stats=alone_stats)
+        torch.testing.assert_close(batched[k], alone, rtol=0, atol=1e-4)
+        assert int(alone_stats["pair_iterations"][0]) == int(batch_stats["pair_iterations"][k]), k
+    assert batch_stats["rows"] == int(batch_stats["pair_iterations"].sum())
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch):
-    def broken(fn):
+    def broken(fn, key):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(T, "_compiled", broken)
@@ -265,6 +282,80 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     with pytest.warns(RuntimeWarning, match="eagerly"):
         flow = tvl1_flow(a, b, params, fast=True)
     torch.testing.assert_close(flow, tvl1_flow(a, b, params, fast=False), rtol=0, atol=0)
+
+
+def test_recompile_limit_fallback_names_its_cause(monkeypatch):
+    def limit_hit(fn, key):
+        def call(*args):
+            raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile_limit reached")
+        return call
+
+    monkeypatch.setattr(T, "_compiled", limit_hit)
+    g = torch.Generator().manual_seed(7)
+    a = torch.rand(20, 24, generator=g) * 255
+    params = TVL1Params(nscales=1, warps=1, outer_iterations=2)
+    with pytest.warns(RuntimeWarning, match="recompile limit.*runs eagerly") as record:
+        flow = tvl1_flow(a, torch.roll(a, 1, dims=1), params, kernel="compile")
+    assert not any("unavailable" in str(w.message) for w in record)
+    torch.testing.assert_close(flow, tvl1_flow(a, torch.roll(a, 1, dims=1), params, fast=False), rtol=0, atol=0)
+
+
+def _random_step_args(b, h, w, seed, prm=TVL1Params()):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(b, 2, h, w, generator=g)
+    p = torch.randn(b, 2, 2, h, w, generator=g) * 0.2
+    coef = torch.randn(b, 2, h, w, generator=g) * 5
+    grad = (coef * coef).sum(1, keepdim=True)
+    rho_c = torch.randn(b, 1, h, w, generator=g) * 3
+    active = torch.ones(b, dtype=torch.bool)
+    scaled_eps = float(np.float32(prm.epsilon * prm.epsilon * h * w))
+    return (u, p, active, coef, grad, rho_c, prm.lambda_ * prm.theta, prm.theta, prm.tau / prm.theta, scaled_eps)
+
+
+@pytest.mark.slow
+def test_many_frame_sizes_stay_compiled(monkeypatch):
+    """Regression: all sizes shared one code object's cache, so the 7th frame size hit the recompile limit
+    and later sizes ran eagerly. Now each shape has its own compiled copy: with the limit lowered to 2,
+    8 sizes (and two batch sizes each) all compile, without a warning, and equal the eager step."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    kernels = T._Kernels("compile")
+    sizes = [(8, 10 + k) for k in range(8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for k, (h, w) in enumerate(sizes):
+            for b in (2, 3):
+                args = _random_step_args(b, h, w, seed=k)
+                for fast_out, eager_out in zip(kernels.run_step(*args), T._tvl1_step(*args)):
+                    torch.testing.assert_close(fast_out, eager_out, rtol=1e-5, atol=1e-5)
+    assert kernels.compiled and not kernels._failed
+    for h, w in sizes:
+        compiled = T._compiled(T._tvl1_step, ("step", 2, h, w))
+        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(compiled._torchdynamo_orig_callable)
+        assert 1 <= len(entries) <= 2, (h, w, len(entries))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Converged pairs leave the batch
+
+
+def test_pair_alone_equals_pair_in_batch_and_work_is_the_sum(video_pairs):
+    I0 = torch.from_numpy(np.stack([a for a, _ in video_pairs[:3]])).float()[:, :48, :64]
+    I1 = torch.from_numpy(np.stack([b for _, b in video_pairs[:3]])).float()[:, :48, :64]
+    noise = torch.rand(1, 48, 64, generator=torch.Generator().manual_seed(8)) * 255
+    I0, I1 = torch.cat((I0, noise)), torch.cat((I1, noise.flip(-1)))  # a slow pair beside fast ones
+    params = TVL1Params(nscales=2, warps=2, outer_iterations=4)
+    batch_stats = {}
+    batched = tvl1_flow(I0, I1, params, fast=False, stats=batch_stats)
+    counts = batch_stats["pair_iterations"]
+    for k in range(len(I0)):
+        alone_stats = {}
+        alone = tvl1_flow(I0[k], I1[k], params, fast=False, stats=alone_stats)
+        torch.testing.assert_close(batched[k], alone, rtol=0, atol=1e-5)
+        assert int(alone_stats["pair_iterations"][0]) == int(counts[k]), k
+    # The work of the batch is the sum of its pairs' iterations (CPU checks every step), not B x the slowest.
+    assert batch_stats["rows"] == int(counts.sum())
+    assert int(counts.max()) > int(counts.min())  # the test means something: the pairs differ
+    assert batch_stats["rows"] < len(I0) * int(counts.max())
 
 
 # ---------------------------------------------------------------------------------------------------------

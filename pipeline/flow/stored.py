@@ -45,4 +45,5 @@ def pair_flow(cache_root: Path, video_id: str, i: int, j: int | None = None, *, 
         g = gray.to(torch.uint8).numpy()
         return opencv_tvl1_flow(g[0], g[1], tv)
     dev = dist.device(device)
-    return tvl1_flow(gray[0].to(dev), gray[1].to(dev), tv, fast=bool(params.get("fast", True))).cpu().numpy()
+    kernel = "eager" if not params.get("fast", True) else params.get("kernel", "auto")
+    return tvl1_flow(gray[0].to(dev), gray[1].to(dev), tv, kernel=kernel).cpu().numpy()

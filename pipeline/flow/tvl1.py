@@ -19,15 +19,19 @@ mirrored step by step so that the two agree closely:
   ``sum |u_new - u_old|^2 <= epsilon^2 * H_s * W_s``;
 * ``gamma > 0`` adds OpenCV's illumination variable ``u3`` (a third flow channel with data-term weight gamma).
 
-Batched: all pairs of a batch share every kernel launch; a pair that has met the stopping rule is frozen by
-masks, so its result does not depend on which other pairs share its batch.
+Batched: all pairs of a batch share every kernel launch; a pair that has met the stopping rule leaves the
+working tensors at the next convergence check (frozen by masks until then), so a batch costs the sum of its
+pairs' iterations and a pair's result does not depend on which other pairs share its batch.
 
-``fast=True`` runs the inner iteration through ``torch.compile`` (one fused kernel per step instead of ~40
-elementwise passes); ``fast=False`` is the plain eager reference.
+``kernel="compile"`` (the CPU default) runs the inner iteration and the median through ``torch.compile``
+(on CPU inductor emits ~6 C++/OpenMP loops per step instead of ~40 elementwise passes); ``kernel="triton"``
+(the CUDA default) runs a hand-fused Triton iteration with device-side stopping (``tvl1_triton``);
+``kernel="eager"`` (or ``fast=False``) is the plain eager reference.
 """
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -45,6 +49,8 @@ __all__ = [
     "to_gray",
     "rgb_to_gray",
     "pyramid_sizes",
+    "resolve_kernel",
+    "KERNELS",
 ]
 
 # OpenCV drops pyramid levels whose width or height falls below this (tvl1flow.cpp, calc()).
@@ -196,9 +202,17 @@ def _resize_linear(x: Tensor, size: tuple[int, int], scale: tuple[float, float] 
     h_in, w_in = x.shape[-2:]
     h, w = size
     sy, sx = scale if scale is not None else (h_in / h, w_in / w)
-    my = torch.from_numpy(_linear_resize_matrix_np(h_in, h, sy)).to(x.device)
-    mx = torch.from_numpy(_linear_resize_matrix_np(w_in, w, sx)).to(x.device)
-    return my @ x @ mx.T
+    my, mxt = _resize_matrices(h_in, w_in, h, w, sy, sx, x.device)
+    return my @ x @ mxt
+
+
+@lru_cache(maxsize=128)
+def _resize_matrices(h_in: int, w_in: int, h: int, w: int, sy: float, sx: float,
+                     device: torch.device) -> tuple[Tensor, Tensor]:
+    """The two resize matrices (rows, columns transposed), built and copied to ``device`` once per size."""
+    my = torch.from_numpy(_linear_resize_matrix_np(h_in, h, sy)).to(device)
+    mxt = torch.from_numpy(_linear_resize_matrix_np(w_in, w, sx)).T.contiguous().to(device)
+    return my, mxt
 
 
 def _centered_gradient(img: Tensor) -> tuple[Tensor, Tensor]:
@@ -360,10 +374,7 @@ def _tvl1_step(
     return u_out, p_out, active & (error > scaled_eps)
 
 
-# Image sizes are compiled as static shapes (inductor's CPU code for symbolic H, W was ~30x slower);
-# the batch dimension is dynamic, so each pyramid level compiles once for B = 1 and once for B > 1.
-# Allow enough specialisations for several resolutions.
-_RECOMPILE_LIMIT = 64
+KERNELS = ("auto", "triton", "compile", "eager")
 
 
 def _mark_shapes(tensors) -> None:
@@ -373,69 +384,175 @@ def _mark_shapes(tensors) -> None:
         torch._dynamo.mark_static(t, t.ndim - 2)
 
 
-class _Kernels:
-    """The hot functions, compiled with ``torch.compile`` when ``fast`` (falling back to eager, with a
-    ``RuntimeWarning``, if compilation is unavailable or fails), else the eager reference."""
-
-    def __init__(self, fast: bool):
-        self.step, self.median = _tvl1_step, _median_of_padded
-        self.compiled = False
-        if fast:
-            try:
-                limit = getattr(torch._dynamo.config, "recompile_limit", None)
-                if limit is not None and limit < _RECOMPILE_LIMIT:
-                    torch._dynamo.config.recompile_limit = _RECOMPILE_LIMIT
-                self.step = _compiled(_tvl1_step)
-                self.median = _compiled(_median_of_padded)
-                self.compiled = True
-            except Exception as exc:  # no inductor backend on this platform
-                self._fall_back(exc)
-
-    def _fall_back(self, exc: Exception) -> None:
-        warnings.warn(f"torch.compile unavailable ({type(exc).__name__}: {exc}); TV-L1 runs eagerly",
-                      RuntimeWarning, stacklevel=4)
-        self.step, self.median, self.compiled = _tvl1_step, _median_of_padded, False
-
-    def run_step(self, *args):
-        if self.compiled:
-            try:
-                _mark_shapes(args[:6])
-                return self.step(*args)
-            except Exception as exc:  # inductor errors surface at the first call, e.g. no C++ compiler
-                self._fall_back(exc)
-        return _tvl1_step(*args)
-
-    def run_median(self, u: Tensor, ksize: int) -> Tensor:
-        if self.compiled:
-            h, w = u.shape[-2:]
-            r = ksize // 2
-            padded = F.pad(u.reshape(-1, 1, h, w), (r, r, r, r), mode="replicate")[:, 0]
-            try:
-                _mark_shapes((padded,))
-                return self.median(padded, ksize).reshape(u.shape)
-            except Exception as exc:
-                self._fall_back(exc)
-        return _median_filter(u, ksize)
+def resolve_kernel(kernel: str, device: torch.device | str) -> str:
+    """The kernel that ``kernel`` selects on ``device``: ``auto`` is ``triton`` on CUDA when Triton imports,
+    else ``compile``. Raises ValueError for an unknown name or ``triton`` without CUDA or Triton (the CPU
+    interpreter, ``TRITON_INTERPRET=1``, is allowed for tests)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"tvl1_flow: kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    device = torch.device(device)
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "compile"
+    if kernel == "triton":
+        if not _triton_available():
+            raise ValueError("tvl1_flow: kernel='triton' needs the triton package, which does not import here")
+        if device.type != "cuda" and not _triton_interpreted():
+            raise ValueError(f"tvl1_flow: kernel='triton' runs on CUDA (or on CPU under TRITON_INTERPRET=1), "
+                             f"the images are on {device}")
+    return kernel
 
 
 @lru_cache(maxsize=None)
-def _compiled(fn):
-    return torch.compile(fn, dynamic=None, fullgraph=True)
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+    return True
+
+
+def _triton_interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class _Kernels:
+    """The hot functions: ``compile`` runs them through ``torch.compile``, one compiled copy per image shape
+    (so each shape has its own recompile limit: see ``_compiled``), falling back to eager for a shape, with
+    a ``RuntimeWarning`` naming the cause, if compilation fails; ``eager`` is the reference; ``triton``
+    uses ``tvl1_triton`` for the inner iterations."""
+
+    def __init__(self, mode: str, device: torch.device | str = "cpu"):
+        self.mode = mode
+        # The Triton path on CUDA still runs the median through torch.compile (212 min/max in one kernel).
+        self.compiled = mode == "compile" or (mode == "triton" and torch.device(device).type == "cuda")
+        self._failed: set = set()
+
+    def _fall_back(self, key, exc: Exception) -> None:
+        self._failed.add(key)
+        if type(exc).__name__ == "FailOnRecompileLimitHit":
+            cause = "torch.compile hit its recompile limit"
+        else:
+            cause = "torch.compile failed"
+        warnings.warn(f"{cause} for TV-L1 {key[0]} at shape {key[1:]} ({type(exc).__name__}: {exc}); this shape "
+                      "runs eagerly", RuntimeWarning, stacklevel=4)
+
+    def _call(self, fn, eager, key, args, marked):
+        if self.compiled and key not in self._failed:
+            try:
+                compiled = _compiled(fn, key)
+                _mark_shapes(marked)
+                return compiled(*args)
+            except Exception as exc:  # inductor errors surface at the first call, e.g. no C++ compiler
+                self._fall_back(key, exc)
+        return eager(*args)
+
+    def run_step(self, *args):
+        return self._call(_tvl1_step, _tvl1_step, ("step", *args[0].shape[1:]), args, args[:6])
+
+    def run_median(self, u: Tensor, ksize: int) -> Tensor:
+        if not self.compiled:
+            return _median_filter(u, ksize)
+        h, w = u.shape[-2:]
+        r = ksize // 2
+        padded = F.pad(u.reshape(-1, 1, h, w), (r, r, r, r), mode="replicate")[:, 0]
+        key = ("median", ksize, h, w)
+        if key in self._failed:
+            return _median_filter(u, ksize)
+        return self._call(_median_of_padded, lambda x, k: _median_filter(u, k), key, (padded, ksize),
+                          (padded,)).reshape(u.shape)
+
+
+@lru_cache(maxsize=None)
+def _compiled(fn, key):
+    """``torch.compile`` of a copy of ``fn`` with its own code object, one per ``key`` (function, image shape).
+
+    Dynamo keeps its compiled graphs and counts recompilations per code object: with one shared code object
+    every frame size of every pyramid level added graphs to one list, and the 7th distinct frame size hit
+    the recompile limit (``FailOnRecompileLimitHit`` under ``fullgraph=True``). A copy per shape holds only
+    that shape's few graphs (B = 1 and dynamic B), within the default limit, and its guards stay short.
+    """
+    name = f"{fn.__name__}__{'_'.join(map(str, key[1:]))}"
+    code = fn.__code__.replace(co_name=name, co_qualname=name) if hasattr(fn.__code__, "co_qualname") \
+        else fn.__code__.replace(co_name=name)
+    copy = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return torch.compile(copy, dynamic=None, fullgraph=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # One pyramid level and the full coarse-to-fine scheme
 
 
-def _solve_level(I0: Tensor, I1: Tensor, u: Tensor, params: TVL1Params, kernels: _Kernels) -> Tensor:
+class _Stats:
+    """Work counters of one ``tvl1_flow`` call (``stats=`` dict): per-pair iterations and rows processed."""
+
+    def __init__(self, b: int, device):
+        self.pair_iterations = torch.zeros(b, dtype=torch.int64, device=device)
+        self.rows = 0  # sum over inner steps of the pairs in the working tensors
+        self.steps = 0
+
+
+def _iterate_warp(u: Tensor, p: Tensor, coef: Tensor, grad: Tensor, rho_c: Tensor, params: TVL1Params,
+                  kernels: _Kernels, scaled_eps: float, stats: _Stats | None) -> tuple[Tensor, Tensor]:
+    """The outer (median) and inner iterations of one warp for all pairs; returns the new (u, p).
+
+    Converged pairs leave the working tensors at each convergence check (every iteration on CPU, every few on
+    CUDA, where a check is a host sync), so a batch costs the sum of its pairs' iterations, not B times the
+    slowest; between checks a converged pair is frozen by its ``active`` flag. Each pair's arithmetic only
+    reads its own rows, so its flow does not depend on its batch mates.
+    """
+    b = u.shape[0]
+    l_t = params.lambda_ * params.theta
+    taut = params.tau / params.theta
+    sync_every = 1 if u.device.type == "cpu" else 5
+    u_out, p_out = u.clone(), p.clone()
+    idx = torch.arange(b, device=u.device)  # original pair index of each working row
+    active = torch.ones(b, dtype=torch.bool, device=u.device)
+    wu, wp, wcoef, wgrad, wrho = u, p, coef, grad, rho_c
+
+    def compact():
+        nonlocal idx, active, wu, wp, wcoef, wgrad, wrho
+        keep = active.nonzero().squeeze(1)  # the host sync
+        n = keep.numel()
+        if n == idx.numel():
+            return n
+        drop = (~active).nonzero().squeeze(1)
+        u_out.index_copy_(0, idx[drop], wu[drop])
+        p_out.index_copy_(0, idx[drop], wp[drop])
+        idx, active = idx[keep], active[keep]
+        wu, wp, wcoef, wgrad, wrho = (t[keep] for t in (wu, wp, wcoef, wgrad, wrho))
+        return n
+
+    for _ in range(params.outer_iterations):
+        if compact() == 0:
+            break
+        if params.median_filtering > 1:  # every working pair is active here
+            wu = torch.cat((kernels.run_median(wu[:, :2], params.median_filtering), wu[:, 2:]), dim=1)
+        for n in range(params.inner_iterations):
+            if n % sync_every == 0 and n > 0 and compact() == 0:
+                break
+            if stats is not None:
+                stats.pair_iterations.index_add_(0, idx, active.long())
+                stats.rows += idx.numel()
+                stats.steps += 1
+            wu, wp, active = kernels.run_step(wu, wp, active, wcoef, wgrad, wrho, l_t, params.theta, taut,
+                                              scaled_eps)
+    u_out.index_copy_(0, idx, wu)
+    p_out.index_copy_(0, idx, wp)
+    return u_out, p_out
+
+
+def _solve_level(I0: Tensor, I1: Tensor, u: Tensor, params: TVL1Params, kernels: _Kernels,
+                 stats: _Stats | None = None) -> Tensor:
     """Refine flow ``u`` (B, C, h, w) on one pyramid level (OpenCV procOneScale). I0, I1: (B, h, w)."""
     b, c, h, w = u.shape
     scaled_eps = float(np.float32(params.epsilon * params.epsilon * h * w))
-    l_t = params.lambda_ * params.theta
-    taut = params.tau / params.theta
-    # Check for convergence every iteration on CPU (cheap); on CUDA every few iterations to avoid a host
-    # sync per step. Frozen pairs are masked, so this only changes wasted work, never results.
-    sync_every = 1 if u.device.type == "cpu" else 5
+    if kernels.mode == "triton":
+        from pipeline.flow.tvl1_triton import iterate_warp
+    else:
+        iterate_warp = _iterate_warp
 
     I1x, I1y = _centered_gradient(I1)
     I1_stack = torch.stack((I1, I1x, I1y), dim=1)  # (B, 3, h, w)
@@ -448,18 +565,7 @@ def _solve_level(I0: Tensor, I1: Tensor, u: Tensor, params: TVL1Params, kernels:
         coef = torch.cat((I1wx, I1wy), dim=1)
         if c == 3:
             coef = torch.cat((coef, torch.full_like(I1wx, params.gamma)), dim=1)
-
-        active = torch.ones(b, dtype=torch.bool, device=u.device)
-        for _ in range(params.outer_iterations):
-            if not bool(active.any()):
-                break
-            if params.median_filtering > 1:
-                filtered = kernels.run_median(u[:, :2], params.median_filtering)
-                u = torch.cat((torch.where(active.view(-1, 1, 1, 1), filtered, u[:, :2]), u[:, 2:]), dim=1)
-            for n in range(params.inner_iterations):
-                if n % sync_every == 0 and n > 0 and not bool(active.any()):
-                    break
-                u, p, active = kernels.run_step(u, p, active, coef, grad, rho_c, l_t, params.theta, taut, scaled_eps)
+        u, p = iterate_warp(u, p, coef, grad, rho_c, params, kernels, scaled_eps, stats)
     return u
 
 
@@ -491,15 +597,22 @@ def _check_images(I0: Tensor, I1: Tensor) -> tuple[Tensor, Tensor, bool]:
     return I0.float(), I1.float(), unbatched
 
 
-def tvl1_flow(I0: Tensor, I1: Tensor, params: TVL1Params = TVL1Params(), *, fast: bool = True) -> Tensor:
+def tvl1_flow(I0: Tensor, I1: Tensor, params: TVL1Params = TVL1Params(), *, fast: bool = True,
+              kernel: str = "auto", stats: dict | None = None) -> Tensor:
     """TV-L1 optical flow from ``I0`` to ``I1``, matching OpenCV's ``DualTVL1OpticalFlow``.
 
     Args:
         I0, I1: grayscale float images in the 0..255 range (as OpenCV uses 8-bit gray after conversion to
             float), shape (B, H, W) for a batch of pairs of one size, or (H, W) for one pair; CPU or CUDA.
         params: algorithm parameters (OpenCV's names and defaults).
-        fast: run the inner iteration through ``torch.compile``; ``False`` runs the eager reference. If
-            compilation is unavailable the eager path is used with a ``RuntimeWarning``.
+        fast: ``False`` runs the eager reference (the same as ``kernel="eager"``).
+        kernel: ``auto`` (``triton`` on CUDA when Triton imports, else ``compile``), ``triton`` (the fused
+            Triton iteration of ``tvl1_triton``, device-side stopping), ``compile`` (``torch.compile``; a
+            shape whose compilation fails runs eagerly with a ``RuntimeWarning`` naming the cause) or
+            ``eager``. All give the eager reference's results up to float rounding.
+        stats: if a dict, filled with the work done: ``pair_iterations`` (B,) int64 inner iterations per
+            pair (all levels and warps), ``rows`` (pair-iterations processed, including frozen pairs still in
+            the working tensors), ``steps`` (inner-step launches) and ``kernel`` (the one used).
 
     Returns:
         Flow (B, 2, H, W) float32 (or (2, H, W) for unbatched input): channel 0 is the x (column)
@@ -514,6 +627,11 @@ def tvl1_flow(I0: Tensor, I1: Tensor, params: TVL1Params = TVL1Params(), *, fast
     """
     I0, I1, unbatched = _check_images(I0, I1)
     b, h, w = I0.shape
+    if not fast:
+        if kernel not in ("auto", "eager"):
+            raise ValueError(f"tvl1_flow: fast=False is the eager reference, but kernel={kernel!r} was given")
+        kernel = "eager"
+    mode = resolve_kernel(kernel, I0.device)
     sizes = pyramid_sizes(h, w, params.nscales, params.scale_step)
     if len(sizes) < params.nscales:
         warnings.warn(
@@ -522,7 +640,8 @@ def tvl1_flow(I0: Tensor, I1: Tensor, params: TVL1Params = TVL1Params(), *, fast
             UserWarning,
             stacklevel=2,
         )
-    kernels = _Kernels(fast)
+    kernels = _Kernels(mode, I0.device)
+    counters = _Stats(b, I0.device) if stats is not None else None
     inv = 1.0 / params.scale_step
     I0s, I1s = [I0], [I1]
     for size in sizes[1:]:
@@ -532,13 +651,16 @@ def tvl1_flow(I0: Tensor, I1: Tensor, params: TVL1Params = TVL1Params(), *, fast
     channels = 3 if params.gamma != 0 else 2
     u = I0.new_zeros(b, channels, *sizes[-1])
     for level in range(len(sizes) - 1, -1, -1):
-        u = _solve_level(I0s[level], I1s[level], u, params, kernels)
+        u = _solve_level(I0s[level], I1s[level], u, params, kernels, counters)
         if level == 0:
             break
         u = _resize_linear(u, sizes[level - 1])
         # Scale the displacement (not the illumination channel) to the finer grid.
         u = torch.cat((u[:, :2] * inv, u[:, 2:]), dim=1)
     flow = u[:, :2].contiguous()
+    if counters is not None:
+        stats.update(pair_iterations=counters.pair_iterations.cpu(), rows=counters.rows, steps=counters.steps,
+                     kernel=mode)
     return flow[0] if unbatched else flow
 
 
