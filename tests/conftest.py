@@ -1,8 +1,10 @@
+import os
 from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# ../shared beside the checkout, or $PIPELINE_SHARED (a worktree elsewhere).
+SHARED = Path(os.environ.get("PIPELINE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 SHARED_DATA = SHARED / "data"
 
 

@@ -32,7 +32,11 @@ from pipeline.io.atomic import TMP_PREFIX, atomic_dir, jsonable, remove_path
 FORMAT_VERSION = 1
 
 BACKENDS = ("zarr", "h5")
-IMAGE_CODECS = ("jpeg", "raw")
+#: Image sequence codecs: ``jpeg`` (lossy JPEG-in-array; images with 2 channels, such as flow, are stored
+#: as one grayscale JPEG per channel, TSN / denseflow's x and y images), ``raw`` (lossless, Blosc-LZ4 in
+#: Zarr, LZF in HDF5), ``zstd`` (lossless, Zstandard in Zarr; gzip in HDF5, whose Zstandard filter is a
+#: plugin h5py does not ship).
+IMAGE_CODECS = ("jpeg", "raw", "zstd")
 _EXT = {"zarr": ".zarr", "h5": ".h5"}
 
 
@@ -72,22 +76,66 @@ def encode_jpeg_frames(frames: np.ndarray, quality: int = 95) -> tuple[np.ndarra
         if not ok:
             raise StoreError("JPEG encoding failed")
         chunks.append(buf.reshape(-1))
+    return _concat_images(chunks)
+
+
+def _imdecode(buf: np.ndarray) -> np.ndarray:
+    """One JPEG's pixels, (H, W, 3) RGB or (H, W, 1) gray uint8, through OpenCV (libjpeg-turbo)."""
+    import cv2
+
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise StoreError("corrupt JPEG data (OpenCV cannot decode it)")
+    return img[..., None] if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def decode_jpeg_frames(data: np.ndarray, offsets: np.ndarray, indices: Sequence[int], device: str = "cpu",
+                       planes: int = 1):
+    """Decode frames ``indices`` of a JPEG-in-array sequence; returns a (k, H, W, C) uint8 torch tensor.
+
+    ``planes``: JPEG images per frame (2 for flow: one grayscale image per channel, stacked as channels).
+    The CPU path decodes with ``cv2.imdecode``; a CUDA device decodes 1-plane sequences with nvJPEG
+    (torchvision).
+    """
+    import torch
+
+    idx = list(indices)
+    if not idx:
+        raise ValueError("no frame indices given")
+    if str(device).startswith("cuda") and planes == 1:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        bufs = [torch.from_numpy(np.ascontiguousarray(data[offsets[i]:offsets[i + 1]])) for i in idx]
+        imgs = decode_jpeg(bufs, mode=ImageReadMode.UNCHANGED, device=device)
+        return torch.stack(imgs).permute(0, 2, 3, 1).contiguous()
+    frames = []
+    for i in idx:
+        imgs = [_imdecode(data[offsets[i * planes + c]:offsets[i * planes + c + 1]]) for c in range(planes)]
+        frames.append(imgs[0] if planes == 1 else np.concatenate(imgs, axis=-1))
+    out = torch.from_numpy(np.stack(frames))
+    return out.to(device) if str(device) != "cpu" else out
+
+
+def encode_jpeg_planes(images: np.ndarray, quality: int = 95) -> tuple[np.ndarray, np.ndarray]:
+    """Encode (T, H, W, C) uint8 images as one grayscale JPEG per channel, in the order t0c0, t0c1, t1c0, ...
+
+    Returns the concatenated bytes and (T * C + 1,) int64 offsets (image ``t * C + c`` is channel ``c`` of
+    frame ``t``). For quantized flow (C = 2) each image is what TSN / denseflow write as ``flow_x`` /
+    ``flow_y``.
+    """
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"expected (T, H, W, C) uint8 images, got {images.shape} {images.dtype}")
+    planes = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(-1, *images.shape[1:3])
+    return encode_jpeg_frames(planes, quality)
+
+
+def _concat_images(images: Sequence[bytes | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    chunks = [np.frombuffer(b, dtype=np.uint8) if isinstance(b, bytes) else np.asarray(b, np.uint8).reshape(-1)
+              for b in images]
     offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
     np.cumsum([len(c) for c in chunks], out=offsets[1:])
     data = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
     return data, offsets
-
-
-def decode_jpeg_frames(data: np.ndarray, offsets: np.ndarray, indices: Sequence[int], device: str = "cpu"):
-    """Decode frames ``indices`` of a JPEG-in-array sequence; returns a (k, H, W, C) uint8 torch tensor."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    bufs = [torch.from_numpy(np.ascontiguousarray(data[offsets[i]:offsets[i + 1]])) for i in indices]
-    if not bufs:
-        raise ValueError("no frame indices given")
-    imgs = decode_jpeg(bufs, mode=ImageReadMode.UNCHANGED, device=device)
-    return torch.stack(imgs).permute(0, 2, 3, 1).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -103,35 +151,53 @@ class _Container:
 
     # -- writing --
     def create(self, name: str, data: np.ndarray, *, chunks: tuple[int, ...] | None = None,
-               compress: bool = True) -> None:
+               compress: bool = True, compression: str = "lz4", attrs: Mapping[str, Any] | None = None) -> None:
+        """Write array ``name``; ``compression``: lz4 (Blosc-LZ4 + shuffle in Zarr, LZF in HDF5) or zstd
+        (Zstandard in Zarr, gzip in HDF5). Every chunk carries a checksum (Zarr: crc32c; HDF5: fletcher32),
+        verified when it is read."""
         data = np.ascontiguousarray(data)
+        if compression not in ("lz4", "zstd"):
+            raise ValueError(f"unknown compression {compression!r}")
         if self.backend == "h5":
             kw: dict[str, Any] = {}
             if data.size and chunks is not None:
                 kw["chunks"] = tuple(min(c, s) for c, s in zip(chunks, data.shape)) or None
             if compress and data.size:
-                kw["compression"] = "lzf"
-            self.handle.create_dataset(name, data=data, **kw)
-        else:
-            import zarr
-            from zarr.codecs import BloscCodec
+                kw["compression"] = "lzf" if compression == "lz4" else "gzip"
+                if compression == "zstd":
+                    kw["compression_opts"] = 6
+            if data.size and data.dtype.kind not in "USO":
+                kw["fletcher32"] = True
+            ds = self.handle.create_dataset(name, data=data, **kw)
+            for k, v in (attrs or {}).items():
+                ds.attrs[k] = json.dumps(jsonable(v))
+            return
+        import zarr
+        from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-            if data.dtype.kind in "US":  # variable-length UTF-8, the string type with a Zarr v3 spec
-                arr = zarr.create_array(self.handle.store, name=f"{self.handle.path}/{name}".lstrip("/"),
-                                        shape=data.shape, dtype=str, chunks=tuple(max(1, s) for s in data.shape))
-                arr[...] = data.astype(str).astype(object)
-                return
-            compressors = [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle" if data.dtype == np.uint8
-                                      else "shuffle")] if compress else None
+        path = f"{self.handle.path}/{name}".lstrip("/")
+        if data.dtype.kind in "US":  # variable-length UTF-8, the string type with a Zarr v3 spec
+            arr = zarr.create_array(self.handle.store, name=path, shape=data.shape, dtype=str,
+                                    chunks=tuple(max(1, s) for s in data.shape), compressors=[Crc32cCodec()])
+            arr[...] = data.astype(str).astype(object)
+        else:
+            if not compress:
+                codec = []
+            elif compression == "zstd":
+                codec = [ZstdCodec(level=5)]
+            else:
+                codec = [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle" if data.dtype == np.uint8
+                                    else "shuffle")]
             chunk_shape = chunks if chunks is not None else "auto"
             if data.size == 0:
                 chunk_shape = tuple(max(1, s) for s in data.shape) or (1,)
             elif chunks is not None:
                 chunk_shape = tuple(max(1, min(c, s)) for c, s in zip(chunks, data.shape))
-            arr = zarr.create_array(self.handle.store, name=f"{self.handle.path}/{name}".lstrip("/"),
-                                    shape=data.shape, dtype=data.dtype, chunks=chunk_shape,
-                                    compressors=compressors)
+            arr = zarr.create_array(self.handle.store, name=path, shape=data.shape, dtype=data.dtype,
+                                    chunks=chunk_shape, compressors=[*codec, Crc32cCodec()])
             arr[...] = data
+        if attrs:
+            arr.attrs.update({k: jsonable(v) for k, v in attrs.items()})
 
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:
         if self.backend == "h5":
@@ -182,27 +248,39 @@ class ContainerWriter(_Container):
     """What :meth:`VideoStore.writer` yields: create arrays and image sequences, set attributes."""
 
     def write_images(self, name: str, frames: np.ndarray, *, codec: str = "jpeg", quality: int = 95) -> None:
-        """Store an image sequence (T, H, W, C) uint8 as ``<name>/jpeg`` + ``<name>/offsets`` or ``<name>/raw``."""
+        """Store an image sequence (T, H, W, C) uint8 as ``<name>/jpeg`` + ``<name>/offsets`` or ``<name>/raw``.
+
+        ``jpeg``: colour (C = 3) or gray (C = 1) frames are one JPEG each; any other C (flow: 2) is one
+        grayscale JPEG per channel (``planes`` = C, recorded on ``<name>/offsets``). ``raw`` / ``zstd``:
+        lossless, one frame per chunk.
+        """
         if codec not in IMAGE_CODECS:
             raise ValueError(f"unknown image codec {codec!r}; choose one of {', '.join(IMAGE_CODECS)}")
+        if frames.ndim == 3:
+            frames = frames[..., None]
         if codec == "jpeg":
-            data, offsets = encode_jpeg_frames(frames, quality)
-            self.create(f"{name}/jpeg", data, chunks=(1 << 20,), compress=False)
-            self.create(f"{name}/offsets", offsets, compress=False)
+            if frames.shape[-1] in (1, 3):
+                self._write_jpeg(name, *encode_jpeg_frames(frames, quality), planes=1, quality=quality)
+            else:
+                self._write_jpeg(name, *encode_jpeg_planes(frames, quality), planes=frames.shape[-1],
+                                 quality=quality)
         else:
-            if frames.ndim == 3:
-                frames = frames[..., None]
-            self.create(f"{name}/raw", frames, chunks=(1, *frames.shape[1:]))
+            self.create(f"{name}/raw", frames, chunks=(1, *frames.shape[1:]),
+                        compression="zstd" if codec == "zstd" else "lz4")
 
-    def write_encoded_images(self, name: str, images: Sequence[bytes]) -> None:
+    def write_encoded_images(self, name: str, images: Sequence[bytes], *, planes: int = 1) -> None:
         """Store already-encoded JPEG images as ``<name>/jpeg`` + ``<name>/offsets``, bytes copied as they are
-        (no re-encoding; the same layout :meth:`write_images` writes with ``codec="jpeg"``)."""
-        chunks = [np.frombuffer(b, dtype=np.uint8) for b in images]
-        offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
-        np.cumsum([len(c) for c in chunks], out=offsets[1:])
-        data = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
+        (no re-encoding; the same layout :meth:`write_images` writes with ``codec="jpeg"``). ``planes`` > 1:
+        the images are grayscale channel planes, frame-major (flow: x0, y0, x1, y1, ...)."""
+        if len(images) % planes:
+            raise ValueError(f"{len(images)} images is not a multiple of {planes} planes")
+        self._write_jpeg(name, *_concat_images(images), planes=planes, quality=None)
+
+    def _write_jpeg(self, name: str, data: np.ndarray, offsets: np.ndarray, *, planes: int,
+                    quality: int | None) -> None:
         self.create(f"{name}/jpeg", data, chunks=(1 << 20,), compress=False)
-        self.create(f"{name}/offsets", offsets, compress=False)
+        self.create(f"{name}/offsets", offsets, compress=False,
+                    attrs={"planes": planes} if planes != 1 else None)
 
 
 class ContainerReader(_Container):
@@ -215,13 +293,29 @@ class ContainerReader(_Container):
             return "raw"
         raise KeyError(f"no image sequence {name!r} in this container")
 
+    def jpeg_planes(self, name: str) -> int:
+        """JPEG images per frame of a JPEG-in-array sequence (1; flow stored as x / y images: 2)."""
+        a = self[f"{name}/offsets"].attrs
+        v = a.get("planes", 1)
+        return int(json.loads(v) if isinstance(v, (str, bytes)) else v)
+
     def num_images(self, name: str) -> int:
         if self.image_codec(name) == "jpeg":
-            return int(self[f"{name}/offsets"].shape[0]) - 1
+            return (int(self[f"{name}/offsets"].shape[0]) - 1) // self.jpeg_planes(name)
         return int(self[f"{name}/raw"].shape[0])
 
+    def encoded_images(self, name: str) -> list[bytes]:
+        """The stored JPEG bytes of a JPEG-in-array sequence, every image in order (planes frame-major)."""
+        offsets = np.asarray(self[f"{name}/offsets"][...])
+        data = np.asarray(self[f"{name}/jpeg"][...])
+        return [data[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
+
     def read_images(self, name: str, indices: Sequence[int] | None = None, *, device: str = "cpu"):
-        """Frames ``indices`` (all when None) as a (k, H, W, C) uint8 torch tensor (on ``device``)."""
+        """Frames ``indices`` (all when None) as a (k, H, W, C) uint8 torch tensor (on ``device``).
+
+        Each run of nearby indices is one contiguous read (a gap of at most the run's own length is read
+        through rather than split); repeated indices are read once.
+        """
         import torch
 
         n = self.num_images(name)
@@ -229,29 +323,39 @@ class ContainerReader(_Container):
         bad = [i for i in idx if not 0 <= i < n]
         if bad:
             raise IndexError(f"frame indices {bad[:5]} out of range for {n} images")
+        uniq = sorted(set(idx))
+        runs = contiguous_runs(uniq)
         if self.image_codec(name) == "jpeg":
+            P = self.jpeg_planes(name)
             offsets = np.asarray(self[f"{name}/offsets"][...])
             data = self[f"{name}/jpeg"]
-            need = int(sum(offsets[i + 1] - offsets[i] for i in set(idx)))
-            lo, hi = offsets[min(idx)], offsets[max(idx) + 1]
-            if hi - lo <= 2 * need:  # dense request: one contiguous read
-                block = np.asarray(data[lo:hi])
-                return decode_jpeg_frames(block, offsets - lo, idx, device=device)
-            parts = {i: np.asarray(data[offsets[i]:offsets[i + 1]]) for i in sorted(set(idx))}
-            bufs = [parts[i] for i in idx]
-            offs = np.zeros(len(bufs) + 1, np.int64)
-            np.cumsum([len(b) for b in bufs], out=offs[1:])
-            return decode_jpeg_frames(np.concatenate(bufs), offs, range(len(bufs)), device=device)
+            bufs: list[np.ndarray] = []
+            offs = [0]
+            for a, b in runs:  # frames [a, b): images [a * P, b * P)
+                lo, hi = int(offsets[a * P]), int(offsets[b * P])
+                bufs.append(np.asarray(data[lo:hi]))
+                for j in range(a * P, b * P):
+                    offs.append(offs[-1] + int(offsets[j + 1] - offsets[j]))
+            pos = {u: k for k, u in enumerate(u for a, b in runs for u in range(a, b))}
+            return decode_jpeg_frames(np.concatenate(bufs), np.asarray(offs), [pos[i] for i in idx],
+                                      device=device, planes=P)
         arr = self[f"{name}/raw"]
-        uniq = sorted(set(idx))
-        if uniq[-1] - uniq[0] + 1 <= 2 * len(uniq):
-            block = np.asarray(arr[uniq[0]:uniq[-1] + 1])
-            pos = {u: u - uniq[0] for u in uniq}
-        else:  # sparse request: read only the frames' chunks
-            block = np.stack([np.asarray(arr[u]) for u in uniq])
-            pos = {u: k for k, u in enumerate(uniq)}
+        block = np.concatenate([np.asarray(arr[a:b]) for a, b in runs])
+        pos = {u: k for k, u in enumerate(u for a, b in runs for u in range(a, b))}
         out = torch.from_numpy(np.ascontiguousarray(block[[pos[i] for i in idx]]))
         return out.to(device) if device != "cpu" else out
+
+
+def contiguous_runs(sorted_indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Half-open ranges covering sorted unique indices, merging a gap no longer than the run before it
+    (reading a few unneeded frames costs less than another read call)."""
+    runs: list[list[int]] = []
+    for i in sorted_indices:
+        if runs and i - runs[-1][1] <= max(1, runs[-1][1] - runs[-1][0]):
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
 
 
 @dataclass
