@@ -109,7 +109,7 @@ def _export_features(cache_root: Path, key: str, out: Path, table: VideoTable, r
 
     path = artifacts.feature_store_file(Path(cache_root) / key)
     c = _open_container(path, "zarr" if path.suffix == ".zarr" else "h5", "r")
-    r = ContainerReader(c.backend, c.handle)
+    r = ContainerReader(c.backend, c.handle, c.path)
     name_of = dict(zip(table.video_ids, (rel.rsplit("/", 1)[-1] for rel in rels)))
     written = 0
     try:

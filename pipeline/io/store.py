@@ -145,9 +145,10 @@ def _concat_images(images: Sequence[bytes | np.ndarray]) -> tuple[np.ndarray, np
 class _Container:
     """Backend-neutral view of one open container: named arrays plus a JSON attribute dict."""
 
-    def __init__(self, backend: str, handle: Any):
+    def __init__(self, backend: str, handle: Any, path: Path | None = None):
         self.backend = backend
         self.handle = handle
+        self.path = path
 
     # -- writing --
     def create(self, name: str, data: np.ndarray, *, chunks: tuple[int, ...] | None = None,
@@ -238,10 +239,46 @@ def _open_container(path: Path, backend: str, mode: str) -> _Container:
     if backend == "h5":
         import h5py
 
-        return _Container("h5", h5py.File(path, mode))
+        return _Container("h5", h5py.File(path, mode), Path(path))
     import zarr
 
-    return _Container("zarr", zarr.open_group(str(path), mode=mode, zarr_format=3))
+    return _Container("zarr", zarr.open_group(str(path), mode=mode, zarr_format=3), Path(path))
+
+
+@contextmanager
+def reading(path: Path | None, what: str) -> Iterator[None]:
+    """Turn a failed chunk read (checksum mismatch, truncated or undecodable chunk) into a StoreError naming
+    the file and the array."""
+    try:
+        yield
+    except (StoreError, IndexError, KeyError):
+        raise
+    except Exception as e:  # noqa: BLE001 - zarr / numcodecs / h5py raise ValueError, OSError, RuntimeError
+        raise StoreError(f"{path}: corrupt or truncated data in {what!r} ({type(e).__name__}: {str(e)[:200]}); "
+                         "`pipeline verify` lists the damaged videos, re-running the stage recomputes them") from e
+
+
+def check_arrays(c: "_Container") -> list[str]:
+    """Read every array of an open container in full (each chunk's checksum is verified on read); the
+    problems found, each naming the array, empty when all is well."""
+    names: list[str] = []
+    if c.backend == "h5":
+        import h5py
+
+        c.handle.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+    else:
+        names = sorted(n for n, _ in c.handle.arrays()) + [f"{g}/{n}" for g, grp in sorted(c.handle.groups())
+                                                            for n, _ in grp.arrays()]
+    problems = []
+    for name in names:
+        arr = c.handle[name]
+        try:
+            step = max(1, int(arr.chunks[0])) if arr.chunks and arr.ndim else 1
+            for a in range(0, max(1, arr.shape[0]) if arr.ndim else 1, step):
+                arr[a:a + step] if arr.ndim else arr[()]
+        except Exception as e:  # noqa: BLE001 - any failed read is a damaged array
+            problems.append(f"{name}: {type(e).__name__}: {str(e)[:160]}")
+    return problems
 
 
 class ContainerWriter(_Container):
@@ -311,11 +348,16 @@ class ContainerReader(_Container):
         return [data[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
 
     def read_images(self, name: str, indices: Sequence[int] | None = None, *, device: str = "cpu"):
-        """Frames ``indices`` (all when None) as a (k, H, W, C) uint8 torch tensor (on ``device``).
+        """Frames ``indices`` (all when None) as a (k, H, W, C) uint8 torch tensor (on ``device``); a damaged
+        chunk is a StoreError naming the file.
 
         Each run of nearby indices is one contiguous read (a gap of at most the run's own length is read
         through rather than split); repeated indices are read once.
         """
+        with reading(self.path, name):
+            return self._read_images(name, indices, device)
+
+    def _read_images(self, name: str, indices: Sequence[int] | None, device: str):
         import torch
 
         n = self.num_images(name)
@@ -406,7 +448,7 @@ class VideoStore:
         """
         with atomic_dir(self.path(video_id)) as tmp:
             raw = _open_container(tmp, self.backend, "w")
-            w = ContainerWriter(raw.backend, raw.handle)
+            w = ContainerWriter(raw.backend, raw.handle, tmp)
             try:
                 yield w
                 w.set_attrs({"format_version": FORMAT_VERSION, "video_id": video_id})
@@ -422,7 +464,7 @@ class VideoStore:
             raw = _open_container(path, self.backend, "r")
         except Exception as e:  # noqa: BLE001 - report any backend failure with the path
             raise StoreError(f"{path}: cannot open ({type(e).__name__}: {e})") from e
-        r = ContainerReader(raw.backend, raw.handle)
+        r = ContainerReader(raw.backend, raw.handle, path)
         try:
             version = r.attrs.get("format_version")
             if version != FORMAT_VERSION:
@@ -519,7 +561,7 @@ def feature_store_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if not path.exists():
         raise StoreError(f"{path}: feature store not found (run `pipeline extract-features` first)")
     c = _open_container(path, "zarr" if path.suffix == ".zarr" else "h5", "r")
-    r = ContainerReader(c.backend, c.handle)
+    r = ContainerReader(c.backend, c.handle, c.path)
     try:
         return {s: tuple(int(x) for x in r[f"streams/{s}"].shape) for s in r.attrs.get("streams", [])}
     finally:
@@ -533,7 +575,7 @@ def read_feature_store(path: Path, streams: Sequence[str] | None = None) -> Feat
         raise StoreError(f"{path}: feature store not found (run `pipeline extract-features` first)")
     backend = "zarr" if path.suffix == ".zarr" else "h5"
     c = _open_container(path, backend, "r")
-    r = ContainerReader(c.backend, c.handle)
+    r = ContainerReader(c.backend, c.handle, c.path)
     try:
         attrs = r.attrs
         if attrs.get("format_version") != FORMAT_VERSION:
@@ -550,8 +592,10 @@ def read_feature_store(path: Path, streams: Sequence[str] | None = None) -> Feat
                 return np.char.decode(a, "utf-8")
             return np.array([str(x) for x in a.ravel()]).reshape(a.shape)
 
+        with reading(path, "streams"):
+            streams = {s: np.asarray(r[f"streams/{s}"][...]) for s in names}
         return FeatureSet(
-            streams={s: np.asarray(r[f"streams/{s}"][...]) for s in names},
+            streams=streams,
             positions=np.asarray(r["positions"][...]),
             video_ids=strings("video_ids"), labels=np.asarray(r["labels"][...]),
             split=strings("split"), groups=strings("groups"), class_names=strings("class_names"),
@@ -559,3 +603,31 @@ def read_feature_store(path: Path, streams: Sequence[str] | None = None) -> Feat
         )
     finally:
         r.close()
+
+
+def damaged_feature_videos(path: Path) -> dict[str, str]:
+    """Videos of a feature store whose rows sit in a damaged chunk (checksum mismatch, truncated chunk):
+    video id -> reason. Every stream is read chunk by chunk; a damaged id list is reported as ``*``."""
+    path = Path(path)
+    c = _open_container(path, "zarr" if path.suffix == ".zarr" else "h5", "r")
+    r = ContainerReader(c.backend, c.handle, path)
+    bad: dict[str, str] = {}
+    try:
+        try:
+            a = np.asarray(r["video_ids"][...])
+            ids = [x.decode() if isinstance(x, bytes) else str(x) for x in a.ravel()]
+        except Exception as e:  # noqa: BLE001 - without ids no video can be named
+            return {"*": f"{path}: video_ids unreadable ({type(e).__name__}: {e})"}
+        for key in ["positions", "labels", *[f"streams/{s}" for s in r.attrs.get("streams", [])]]:
+            arr = r[key]
+            step = max(1, int(arr.chunks[0]))
+            for lo in range(0, arr.shape[0], step):
+                try:
+                    arr[lo:lo + step]
+                except Exception as e:  # noqa: BLE001 - a damaged chunk damages the videos in it
+                    for vid in ids[lo:lo + step]:
+                        bad.setdefault(vid, f"{path}: {key} rows {lo}-{min(lo + step, len(ids)) - 1}: "
+                                            f"{type(e).__name__}: {str(e)[:120]}")
+    finally:
+        r.close()
+    return bad
