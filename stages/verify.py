@@ -43,7 +43,8 @@ def verify_command(stage, cache_dir, config_path, verbose):
         mark_for_redo(root, report)
         line = f"{key}: {report.checked} checked, {len(report.damaged)} damaged"
         if report.old_format:
-            line += f", {report.old_format} of an earlier store format (not checksummed; re-run with --force)"
+            line += (f", {report.old_format} of store format 1 (no checksums: only unreadable data is found; "
+                     "re-run the stage with --force to rewrite them)")
         click.echo(line)
         for vid, reason in sorted(report.damaged.items()):
             click.echo(f"  {vid}: {reason}")

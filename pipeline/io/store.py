@@ -28,8 +28,12 @@ import numpy as np
 
 from pipeline.io.atomic import TMP_PREFIX, atomic_dir, jsonable, remove_path
 
-#: Bumped when a stored layout changes incompatibly; checked on open.
-FORMAT_VERSION = 1
+#: The store format written, in every container's ``format_version``; bumped when the layout changes.
+#: 2: per-chunk checksums (crc32c / fletcher32), sharded Zarr arrays, flow codecs (planar JPEG, zstd).
+FORMAT_VERSION = 2
+#: Formats this code reads: format 1 (no checksums, one file per chunk) reads with the same meaning;
+#: ``pipeline verify`` counts such containers (they cannot be checked) and re-running with --force rewrites them.
+READABLE_FORMATS = (1, 2)
 
 BACKENDS = ("zarr", "h5")
 #: Image sequence codecs: ``jpeg`` (lossy JPEG-in-array; images with 2 channels, such as flow, are stored
@@ -152,10 +156,11 @@ class _Container:
 
     # -- writing --
     def create(self, name: str, data: np.ndarray, *, chunks: tuple[int, ...] | None = None,
-               compress: bool = True, compression: str = "lz4", attrs: Mapping[str, Any] | None = None) -> None:
+               compress: bool = True, compression: str = "lz4", attrs: Mapping[str, Any] | None = None,
+               shard: bool = False) -> None:
         """Write array ``name``; ``compression``: lz4 (Blosc-LZ4 + shuffle in Zarr, LZF in HDF5) or zstd
         (Zstandard in Zarr, gzip in HDF5). Every chunk carries a checksum (Zarr: crc32c; HDF5: fletcher32),
-        verified when it is read."""
+        verified when it is read. ``shard`` (Zarr): every chunk in one shard file (an HDF5 file is one file)."""
         data = np.ascontiguousarray(data)
         if compression not in ("lz4", "zstd"):
             raise ValueError(f"unknown compression {compression!r}")
@@ -194,8 +199,11 @@ class _Container:
                 chunk_shape = tuple(max(1, s) for s in data.shape) or (1,)
             elif chunks is not None:
                 chunk_shape = tuple(max(1, min(c, s)) for c, s in zip(chunks, data.shape))
+            shards = None
+            if shard and data.size and chunks is not None:  # the whole array as one shard file
+                shards = tuple(-(-s // c) * c for s, c in zip(data.shape, chunk_shape))
             arr = zarr.create_array(self.handle.store, name=path, shape=data.shape, dtype=data.dtype,
-                                    chunks=chunk_shape, compressors=[*codec, Crc32cCodec()])
+                                    chunks=chunk_shape, shards=shards, compressors=[*codec, Crc32cCodec()])
             arr[...] = data
         if attrs:
             arr.attrs.update({k: jsonable(v) for k, v in attrs.items()})
@@ -303,7 +311,7 @@ class ContainerWriter(_Container):
                                  quality=quality)
         else:
             self.create(f"{name}/raw", frames, chunks=(1, *frames.shape[1:]),
-                        compression="zstd" if codec == "zstd" else "lz4")
+                        compression="zstd" if codec == "zstd" else "lz4", shard=True)
 
     def write_encoded_images(self, name: str, images: Sequence[bytes], *, planes: int = 1) -> None:
         """Store already-encoded JPEG images as ``<name>/jpeg`` + ``<name>/offsets``, bytes copied as they are
@@ -315,7 +323,7 @@ class ContainerWriter(_Container):
 
     def _write_jpeg(self, name: str, data: np.ndarray, offsets: np.ndarray, *, planes: int,
                     quality: int | None) -> None:
-        self.create(f"{name}/jpeg", data, chunks=(1 << 20,), compress=False)
+        self.create(f"{name}/jpeg", data, chunks=(1 << 20,), compress=False, shard=True)
         self.create(f"{name}/offsets", offsets, compress=False,
                     attrs={"planes": planes} if planes != 1 else None)
 
@@ -467,9 +475,10 @@ class VideoStore:
         r = ContainerReader(raw.backend, raw.handle, path)
         try:
             version = r.attrs.get("format_version")
-            if version != FORMAT_VERSION:
-                raise StoreError(f"{path}: written by store format {version}, this pipeline reads format "
-                                 f"{FORMAT_VERSION}; re-run the stage that wrote it (or use another --cache-dir)")
+            if version not in READABLE_FORMATS:
+                raise StoreError(f"{path}: written by store format {version}, this pipeline reads formats "
+                                 f"{', '.join(map(str, READABLE_FORMATS))}; re-run the stage that wrote it with "
+                                 "--force (or use another --cache-dir)")
             yield r
         finally:
             r.close()
@@ -578,9 +587,9 @@ def read_feature_store(path: Path, streams: Sequence[str] | None = None) -> Feat
     r = ContainerReader(c.backend, c.handle, c.path)
     try:
         attrs = r.attrs
-        if attrs.get("format_version") != FORMAT_VERSION:
+        if attrs.get("format_version") not in READABLE_FORMATS:
             raise StoreError(f"{path}: written by store format {attrs.get('format_version')}, this pipeline "
-                             f"reads format {FORMAT_VERSION}; re-run extract-features")
+                             f"reads formats {', '.join(map(str, READABLE_FORMATS))}; re-run extract-features")
         names = list(attrs["streams"]) if streams is None else list(streams)
         missing = [s for s in names if s not in attrs["streams"]]
         if missing:
