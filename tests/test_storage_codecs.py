@@ -272,3 +272,20 @@ def test_old_format_containers_read_and_are_counted_by_verify(tmp_path):
     with pytest.raises(StoreError, match=r"old\.zarr: written by store format 99"):
         with store.reader("old"):
             pass
+
+
+def test_train_head_sees_the_videos_of_a_damaged_feature_chunk_as_failures(tmp_path):
+    """load_features marks the rows of a damaged chunk (NaN) and names those videos with the file, so
+    train-head fails exactly them (and trains without them under --allow-failures)."""
+    from pipeline.training.heads import load_features, nonfinite_videos
+    from pipeline.io.store import write_feature_store
+
+    path = tmp_path / "features.zarr"
+    fs = small_feature_set()
+    write_feature_store(path, fs)
+    target = path / "streams" / "rgb" / "c" / "0" / "0" / "0" / "0"  # videos v0, v1
+    damage(target, 0, target.stat().st_size, "flip")
+    got = load_features(path, ["rgb"])
+    bad = nonfinite_videos(got, ["rgb"])
+    assert sorted(bad) == ["v0", "v1"] and all(str(path) in why for why in bad.values())
+    np.testing.assert_array_equal(got.streams["rgb"][2:], fs.streams["rgb"][2:])

@@ -577,8 +577,13 @@ def feature_store_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         r.close()
 
 
-def read_feature_store(path: Path, streams: Sequence[str] | None = None) -> FeatureSet:
-    """Load a feature store written by :func:`write_feature_store` (or by ``extract-features``)."""
+def read_feature_store(path: Path, streams: Sequence[str] | None = None, *, damaged: str = "raise") -> FeatureSet:
+    """Load a feature store written by :func:`write_feature_store` (or by ``extract-features``).
+
+    ``damaged``: a stream chunk failing its checksum is a StoreError naming the file (``"raise"``), or
+    (``"mark"``) its rows are NaN and ``attrs["damaged"]`` maps each of their video ids to the reason, so a
+    caller can fail those videos and keep the others.
+    """
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path}: feature store not found (run `pipeline extract-features` first)")
@@ -601,17 +606,38 @@ def read_feature_store(path: Path, streams: Sequence[str] | None = None) -> Feat
                 return np.char.decode(a, "utf-8")
             return np.array([str(x) for x in a.ravel()]).reshape(a.shape)
 
+        ids = strings("video_ids")
+        bad: dict[str, str] = {}
         with reading(path, "streams"):
-            streams = {s: np.asarray(r[f"streams/{s}"][...]) for s in names}
+            if damaged == "raise":
+                streams = {s: np.asarray(r[f"streams/{s}"][...]) for s in names}
+            else:
+                streams = {s: _read_marking(r[f"streams/{s}"], f"streams/{s}", path, ids, bad) for s in names}
+        if bad:
+            attrs = {**attrs, "damaged": bad}
         return FeatureSet(
             streams=streams,
             positions=np.asarray(r["positions"][...]),
-            video_ids=strings("video_ids"), labels=np.asarray(r["labels"][...]),
+            video_ids=ids, labels=np.asarray(r["labels"][...]),
             split=strings("split"), groups=strings("groups"), class_names=strings("class_names"),
             attrs=attrs,
         )
     finally:
         r.close()
+
+
+def _read_marking(arr, key: str, path: Path, ids: Sequence[str], bad: dict[str, str]) -> np.ndarray:
+    """Read ``arr`` chunk by chunk along axis 0; a chunk that fails is NaN, its videos noted in ``bad``."""
+    out = np.empty(arr.shape, arr.dtype)
+    step = max(1, int(arr.chunks[0]))
+    for lo in range(0, arr.shape[0], step):
+        try:
+            out[lo:lo + step] = arr[lo:lo + step]
+        except Exception as e:  # noqa: BLE001 - checksum mismatch, truncated chunk
+            out[lo:lo + step] = np.nan
+            for vid in ids[lo:lo + step]:
+                bad.setdefault(str(vid), f"{path}: damaged chunk of {key} ({type(e).__name__}: {str(e)[:120]})")
+    return out
 
 
 def damaged_feature_videos(path: Path) -> dict[str, str]:
