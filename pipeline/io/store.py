@@ -548,13 +548,16 @@ def write_feature_store(path: Path, fs: FeatureSet) -> None:
             w.close()
 
 
+#: Target bytes per feature chunk: a few videos' (P, views, D) blocks, so reading one video decompresses
+#: little (256 videos of 45 x 10 x 2048 float16 would be a 470 MB chunk).
+FEATURE_CHUNK_BYTES = 8 << 20
+
+
 def _write_features(w: "ContainerWriter", fs: FeatureSet, backend: str) -> None:
     V = len(fs.video_ids)
     for name, arr in fs.streams.items():
-        # About 8 MiB per chunk: a few videos' (P, views, D) blocks, so reading one video decompresses
-        # little (256 videos of 45 x 10 x 2048 float16 would be a 470 MB chunk).
         per_video = max(1, arr[:1].nbytes)
-        w.create(f"streams/{name}", arr, chunks=(max(1, min(V, (8 << 20) // per_video)), *arr.shape[1:]))
+        w.create(f"streams/{name}", arr, chunks=(max(1, min(V, FEATURE_CHUNK_BYTES // per_video)), *arr.shape[1:]))
     w.create("positions", fs.positions.astype(np.float32))
     w.create("labels", fs.labels.astype(np.int64))
     for key in ("video_ids", "split", "groups", "class_names"):

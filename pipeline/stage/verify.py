@@ -3,7 +3,8 @@ verifying each chunk's checksum, and list the damaged videos.
 
 A damaged video is journaled for redo (a ``{"video", "ok": false, "damaged": true}`` record, which clears
 its earlier success) and the stage's manifest is marked incomplete, so re-running the stage recomputes
-exactly those videos (decode, extract-flow). Nothing is deleted: the damaged container stays until its
+exactly those videos (decode, extract-flow; extract-features takes the others back from its consolidated
+store, :func:`pipeline.features.restore_parts`). Nothing is deleted: the damaged container stays until its
 recomputed one replaces it.
 """
 from __future__ import annotations
@@ -31,8 +32,8 @@ def verify_keys(cache_root: Path, stage: str | None = None) -> list[str]:
     those of ``stage``)."""
     cache_root = Path(cache_root)
     keys = [k for k in (artifacts.DECODE, artifacts.FLOW) if (cache_root / k / "manifest.json").exists()]
-    keys += [k for k in artifacts.scope_keys(cache_root, artifacts.FEATURES)
-             if (cache_root / k / "manifest.json").exists()]
+    keys += [f"{artifacts.FEATURES}/{scope}" for scope in artifacts.scope_keys(cache_root, artifacts.FEATURES)
+             if (cache_root / artifacts.FEATURES / scope / "manifest.json").exists()]
     if stage is not None:
         keys = [k for k in keys if k == stage or k.startswith(stage + "/")]
     return keys
