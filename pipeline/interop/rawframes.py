@@ -12,8 +12,9 @@ Layouts (``T`` frames give ``T - step`` flows; flow ``k`` goes from frame ``k`` 
 
 A frame folder is ``<root>/<Class>/<vid>`` or ``<root>/<vid>`` (under ``jpegs_256`` for twostreamfusion); its
 path relative to that root is the video id. ``decode --dataset rawframes`` stores the frames' JPEG bytes as
-they are (no re-encoding) and ``extract-flow --backend import`` stores the flow images' uint8 codes as the
-flow store's quantized values with the given ``--bound``: the source tools quantize with
+they are (no re-encoding) and ``extract-flow --backend import`` stores the flow images as the flow store's
+quantized values with the given ``--bound`` (``--codec jpeg``: their bytes copied, :func:`read_flow_jpegs`;
+else their decoded uint8 codes, :func:`read_flow_codes`): the source tools quantize with
 ``255 * (v + b) / (2 b)`` rounded (TSN / denseflow's ``convertFlowToImage``), the same mapping as
 :mod:`pipeline.flow.quantize`, so the codes are used unchanged.
 
