@@ -348,6 +348,39 @@ def write_part(parts: VideoStore, vf: VideoFeatures) -> None:
         c.create("positions", vf.positions.astype(np.float32), compress=False)
 
 
+def restore_parts(store_path: Path, parts: VideoStore, wanted: set[str]) -> int:
+    """Re-create the parts of ``wanted`` videos from a consolidated feature store (after ``pipeline verify``
+    marked some of its videos damaged: the others need no recompute). A chunk that fails its checksum is
+    skipped (its videos are recomputed). Returns how many parts were written."""
+    from pipeline.io.store import ContainerReader, _open_container
+
+    store_path = Path(store_path)
+    if not wanted or not store_path.exists():
+        return 0
+    c = _open_container(store_path, "zarr" if store_path.suffix == ".zarr" else "h5", "r")
+    r = ContainerReader(c.backend, c.handle, store_path)
+    written = 0
+    try:
+        streams = list(r.attrs.get("streams", []))
+        ids = [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(r["video_ids"][...]).ravel()]
+        step = max(1, int(r[f"streams/{streams[0]}"].chunks[0])) if streams else 1
+        for lo in range(0, len(ids), step):
+            rows = [k for k in range(lo, min(lo + step, len(ids))) if ids[k] in wanted]
+            if not rows:
+                continue
+            try:
+                block = {s: np.asarray(r[f"streams/{s}"][lo:lo + step]) for s in streams}
+                pos = np.asarray(r["positions"][lo:lo + step])
+            except Exception:  # noqa: BLE001 - a damaged chunk: those videos are recomputed
+                continue
+            for k in rows:
+                write_part(parts, VideoFeatures(ids[k], pos[k - lo], {s: block[s][k - lo] for s in streams}, 0))
+                written += 1
+    finally:
+        r.close()
+    return written
+
+
 def features_of_video(video_id: str, num_frames: int, frames: VideoStore, flows: VideoStore,
                       sources: dict[str, StreamSource], models: dict[str, Backbone], *, num_positions: int,
                       views: int = 1, dtype: str = "float16", device: str = "cpu", batch_size: int = 64,

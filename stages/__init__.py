@@ -34,6 +34,8 @@ CATALOG: dict[str, tuple[str, str | None, str]] = {
                          "TSN, denseflow or twostreamfusion, as the decode and extract-flow outputs."),
     "export": ("export", "export_command", "The cache's frames, flow, split lists and features in mmaction2's "
                "layout (rawframes tree, lists, per-video .npy features)."),
+    "verify": ("verify", "verify_command", "Check every stored video's chunk checksums (frames, flow, features); "
+               "list the damaged ones for redo."),
     "evaluate": ("evaluate", None, "Results table of every finished stream, head and refined model in the cache "
                  "(+ external scores)."),
 }

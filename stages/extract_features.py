@@ -50,7 +50,7 @@ import torch
 from pipeline import dist
 from pipeline.data.table import VideoTable
 from pipeline.features import (TEN_VIEW_NAMES, StreamSource, build_backbone, extract, resolve_source,
-                               write_part)
+                               restore_parts, write_part)
 from pipeline.io import artifacts
 from pipeline.io.store import FeatureSet, StoreError, VideoStore, feature_store_path, write_feature_store
 from pipeline.models.backbones import list_backbones
@@ -239,7 +239,15 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     if ctx.rank == 0:
         if parts.clean_temporary():
             ctx.log.info("removed unfinished feature parts left by an interrupted run")
-        # A journaled video whose part is gone (removed after consolidation, then killed) is redone.
+        # After `pipeline verify` found damaged videos in the consolidated store, the other journaled videos'
+        # parts come back from it; a journaled video whose part is still gone is redone.
+        missing = {t.video_ids[i] for i in fp.rows
+                   if ctx.journal.is_done(t.video_ids[i]) and not parts.exists(t.video_ids[i])}
+        for backend in fp.outputs:
+            if missing and (n := restore_parts(feature_store_path(ctx.dir, backend), parts, missing)):
+                ctx.log.info("%d videos' features taken back from %s (not recomputed)", n,
+                             feature_store_path(ctx.dir, backend))
+                missing = {v for v in missing if not parts.exists(v)}
         todo = [i for i in fp.rows if not (ctx.journal.is_done(t.video_ids[i]) and parts.exists(t.video_ids[i]))]
     else:
         todo = None

@@ -3,8 +3,9 @@ optical flows using the TVL1 method before training").
 
 For a video of T frames and ``--step s`` there are T - s flows; flow ``i`` goes from frame ``i`` to frame
 ``i + s`` (x then y, in pixels at the stored frame size). Flows are quantized to uint8 with ``--bound``
-(default 20, as TSN and mmaction2) and stored raw per video (docs/formats.md). ``--backend torch`` runs our
-batched PyTorch TV-L1 (CPU or CUDA) on pairs gathered across videos of the same size, so a GPU sees large
+(default 20, as TSN and mmaction2) and stored per video (docs/formats.md) with ``--codec``: x and y as
+grayscale JPEGs (default, quality ``--quality`` 95, the bytes TSN / denseflow write), or lossless (zstd, raw).
+``--backend torch`` runs our batched PyTorch TV-L1 (CPU or CUDA) on pairs gathered across videos of the same size, so a GPU sees large
 batches; ``--backend opencv`` runs OpenCV's CPU ``DualTVL1OpticalFlow`` (the reference) pair by pair.
 Under ``torchrun`` each rank takes its share of the videos.
 """
@@ -21,12 +22,13 @@ from pipeline import dist
 from pipeline.data.table import VideoTable
 from pipeline.flow.stored import tvl1_params
 from pipeline.io import artifacts
-from pipeline.io.store import BACKENDS, VideoStore, read_frames
+from pipeline.io.store import BACKENDS, IMAGE_CODECS, VideoStore, read_frames
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, param
 
 VERSION = "1"
 FLOW_BACKENDS = ("torch", "opencv", "import")
 KERNELS = ("auto", "triton", "compile", "eager")  # pipeline.flow.tvl1.KERNELS (imported lazily: torch)
+FLOW_CODECS = IMAGE_CODECS
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class FlowParams:
     gamma: float = param(0.0, "Illumination term weight (OpenCV default 0: off).")
     median_filtering: int = param(5, "Median filter size applied to the flow (OpenCV default 5; 0 or 1: off).")
     store: str = param("zarr", "Flow store back end: zarr or h5.", choices=BACKENDS)
+    codec: str = param("jpeg", "How the quantized flow is stored: jpeg (x and y as grayscale JPEGs, as TSN / "
+                       "denseflow / mmaction2; ~4x smaller, lossy within a fraction of the quantization step), "
+                       "zstd (lossless, Zstandard; gzip in HDF5) or raw (lossless, Blosc-LZ4 / LZF; the old "
+                       "layout).", choices=FLOW_CODECS)
+    quality: int = param(95, "JPEG quality of --codec jpeg (1-100).")
     flow_start_index: int | None = param(None, "For --backend import: index of the first flow image, 0 or 1 "
                                          "(default: the layout's, 0 for denseflow, else 1).", omit_default=True)
     batch_size: int | None = param(None, "Frame pairs per TV-L1 call (torch backend); pairs of several videos of "
@@ -78,6 +85,8 @@ class FlowParams:
             raise StageError("--flow-start-index applies to --backend import only")
         if not self.fast and self.kernel not in ("auto", "eager"):
             raise StageError(f"--no-fast runs the eager reference; it contradicts --kernel {self.kernel}")
+        if not 1 <= self.quality <= 100:
+            raise StageError(f"--quality must be in 1..100 (got {self.quality})")
         if self.batch_size is not None and self.batch_size < 1:
             raise StageError(f"--batch-size must be >= 1 (got {self.batch_size})")
         try:
@@ -153,9 +162,10 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         q = np.concatenate(item.parts)  # (num, 2, H, W) uint8
         h, w = q.shape[2:]
         with out.writer(item.vid) as c:
-            c.write_images("flow", np.ascontiguousarray(q.transpose(0, 2, 3, 1)), codec="raw")
-            c.set_attrs({"num_flows": item.num, "num_frames": item.num + p.step, "step": p.step,
-                         "bound": p.bound, "height": h, "width": w, "backend": p.backend,
+            c.write_images("flow", np.ascontiguousarray(q.transpose(0, 2, 3, 1)), codec=p.codec,
+                           quality=p.quality)
+            c.set_attrs({**_codec_attrs(p), "num_flows": item.num, "num_frames": item.num + p.step,
+                         "step": p.step, "bound": p.bound, "height": h, "width": w, "backend": p.backend,
                          "tvl1": {f.name: getattr(tv, f.name) for f in fields(tv)}})
         ctx.journal.record_ok(item.vid, num_flows=item.num, seconds=round(time.perf_counter() - item.t0, 3))
 
@@ -275,16 +285,23 @@ def _import_run(ctx: StageContext, plan: Plan) -> dict:
     def one(i: int) -> int:
         vid, n, (h, w) = table.video_ids[i], table.num_frames[i], table.sizes[i]
         t = time.perf_counter()
-        q = rawframes.read_flow_codes(root, Path(table.sources[i]), lay, start_index=start, step=p.step,
-                                      num_frames=n, size=(h, w))
         with out.writer(vid) as c:
-            c.write_images("flow", q, codec="raw")
-            c.set_attrs({"num_flows": len(q), "num_frames": n, "step": p.step, "bound": p.bound, "height": h,
-                         "width": w, "backend": "import", "source": [str(d) for d in lay.flow_dirs(root,
-                                                                     Path(table.sources[i]))],
+            if p.codec == "jpeg":  # the tree's JPEG bytes as they are: no re-encoding
+                xs, ys = rawframes.read_flow_jpegs(root, Path(table.sources[i]), lay, start_index=start,
+                                                   step=p.step, num_frames=n, size=(h, w))
+                c.write_encoded_images("flow", [b for xy in zip(xs, ys) for b in xy], planes=2)
+                num = len(xs)
+            else:
+                q = rawframes.read_flow_codes(root, Path(table.sources[i]), lay, start_index=start, step=p.step,
+                                              num_frames=n, size=(h, w))
+                c.write_images("flow", q, codec=p.codec)
+                num = len(q)
+            c.set_attrs({**_codec_attrs(p, imported=True), "num_flows": num, "num_frames": n, "step": p.step,
+                         "bound": p.bound, "height": h, "width": w, "backend": "import",
+                         "source": [str(d) for d in lay.flow_dirs(root, Path(table.sources[i]))],
                          "rawframes_layout": lay.name, "flow_start_index": start})
-        ctx.journal.record_ok(vid, num_flows=len(q), seconds=round(time.perf_counter() - t, 3))
-        return len(q)
+        ctx.journal.record_ok(vid, num_flows=num, seconds=round(time.perf_counter() - t, 3))
+        return num
 
     # cv2.imdecode and the store writes release the GIL: a few threads keep the cores busy.
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
@@ -302,6 +319,14 @@ def _import_run(ctx: StageContext, plan: Plan) -> dict:
     ctx.log.info(line)
     return {"line": line, "pairs": flows, "seconds": seconds, "pairs_per_s": flows / max(seconds, 1e-9),
             "device": "cpu"}
+
+
+def _codec_attrs(p: FlowParams, imported: bool = False) -> dict:
+    """The flow codec attributes of a container: ``codec``, and for jpeg ``quality`` (None when the JPEG
+    bytes were copied from a rawframes tree, whose encoder quality is unknown)."""
+    if p.codec != "jpeg":
+        return {"codec": p.codec}
+    return {"codec": "jpeg", "quality": None if imported else p.quality}
 
 
 def _done_future(value):

@@ -3,7 +3,8 @@ taken into the cache as the ``decode`` and ``extract-flow`` outputs.
 
 A plain command over two real stage runs: ``decode --dataset rawframes`` (the frames' JPEG bytes copied into
 the frame store, the video table from the lists or the official split files) and ``extract-flow --backend
-import`` (the flow images' uint8 codes into the flow store, with the bound). Both runs go through
+import`` (the flow JPEGs copied into the flow store, or their uint8 codes with a lossless ``--codec``; with
+the bound). Both runs go through
 :func:`pipeline.stage.run_stage`, so their fingerprints come from the tree (its folders), the layout, the
 bound and the index base, a killed import resumes, and ``pipeline status`` shows both fresh afterwards. Every
 later stage reads them as usual. See docs/rawframes.md and :mod:`pipeline.interop.rawframes`.

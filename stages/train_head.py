@@ -222,10 +222,10 @@ def run(ctx: StageContext, plan: Plan) -> dict:
             ctx.journal.record_failure(vid, f"{why} in {info['path']}")
         shown = "; ".join(f"{v} ({w})" for v, w in list(bad.items())[:10])
         if not ctx.allow_failures:
-            raise StageError(f"{info['path']}: {len(bad)} video(s) have NaN/inf features: {shown}"
+            raise StageError(f"{info['path']}: {len(bad)} video(s) have damaged or NaN/inf features: {shown}"
                              f"{' ...' if len(bad) > 10 else ''}. Re-run `pipeline extract-features` for them, "
                              "or pass --allow-failures to train without them")
-        ctx.log.warning("training without %d video(s) with NaN/inf features: %s", len(bad), shown)
+        ctx.log.warning("training without %d video(s) with damaged or NaN/inf features: %s", len(bad), shown)
         keep = ~np.isin(np.asarray(fs.video_ids).astype(str), list(bad))
         parts = {k: v[keep[v]] for k, v in parts.items()}
     tr, va, test = parts["train"], parts["val"], parts["test"]

@@ -185,7 +185,7 @@ def test_layout_values_and_plain_readers(cache):
     assert len(set(groups)) == 6
     assert h5["positions"].dtype == np.float32
     assert h5["positions"].tolist() == [hand_positions(NUM_FRAMES, P)] * 6
-    assert attrs["format_version"] == 1 and attrs["streams"] == ["rgb", "flow"] and attrs["num_positions"] == P
+    assert attrs["format_version"] == 2 and attrs["streams"] == ["rgb", "flow"] and attrs["num_positions"] == P
     assert attrs["max_segments"] == 3 and attrs["dtype"] == "float16" and attrs["split_id"] == 1
     for s in ("rgb", "flow"):
         b = attrs["backbones"][s]
@@ -413,3 +413,30 @@ def test_same_weights_give_the_same_fingerprint_whatever_the_bookkeeping(cache):
     ckpt["model"] = {k: (v + 1 if v.is_floating_point() else v) for k, v in ckpt["model"].items()}
     torch.save(ckpt, best)
     assert fingerprint() != before
+
+
+def test_verify_then_rerun_recomputes_only_the_damaged_videos(cache, monkeypatch):
+    """A damaged chunk of features.zarr: verify names its video, the re-run recomputes it alone (the other
+    videos' features come back from the store) and the result equals the undamaged store."""
+    import pipeline.io.store as store_mod
+
+    monkeypatch.setattr(store_mod, "FEATURE_CHUNK_BYTES", 1)  # one video per chunk
+    p = ExtractFeaturesParams(arch=ARCH, positions=8, input_size=112, format="zarr", workers=1)
+    run_stage(STAGE, p, cache)
+    path = cache / FEATURES / "features.zarr"
+    before = read_feature_store(path)
+    chunk = path / "streams" / "flow" / "c" / "2" / "0" / "0" / "0"  # the third video
+    b = bytearray(chunk.read_bytes())
+    b[len(b) // 2] ^= 0x5A
+    chunk.write_bytes(bytes(b))
+    damaged = str(before.video_ids[2])
+    res = CliRunner().invoke(main, ["verify", "--stage", "extract-features", "--cache-dir", str(cache)])
+    assert res.exit_code == 1 and f"  {damaged}: {path}" in res.output and "1 damaged" in res.output, res.output
+    r = run_stage(STAGE, p, cache)
+    assert not r.skipped and r.manifest["complete"] and r.manifest["done"] == 6
+    runs = [json.loads(line) for line in (cache / FEATURES / "journal.jsonl").read_text().splitlines()]
+    last = [x for x in runs if x.get("ok") and x.get("run") == runs[-1].get("run")]
+    assert [x["video"] for x in last] == [damaged]  # recomputed: that video only
+    after = read_feature_store(path)
+    for s in before.streams:
+        np.testing.assert_array_equal(after.streams[s], before.streams[s])

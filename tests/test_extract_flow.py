@@ -31,7 +31,7 @@ def decoded(tmp_path_factory):
 
 
 def test_flow_store_layout_and_values_match_library(decoded):
-    r = run_stage(FLOW, FlowParams(**QUICK), decoded)
+    r = run_stage(FLOW, FlowParams(codec="zstd", **QUICK), decoded)  # lossless: only the quantization error
     assert r.manifest["done"] == 4 and r.manifest["complete"]
     table = VideoTable.load(decoded / "decode")
     store = flow_store(decoded / "extract-flow")
@@ -40,7 +40,7 @@ def test_flow_store_layout_and_values_match_library(decoded):
         attrs = c.attrs
         q = c.read_images("flow").numpy()
     assert q.shape == (8, 48, 64, 2) and q.dtype == np.uint8  # 9 frames -> 8 flows, (H, W, x|y)
-    assert attrs["num_flows"] == 8 and attrs["step"] == 1 and attrs["bound"] == 20.0
+    assert attrs["num_flows"] == 8 and attrs["step"] == 1 and attrs["bound"] == 20.0 and attrs["codec"] == "zstd"
     # Flow 3 goes from frame 3 to frame 4: recompute it with the library on the stored frames.
     frames = read_frames(frame_store(decoded / "decode"), vid, [3, 4]).numpy()
     gray = [torch.from_numpy(to_gray(np.ascontiguousarray(f[..., ::-1]))).float() for f in frames]
@@ -161,7 +161,7 @@ def test_both_backends_on_the_shared_real_clips(tmp_path, shared_data):
 
 
 def test_pair_flow_recomputes_any_pair_in_float(decoded):
-    run_stage(FLOW, FlowParams(**QUICK), decoded)
+    run_stage(FLOW, FlowParams(codec="zstd", **QUICK), decoded)  # lossless store: quantization error only
     vid = "Beta/v_Beta_g01_c01"
     f = pair_flow(decoded, vid, 2)  # the stored pair 2 -> 3, unquantized
     stored = read_flow(flow_store(decoded / "extract-flow"), vid, [2])[0].transpose(2, 0, 1)

@@ -309,7 +309,7 @@ def test_nonfinite_features_are_named_and_follow_allow_failures(tmp_path):
     args = ["train-head", "--cache-dir", str(tmp_path), "--config", str(_config(tmp_path))]
     res = CliRunner().invoke(main, args)
     assert res.exit_code != 0
-    assert "2 video(s) have NaN/inf features" in res.output
+    assert "2 video(s) have damaged or NaN/inf features" in res.output
     assert all(v in res.output for v in bad) and "rgb: 1 non-finite values" in res.output
     assert "flow: 2 non-finite values" in res.output
     assert not (tmp_path / HEADS_DIR / "stfn-a-avg-bi-p0-n4-s0" / "manifest.json").exists()

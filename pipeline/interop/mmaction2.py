@@ -77,10 +77,8 @@ def _frame_jpegs(store, vid: str, quality: int) -> list[bytes]:
     import cv2
 
     with store.reader(vid) as r:
-        if r.image_codec("frames") == "jpeg":
-            offsets = np.asarray(r["frames/offsets"][...])
-            data = np.asarray(r["frames/jpeg"][...])
-            return [data[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
+        if r.image_codec("frames") == "jpeg" and r.jpeg_planes("frames") == 1:
+            return r.encoded_images("frames")
         rgb = r.read_images("frames").numpy()
     out = []
     for f in rgb:
@@ -94,6 +92,10 @@ def _flow_jpegs(store, vid: str, quality: int) -> tuple[list[bytes], list[bytes]
 
     from pipeline.flow.stored import read_flow
 
+    with store.reader(vid) as r:
+        if r.image_codec("flow") == "jpeg" and r.jpeg_planes("flow") == 2:  # stored x / y JPEGs, as they are
+            images = r.encoded_images("flow")
+            return images[0::2], images[1::2]
     q = read_flow(store, vid, dequantize=False).numpy()  # (k, H, W, 2) uint8 codes
     params = [int(cv2.IMWRITE_JPEG_QUALITY), quality]
     xs = [cv2.imencode(".jpg", np.ascontiguousarray(f[..., 0]), params)[1].tobytes() for f in q]
@@ -107,7 +109,7 @@ def _export_features(cache_root: Path, key: str, out: Path, table: VideoTable, r
 
     path = artifacts.feature_store_file(Path(cache_root) / key)
     c = _open_container(path, "zarr" if path.suffix == ".zarr" else "h5", "r")
-    r = ContainerReader(c.backend, c.handle)
+    r = ContainerReader(c.backend, c.handle, c.path)
     name_of = dict(zip(table.video_ids, (rel.rsplit("/", 1)[-1] for rel in rels)))
     written = 0
     try:

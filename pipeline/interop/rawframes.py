@@ -12,8 +12,9 @@ Layouts (``T`` frames give ``T - step`` flows; flow ``k`` goes from frame ``k`` 
 
 A frame folder is ``<root>/<Class>/<vid>`` or ``<root>/<vid>`` (under ``jpegs_256`` for twostreamfusion); its
 path relative to that root is the video id. ``decode --dataset rawframes`` stores the frames' JPEG bytes as
-they are (no re-encoding) and ``extract-flow --backend import`` stores the flow images' uint8 codes as the
-flow store's quantized values with the given ``--bound``: the source tools quantize with
+they are (no re-encoding) and ``extract-flow --backend import`` stores the flow images as the flow store's
+quantized values with the given ``--bound`` (``--codec jpeg``: their bytes copied, :func:`read_flow_jpegs`;
+else their decoded uint8 codes, :func:`read_flow_codes`): the source tools quantize with
 ``255 * (v + b) / (2 b)`` rounded (TSN / denseflow's ``convertFlowToImage``), the same mapping as
 :mod:`pipeline.flow.quantize`, so the codes are used unchanged.
 
@@ -327,15 +328,14 @@ def read_frame_jpegs(folder: Path, lay: Layout, max_frames: int = 0) -> tuple[li
     return blobs, total, size
 
 
-def read_flow_codes(root: Path, frame_dir: Path, lay: Layout, *, start_index: int | None = None, step: int = 1,
-                    num_frames: int | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
-    """A video's flow images as the stored uint8 codes, (num_frames - step, H, W, 2) (x then y).
+def read_flow_jpegs(root: Path, frame_dir: Path, lay: Layout, *, start_index: int | None = None, step: int = 1,
+                    num_frames: int | None = None, size: tuple[int, int] | None = None
+                    ) -> tuple[list[bytes], list[bytes]]:
+    """A video's flow images as their JPEG bytes, unchanged: (x images, y images), ``num_frames - step`` each.
 
-    ``num_frames``: the frames stored for the video (fewer than in the folder under ``--max-frames``), default
-    all; ``size``: the frames' (H, W) the flow must match. RawframesError naming the folder on a failed check.
+    Every image is checked (a complete grayscale JPEG of the frames' ``size``, all of one size; the counts
+    and numbering as :func:`read_flow_codes`); RawframesError naming the file or folder on a failed check.
     """
-    import cv2
-
     frame_dir = Path(frame_dir)
     start = lay.flow_start if start_index is None else int(start_index)
     frame_names = _names(frame_dir) if frame_dir.is_dir() else []
@@ -360,22 +360,44 @@ def read_flow_codes(root: Path, frame_dir: Path, lay: Layout, *, start_index: in
         raise RawframesError(f"{frame_dir}: {len(seqs[0])} flows for {total} frames; step {step} needs "
                              f"{total} - {step} = {total - step}")
     n = (num_frames if num_frames is not None else total) - step
-    out = None
+    out: tuple[list[bytes], list[bytes]] = ([], [])
+    first = None
     for axis in (0, 1):
-        for k, (_, name) in enumerate(seqs[axis][:n]):
+        for _, name in seqs[axis][:n]:
             path = dirs[axis] / name
             blob = path.read_bytes()
             hw = check_jpeg(blob, path, colour=False)
             if size is not None and hw != tuple(size):
                 raise RawframesError(f"{path}: flow image {hw[1]}x{hw[0]}, the frames are {size[1]}x{size[0]}")
+            if first is None:
+                first = hw
+            elif hw != first:
+                raise RawframesError(f"{path}: flow image {hw[1]}x{hw[0]}, the first is {first[1]}x{first[0]}")
+            out[axis].append(blob)
+    return out
+
+
+def read_flow_codes(root: Path, frame_dir: Path, lay: Layout, *, start_index: int | None = None, step: int = 1,
+                    num_frames: int | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A video's flow images as the stored uint8 codes, (num_frames - step, H, W, 2) (x then y).
+
+    ``num_frames``: the frames stored for the video (fewer than in the folder under ``--max-frames``), default
+    all; ``size``: the frames' (H, W) the flow must match. RawframesError naming the folder on a failed check.
+    """
+    import cv2
+
+    xs, ys = read_flow_jpegs(root, frame_dir, lay, start_index=start_index, step=step, num_frames=num_frames,
+                             size=size)
+    out = None
+    for axis, blobs in enumerate((xs, ys)):
+        for k, blob in enumerate(blobs):
             img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_GRAYSCALE)
             if img is None:
-                raise RawframesError(f"{path}: unreadable JPEG (OpenCV cannot decode it)")
+                name = lay.flow_name(axis, k + (lay.flow_start if start_index is None else int(start_index)))
+                raise RawframesError(f"{lay.flow_dirs(root, Path(frame_dir))[axis] / name}: unreadable JPEG "
+                                     "(OpenCV cannot decode it)")
             if out is None:
-                out = np.empty((n, *img.shape, 2), np.uint8)
-            elif img.shape != out.shape[1:3]:
-                raise RawframesError(f"{path}: flow image {img.shape[1]}x{img.shape[0]}, the first is "
-                                     f"{out.shape[2]}x{out.shape[1]}")
+                out = np.empty((len(xs), *img.shape, 2), np.uint8)
             out[k, :, :, axis] = img
     return out if out is not None else np.zeros((0, *(size or (0, 0)), 2), np.uint8)
 

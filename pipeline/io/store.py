@@ -28,11 +28,19 @@ import numpy as np
 
 from pipeline.io.atomic import TMP_PREFIX, atomic_dir, jsonable, remove_path
 
-#: Bumped when a stored layout changes incompatibly; checked on open.
-FORMAT_VERSION = 1
+#: The store format written, in every container's ``format_version``; bumped when the layout changes.
+#: 2: per-chunk checksums (crc32c / fletcher32), sharded Zarr arrays, flow codecs (planar JPEG, zstd).
+FORMAT_VERSION = 2
+#: Formats this code reads: format 1 (no checksums, one file per chunk) reads with the same meaning;
+#: ``pipeline verify`` counts such containers (they cannot be checked) and re-running with --force rewrites them.
+READABLE_FORMATS = (1, 2)
 
 BACKENDS = ("zarr", "h5")
-IMAGE_CODECS = ("jpeg", "raw")
+#: Image sequence codecs: ``jpeg`` (lossy JPEG-in-array; images with 2 channels, such as flow, are stored
+#: as one grayscale JPEG per channel, TSN / denseflow's x and y images), ``raw`` (lossless, Blosc-LZ4 in
+#: Zarr, LZF in HDF5), ``zstd`` (lossless, Zstandard in Zarr; gzip in HDF5, whose Zstandard filter is a
+#: plugin h5py does not ship).
+IMAGE_CODECS = ("jpeg", "raw", "zstd")
 _EXT = {"zarr": ".zarr", "h5": ".h5"}
 
 
@@ -72,22 +80,66 @@ def encode_jpeg_frames(frames: np.ndarray, quality: int = 95) -> tuple[np.ndarra
         if not ok:
             raise StoreError("JPEG encoding failed")
         chunks.append(buf.reshape(-1))
+    return _concat_images(chunks)
+
+
+def _imdecode(buf: np.ndarray) -> np.ndarray:
+    """One JPEG's pixels, (H, W, 3) RGB or (H, W, 1) gray uint8, through OpenCV (libjpeg-turbo)."""
+    import cv2
+
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise StoreError("corrupt JPEG data (OpenCV cannot decode it)")
+    return img[..., None] if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def decode_jpeg_frames(data: np.ndarray, offsets: np.ndarray, indices: Sequence[int], device: str = "cpu",
+                       planes: int = 1):
+    """Decode frames ``indices`` of a JPEG-in-array sequence; returns a (k, H, W, C) uint8 torch tensor.
+
+    ``planes``: JPEG images per frame (2 for flow: one grayscale image per channel, stacked as channels).
+    The CPU path decodes with ``cv2.imdecode``; a CUDA device decodes 1-plane sequences with nvJPEG
+    (torchvision).
+    """
+    import torch
+
+    idx = list(indices)
+    if not idx:
+        raise ValueError("no frame indices given")
+    if str(device).startswith("cuda") and planes == 1:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        bufs = [torch.from_numpy(np.ascontiguousarray(data[offsets[i]:offsets[i + 1]])) for i in idx]
+        imgs = decode_jpeg(bufs, mode=ImageReadMode.UNCHANGED, device=device)
+        return torch.stack(imgs).permute(0, 2, 3, 1).contiguous()
+    frames = []
+    for i in idx:
+        imgs = [_imdecode(data[offsets[i * planes + c]:offsets[i * planes + c + 1]]) for c in range(planes)]
+        frames.append(imgs[0] if planes == 1 else np.concatenate(imgs, axis=-1))
+    out = torch.from_numpy(np.stack(frames))
+    return out.to(device) if str(device) != "cpu" else out
+
+
+def encode_jpeg_planes(images: np.ndarray, quality: int = 95) -> tuple[np.ndarray, np.ndarray]:
+    """Encode (T, H, W, C) uint8 images as one grayscale JPEG per channel, in the order t0c0, t0c1, t1c0, ...
+
+    Returns the concatenated bytes and (T * C + 1,) int64 offsets (image ``t * C + c`` is channel ``c`` of
+    frame ``t``). For quantized flow (C = 2) each image is what TSN / denseflow write as ``flow_x`` /
+    ``flow_y``.
+    """
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"expected (T, H, W, C) uint8 images, got {images.shape} {images.dtype}")
+    planes = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(-1, *images.shape[1:3])
+    return encode_jpeg_frames(planes, quality)
+
+
+def _concat_images(images: Sequence[bytes | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    chunks = [np.frombuffer(b, dtype=np.uint8) if isinstance(b, bytes) else np.asarray(b, np.uint8).reshape(-1)
+              for b in images]
     offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
     np.cumsum([len(c) for c in chunks], out=offsets[1:])
     data = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
     return data, offsets
-
-
-def decode_jpeg_frames(data: np.ndarray, offsets: np.ndarray, indices: Sequence[int], device: str = "cpu"):
-    """Decode frames ``indices`` of a JPEG-in-array sequence; returns a (k, H, W, C) uint8 torch tensor."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    bufs = [torch.from_numpy(np.ascontiguousarray(data[offsets[i]:offsets[i + 1]])) for i in indices]
-    if not bufs:
-        raise ValueError("no frame indices given")
-    imgs = decode_jpeg(bufs, mode=ImageReadMode.UNCHANGED, device=device)
-    return torch.stack(imgs).permute(0, 2, 3, 1).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,41 +149,64 @@ def decode_jpeg_frames(data: np.ndarray, offsets: np.ndarray, indices: Sequence[
 class _Container:
     """Backend-neutral view of one open container: named arrays plus a JSON attribute dict."""
 
-    def __init__(self, backend: str, handle: Any):
+    def __init__(self, backend: str, handle: Any, path: Path | None = None):
         self.backend = backend
         self.handle = handle
+        self.path = path
 
     # -- writing --
     def create(self, name: str, data: np.ndarray, *, chunks: tuple[int, ...] | None = None,
-               compress: bool = True) -> None:
+               compress: bool = True, compression: str = "lz4", attrs: Mapping[str, Any] | None = None,
+               shard: bool = False) -> None:
+        """Write array ``name``; ``compression``: lz4 (Blosc-LZ4 + shuffle in Zarr, LZF in HDF5) or zstd
+        (Zstandard in Zarr, gzip in HDF5). Every chunk carries a checksum (Zarr: crc32c; HDF5: fletcher32),
+        verified when it is read. ``shard`` (Zarr): every chunk in one shard file (an HDF5 file is one file)."""
         data = np.ascontiguousarray(data)
+        if compression not in ("lz4", "zstd"):
+            raise ValueError(f"unknown compression {compression!r}")
         if self.backend == "h5":
             kw: dict[str, Any] = {}
             if data.size and chunks is not None:
                 kw["chunks"] = tuple(min(c, s) for c, s in zip(chunks, data.shape)) or None
             if compress and data.size:
-                kw["compression"] = "lzf"
-            self.handle.create_dataset(name, data=data, **kw)
-        else:
-            import zarr
-            from zarr.codecs import BloscCodec
+                kw["compression"] = "lzf" if compression == "lz4" else "gzip"
+                if compression == "zstd":
+                    kw["compression_opts"] = 6
+            if data.size and data.dtype.kind not in "USO":
+                kw["fletcher32"] = True
+            ds = self.handle.create_dataset(name, data=data, **kw)
+            for k, v in (attrs or {}).items():
+                ds.attrs[k] = json.dumps(jsonable(v))
+            return
+        import zarr
+        from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-            if data.dtype.kind in "US":  # variable-length UTF-8, the string type with a Zarr v3 spec
-                arr = zarr.create_array(self.handle.store, name=f"{self.handle.path}/{name}".lstrip("/"),
-                                        shape=data.shape, dtype=str, chunks=tuple(max(1, s) for s in data.shape))
-                arr[...] = data.astype(str).astype(object)
-                return
-            compressors = [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle" if data.dtype == np.uint8
-                                      else "shuffle")] if compress else None
+        path = f"{self.handle.path}/{name}".lstrip("/")
+        if data.dtype.kind in "US":  # variable-length UTF-8, the string type with a Zarr v3 spec
+            arr = zarr.create_array(self.handle.store, name=path, shape=data.shape, dtype=str,
+                                    chunks=tuple(max(1, s) for s in data.shape), compressors=[Crc32cCodec()])
+            arr[...] = data.astype(str).astype(object)
+        else:
+            if not compress:
+                codec = []
+            elif compression == "zstd":
+                codec = [ZstdCodec(level=5)]
+            else:
+                codec = [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle" if data.dtype == np.uint8
+                                    else "shuffle")]
             chunk_shape = chunks if chunks is not None else "auto"
             if data.size == 0:
                 chunk_shape = tuple(max(1, s) for s in data.shape) or (1,)
             elif chunks is not None:
                 chunk_shape = tuple(max(1, min(c, s)) for c, s in zip(chunks, data.shape))
-            arr = zarr.create_array(self.handle.store, name=f"{self.handle.path}/{name}".lstrip("/"),
-                                    shape=data.shape, dtype=data.dtype, chunks=chunk_shape,
-                                    compressors=compressors)
+            shards = None
+            if shard and data.size and chunks is not None:  # the whole array as one shard file
+                shards = tuple(-(-s // c) * c for s, c in zip(data.shape, chunk_shape))
+            arr = zarr.create_array(self.handle.store, name=path, shape=data.shape, dtype=data.dtype,
+                                    chunks=chunk_shape, shards=shards, compressors=[*codec, Crc32cCodec()])
             arr[...] = data
+        if attrs:
+            arr.attrs.update({k: jsonable(v) for k, v in attrs.items()})
 
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:
         if self.backend == "h5":
@@ -172,37 +247,85 @@ def _open_container(path: Path, backend: str, mode: str) -> _Container:
     if backend == "h5":
         import h5py
 
-        return _Container("h5", h5py.File(path, mode))
+        return _Container("h5", h5py.File(path, mode), Path(path))
     import zarr
 
-    return _Container("zarr", zarr.open_group(str(path), mode=mode, zarr_format=3))
+    return _Container("zarr", zarr.open_group(str(path), mode=mode, zarr_format=3), Path(path))
+
+
+@contextmanager
+def reading(path: Path | None, what: str) -> Iterator[None]:
+    """Turn a failed chunk read (checksum mismatch, truncated or undecodable chunk) into a StoreError naming
+    the file and the array."""
+    try:
+        yield
+    except (StoreError, IndexError, KeyError):
+        raise
+    except Exception as e:  # noqa: BLE001 - zarr / numcodecs / h5py raise ValueError, OSError, RuntimeError
+        raise StoreError(f"{path}: corrupt or truncated data in {what!r} ({type(e).__name__}: {str(e)[:200]}); "
+                         "`pipeline verify` lists the damaged videos, re-running the stage recomputes them") from e
+
+
+def check_arrays(c: "_Container") -> list[str]:
+    """Read every array of an open container in full (each chunk's checksum is verified on read); the
+    problems found, each naming the array, empty when all is well."""
+    names: list[str] = []
+    if c.backend == "h5":
+        import h5py
+
+        c.handle.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+    else:
+        names = sorted(n for n, _ in c.handle.arrays()) + [f"{g}/{n}" for g, grp in sorted(c.handle.groups())
+                                                            for n, _ in grp.arrays()]
+    problems = []
+    for name in names:
+        arr = c.handle[name]
+        try:
+            step = max(1, int(arr.chunks[0])) if arr.chunks and arr.ndim else 1
+            for a in range(0, max(1, arr.shape[0]) if arr.ndim else 1, step):
+                arr[a:a + step] if arr.ndim else arr[()]
+        except Exception as e:  # noqa: BLE001 - any failed read is a damaged array
+            problems.append(f"{name}: {type(e).__name__}: {str(e)[:160]}")
+    return problems
 
 
 class ContainerWriter(_Container):
     """What :meth:`VideoStore.writer` yields: create arrays and image sequences, set attributes."""
 
     def write_images(self, name: str, frames: np.ndarray, *, codec: str = "jpeg", quality: int = 95) -> None:
-        """Store an image sequence (T, H, W, C) uint8 as ``<name>/jpeg`` + ``<name>/offsets`` or ``<name>/raw``."""
+        """Store an image sequence (T, H, W, C) uint8 as ``<name>/jpeg`` + ``<name>/offsets`` or ``<name>/raw``.
+
+        ``jpeg``: colour (C = 3) or gray (C = 1) frames are one JPEG each; any other C (flow: 2) is one
+        grayscale JPEG per channel (``planes`` = C, recorded on ``<name>/offsets``). ``raw`` / ``zstd``:
+        lossless, one frame per chunk.
+        """
         if codec not in IMAGE_CODECS:
             raise ValueError(f"unknown image codec {codec!r}; choose one of {', '.join(IMAGE_CODECS)}")
+        if frames.ndim == 3:
+            frames = frames[..., None]
         if codec == "jpeg":
-            data, offsets = encode_jpeg_frames(frames, quality)
-            self.create(f"{name}/jpeg", data, chunks=(1 << 20,), compress=False)
-            self.create(f"{name}/offsets", offsets, compress=False)
+            if frames.shape[-1] in (1, 3):
+                self._write_jpeg(name, *encode_jpeg_frames(frames, quality), planes=1, quality=quality)
+            else:
+                self._write_jpeg(name, *encode_jpeg_planes(frames, quality), planes=frames.shape[-1],
+                                 quality=quality)
         else:
-            if frames.ndim == 3:
-                frames = frames[..., None]
-            self.create(f"{name}/raw", frames, chunks=(1, *frames.shape[1:]))
+            self.create(f"{name}/raw", frames, chunks=(1, *frames.shape[1:]),
+                        compression="zstd" if codec == "zstd" else "lz4", shard=True)
 
-    def write_encoded_images(self, name: str, images: Sequence[bytes]) -> None:
+    def write_encoded_images(self, name: str, images: Sequence[bytes], *, planes: int = 1) -> None:
         """Store already-encoded JPEG images as ``<name>/jpeg`` + ``<name>/offsets``, bytes copied as they are
-        (no re-encoding; the same layout :meth:`write_images` writes with ``codec="jpeg"``)."""
-        chunks = [np.frombuffer(b, dtype=np.uint8) for b in images]
-        offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
-        np.cumsum([len(c) for c in chunks], out=offsets[1:])
-        data = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
-        self.create(f"{name}/jpeg", data, chunks=(1 << 20,), compress=False)
-        self.create(f"{name}/offsets", offsets, compress=False)
+        (no re-encoding; the same layout :meth:`write_images` writes with ``codec="jpeg"``). ``planes`` > 1:
+        the images are grayscale channel planes, frame-major (flow: x0, y0, x1, y1, ...)."""
+        if len(images) % planes:
+            raise ValueError(f"{len(images)} images is not a multiple of {planes} planes")
+        self._write_jpeg(name, *_concat_images(images), planes=planes, quality=None)
+
+    def _write_jpeg(self, name: str, data: np.ndarray, offsets: np.ndarray, *, planes: int,
+                    quality: int | None) -> None:
+        self.create(f"{name}/jpeg", data, chunks=(1 << 20,), compress=False, shard=True)
+        self.create(f"{name}/offsets", offsets, compress=False,
+                    attrs={"planes": planes} if planes != 1 else None)
 
 
 class ContainerReader(_Container):
@@ -215,13 +338,34 @@ class ContainerReader(_Container):
             return "raw"
         raise KeyError(f"no image sequence {name!r} in this container")
 
+    def jpeg_planes(self, name: str) -> int:
+        """JPEG images per frame of a JPEG-in-array sequence (1; flow stored as x / y images: 2)."""
+        a = self[f"{name}/offsets"].attrs
+        v = a.get("planes", 1)
+        return int(json.loads(v) if isinstance(v, (str, bytes)) else v)
+
     def num_images(self, name: str) -> int:
         if self.image_codec(name) == "jpeg":
-            return int(self[f"{name}/offsets"].shape[0]) - 1
+            return (int(self[f"{name}/offsets"].shape[0]) - 1) // self.jpeg_planes(name)
         return int(self[f"{name}/raw"].shape[0])
 
+    def encoded_images(self, name: str) -> list[bytes]:
+        """The stored JPEG bytes of a JPEG-in-array sequence, every image in order (planes frame-major)."""
+        offsets = np.asarray(self[f"{name}/offsets"][...])
+        data = np.asarray(self[f"{name}/jpeg"][...])
+        return [data[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
+
     def read_images(self, name: str, indices: Sequence[int] | None = None, *, device: str = "cpu"):
-        """Frames ``indices`` (all when None) as a (k, H, W, C) uint8 torch tensor (on ``device``)."""
+        """Frames ``indices`` (all when None) as a (k, H, W, C) uint8 torch tensor (on ``device``); a damaged
+        chunk is a StoreError naming the file.
+
+        Each run of nearby indices is one contiguous read (a gap of at most the run's own length is read
+        through rather than split); repeated indices are read once.
+        """
+        with reading(self.path, name):
+            return self._read_images(name, indices, device)
+
+    def _read_images(self, name: str, indices: Sequence[int] | None, device: str):
         import torch
 
         n = self.num_images(name)
@@ -229,29 +373,39 @@ class ContainerReader(_Container):
         bad = [i for i in idx if not 0 <= i < n]
         if bad:
             raise IndexError(f"frame indices {bad[:5]} out of range for {n} images")
+        uniq = sorted(set(idx))
+        runs = contiguous_runs(uniq)
         if self.image_codec(name) == "jpeg":
+            P = self.jpeg_planes(name)
             offsets = np.asarray(self[f"{name}/offsets"][...])
             data = self[f"{name}/jpeg"]
-            need = int(sum(offsets[i + 1] - offsets[i] for i in set(idx)))
-            lo, hi = offsets[min(idx)], offsets[max(idx) + 1]
-            if hi - lo <= 2 * need:  # dense request: one contiguous read
-                block = np.asarray(data[lo:hi])
-                return decode_jpeg_frames(block, offsets - lo, idx, device=device)
-            parts = {i: np.asarray(data[offsets[i]:offsets[i + 1]]) for i in sorted(set(idx))}
-            bufs = [parts[i] for i in idx]
-            offs = np.zeros(len(bufs) + 1, np.int64)
-            np.cumsum([len(b) for b in bufs], out=offs[1:])
-            return decode_jpeg_frames(np.concatenate(bufs), offs, range(len(bufs)), device=device)
+            bufs: list[np.ndarray] = []
+            offs = [0]
+            for a, b in runs:  # frames [a, b): images [a * P, b * P)
+                lo, hi = int(offsets[a * P]), int(offsets[b * P])
+                bufs.append(np.asarray(data[lo:hi]))
+                for j in range(a * P, b * P):
+                    offs.append(offs[-1] + int(offsets[j + 1] - offsets[j]))
+            pos = {u: k for k, u in enumerate(u for a, b in runs for u in range(a, b))}
+            return decode_jpeg_frames(np.concatenate(bufs), np.asarray(offs), [pos[i] for i in idx],
+                                      device=device, planes=P)
         arr = self[f"{name}/raw"]
-        uniq = sorted(set(idx))
-        if uniq[-1] - uniq[0] + 1 <= 2 * len(uniq):
-            block = np.asarray(arr[uniq[0]:uniq[-1] + 1])
-            pos = {u: u - uniq[0] for u in uniq}
-        else:  # sparse request: read only the frames' chunks
-            block = np.stack([np.asarray(arr[u]) for u in uniq])
-            pos = {u: k for k, u in enumerate(uniq)}
+        block = np.concatenate([np.asarray(arr[a:b]) for a, b in runs])
+        pos = {u: k for k, u in enumerate(u for a, b in runs for u in range(a, b))}
         out = torch.from_numpy(np.ascontiguousarray(block[[pos[i] for i in idx]]))
         return out.to(device) if device != "cpu" else out
+
+
+def contiguous_runs(sorted_indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Half-open ranges covering sorted unique indices, merging a gap no longer than the run before it
+    (reading a few unneeded frames costs less than another read call)."""
+    runs: list[list[int]] = []
+    for i in sorted_indices:
+        if runs and i - runs[-1][1] <= max(1, runs[-1][1] - runs[-1][0]):
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
 
 
 @dataclass
@@ -302,7 +456,7 @@ class VideoStore:
         """
         with atomic_dir(self.path(video_id)) as tmp:
             raw = _open_container(tmp, self.backend, "w")
-            w = ContainerWriter(raw.backend, raw.handle)
+            w = ContainerWriter(raw.backend, raw.handle, tmp)
             try:
                 yield w
                 w.set_attrs({"format_version": FORMAT_VERSION, "video_id": video_id})
@@ -318,12 +472,13 @@ class VideoStore:
             raw = _open_container(path, self.backend, "r")
         except Exception as e:  # noqa: BLE001 - report any backend failure with the path
             raise StoreError(f"{path}: cannot open ({type(e).__name__}: {e})") from e
-        r = ContainerReader(raw.backend, raw.handle)
+        r = ContainerReader(raw.backend, raw.handle, path)
         try:
             version = r.attrs.get("format_version")
-            if version != FORMAT_VERSION:
-                raise StoreError(f"{path}: written by store format {version}, this pipeline reads format "
-                                 f"{FORMAT_VERSION}; re-run the stage that wrote it (or use another --cache-dir)")
+            if version not in READABLE_FORMATS:
+                raise StoreError(f"{path}: written by store format {version}, this pipeline reads formats "
+                                 f"{', '.join(map(str, READABLE_FORMATS))}; re-run the stage that wrote it with "
+                                 "--force (or use another --cache-dir)")
             yield r
         finally:
             r.close()
@@ -393,13 +548,16 @@ def write_feature_store(path: Path, fs: FeatureSet) -> None:
             w.close()
 
 
+#: Target bytes per feature chunk: a few videos' (P, views, D) blocks, so reading one video decompresses
+#: little (256 videos of 45 x 10 x 2048 float16 would be a 470 MB chunk).
+FEATURE_CHUNK_BYTES = 8 << 20
+
+
 def _write_features(w: "ContainerWriter", fs: FeatureSet, backend: str) -> None:
     V = len(fs.video_ids)
     for name, arr in fs.streams.items():
-        # About 8 MiB per chunk: a few videos' (P, views, D) blocks, so reading one video decompresses
-        # little (256 videos of 45 x 10 x 2048 float16 would be a 470 MB chunk).
         per_video = max(1, arr[:1].nbytes)
-        w.create(f"streams/{name}", arr, chunks=(max(1, min(V, (8 << 20) // per_video)), *arr.shape[1:]))
+        w.create(f"streams/{name}", arr, chunks=(max(1, min(V, FEATURE_CHUNK_BYTES // per_video)), *arr.shape[1:]))
     w.create("positions", fs.positions.astype(np.float32))
     w.create("labels", fs.labels.astype(np.int64))
     for key in ("video_ids", "split", "groups", "class_names"):
@@ -415,26 +573,31 @@ def feature_store_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if not path.exists():
         raise StoreError(f"{path}: feature store not found (run `pipeline extract-features` first)")
     c = _open_container(path, "zarr" if path.suffix == ".zarr" else "h5", "r")
-    r = ContainerReader(c.backend, c.handle)
+    r = ContainerReader(c.backend, c.handle, c.path)
     try:
         return {s: tuple(int(x) for x in r[f"streams/{s}"].shape) for s in r.attrs.get("streams", [])}
     finally:
         r.close()
 
 
-def read_feature_store(path: Path, streams: Sequence[str] | None = None) -> FeatureSet:
-    """Load a feature store written by :func:`write_feature_store` (or by ``extract-features``)."""
+def read_feature_store(path: Path, streams: Sequence[str] | None = None, *, damaged: str = "raise") -> FeatureSet:
+    """Load a feature store written by :func:`write_feature_store` (or by ``extract-features``).
+
+    ``damaged``: a stream chunk failing its checksum is a StoreError naming the file (``"raise"``), or
+    (``"mark"``) its rows are NaN and ``attrs["damaged"]`` maps each of their video ids to the reason, so a
+    caller can fail those videos and keep the others.
+    """
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path}: feature store not found (run `pipeline extract-features` first)")
     backend = "zarr" if path.suffix == ".zarr" else "h5"
     c = _open_container(path, backend, "r")
-    r = ContainerReader(c.backend, c.handle)
+    r = ContainerReader(c.backend, c.handle, c.path)
     try:
         attrs = r.attrs
-        if attrs.get("format_version") != FORMAT_VERSION:
+        if attrs.get("format_version") not in READABLE_FORMATS:
             raise StoreError(f"{path}: written by store format {attrs.get('format_version')}, this pipeline "
-                             f"reads format {FORMAT_VERSION}; re-run extract-features")
+                             f"reads formats {', '.join(map(str, READABLE_FORMATS))}; re-run extract-features")
         names = list(attrs["streams"]) if streams is None else list(streams)
         missing = [s for s in names if s not in attrs["streams"]]
         if missing:
@@ -446,12 +609,63 @@ def read_feature_store(path: Path, streams: Sequence[str] | None = None) -> Feat
                 return np.char.decode(a, "utf-8")
             return np.array([str(x) for x in a.ravel()]).reshape(a.shape)
 
+        ids = strings("video_ids")
+        bad: dict[str, str] = {}
+        with reading(path, "streams"):
+            if damaged == "raise":
+                streams = {s: np.asarray(r[f"streams/{s}"][...]) for s in names}
+            else:
+                streams = {s: _read_marking(r[f"streams/{s}"], f"streams/{s}", path, ids, bad) for s in names}
+        if bad:
+            attrs = {**attrs, "damaged": bad}
         return FeatureSet(
-            streams={s: np.asarray(r[f"streams/{s}"][...]) for s in names},
+            streams=streams,
             positions=np.asarray(r["positions"][...]),
-            video_ids=strings("video_ids"), labels=np.asarray(r["labels"][...]),
+            video_ids=ids, labels=np.asarray(r["labels"][...]),
             split=strings("split"), groups=strings("groups"), class_names=strings("class_names"),
             attrs=attrs,
         )
     finally:
         r.close()
+
+
+def _read_marking(arr, key: str, path: Path, ids: Sequence[str], bad: dict[str, str]) -> np.ndarray:
+    """Read ``arr`` chunk by chunk along axis 0; a chunk that fails is NaN, its videos noted in ``bad``."""
+    out = np.empty(arr.shape, arr.dtype)
+    step = max(1, int(arr.chunks[0]))
+    for lo in range(0, arr.shape[0], step):
+        try:
+            out[lo:lo + step] = arr[lo:lo + step]
+        except Exception as e:  # noqa: BLE001 - checksum mismatch, truncated chunk
+            out[lo:lo + step] = np.nan
+            for vid in ids[lo:lo + step]:
+                bad.setdefault(str(vid), f"{path}: damaged chunk of {key} ({type(e).__name__}: {str(e)[:120]})")
+    return out
+
+
+def damaged_feature_videos(path: Path) -> dict[str, str]:
+    """Videos of a feature store whose rows sit in a damaged chunk (checksum mismatch, truncated chunk):
+    video id -> reason. Every stream is read chunk by chunk; a damaged id list is reported as ``*``."""
+    path = Path(path)
+    c = _open_container(path, "zarr" if path.suffix == ".zarr" else "h5", "r")
+    r = ContainerReader(c.backend, c.handle, path)
+    bad: dict[str, str] = {}
+    try:
+        try:
+            a = np.asarray(r["video_ids"][...])
+            ids = [x.decode() if isinstance(x, bytes) else str(x) for x in a.ravel()]
+        except Exception as e:  # noqa: BLE001 - without ids no video can be named
+            return {"*": f"{path}: video_ids unreadable ({type(e).__name__}: {e})"}
+        for key in ["positions", "labels", *[f"streams/{s}" for s in r.attrs.get("streams", [])]]:
+            arr = r[key]
+            step = max(1, int(arr.chunks[0]))
+            for lo in range(0, arr.shape[0], step):
+                try:
+                    arr[lo:lo + step]
+                except Exception as e:  # noqa: BLE001 - a damaged chunk damages the videos in it
+                    for vid in ids[lo:lo + step]:
+                        bad.setdefault(vid, f"{path}: {key} rows {lo}-{min(lo + step, len(ids)) - 1}: "
+                                            f"{type(e).__name__}: {str(e)[:120]}")
+    finally:
+        r.close()
+    return bad

@@ -170,8 +170,10 @@ def load_upstream(cache_root: Path, keys: Iterable[str], for_stage: str) -> Upst
                              f"{cache_root / key}: run `pipeline {key.split('/')[0]}` first"
                              + _other_scopes_hint(cache_root, key))
         if not m.get("complete"):
+            why = (f"{len(m['damaged'])} damaged videos found by `pipeline verify`" if m.get("damaged")
+                   else f"{m.get('failed', 0)} failures")
             raise StageError(f"stage {for_stage!r} reads the output of {key!r}, which is incomplete "
-                             f"({m.get('failed', 0)} failures): re-run `pipeline {key.split('/')[0]}` "
+                             f"({why}): re-run `pipeline {key.split('/')[0]}` "
                              "or allow failures there")
         manifests[key] = m
     return Upstream(cache_root, manifests)

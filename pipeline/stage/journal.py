@@ -35,7 +35,10 @@ def read_records(files: Iterable[Path]) -> tuple[dict[str, dict], dict[str, str]
             except json.JSONDecodeError:
                 continue
             vid = rec.get("video")
-            if rec.get("ok"):
+            if rec.get("damaged"):  # `pipeline verify` found its output damaged: redo it
+                done.pop(vid, None)
+                failed[vid] = rec.get("reason", "damaged")
+            elif rec.get("ok"):
                 done[vid] = rec
                 failed.pop(vid, None)
             elif vid not in done:
@@ -76,6 +79,12 @@ class Journal:
         self._append({"video": video_id, "ok": False, "reason": reason})
         self.failed[video_id] = reason
         log.warning("failed: %s: %s", video_id, reason)
+
+    def record_damaged(self, video_id: str, reason: str) -> None:
+        """The video's committed output was found damaged (``pipeline verify``): it is redone on the next run."""
+        self._append({"video": video_id, "ok": False, "damaged": True, "reason": reason})
+        self.done.pop(video_id, None)
+        self.failed[video_id] = reason
 
     def close(self) -> None:
         self._fh.close()

@@ -297,12 +297,16 @@ _LOADED: dict[tuple, object] = {}
 
 
 def nonfinite_videos(fs, streams: Sequence[str] = STREAMS) -> dict[str, str]:
-    """Videos of a feature store whose features hold NaN or inf: {video id: "rgb: 3 non-finite values"}."""
-    bad: dict[str, list[str]] = {}
+    """Videos of a feature store whose features hold NaN or inf: {video id: "rgb: 3 non-finite values"}, or
+    sit in a damaged chunk (``attrs["damaged"]`` of :func:`read_feature_store`): {video id: the reason}."""
+    damaged = dict((fs.attrs or {}).get("damaged") or {})
+    bad: dict[str, list[str]] = {v: [why] for v, why in damaged.items()}
     for s in streams:
         a = np.asarray(fs.streams[s])
         counts = (~np.isfinite(a)).reshape(a.shape[0], -1).sum(1)
         for i in np.flatnonzero(counts):
+            if str(fs.video_ids[i]) in damaged:
+                continue
             bad.setdefault(str(fs.video_ids[i]), []).append(f"{s}: {int(counts[i])} non-finite values")
     return {v: ", ".join(r) for v, r in bad.items()}
 
@@ -316,7 +320,7 @@ def load_features(path: Path, streams: Sequence[str] = STREAMS):
     key = (str(Path(path).resolve()), st.st_ino, st.st_mtime_ns, tuple(streams))
     if key not in _LOADED:
         _LOADED.clear()
-        _LOADED[key] = read_feature_store(Path(path), list(streams))
+        _LOADED[key] = read_feature_store(Path(path), list(streams), damaged="mark")  # damaged rows: NaN
     return _LOADED[key]
 
 
