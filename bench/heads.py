@@ -3,24 +3,32 @@
 Default: the paper's STFN head (arch a, avg fusion, bi-directional, N = 7 segments) at UCF101
 split-1 scale: 9,537 training videos, 2 x 2048-d features at P = 25 positions, 101 classes,
 batch 32, RMSProp. Prints videos/s for one training epoch (pipeline.training.heads.train_one_epoch)
-and for test-time prediction (5 sequences per video), on CPU and on CUDA when present.
+and for test-time prediction (5 sequences per video).
 
-``--videos`` runs a fraction of the epoch; the full-epoch time is extrapolated linearly
-(videos / throughput) and printed as such.
+``--device auto`` (the default) runs on CUDA when present, else on the CPU; ``all`` runs both. On CUDA
+the default is the full epoch; on the CPU, where a full epoch takes minutes, ``--cpu-videos`` (256)
+videos, and the full-epoch time is extrapolated linearly (videos / throughput) and printed as such.
+``--videos`` sets the count on every device.
 
+    .venv/bin/python bench/heads.py                       # CUDA full epoch, or 256 videos on the CPU
     .venv/bin/python bench/heads.py --videos 256 --device cpu
-    .venv/bin/python bench/heads.py                       # full epoch, CPU and CUDA
+    .venv/bin/python bench/heads.py --device all --videos 9537   # full epoch on both
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from pipeline.training.heads import predict_views, train_one_epoch
-from pipeline.models.heads import create_head
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.training.heads import predict_views, train_one_epoch  # noqa: E402
+from pipeline.models.heads import create_head  # noqa: E402
 
 UCF101_SPLIT1_TRAIN = 9537
 
@@ -74,19 +82,23 @@ def bench(device: torch.device, args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--head", default="stfn")
-    ap.add_argument("--videos", type=int, default=UCF101_SPLIT1_TRAIN)
+    ap.add_argument("--videos", type=int, default=None, help="videos per epoch on every device "
+                    f"(default: {UCF101_SPLIT1_TRAIN} on CUDA, --cpu-videos on the CPU)")
+    ap.add_argument("--cpu-videos", type=int, default=256)
     ap.add_argument("--positions", type=int, default=25)
     ap.add_argument("--segments", type=int, default=7)
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--classes", type=int, default=101)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
+    ap.add_argument("--device", choices=["auto", "all", "cpu", "cuda"], default="auto")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmul/conv on CUDA")
     args = ap.parse_args()
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     devices = []
     if args.device in ("all", "cpu"):
         devices.append(torch.device("cpu"))
@@ -96,7 +108,10 @@ def main() -> None:
         elif args.device == "cuda":
             raise SystemExit("CUDA requested but not available")
     for device in devices:
-        bench(device, args)
+        a = copy.copy(args)
+        if a.videos is None:
+            a.videos = UCF101_SPLIT1_TRAIN if device.type == "cuda" else a.cpu_videos
+        bench(device, a)
 
 
 if __name__ == "__main__":

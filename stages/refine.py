@@ -411,15 +411,15 @@ def train_one_epoch(net: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
     """
     world = _world()
     ddp = isinstance(net, nn.parallel.DistributedDataParallel)
-    totals = torch.zeros(2, dtype=torch.float64)  # loss sum, samples
+    known = T.global_batch_sizes(loader) if world > 1 else None
+    loss_acc = torch.zeros((), dtype=torch.float64, device=device)  # read once per epoch: no sync per step
+    samples = 0
     t0 = t_wait = time.perf_counter()
     data_s = 0.0
     for batch in loader:
         data_s += time.perf_counter() - t_wait
         b = batch["label"].shape[0]
-        global_b = torch.tensor([float(b)], device=device)
-        if world > 1:
-            torch.distributed.all_reduce(global_b)
+        global_b = T.global_batch_size(b, known, world)
         optimizer.zero_grad(set_to_none=True)
         chunks = micro_batches(b, micro_batch)
         for k, sl in enumerate(chunks):
@@ -429,12 +429,14 @@ def train_one_epoch(net: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
             sync = contextlib.nullcontext() if (not ddp or k == len(chunks) - 1) else net.no_sync()
             with sync:
                 loss = net(rgb, flow, y)
-                (loss * (y.shape[0] * world / global_b[0])).backward()
-            totals += torch.tensor([loss.item() * y.shape[0], y.shape[0]], dtype=torch.float64)
+                (loss * T.loss_scale(y.shape[0] * world, global_b)).backward()
+            loss_acc += loss.detach().double() * y.shape[0]
+            samples += y.shape[0]
         optimizer.step()
         if progress is not None:
             progress(b)
         t_wait = time.perf_counter()
+    totals = torch.tensor([loss_acc.item(), samples], dtype=torch.float64)  # loss sum, samples
     if world > 1:
         torch.distributed.all_reduce(totals)
     n = max(totals[1].item(), 1.0)

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 __all__ = [
     "DistInfo", "EpochBatches", "GlobalBatchNorm2d", "accuracy_metrics", "autocast", "evaluate",
     "freeze_partial_bn", "load_checkpoint", "save_checkpoint", "seed_epoch", "set_train_mode",
-    "sync_batchnorm", "train_one_epoch", "trainable_param_groups",
+    "global_batch_size", "global_batch_sizes", "loss_scale", "sync_batchnorm", "train_one_epoch",
+    "trainable_param_groups",
 ]
 
 
@@ -178,7 +179,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
-                unbiased = var.detach() * (n / (n - 1)).clamp_min(0) if float(n) > 1 else var.detach()
+                # n > 1 decided on the device: no host sync per layer per step
+                unbiased = torch.where(n > 1, var.detach() * (n / (n - 1)).clamp_min(0), var.detach())
                 self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
         y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
         if self.affine:
@@ -234,6 +236,33 @@ def _to_input(x: Tensor, device: torch.device, normalize: Callable[[Tensor], Ten
     return x.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 
 
+def global_batch_sizes(loader: Iterable) -> Iterator[int] | None:
+    """The global batch size of every step of this epoch when ``loader`` draws its batches from an
+    :class:`EpochBatches` (known on every rank without a collective), else None. Call after ``set_epoch``."""
+    sampler = getattr(loader, "batch_sampler", None)
+    if isinstance(sampler, EpochBatches):
+        return iter([len(b) for b in sampler.global_batches()])
+    return None
+
+
+def global_batch_size(b: int, known: Iterator[int] | None, world: int) -> int:
+    """This step's global batch: ``b`` alone, the next of ``known`` (:func:`global_batch_sizes`), or a sum
+    over ranks of a CPU tensor (gloo: no wait on the GPU's stream)."""
+    if world <= 1:
+        return b
+    if known is not None:
+        return next(known)
+    n = torch.tensor([b], dtype=torch.int64)
+    dist.all_reduce(n)
+    return int(n[0])
+
+
+def loss_scale(numerator: int, global_b: int) -> float:
+    """``numerator / global_b`` rounded as float32 division rounds it (the value the loss scaling always had
+    when it divided on the device), as a Python number: multiplying by it needs no host-to-device copy."""
+    return float(torch.tensor(float(numerator)) / torch.tensor(float(global_b)))
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer, *,
                     device: torch.device, normalize: Callable[[Tensor], Tensor], amp: bool = False,
                     progress: Callable[[int], Any] | None = None) -> dict[str, float]:
@@ -242,14 +271,21 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
     Each batch is ``{"input": (B, N, C, H, W) uint8, "label": (B,)}``; the network scores the B*N
     frames/stacks, the N scores of a sample are averaged and the cross-entropy of that average is the loss.
     Under DDP the loss of each rank is ``sum / global_batch * world_size`` so that DDP's gradient average is
-    the gradient of the global batch's mean loss, however the batch is split.
+    the gradient of the global batch's mean loss, however the batch is split. The global batch comes from
+    the loader's :class:`EpochBatches` when it has one (no collective per step).
+
+    The loss and accuracy sums stay on the device during the epoch (no host sync per step) and are read
+    once at its end.
 
     Returns:
         ``loss`` and ``acc`` over the epoch (every rank's samples), ``samples`` (global), ``seconds``,
         ``data_seconds`` (waiting for the loader) and ``frames`` (global B*N summed).
     """
     world = _world()
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, samples, frames
+    known = global_batch_sizes(loader) if world > 1 else None
+    loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+    correct_acc = torch.zeros((), dtype=torch.int64, device=device)
+    samples = frames = 0
     t0 = time.perf_counter()
     data_s = 0.0
     t_wait = time.perf_counter()
@@ -258,22 +294,23 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
         x, y = batch["input"], batch["label"].to(device, non_blocking=True)
         b, n = x.shape[:2]
         x = _to_input(x.flatten(0, 1), device, normalize)
-        global_b = torch.tensor([float(b)], device=device)
-        if world > 1:
-            dist.all_reduce(global_b)
+        scale = loss_scale(world, global_batch_size(b, known, world))
         with autocast(device, amp):
             logits = model(x).float().view(b, n, -1).mean(1)
             loss_sum = F.cross_entropy(logits, y, reduction="sum")
-        loss = loss_sum * (world / global_b[0])
+        loss = loss_sum * scale
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            totals += torch.tensor([loss_sum.item(), (logits.argmax(1) == y).sum().item(), b, b * n],
-                                   dtype=torch.float64)
+            loss_acc += loss_sum.detach().double()
+            correct_acc += (logits.argmax(1) == y).sum()
+        samples += b
+        frames += b * n
         if progress is not None:
             progress(b)
         t_wait = time.perf_counter()
+    totals = torch.tensor([loss_acc.item(), correct_acc.item(), samples, frames], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(totals)
     samples = max(totals[2].item(), 1.0)
@@ -305,8 +342,8 @@ def evaluate(model: nn.Module, loader: Iterable[dict], num_videos: int, num_clas
         logits = []
         for i in range(0, x.shape[0], chunk):
             with autocast(device, amp):
-                logits.append(model(_to_input(x[i:i + chunk], device, normalize)).float().cpu())
-        lg = torch.cat(logits)
+                logits.append(model(_to_input(x[i:i + chunk], device, normalize)).float())
+        lg = torch.cat(logits).cpu()  # one copy back per video
         idx = int(item["index"])
         out[idx, :num_classes] = lg.softmax(1).mean(0).double()
         out[idx, num_classes:-1] = lg.mean(0).double()
