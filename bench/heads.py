@@ -38,7 +38,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(device: torch.device, args: argparse.Namespace) -> None:
+def measure(device: torch.device, args: argparse.Namespace) -> dict:
+    """Seconds of one training epoch and of test-time prediction on ``args.videos`` synthetic videos."""
     g = torch.Generator(device=device).manual_seed(0)
     v, p, d = args.videos, args.positions, args.dim
     rgb = torch.rand(v, p, d, generator=g, device=device)
@@ -55,6 +56,7 @@ def bench(device: torch.device, args: argparse.Namespace) -> None:
     warm = min(v, 4 * args.batch_size)
     train_one_epoch(head, optimizer, rgb[:warm], flow[:warm], labels[:warm],
                     num_segments=args.segments, batch_size=args.batch_size, generator=gen)
+    predict_views(head, rgb[:warm], flow[:warm], args.segments, num_test=5, batch_size=256)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(args.epochs):
@@ -62,21 +64,27 @@ def bench(device: torch.device, args: argparse.Namespace) -> None:
                         batch_size=args.batch_size, generator=gen)
     _sync(device)
     train_s = (time.perf_counter() - t0) / args.epochs
-    train_vps = v / train_s
 
     _sync(device)
     t0 = time.perf_counter()
     predict_views(head, rgb, flow, args.segments, num_test=5, batch_size=256)
     _sync(device)
-    test_vps = v / (time.perf_counter() - t0)
-
+    test_s = time.perf_counter() - t0
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    scale = "" if v == UCF101_SPLIT1_TRAIN else f" (extrapolated from {v} videos)"
-    print(f"[{name}] head={args.head} params={n_params / 1e6:.1f}M N={args.segments} P={p} D={d} "
-          f"batch={args.batch_size}")
-    print(f"  train: {train_vps:,.0f} videos/s; one UCF101 split-1 epoch ({UCF101_SPLIT1_TRAIN} videos): "
-          f"{UCF101_SPLIT1_TRAIN / train_vps:.2f} s{scale}")
-    print(f"  test (5 sequences/video): {test_vps:,.0f} videos/s")
+    return {"device": name, "head": args.head, "params": n_params, "segments": args.segments, "positions": p,
+            "dim": d, "batch": args.batch_size, "videos": v, "train_seconds": train_s,
+            "train_videos_per_s": v / train_s, "test_videos_per_s": v / test_s,
+            "epoch_seconds_ucf101": UCF101_SPLIT1_TRAIN * train_s / v}
+
+
+def bench(device: torch.device, args: argparse.Namespace) -> None:
+    r = measure(device, args)
+    scale = "" if r["videos"] == UCF101_SPLIT1_TRAIN else f" (extrapolated from {r['videos']} videos)"
+    print(f"[{r['device']}] head={r['head']} params={r['params'] / 1e6:.1f}M N={r['segments']} P={r['positions']} "
+          f"D={r['dim']} batch={r['batch']}")
+    print(f"  train: {r['train_videos_per_s']:,.0f} videos/s; one UCF101 split-1 epoch ({UCF101_SPLIT1_TRAIN} "
+          f"videos): {r['epoch_seconds_ucf101']:.2f} s{scale}")
+    print(f"  test (5 sequences/video): {r['test_videos_per_s']:,.0f} videos/s")
 
 
 def main() -> None:
