@@ -258,11 +258,12 @@ def section_flow(c: Ctx) -> None:
     a = torch.from_numpy(i0).float().to(dev)
     b = torch.from_numpy(i1).float().to(dev)
     n = len(a)
-    first_flows = None
-    for B in batches:
-        if c.left() < 10 and first_flows is not None:
+
+    def rate(B: int):
+        """First-call (compile) time and pairs/s at batch B; returns the flows of the first call."""
+        if c.left() < 10:
             c.put(f"B{B}", "skipped: section time")
-            continue
+            return None
         idx = torch.arange(B, device=dev) % n  # fewer carried pairs than B: repeated
         x0, x1 = a[idx], b[idx]
         c.sync()
@@ -273,24 +274,30 @@ def section_flow(c: Ctx) -> None:
         calls, dt = _timed_repeats(lambda: tvl1_flow(x0, x1, params, fast=fast), c, min_calls=1,
                                    seconds=min(3.0, max(c.left() / 4, 0.1)), max_calls=5)
         c.put(f"B{B}", {"first_call_s": first, "pairs_per_s": B * calls / dt, "calls": calls})
-        if first_flows is None:
-            first_flows = f[:min(B, n)].float().cpu().numpy()
-    k = min(len(first_flows), 1 if c.smoke else 4)
-    if c.cuda and c.left() > 15:
-        torch.set_num_threads(os.cpu_count() or 1)
-        t0 = time.perf_counter()
-        ref = tvl1_flow(a[:k].cpu(), b[:k].cpu(), params, fast=False).numpy()
-        c.put("cuda_vs_cpu_eager", {"pairs": k, "mean_epe_px": _epe(first_flows[:k], ref),
-                                    "max_abs_px": float(np.abs(first_flows[:k] - ref).max()),
-                                    "cpu_eager_s": time.perf_counter() - t0})
-    elif not c.cuda:
-        ref = tvl1_flow(a[:k], b[:k], params, fast=False).numpy()  # smoke: the same path twice
-        c.put("cuda_vs_cpu_eager", {"pairs": k, "mean_epe_px": _epe(first_flows[:k], ref), "note": "CPU run"})
-    if cv_flow is not None:
-        m = min(len(cv_flow), len(first_flows))
-        c.put("vs_opencv_real", {"pairs": m, "mean_epe_px": _epe(first_flows[:m], cv_flow[:m]),
-                                 "mean_flow_px": float(np.sqrt((cv_flow[:m].astype(np.float64) ** 2).sum(1)).mean())})
-    if chairs and c.left() > 10:
+        return f[:min(B, n)].float().cpu().numpy()
+
+    def accuracy_real(flows) -> None:
+        if flows is None:
+            return
+        k = min(len(flows), 1 if c.smoke else 4)
+        if c.cuda and c.left() > 15:
+            torch.set_num_threads(os.cpu_count() or 1)
+            t0 = time.perf_counter()
+            ref = tvl1_flow(a[:k].cpu(), b[:k].cpu(), params, fast=False).numpy()
+            c.put("cuda_vs_cpu_eager", {"pairs": k, "mean_epe_px": _epe(flows[:k], ref),
+                                        "max_abs_px": float(np.abs(flows[:k] - ref).max()),
+                                        "cpu_eager_s": time.perf_counter() - t0})
+        elif not c.cuda:
+            ref = tvl1_flow(a[:k], b[:k], params, fast=False).numpy()  # smoke: the same path twice
+            c.put("cuda_vs_cpu_eager", {"pairs": k, "mean_epe_px": _epe(flows[:k], ref), "note": "CPU run"})
+        if cv_flow is not None:
+            m = min(len(cv_flow), len(flows))
+            c.put("vs_opencv_real", {"pairs": m, "mean_epe_px": _epe(flows[:m], cv_flow[:m]),
+                                     "mean_flow_px": float(np.sqrt((cv_flow[:m].astype(np.float64) ** 2).sum(1)).mean())})
+
+    def flyingchairs() -> None:
+        if not chairs or c.left() < 10:
+            return
         c0, c1, gt, cv = data["chairs0"], data["chairs1"], data["chairs_gt"], data.get("chairs_cv")
         if c.smoke:
             c0, c1, gt = _shrink(c0[:1], small), _shrink(c1[:1], small), _shrink(gt[:1], small)
@@ -305,6 +312,14 @@ def section_flow(c: Ctx) -> None:
             r["aee_ratio"] = r["aee_ours"] / r["aee_opencv"]
             r["ours_vs_opencv_epe"] = _epe(ours, cv)
         c.put("flyingchairs", r)
+
+    # The smallest batch first (its flows feed the accuracy figures), then the headline batch, then the
+    # FlyingChairs size (another compile), then the middle batch: a section cut short loses the least.
+    accuracy_real(rate(batches[0]))
+    rate(batches[-1])
+    flyingchairs()
+    for B in batches[1:-1]:
+        rate(B)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -407,6 +422,7 @@ def section_features(c: Ctx) -> None:
             calls, dt = _timed_repeats(lambda: decode_jpeg_frames(block, offsets, idx, device=c.device), c,
                                        min_calls=3, seconds=1.0, max_calls=100)
             jpeg["gpu_decode_serial_frames_per_s"] = calls * len(idx) / dt
+            c.put("jpeg", jpeg)  # kept if the threaded decodes below crash the process
 
             def gpu_decode(_):
                 out = decode_jpeg_frames(block, offsets, idx, device=c.device)

@@ -64,7 +64,7 @@ def stores(tmp_path_factory):
     return _bench("features").make_stores(root, 2, 20, height=72, width=96, backend="h5", threads=2)
 
 
-@pytest.mark.parametrize("amp, tol", [(False, 5e-3), (True, 3e-2)])
+@pytest.mark.parametrize("amp, tol", [(False, 1e-2), (True, 5e-2)])  # TF32 convolutions; bf16
 def test_features_cuda_match_cpu(stores, amp, tol):
     """The engine on CUDA (nvJPEG decode, channels_last, bf16 autocast) against the CPU float32 run."""
     from pipeline.features import StreamSource, build_backbone, features_of_video
@@ -91,13 +91,21 @@ def _tiny_batches(stream_channels: int = 3, n: int = 2):
              "label": torch.randint(0, 5, (4,), generator=g)} for _ in range(n)]
 
 
+def _update(model: nn.Module, before: dict[str, torch.Tensor]) -> torch.Tensor:
+    """All parameters' change in one step, as one float64 CPU vector."""
+    return torch.cat([(p.detach().double().cpu() - before[n].double()).flatten()
+                      for n, p in model.named_parameters()])
+
+
 def test_one_finetune_step_cuda_matches_cpu():
+    """bf16 autocast + channels_last on CUDA against the CPU float32 step: same loss, same update."""
     from pipeline.models.backbones import create_backbone, normalize_rgb
     from pipeline.training import loop as T
 
     torch.manual_seed(0)
     cpu = create_backbone("resnet18", num_classes=5, weights="none", dropout=0.0)
     gpu = copy.deepcopy(cpu).cuda().to(memory_format=torch.channels_last)
+    before = {n: p.detach().clone() for n, p in cpu.named_parameters()}
     batches = _tiny_batches(n=1)
     st_cpu = T.train_one_epoch(cpu, batches, torch.optim.SGD(cpu.parameters(), lr=0.01), device=torch.device("cpu"),
                                normalize=normalize_rgb)
@@ -105,9 +113,10 @@ def test_one_finetune_step_cuda_matches_cpu():
                                device=torch.device("cuda"), normalize=normalize_rgb, amp=True)
     assert st_gpu["samples"] == st_cpu["samples"] == 4
     assert st_gpu["loss"] == pytest.approx(st_cpu["loss"], rel=3e-2)
-    for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
-        assert torch.isfinite(q).all(), name
-        assert _rel(q, p) < 1e-2, name
+    assert all(torch.isfinite(p).all() for p in gpu.parameters())
+    ref = _update(cpu, before)
+    assert float(ref.norm()) > 0
+    assert _rel(_update(gpu, before), ref) < 0.1  # bf16 gradients
 
 
 def test_one_head_epoch_cuda_matches_cpu():
@@ -148,6 +157,7 @@ def test_one_rank_nccl_ddp_step_matches_plain_training(tmp_path):
     torch.manual_seed(0)
     plain = create_backbone("resnet18", num_classes=5, weights="none", dropout=0.0).cuda()
     model = copy.deepcopy(plain)
+    before = {n: p.detach().cpu().clone() for n, p in plain.named_parameters()}
     data = _tiny_batches(n=1)[0]
 
     class Clips(torch.utils.data.Dataset):
@@ -172,5 +182,6 @@ def test_one_rank_nccl_ddp_step_matches_plain_training(tmp_path):
     ref = T.train_one_epoch(plain, [data], torch.optim.SGD(plain.parameters(), lr=0.01), device=torch.device("cuda"),
                             normalize=normalize_rgb)
     assert st["samples"] == 4 and st["loss"] == pytest.approx(ref["loss"], rel=1e-4)
-    for (name, p), q in zip(plain.named_parameters(), model.parameters()):
-        assert _rel(q, p) < 1e-4, name
+    upd_ddp, upd_plain = _update(model, before), _update(plain, before)
+    assert float(upd_plain.norm()) > 0
+    assert _rel(upd_ddp, upd_plain) < 1e-3  # float32 both; batch statistics summed vs cuDNN's
