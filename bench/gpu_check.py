@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,7 @@ UCF101_SPLIT1_TRAIN = 9537
 #: seconds per section on the GPU (sum 450 s: with start-up and the table, under 8 minutes)
 LIMITS = {"env": 20, "flow": 135, "features": 110, "finetune": 75, "heads": 35, "tests": 75}
 SMOKE_LIMIT = 120
-GRACE = 5  # after a section's limit, before its process is killed
+GRACE = 4  # after a section's limit, before its process is killed
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -600,11 +601,19 @@ def run_subprocess(name: str, a: argparse.Namespace, limit: float, workdir: Path
         cmd += ["--device", a.device]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     t0 = time.monotonic()
+    # its own process group: a section stopped at its limit goes with everything it started (DataLoader
+    # workers, compile workers, pytest), which would otherwise hold the GPU during the next sections
+    p = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
-        p = subprocess.run(cmd, env=env, timeout=limit + GRACE)
-        rc = p.returncode
+        rc = p.wait(timeout=limit + GRACE)
     except subprocess.TimeoutExpired:
         rc = "timeout"
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # leftovers of a finished section too
+        except (ProcessLookupError, PermissionError):
+            pass
+        p.wait()
     out: dict[str, Any] = {}
     if status_file.is_file():
         out = json.loads(status_file.read_text())

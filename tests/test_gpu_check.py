@@ -92,3 +92,15 @@ def test_flow_section_without_carried_data_uses_synthetic_pairs(gpu_check, tmp_p
     flow = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["flow"]
     assert rc == 0 and flow["results"]["data"].startswith("no ")
     assert "flyingchairs" not in flow["results"] and flow["results"]["B4"]["pairs_per_s"] > 0
+
+
+def test_a_section_past_its_limit_is_killed_and_reported(gpu_check, tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "SMOKE_LIMIT", 0.5)
+    monkeypatch.setattr(gpu_check, "GRACE", 0)
+    t0 = __import__("time").monotonic()
+    rc = gpu_check.main(["--smoke", "--sections", "features", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rc == 1 and __import__("time").monotonic() - t0 < 30
+    assert report["sections"]["features"]["status"].startswith("timeout after")
+    assert {"goal": "section features", "target": "runs", "measured": report["sections"]["features"]["status"],
+            "verdict": "FAIL"} in report["goals"]
