@@ -11,10 +11,12 @@ and ``write_part``, the code the stage runs) with random backbones (weights do n
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,32 +24,43 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.io.store import VideoStore  # noqa: E402
+from pipeline.io.store import VideoStore, encode_jpeg_frames  # noqa: E402
 from pipeline.features import StreamSource, build_backbone, extract, write_part  # noqa: E402
 
 WIDTH, HEIGHT = 340, 256
 
 
-def make_stores(root: Path, videos: int, frames: int) -> tuple[VideoStore, VideoStore, list[tuple[str, int]]]:
-    """Smooth moving patterns with noise (JPEG ~ real-video sizes) and smooth flow fields."""
-    fstore, flstore = VideoStore(root / "frames", "zarr"), VideoStore(root / "flow", "zarr")
+def make_stores(root: Path, videos: int, frames: int, *, height: int = HEIGHT, width: int = WIDTH,
+                backend: str = "zarr", threads: int | None = None) -> tuple[VideoStore, VideoStore, list[tuple[str, int]]]:
+    """Frame (JPEG q95) and flow (raw uint8) stores of synthetic videos, made in ``threads`` threads: a smooth
+    moving pattern with fixed noise (JPEG sizes like real frames), smooth flow with noise."""
+    fstore, flstore = VideoStore(root / "frames", backend), VideoStore(root / "flow", backend)
     rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+    noise = rng.normal(0, 6, (height, width + frames, 3)).astype(np.float32)
+    fnoise = rng.integers(-2, 3, (height, width + frames, 2)).astype(np.int16)
+    y, x = np.mgrid[0:height, 0:width + frames].astype(np.float32)
+
+    def make(v: int):
+        base = (np.sin(x / (17 + v)) * 60 + np.cos(y / 23) * 50 + 128)[..., None] + noise
+        base = np.concatenate([base[..., :1], np.roll(base[..., 1:2], 7, 0), np.roll(base[..., 2:], 13, 1)], -1)
+        base = np.clip(base, 0, 255).astype(np.uint8)
+        rgb = np.stack([base[:, t:t + width] for t in range(frames)])  # the pattern moves 1 px a frame
+        fbase = np.clip(128 + (20 * np.sin(x / 31 + v))[..., None].astype(np.int16) + fnoise, 0, 255)
+        flow = np.stack([fbase[:, t:t + width] for t in range(frames - 1)]).astype(np.uint8)
+        return v, encode_jpeg_frames(rgb), flow
+
     jobs = []
-    for v in range(videos):
-        vid = f"C{v % 8}/v_{v:04d}"
-        base = np.stack([np.sin(x / (17 + v) + t / 5) * 60 + np.cos(y / 23) * 50 + 128 for t in range(frames)])
-        rgb = np.stack([base, np.roll(base, 7, axis=2), np.roll(base, 13, axis=1)], -1)
-        rgb = np.clip(rgb + rng.normal(0, 6, rgb.shape), 0, 255).astype(np.uint8)
-        flow = np.clip(128 + 20 * np.sin(x / 31 + v)[None, ..., None] + rng.normal(0, 2, (frames - 1, HEIGHT, WIDTH, 2)),
-                       0, 255).astype(np.uint8)
-        with fstore.writer(vid) as c:
-            c.write_images("frames", rgb, codec="jpeg", quality=95)
-            c.set_attrs({"num_frames": frames})
-        with flstore.writer(vid) as c:
-            c.write_images("flow", flow, codec="raw")
-            c.set_attrs({"num_flows": frames - 1, "num_frames": frames, "step": 1, "bound": 20.0})
-        jobs.append((vid, frames))
+    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:  # JPEG encoding releases the GIL
+        for v, (data, offsets), flow in pool.map(make, range(videos)):
+            vid = f"C{v % 8}/v_{v:04d}"
+            with fstore.writer(vid) as c:
+                c.create("frames/jpeg", data, chunks=(1 << 20,), compress=False)  # as write_images(codec="jpeg")
+                c.create("frames/offsets", offsets, compress=False)
+                c.set_attrs({"num_frames": frames})
+            with flstore.writer(vid) as c:
+                c.write_images("flow", flow, codec="raw")
+                c.set_attrs({"num_flows": frames - 1, "num_frames": frames, "step": 1, "bound": 20.0})
+            jobs.append((vid, frames))
     return fstore, flstore, jobs
 
 

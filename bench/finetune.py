@@ -33,9 +33,10 @@ from pipeline.models.backbones import create_backbone  # noqa: E402
 from pipeline.io.store import VideoStore  # noqa: E402
 
 
-def make_store(root: Path, stream: str, height: int, width: int, videos: int = 6, frames: int = 32) -> VideoStore:
+def make_store(root: Path, stream: str, height: int, width: int, videos: int = 6, frames: int = 32,
+               backend: str = "zarr") -> VideoStore:
     """Synthetic videos: smooth textures (JPEG like real frames) or raw quantized flow."""
-    store = VideoStore(root / stream)
+    store = VideoStore(root / stream, backend)
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:height, 0:width]
     for v in range(videos):

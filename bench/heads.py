@@ -3,24 +3,32 @@
 Default: the paper's STFN head (arch a, avg fusion, bi-directional, N = 7 segments) at UCF101
 split-1 scale: 9,537 training videos, 2 x 2048-d features at P = 25 positions, 101 classes,
 batch 32, RMSProp. Prints videos/s for one training epoch (pipeline.training.heads.train_one_epoch)
-and for test-time prediction (5 sequences per video), on CPU and on CUDA when present.
+and for test-time prediction (5 sequences per video).
 
-``--videos`` runs a fraction of the epoch; the full-epoch time is extrapolated linearly
-(videos / throughput) and printed as such.
+``--device auto`` (the default) runs on CUDA when present, else on the CPU; ``all`` runs both. On CUDA
+the default is the full epoch; on the CPU, where a full epoch takes minutes, ``--cpu-videos`` (256)
+videos, and the full-epoch time is extrapolated linearly (videos / throughput) and printed as such.
+``--videos`` sets the count on every device.
 
+    .venv/bin/python bench/heads.py                       # CUDA full epoch, or 256 videos on the CPU
     .venv/bin/python bench/heads.py --videos 256 --device cpu
-    .venv/bin/python bench/heads.py                       # full epoch, CPU and CUDA
+    .venv/bin/python bench/heads.py --device all --videos 9537   # full epoch on both
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from pipeline.training.heads import predict_views, train_one_epoch
-from pipeline.models.heads import create_head
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.training.heads import predict_views, train_one_epoch  # noqa: E402
+from pipeline.models.heads import create_head  # noqa: E402
 
 UCF101_SPLIT1_TRAIN = 9537
 
@@ -30,7 +38,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(device: torch.device, args: argparse.Namespace) -> None:
+def measure(device: torch.device, args: argparse.Namespace) -> dict:
+    """Seconds of one training epoch and of test-time prediction on ``args.videos`` synthetic videos."""
     g = torch.Generator(device=device).manual_seed(0)
     v, p, d = args.videos, args.positions, args.dim
     rgb = torch.rand(v, p, d, generator=g, device=device)
@@ -47,6 +56,7 @@ def bench(device: torch.device, args: argparse.Namespace) -> None:
     warm = min(v, 4 * args.batch_size)
     train_one_epoch(head, optimizer, rgb[:warm], flow[:warm], labels[:warm],
                     num_segments=args.segments, batch_size=args.batch_size, generator=gen)
+    predict_views(head, rgb[:warm], flow[:warm], args.segments, num_test=5, batch_size=256)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(args.epochs):
@@ -54,39 +64,49 @@ def bench(device: torch.device, args: argparse.Namespace) -> None:
                         batch_size=args.batch_size, generator=gen)
     _sync(device)
     train_s = (time.perf_counter() - t0) / args.epochs
-    train_vps = v / train_s
 
     _sync(device)
     t0 = time.perf_counter()
     predict_views(head, rgb, flow, args.segments, num_test=5, batch_size=256)
     _sync(device)
-    test_vps = v / (time.perf_counter() - t0)
-
+    test_s = time.perf_counter() - t0
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    scale = "" if v == UCF101_SPLIT1_TRAIN else f" (extrapolated from {v} videos)"
-    print(f"[{name}] head={args.head} params={n_params / 1e6:.1f}M N={args.segments} P={p} D={d} "
-          f"batch={args.batch_size}")
-    print(f"  train: {train_vps:,.0f} videos/s; one UCF101 split-1 epoch ({UCF101_SPLIT1_TRAIN} videos): "
-          f"{UCF101_SPLIT1_TRAIN / train_vps:.2f} s{scale}")
-    print(f"  test (5 sequences/video): {test_vps:,.0f} videos/s")
+    return {"device": name, "head": args.head, "params": n_params, "segments": args.segments, "positions": p,
+            "dim": d, "batch": args.batch_size, "videos": v, "train_seconds": train_s,
+            "train_videos_per_s": v / train_s, "test_videos_per_s": v / test_s,
+            "epoch_seconds_ucf101": UCF101_SPLIT1_TRAIN * train_s / v}
+
+
+def bench(device: torch.device, args: argparse.Namespace) -> None:
+    r = measure(device, args)
+    scale = "" if r["videos"] == UCF101_SPLIT1_TRAIN else f" (extrapolated from {r['videos']} videos)"
+    print(f"[{r['device']}] head={r['head']} params={r['params'] / 1e6:.1f}M N={r['segments']} P={r['positions']} "
+          f"D={r['dim']} batch={r['batch']}")
+    print(f"  train: {r['train_videos_per_s']:,.0f} videos/s; one UCF101 split-1 epoch ({UCF101_SPLIT1_TRAIN} "
+          f"videos): {r['epoch_seconds_ucf101']:.2f} s{scale}")
+    print(f"  test (5 sequences/video): {r['test_videos_per_s']:,.0f} videos/s")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--head", default="stfn")
-    ap.add_argument("--videos", type=int, default=UCF101_SPLIT1_TRAIN)
+    ap.add_argument("--videos", type=int, default=None, help="videos per epoch on every device "
+                    f"(default: {UCF101_SPLIT1_TRAIN} on CUDA, --cpu-videos on the CPU)")
+    ap.add_argument("--cpu-videos", type=int, default=256)
     ap.add_argument("--positions", type=int, default=25)
     ap.add_argument("--segments", type=int, default=7)
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--classes", type=int, default=101)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
+    ap.add_argument("--device", choices=["auto", "all", "cpu", "cuda"], default="auto")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmul/conv on CUDA")
     args = ap.parse_args()
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     devices = []
     if args.device in ("all", "cpu"):
         devices.append(torch.device("cpu"))
@@ -96,7 +116,10 @@ def main() -> None:
         elif args.device == "cuda":
             raise SystemExit("CUDA requested but not available")
     for device in devices:
-        bench(device, args)
+        a = copy.copy(args)
+        if a.videos is None:
+            a.videos = UCF101_SPLIT1_TRAIN if device.type == "cuda" else a.cpu_videos
+        bench(device, a)
 
 
 if __name__ == "__main__":

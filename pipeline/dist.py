@@ -75,7 +75,13 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def device(name: str = "auto") -> str:
-    """``auto`` -> this rank's CUDA device when CUDA is available, else ``cpu``."""
+    """The torch device string of this rank for ``--device name``.
+
+    ``auto`` -> this rank's CUDA device when CUDA is available, else ``cpu``. Under ``torchrun``
+    (``WORLD_SIZE`` > 1) every CUDA request (``cuda``, ``cuda:N``) becomes ``cuda:<LOCAL_RANK mod GPUs>``:
+    one device per local rank whatever index was asked (``--device cuda:1`` would otherwise put every rank
+    on one GPU). In a plain process ``cuda:N`` is kept as given.
+    """
     import torch
 
     if name == "auto":
@@ -84,6 +90,6 @@ def device(name: str = "auto") -> str:
         return "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
-    if name == "cuda" and world_size() > 1:
+    if name.startswith("cuda") and world_size() > 1:
         return f"cuda:{local_rank() % torch.cuda.device_count()}"
     return name

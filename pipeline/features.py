@@ -268,8 +268,8 @@ def forward_features(model: Backbone, x: torch.Tensor, stream: str, batch_size: 
                 y = model.forward_features(xb)
         else:
             y = model.forward_features(xb)
-        outs.append(y.float().cpu())
-    return torch.cat(outs)
+        outs.append(y.float())
+    return torch.cat(outs).cpu()  # one copy back (one host sync) per call, not per chunk
 
 
 @dataclass

@@ -291,6 +291,22 @@ def test_normalize_rgb_matches_torchvision_normalize():
         B.normalize_rgb(torch.zeros(2, 20, 5, 5, dtype=torch.uint8))
 
 
+def test_normalize_rgb_stats_made_once_per_device_same_bits():
+    x = torch.randint(0, 256, (3, 3, 4, 5), dtype=torch.uint8)
+    with torch.inference_mode():  # first use under inference mode (extract-features) ...
+        first = B.normalize_rgb(x)
+    ids = [id(t) for t in B._imagenet_stats(x.device)]
+    assert [id(t) for t in B._imagenet_stats(x.device)] == ids   # cached, not rebuilt per call
+    # ... bit-identical to building the constants on every call, as before the cache
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float32).view(3, 1, 1)
+    assert torch.equal(first, (x.float() / 255.0 - mean) / std)
+    # ... and the cached tensors still work with autograd afterwards (not inference tensors)
+    xf = x.float().requires_grad_()
+    B.normalize_rgb(xf).sum().backward()
+    torch.testing.assert_close(xf.grad[0], (1 / 255.0 / std).expand(3, 4, 5))
+
+
 def test_normalize_flow_inverts_quantization():
     bound = 20.0
     f = torch.linspace(-bound, bound, 101)

@@ -1,5 +1,6 @@
 """Head training loop: sampling tables ([STFN] §4.2), fit_head, predict, the metrics, the split column."""
 
+import copy
 import math
 
 import numpy as np
@@ -18,6 +19,7 @@ from pipeline.training.heads import (
     test_sequences,
 )
 from pipeline.models.heads import create_head
+from pipeline.training import heads as H
 
 
 
@@ -191,3 +193,42 @@ def test_split_indices_from_the_split_column():
         split_indices(["train", "test", "train"], "f.zarr")
     with pytest.raises(ValueError, match="no test videos"):
         split_indices(["train", "val"])
+
+
+def test_head_epoch_equals_a_plain_loop_bit_for_bit():
+    """Indices moved to the device once per epoch, loss read once: the same steps as drawing and reading
+    them per batch (reference written out here: randperm, then sample_train, from one generator)."""
+    from pipeline.models.heads import create_head
+
+    g = torch.Generator().manual_seed(5)
+    v, p, d, n, bs = 11, 9, 8, 3, 4
+    rgb, flow = torch.randn(v, p, d, generator=g), torch.randn(v, p, d, generator=g)
+    labels = torch.randint(0, 4, (v,), generator=g)
+    torch.manual_seed(0)
+    a = create_head("stfn", num_classes=4, rgb_dim=d, flow_dim=d, num_segments=n)
+    b = copy.deepcopy(a)
+    oa, ob = torch.optim.RMSprop(a.parameters(), lr=1e-2), torch.optim.RMSprop(b.parameters(), lr=1e-2)
+    torch.manual_seed(1)  # dropout
+    loss = H.train_one_epoch(a, oa, rgb, flow, labels, num_segments=n, batch_size=bs,
+                             generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    order = torch.randperm(v, generator=gen)
+    bounds = H.segment_positions(p, n)
+    u = torch.rand((v, n), generator=gen, dtype=torch.float64)
+    length = torch.from_numpy(bounds[:, 1] - bounds[:, 0])
+    pos = torch.from_numpy(bounds[:, 0]) + torch.minimum((u * length).long(), length - 1)
+    b.train()
+    torch.manual_seed(1)
+    total = 0.0
+    for i in range(0, v, bs):
+        idx = order[i:i + bs]
+        ra = rgb[idx[:, None], pos[idx]]
+        fa = flow[idx[:, None], pos[idx]]
+        step = b.loss(ra, fa, labels[idx])
+        ob.zero_grad()
+        step.backward()
+        ob.step()
+        total += step.item() * len(idx)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert loss == pytest.approx(total / v, rel=1e-6)

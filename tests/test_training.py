@@ -42,3 +42,56 @@ def test_check_finite_loss():
     assert check_finite_loss(0.25, "epoch 1") == 0.25
     with pytest.raises(StageError, match="in epoch 3"):
         check_finite_loss(float("-inf"), "epoch 3")
+
+
+# ---------------------------------------------------------------- no host sync per step, same results
+
+def _reference_epoch(model, batches, optimizer, normalize):
+    """Plain PyTorch: mean cross-entropy of the segment-averaged scores, read back after every step."""
+    loss_sum = correct = samples = 0.0
+    for batch in batches:
+        x, y = batch["input"], batch["label"]
+        b, n = x.shape[:2]
+        logits = model(normalize(x.flatten(0, 1))).view(b, n, -1).mean(1)
+        loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        optimizer.zero_grad()
+        (loss / b).backward()
+        optimizer.step()
+        loss_sum += loss.item()
+        correct += (logits.argmax(1) == y).sum().item()
+        samples += b
+    return loss_sum / samples, correct / samples
+
+
+def test_epoch_equals_a_plain_loop_bit_for_bit():
+    norm = lambda x: x.float() / 255  # noqa: E731
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input": torch.randint(0, 255, (3, 2, 3, 4, 4), generator=g, dtype=torch.uint8),
+                "label": torch.randint(0, 2, (3,), generator=g)} for _ in range(4)]
+    torch.manual_seed(0)
+    a = Tiny()
+    b = Tiny()
+    b.load_state_dict(a.state_dict())
+    st = T.train_one_epoch(a, batches, torch.optim.SGD(a.parameters(), lr=0.1), device=torch.device("cpu"),
+                           loss_fn=T.segment_consensus_loss(norm))
+    loss, acc = _reference_epoch(b, batches, torch.optim.SGD(b.parameters(), lr=0.1), norm)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert st["loss"] == loss and st["acc"] == acc and st["samples"] == 12 and st["frames"] == 24
+
+
+def test_global_batch_sizes_come_from_the_epoch_batches():
+    sampler = T.EpochBatches(10, 4, seed=3, rank=1, world_size=2)
+    sampler.set_epoch(2)
+    loader = torch.utils.data.DataLoader(list(range(10)), batch_sampler=sampler)
+    known = T.global_batch_sizes(loader)
+    assert list(known) == [4, 4, 2]
+    assert T.global_batch_sizes([{"input": None}]) is None
+    it = iter([4, 2])
+    assert [T.global_batch_size(2, it, 2), T.global_batch_size(1, it, 2)] == [4, 2]
+    assert T.global_batch_size(3, None, 1) == 3
+
+
+@pytest.mark.parametrize("num, den", [(1, 3), (2, 7), (4, 33), (8, 101)])
+def test_loss_scale_is_the_float32_quotient(num, den):
+    assert T.loss_scale(num, den) == (torch.tensor([float(num)]) / torch.tensor([float(den)]))[0].item()

@@ -83,9 +83,22 @@ def normalize_rgb(x: Tensor) -> Tensor:
     """
     if x.dim() not in (4, 5) or x.shape[-3] != 3:
         raise ValueError(f"normalize_rgb expects (B, 3, H, W) or (B, T, 3, H, W), got shape {tuple(x.shape)}")
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    mean, std = _imagenet_stats(x.device)
     return (x.to(torch.float32) / 255.0 - mean) / std
+
+
+_STATS: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+
+def _imagenet_stats(device: torch.device) -> tuple[Tensor, Tensor]:
+    """(3, 1, 1) float32 mean and std on ``device``, made once per device: ``torch.tensor(..., device=cuda)``
+    on every call is a blocking host-to-device copy in the training and extraction loops."""
+    stats = _STATS.get(device)
+    if stats is None:
+        with torch.inference_mode(False):  # plain tensors, usable by autograd later even if first made under it
+            stats = _STATS[device] = (torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1).to(device),
+                                      torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1).to(device))
+    return stats
 
 
 def normalize_flow(x: Tensor) -> Tensor:

@@ -134,17 +134,17 @@ def train_one_epoch(head: nn.Module, optimizer: torch.optim.Optimizer, rgb: Tens
     """
     v, p = rgb.shape[:2]
     head.train()
-    order = torch.randperm(v, generator=generator)
-    positions = sample_train(p, num_segments, generator, num_videos=v)
-    total, count = 0.0, 0
+    # Drawn on the CPU generator (the same draws on every device), moved to the features' device once per
+    # epoch: no host-to-device copy and no host sync per step; the loss is read once, at the end.
+    order = torch.randperm(v, generator=generator).to(rgb.device)
+    positions = sample_train(p, num_segments, generator, num_videos=v).to(rgb.device)
+    total, count = 0.0, 0  # a device tensor after the first step
     for i in range(0, v, batch_size):
         idx = order[i : i + batch_size]
         if idx.numel() * num_segments < 2:
             continue
         pos = positions[idx]
-        idx_dev = idx.to(rgb.device)
-        loss = head.loss(gather_segments(rgb, idx_dev, pos), gather_segments(flow, idx_dev, pos),
-                         labels[idx_dev])
+        loss = head.loss(gather_segments(rgb, idx, pos), gather_segments(flow, idx, pos), labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -165,7 +165,7 @@ def predict_views(head: nn.Module, rgb: Tensor, flow: Tensor, num_segments: int,
     was_training = head.training
     head.eval()
     v, p = rgb.shape[:2]
-    seqs = test_sequences(p, num_segments, num_test)  # (num_test, N)
+    seqs = test_sequences(p, num_segments, num_test).to(rgb.device)  # (num_test, N), moved once
     out = []
     try:
         for i in range(0, v, batch_size):
@@ -175,10 +175,10 @@ def predict_views(head: nn.Module, rgb: Tensor, flow: Tensor, num_segments: int,
                 a = gather_segments(rgb, idx, seqs[j]).to(device, non_blocking=True)
                 m = gather_segments(flow, idx, seqs[j]).to(device, non_blocking=True)
                 views.append(head(a, m).float().exp())
-            out.append(torch.stack(views, dim=1).cpu())
+            out.append(torch.stack(views, dim=1))
     finally:
         head.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out).cpu()  # one copy back (and one host sync) per call
 
 
 def predict(head: nn.Module, rgb: Tensor, flow: Tensor, num_segments: int, num_test: int = NUM_TEST,

@@ -40,7 +40,7 @@ from pipeline.training.tensorboard import EpochScalars
 
 __all__ = [
     "DistInfo", "EpochBatches", "FitResult", "GlobalBatchNorm2d", "Schedule", "autocast", "auto_workers",
-    "evaluate", "fit", "freeze_partial_bn", "load_checkpoint", "make_loader", "micro_batches",
+    "evaluate", "fit", "global_batch_size", "global_batch_sizes", "freeze_partial_bn", "load_checkpoint", "loss_scale", "make_loader", "micro_batches",
     "resume_checkpoint", "save_checkpoint", "segment_consensus_loss", "seed_epoch", "set_train_mode",
     "sum_over_ranks", "sync_batchnorm", "train_one_epoch", "trainable_param_groups",
 ]
@@ -189,7 +189,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
-                unbiased = var.detach() * (n / (n - 1)).clamp_min(0) if float(n) > 1 else var.detach()
+                # n > 1 decided on the device: no host sync per layer per step
+                unbiased = torch.where(n > 1, var.detach() * (n / (n - 1)).clamp_min(0), var.detach())
                 self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
         y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
         if self.affine:
@@ -305,6 +306,33 @@ def micro_batches(b: int, micro_batch: int) -> list[slice]:
     return [slice(edges[i], edges[i + 1]) for i in range(k)]
 
 
+def global_batch_sizes(loader: Iterable) -> Iterator[int] | None:
+    """The global batch size of every step of this epoch when ``loader`` draws its batches from an
+    :class:`EpochBatches` (known on every rank without a collective), else None. Call after ``set_epoch``."""
+    sampler = getattr(loader, "batch_sampler", None)
+    if isinstance(sampler, EpochBatches):
+        return iter([len(b) for b in sampler.global_batches()])
+    return None
+
+
+def global_batch_size(b: int, known: Iterator[int] | None, world: int) -> int:
+    """This step's global batch: ``b`` alone, the next of ``known`` (:func:`global_batch_sizes`), or a sum
+    over ranks of a CPU tensor (gloo: no wait on the GPU's stream)."""
+    if world <= 1:
+        return b
+    if known is not None:
+        return next(known)
+    n = torch.tensor([b], dtype=torch.int64)
+    dist.all_reduce(n)
+    return int(n[0])
+
+
+def loss_scale(numerator: int, global_b: int) -> float:
+    """``numerator / global_b`` rounded as float32 division rounds it (the value the loss scaling always had
+    when it divided on the device), as a Python number: multiplying by it needs no host-to-device copy."""
+    return float(torch.tensor(float(numerator)) / torch.tensor(float(global_b)))
+
+
 def train_one_epoch(net: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer, *,
                     device: torch.device, loss_fn: LossFn, micro_batch: int = 0,
                     progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
@@ -314,8 +342,9 @@ def train_one_epoch(net: nn.Module, loader: Iterable[dict], optimizer: torch.opt
     (``micro_batch`` 0: not cut) and ``loss_fn`` scores each part. Under DDP the summed loss of a part is
     weighted by ``world / global batch`` and the gradients accumulate (DDP synchronises on the last
     micro-batch only), so DDP's gradient average is the gradient of the global batch's mean loss, however the
-    batch is split over ranks and micro-batches. The running totals stay on the device: one host sync per
-    epoch.
+    batch is split over ranks and micro-batches. The global batch comes from the loader's
+    :class:`EpochBatches` when it has one (no collective per step), and the running sums stay on the device:
+    one host sync per epoch.
 
     Returns:
         ``loss`` and ``acc`` (None when ``loss_fn`` gives no predictions) over the epoch (every rank's
@@ -324,17 +353,16 @@ def train_one_epoch(net: nn.Module, loader: Iterable[dict], optimizer: torch.opt
     """
     world = _world()
     ddp = isinstance(net, nn.parallel.DistributedDataParallel)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct, samples, frames
+    known = global_batch_sizes(loader) if world > 1 else None
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct
+    samples = frames = 0
     scored = False
     t0 = t_wait = time.perf_counter()
     data_s = 0.0
     for batch in loader:
         data_s += time.perf_counter() - t_wait
         b = batch["label"].shape[0]
-        global_b = torch.tensor([float(b)], device=device)
-        if world > 1:
-            dist.all_reduce(global_b)
-        scale = world / global_b[0]
+        scale = loss_scale(world, global_batch_size(b, known, world))
         optimizer.zero_grad(set_to_none=True)
         parts = micro_batches(b, micro_batch)
         for k, sl in enumerate(parts):
@@ -342,22 +370,22 @@ def train_one_epoch(net: nn.Module, loader: Iterable[dict], optimizer: torch.opt
                                                    for key, v in batch.items()}
             sync = contextlib.nullcontext() if (not ddp or k == len(parts) - 1) else net.no_sync()
             with sync:
-                loss_sum, correct, frames = loss_fn(net, part, device)
+                loss_sum, correct, n_frames = loss_fn(net, part, device)
                 (loss_sum * scale).backward()
             with torch.no_grad():
-                totals[0] += loss_sum.detach().double()
+                sums[0] += loss_sum.detach().double()
                 if correct is not None:
-                    totals[1] += correct.double()
+                    sums[1] += correct.double()
                     scored = True
-                totals[2] += sl.stop - sl.start
-                totals[3] += frames
+            frames += n_frames
+        samples += b
         optimizer.step()
         if progress is not None:
             progress(b)
         t_wait = time.perf_counter()
+    totals = torch.cat([sums.cpu(), torch.tensor([samples, frames], dtype=torch.float64)])  # the one host sync
     if world > 1:
         dist.all_reduce(totals)
-    totals = totals.cpu()
     samples = max(totals[2].item(), 1.0)
     check_finite_loss(totals[0].item() / samples, "this epoch")
     return {"loss": totals[0].item() / samples, "acc": totals[1].item() / samples if scored else None,
@@ -398,8 +426,8 @@ def evaluate(model: nn.Module, loader: Iterable[dict], num_videos: int, num_clas
         logits = []
         for i in range(0, x.shape[0], chunk):
             with autocast(device, amp):
-                logits.append(model(_to_input(x[i:i + chunk], device, normalize)).float().cpu())
-        lg = torch.cat(logits)
+                logits.append(model(_to_input(x[i:i + chunk], device, normalize)).float())
+        lg = torch.cat(logits).cpu()  # one copy back per video
         idx = int(item["index"])
         out[idx, :num_classes] = lg.softmax(1).mean(0).double()
         out[idx, num_classes:-1] = lg.mean(0).double()
