@@ -421,7 +421,7 @@ def test_verify_then_rerun_recomputes_only_the_damaged_videos(cache, monkeypatch
     import pipeline.io.store as store_mod
 
     monkeypatch.setattr(store_mod, "FEATURE_CHUNK_BYTES", 1)  # one video per chunk
-    p = ExtractFeaturesParams(arch=ARCH, positions=8, input_size=112, format="zarr", workers=1)
+    p = ExtractFeaturesParams(arch=ARCH, positions=8, input_size=112, store="zarr", workers=1)
     run_stage(STAGE, p, cache)
     path = cache / FEATURES / "features.zarr"
     before = read_feature_store(path)

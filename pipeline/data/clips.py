@@ -163,7 +163,30 @@ def sample_rng(seed: int, index: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-class TrainClips(Dataset):
+class SegmentSamples(Dataset):
+    """Base of the training datasets keyed by ``(index, epoch)``: ``videos``, ``seed`` and ``num_segments``
+    attributes; :meth:`draw` gives a sample's generator and its N TSN segment frames."""
+
+    videos: VideoList
+    seed: int
+    num_segments: int
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def rng(self, index: int, epoch: int) -> np.random.Generator:
+        """The generator of sample ``index`` in ``epoch``."""
+        return sample_rng(self.seed, index, epoch)
+
+    def draw(self, key) -> tuple[int, np.random.Generator, str, np.ndarray]:
+        """(index, generator, video id, the N segment frames) of sample ``key``; the crop is drawn next."""
+        index, epoch = sample_key(key)
+        rng = self.rng(index, epoch)
+        return index, rng, self.videos.video_ids[index], train_indices(self.videos.num_frames[index],
+                                                                        self.num_segments, rng)
+
+
+class TrainClips(SegmentSamples):
     """Training samples: N TSN segments, one random frame or flow stack each, one crop + flip for all.
 
     Args:
@@ -192,18 +215,8 @@ class TrainClips(Dataset):
         self.seed, self.scales, self.base_size = seed, tuple(scales), base_size
         self.flow_bound, self.flow_step = flow_bound, flow_step
 
-    def __len__(self) -> int:
-        return len(self.videos)
-
-    def rng(self, index: int, epoch: int) -> np.random.Generator:
-        """The generator of sample ``index`` in ``epoch``."""
-        return sample_rng(self.seed, index, epoch)
-
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, epoch = sample_key(key)
-        rng = self.rng(index, epoch)
-        vid = self.videos.video_ids[index]
-        frames = train_indices(self.videos.num_frames[index], self.num_segments, rng)
+        index, rng, vid, frames = self.draw(key)
         x = _read(self.store, self.stream, vid, frames, self.flow_length, self.flow_bound, self.flow_step)
         crop = sample_crop_params(x.shape[-2], x.shape[-1], rng, scales=self.scales, base_size=self.base_size)
         x = apply_crop(x, crop, self.input_size, is_flow=self.stream == "flow").contiguous()

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pipeline.data.clips import VideoList, read_flow_stacks, sample_key, sample_rng
+from pipeline.data.clips import SegmentSamples, VideoList, read_flow_stacks
 from pipeline.training.heads import NUM_TEST, test_sequences
-from pipeline.data.sampling import feature_positions, train_indices
+from pipeline.data.sampling import feature_positions
 from pipeline.io.store import VideoStore
 from pipeline.data.transforms import CROP_SCALES, apply_crop, center_view, sample_crop_params
 
@@ -41,7 +41,7 @@ def _read_rgb(store: VideoStore, video_id: str, frames: Sequence[int]) -> Tensor
         return r.read_images("frames", list(frames)).permute(0, 3, 1, 2).contiguous()
 
 
-class PairedClips(Dataset):
+class PairedClips(SegmentSamples):
     """Training samples of both streams: N TSN segment frames and the flow stacks centred on them.
 
     Args:
@@ -70,18 +70,8 @@ class PairedClips(Dataset):
         self.flow_length, self.seed, self.scales, self.base_size = flow_length, seed, tuple(scales), base_size
         self.flow_bound, self.flow_step = flow_bound, flow_step
 
-    def __len__(self) -> int:
-        return len(self.videos)
-
-    def rng(self, index: int, epoch: int) -> np.random.Generator:
-        """The generator of sample ``index`` in ``epoch``."""
-        return sample_rng(self.seed, index, epoch)
-
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, epoch = sample_key(key)
-        rng = self.rng(index, epoch)
-        vid = self.videos.video_ids[index]
-        frames = train_indices(self.videos.num_frames[index], self.num_segments, rng)
+        index, rng, vid, frames = self.draw(key)
         rgb = _read_rgb(self.frames, vid, frames)
         flow = read_flow_stacks(self.flows, vid, frames, self.flow_length, self.flow_bound, self.flow_step)
         if rgb.shape[-2:] != flow.shape[-2:]:
