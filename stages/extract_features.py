@@ -75,9 +75,11 @@ class ExtractFeaturesParams:
     views: int = param(1, "Spatial views per position: 1 (centre crop) or 10 (TSN's 4 corners + centre and "
                        "their mirrors), stored as an extra axis.")
     rgb_weights: str = param("finetune", "Appearance backbone: finetune (<cache>/finetune/<scope>/rgb/best.pt), "
-                             "imagenet, none (random, seeded by --seed) or a weights file.")
+                             "imagenet, none (random, seeded by --seed) or a weights file (ours, torchvision's, "
+                             "mmaction2's or tsn-pytorch's TSN).")
     flow_weights: str = param("finetune", "Motion backbone: finetune (<cache>/finetune/<scope>/flow/best.pt), "
-                              "imagenet (cross-modality first conv), none or a weights file.")
+                              "imagenet (cross-modality first conv), none or a weights file (as --rgb-weights; "
+                              "an mmaction2 flow TSN takes 10 channels: --flow-length 5 keeps its conv1).")
     arch: str = param(DEFAULT_ARCH, "Backbone of both streams (resnet18/34/50/101/152, inception_v3): reads "
                       "finetune's outputs of this backbone; a weights file of another arch is refused.",
                       aliases=("--backbone",), scope="backbone")

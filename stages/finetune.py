@@ -65,8 +65,10 @@ class FinetuneParams:
                       choices=list_backbones(), aliases=("--backbone",), scope="backbone")
     input_size: int = param(224, "Network input side in pixels ([STFN] §4.2: 224).")
     weights: str = param("imagenet", "Initial weights: imagenet (torchvision's, from the torch hub cache; "
-                         "never downloaded), none (random), or a path (torchvision state dict or our "
-                         "checkpoint). [STFN] §4.2 starts from ImageNet.")
+                         "never downloaded), none (random), or a path (torchvision state dict, our "
+                         "checkpoint, or an mmaction2 / tsn-pytorch TSN checkpoint; a first conv of another "
+                         "channel count is re-initialised as TSN's cross-modality average, docs/rawframes.md). "
+                         "[STFN] §4.2 starts from ImageNet.")
     split: int = param(1, "Which split of the video table (1..3 for UCF101 / HMDB51).", scope="split")
     segments: int = param(1, "TSN segments N: one random frame (stack) from each of N equal parts, scores "
                           "averaged (consensus). 1 is the two-stream sampling [STFN] §4.2 describes for "

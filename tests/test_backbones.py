@@ -314,3 +314,103 @@ def test_normalize_flow_inverts_quantization():
     out = B.normalize_flow(q)
     assert out.min() == -1 and out.max() == 1
     assert (out * bound - f).abs().max() <= bound / 255 + 1e-5  # half a step of 2*bound/255
+
+
+# ---------------------------------------------------------------- foreign checkpoints (built here, nothing downloaded)
+
+
+def _to_mmaction2(tv_state: dict) -> dict:
+    """A torchvision ResNet state dict in mmaction2's names (ConvModule: <conv>.conv / <conv>.bn), written
+    out rule by rule from mmaction2's ResNet independently of pipeline/interop/checkpoints.py."""
+    out = {}
+    for key, value in tv_state.items():
+        parts = key.split(".")
+        if parts[0] == "fc":
+            out[f"cls_head.fc_cls.{parts[1]}"] = value
+            continue
+        if parts[0] == "conv1":
+            new = ["conv1", "conv", *parts[1:]]
+        elif parts[0] == "bn1":
+            new = ["conv1", "bn", *parts[1:]]
+        elif parts[2] == "downsample":
+            new = parts[:3] + [{"0": "conv", "1": "bn"}[parts[3]]] + parts[4:]
+        elif parts[2].startswith("conv"):
+            new = parts[:3] + ["conv"] + parts[3:]
+        else:  # layerA.B.bnK.p -> layerA.B.convK.bn.p
+            new = parts[:2] + ["conv" + parts[2][2:], "bn"] + parts[3:]
+        out["backbone." + ".".join(new)] = value
+    return out
+
+
+def _flow_conv_state(tv_state: dict, channels: int, seed: int = 3) -> dict:
+    state = dict(tv_state)
+    g = torch.Generator().manual_seed(seed)
+    state["conv1.weight"] = torch.randn(64, channels, 7, 7, generator=g)
+    return state
+
+
+def test_mmaction2_rgb_checkpoint_reproduces_torchvision(tmp_path, tv_resnet18):
+    state = tv_resnet18.state_dict()
+    assert "backbone.layer1.0.conv1.bn.running_mean" in _to_mmaction2(state)
+    path = tmp_path / "tsn_r18_mm.pth"
+    torch.save({"meta": {"epoch": 75, "mmengine_version": "0.10.4"},
+                "state_dict": {**_to_mmaction2(state), "data_preprocessor.mean": torch.zeros(3, 1, 1)}}, path)
+    model = B.create_backbone("resnet18", num_classes=1000, weights=path).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), _pooled(tv_resnet18, x))
+        torch.testing.assert_close(model(x), tv_resnet18(x))  # cls_head.fc_cls kept: same class count
+    fresh = B.create_backbone("resnet18", num_classes=7, weights=path)  # other class count: a new head
+    assert fresh.fc.weight.shape == (7, 512) and fresh.fc.weight.abs().max() < 0.01
+
+
+def test_mmaction2_flow_checkpoint_with_10_channels(tmp_path, tv_resnet18):
+    state = _flow_conv_state(tv_resnet18.state_dict(), 10)  # mmaction2's TSN flow: clip_len 5 -> 10 channels
+    path = tmp_path / "tsn_r18_flow_mm.pth"
+    torch.save({"state_dict": _to_mmaction2(state)}, path)
+    same = B.create_backbone("resnet18", num_classes=0, in_channels=10, weights=path)
+    assert torch.equal(same.trunk.conv1.weight, state["conv1.weight"])
+    model = B.create_backbone("resnet18", num_classes=0, in_channels=20, weights=path)
+    want = state["conv1.weight"].mean(dim=1)  # TSN: average over the input channels, replicate to 2L
+    assert model.trunk.conv1.weight.shape == (64, 20, 7, 7)
+    for c in range(20):
+        torch.testing.assert_close(model.trunk.conv1.weight[:, c], want)
+    assert torch.equal(model.trunk.layer2[0].downsample[1].running_var, state["layer2.0.downsample.1.running_var"])
+
+
+def test_tsn_pytorch_checkpoints(tmp_path, tv_resnet18):
+    state = tv_resnet18.state_dict()
+    trunk = {f"module.base_model.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+    head = {"module.new_fc.weight": torch.randn(5, 512), "module.new_fc.bias": torch.randn(5)}
+    rgb = tmp_path / "ucf101_rgb_checkpoint.pth.tar"
+    torch.save({"epoch": 80, "arch": "resnet18", "best_prec1": 80.1, "state_dict": {**trunk, **head}}, rgb)
+    model = B.create_backbone("resnet18", num_classes=5, weights=rgb).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), _pooled(tv_resnet18, x))
+    assert torch.equal(model.fc.weight, head["module.new_fc.weight"])
+    # the flow model (new_length 5 -> conv1 of 10 channels), re-initialised for L = 10
+    flow_state = _flow_conv_state(state, 10, seed=4)
+    flow = tmp_path / "ucf101_flow_checkpoint.pth.tar"
+    torch.save({"epoch": 3, "arch": "resnet18", "state_dict": {
+        f"module.base_model.{k}": v for k, v in flow_state.items() if not k.startswith("fc.")}}, flow)
+    m = B.create_backbone("resnet18", num_classes=5, in_channels=20, weights=flow)
+    torch.testing.assert_close(m.trunk.conv1.weight[:, 13], flow_state["conv1.weight"].mean(1))
+    with pytest.raises(ValueError, match="tsn-pytorch checkpoint .* holds a resnet18 backbone, not resnet34"):
+        B.create_backbone("resnet34", num_classes=5, weights=rgb)
+
+
+def test_foreign_checkpoint_mismatch_names_the_files_keys(tmp_path, tv_resnet18):
+    mm = _to_mmaction2(tv_resnet18.state_dict())
+    mm["backbone.layer4.1.conv2.bn.weight"] = torch.ones(7)
+    mm["backbone.extra_conv.conv.weight"] = torch.ones(1)
+    del mm["backbone.layer3.0.conv1.conv.weight"]
+    path = tmp_path / "broken_mm.pth"
+    torch.save({"state_dict": mm}, path)
+    with pytest.raises(ValueError) as e:
+        B.create_backbone("resnet18", num_classes=2, weights=path)
+    msg = str(e.value)
+    assert "broken_mm.pth (mmaction2 checkpoint) does not fit resnet18" in msg
+    assert "backbone.layer4.1.conv2.bn.weight: file (7,) vs model (512,)" in msg
+    assert "missing key(s), e.g. layer3.0.conv1.weight" in msg
+    assert "unexpected key(s), e.g. backbone.extra_conv.conv.weight" in msg

@@ -42,6 +42,9 @@ from torchvision.models import (
     resnet152,
 )
 
+from pipeline.interop import checkpoints as foreign
+from pipeline.interop.checkpoints import Converted
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -54,6 +57,7 @@ __all__ = [
     "list_backbones",
     "normalize_flow",
     "normalize_rgb",
+    "reinit_first_conv",
 ]
 
 # ImageNet statistics the torchvision weights were trained with (RGB order, on [0, 1] pixels).
@@ -353,20 +357,34 @@ def _build_trunk(arch: str, in_channels: int, random_init: bool) -> nn.Module:
     return trunk
 
 
-def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], Mapping | None]:
+def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], Mapping | None, Converted | None]:
     """Load ``path`` and split it into (trunk, head) state dicts with torchvision key names.
 
-    Accepts a torchvision state dict (keys ``conv1.weight``, ..., ``fc.weight``) or our
-    checkpoint format, a dict with a ``"model"`` entry holding :class:`Backbone` state
-    (keys ``trunk.*``, ``fc.*``; a ``module.`` prefix from DistributedDataParallel is removed).
-    The third value is the checkpoint dict for our format, None for a plain state dict.
+    Accepts a torchvision state dict (keys ``conv1.weight``, ..., ``fc.weight``), our checkpoint
+    format, a dict with a ``"model"`` entry holding :class:`Backbone` state (keys ``trunk.*``,
+    ``fc.*``; a ``module.`` prefix from DistributedDataParallel is removed), or a foreign checkpoint
+    (mmaction2's TSN, tsn-pytorch's: :mod:`pipeline.interop.checkpoints`). The third value is the
+    checkpoint dict for our format, None otherwise; the fourth the conversion of a foreign one.
     """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors alike
-        raise ValueError(f"cannot read weights file {path}: {exc}") from exc
+        hint = ""
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            hint = (" (it holds Python objects beyond tensors, e.g. an mmengine checkpoint's 'meta'; keep only "
+                    "its weights: torch.save({'state_dict': torch.load(p, weights_only=False)['state_dict']}, "
+                    "new_path), on a file you trust)")
+        raise ValueError(f"cannot read weights file {path}: {exc}{hint}") from exc
     if not isinstance(obj, Mapping):
         raise ValueError(f"weights file {path} holds a {type(obj).__name__}, not a state dict or checkpoint")
+    fmt = foreign.detect(obj)
+    if fmt is not None:
+        conv = foreign.convert(obj, fmt)
+        for key, value in (*conv.trunk.items(), *conv.head.items()):
+            if not isinstance(value, Tensor):
+                raise ValueError(f"weights file {path} ({fmt}): entry {conv.source_keys[key]!r} is a "
+                                 f"{type(value).__name__}, not a tensor")
+        return conv.trunk, conv.head, None, conv
     is_checkpoint = "model" in obj and isinstance(obj["model"], Mapping)
     state = obj["model"] if is_checkpoint else obj
     trunk: dict[str, Tensor] = {}
@@ -383,23 +401,43 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], 
             continue  # Inception-V3's auxiliary classifier is not part of our backbone
         else:
             trunk[key] = value
-    return trunk, head, obj if is_checkpoint else None
+    return trunk, head, obj if is_checkpoint else None, None
 
 
-def _load_trunk(model: Backbone, state: dict[str, Tensor], source: str) -> None:
-    """Load ``state`` into ``model.trunk``; a 3-channel first conv feeds cross-modality init."""
+def reinit_first_conv(weight: Tensor, in_channels: int) -> Tensor:
+    """A first conv for ``in_channels`` inputs from one with another channel count, as TSN's cross-modality
+    initialisation: the weights averaged over the input channels, replicated ``in_channels`` times (from an
+    RGB conv this is :func:`cross_modality_init`; from a 10-channel flow conv, e.g. mmaction2's L = 5, it
+    feeds a 2L = 20-channel one)."""
+    if weight.dim() != 4:
+        raise ValueError(f"first conv weights must be (O, C, kH, kW), got {tuple(weight.shape)}")
+    if weight.shape[1] == 3:
+        return cross_modality_init(weight, in_channels)
+    return weight.detach().mean(dim=1, keepdim=True).expand(-1, in_channels, -1, -1).contiguous()
+
+
+def _load_trunk(model: Backbone, state: dict[str, Tensor], source: str,
+                file_keys: Mapping[str, str] | None = None) -> None:
+    """Load ``state`` into ``model.trunk``. A first conv with another channel count than a flow model's
+    (3 from an RGB file, 10 from mmaction2's flow TSN) is re-initialised by :func:`reinit_first_conv`.
+    ``file_keys`` (converted key -> the file's own key) makes errors name the keys as the file spells them."""
     conv_key = f"{model.first_conv}.weight"
     expected = model.trunk.state_dict()
-    if conv_key in state and model.in_channels != 3 and state[conv_key].shape[1] == 3:
+    if (conv_key in state and conv_key in expected and model.in_channels != 3 and state[conv_key].dim() == 4
+            and state[conv_key].shape[1] != model.in_channels
+            and state[conv_key].shape[0] == expected[conv_key].shape[0]):
         state = dict(state)
-        state[conv_key] = cross_modality_init(state[conv_key], model.in_channels)
+        state[conv_key] = reinit_first_conv(state[conv_key], model.in_channels)
+
+    def name(k: str) -> str:
+        return file_keys.get(k, k) if file_keys else k
 
     # torchvision's ImageNet files predate BatchNorm's num_batches_tracked buffer.
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
     missing = sorted(set(expected) - set(state) - optional)
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        f"{name(k)}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in expected
         if k in state and state[k].shape != expected[k].shape
     ]
@@ -410,7 +448,7 @@ def _load_trunk(model: Backbone, state: dict[str, Tensor], source: str) -> None:
         if missing:
             problems.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
         if unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
+            problems.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(name(k) for k in unexpected[:3])}")
         raise ValueError(
             f"weights file {source} does not fit {model.arch} with in_channels={model.in_channels}: "
             + "; ".join(problems)
@@ -420,14 +458,17 @@ def _load_trunk(model: Backbone, state: dict[str, Tensor], source: str) -> None:
 
 def _load_imagenet(model: Backbone) -> None:
     path = require_imagenet_weights(model.arch)
-    trunk, _, _ = _read_state_dict(path)  # the ImageNet classifier is replaced ([STFN] §4.2)
+    trunk, _, _, _ = _read_state_dict(path)  # the ImageNet classifier is replaced ([STFN] §4.2)
     _load_trunk(model, trunk, str(path))
 
 
 def _load_file(model: Backbone, path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    trunk, head, checkpoint = _read_state_dict(path)
+    trunk, head, checkpoint, conv = _read_state_dict(path)
+    if conv is not None:
+        _load_foreign(model, path, conv)
+        return
     arch = checkpoint.get("arch") if checkpoint is not None else None
     if isinstance(arch, str) and arch != model.arch:
         raise ValueError(f"checkpoint {path} holds a {arch} backbone, not {model.arch}")
@@ -442,6 +483,18 @@ def _load_file(model: Backbone, path: Path) -> None:
             f"{head['fc.weight'].shape[1]} features; the model needs {model.num_classes}-way over {model.num_features}"
         )
     model.fc.load_state_dict({k.removeprefix("fc."): v for k, v in head.items()})
+
+
+def _load_foreign(model: Backbone, path: Path, conv: Converted) -> None:
+    """An mmaction2 / tsn-pytorch checkpoint: the backbone must fit; its classifier is kept when it has the
+    model's shape (same number of classes; the class order is the file's list's), else a fresh one."""
+    if conv.arch is not None and conv.arch.lower() != model.arch:
+        raise ValueError(f"{conv.format} checkpoint {path} holds a {conv.arch} backbone, not {model.arch}")
+    _load_trunk(model, conv.trunk, f"{path} ({conv.format} checkpoint)", conv.source_keys)
+    if model.num_classes == 0 or set(conv.head) != {"fc.weight", "fc.bias"}:
+        return
+    if conv.head["fc.weight"].shape == model.fc.weight.shape and conv.head["fc.bias"].shape == model.fc.bias.shape:
+        model.fc.load_state_dict({k.removeprefix("fc."): v for k, v in conv.head.items()})
 
 
 def create_backbone(
@@ -460,10 +513,13 @@ def create_backbone(
         in_channels: 3 for the appearance stream, ``2L`` (20 for L = 10) for the motion stream.
         weights: ``"none"`` (or None) trains from scratch; ``"imagenet"`` loads torchvision's
             default ImageNet weights from the torch hub cache (:func:`imagenet_weights_path`),
-            never downloading; a path loads a torchvision state dict for ``arch`` or one of our
-            checkpoints (a dict with a ``"model"`` entry). From an RGB file, a first conv with
-            ``in_channels != 3`` is filled by :func:`cross_modality_init`. The classifier is
-            always new, except from one of our checkpoints with the same ``num_classes``.
+            never downloading; a path loads a torchvision state dict for ``arch``, one of our
+            checkpoints (a dict with a ``"model"`` entry), or an mmaction2 / tsn-pytorch TSN
+            checkpoint (:mod:`pipeline.interop.checkpoints`). A first conv whose channel count
+            differs from a flow model's ``in_channels`` (3 from RGB, 10 from mmaction2's flow TSN)
+            is re-initialised by :func:`reinit_first_conv` (TSN's cross-modality average). The
+            classifier is new, except from one of our checkpoints, or a foreign one, with the same
+            ``num_classes``.
         dropout: dropout before the classifier.
 
     Inception-V3 is built without its auxiliary classifier; its native input is 299 x 299, it
