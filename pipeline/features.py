@@ -352,17 +352,16 @@ def restore_parts(store_path: Path, parts: VideoStore, wanted: set[str]) -> int:
     """Re-create the parts of ``wanted`` videos from a consolidated feature store (after ``pipeline verify``
     marked some of its videos damaged: the others need no recompute). A chunk that fails its checksum is
     skipped (its videos are recomputed). Returns how many parts were written."""
-    from pipeline.io.store import ContainerReader, _open_container
+    from pipeline.io.store import decode_strings, open_feature_store
 
     store_path = Path(store_path)
     if not wanted or not store_path.exists():
         return 0
-    c = _open_container(store_path, "zarr" if store_path.suffix == ".zarr" else "h5", "r")
-    r = ContainerReader(c.backend, c.handle, store_path)
+    r = open_feature_store(store_path)
     written = 0
     try:
         streams = list(r.attrs.get("streams", []))
-        ids = [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(r["video_ids"][...]).ravel()]
+        ids = decode_strings(r["video_ids"][...]).ravel().tolist()
         step = max(1, int(r[f"streams/{streams[0]}"].chunks[0])) if streams else 1
         for lo in range(0, len(ids), step):
             rows = [k for k in range(lo, min(lo + step, len(ids))) if ids[k] in wanted]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.io.store import READABLE_FORMATS, ContainerReader, StoreError, _open_container, reading
+from pipeline.io.store import ContainerReader, StoreError, decode_strings, open_feature_store, reading
 
 __all__ = ["FeatureDataset"]
 
@@ -38,22 +38,19 @@ class FeatureDataset(Dataset):
     def __init__(self, path: Path, streams: Sequence[str] | None = None, *, subset: Sequence[str] | None = None,
                  dtype: torch.dtype | None = torch.float32) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise StoreError(f"{self.path}: feature store not found (run `pipeline extract-features` first)")
-        r = self._open()
+        self._reader = open_feature_store(self.path, check_format=True)
+        self._pid = os.getpid()
+        r = self._reader
         attrs = r.attrs
-        if attrs.get("format_version") not in READABLE_FORMATS:
-            raise StoreError(f"{self.path}: written by store format {attrs.get('format_version')}, this pipeline "
-                             f"reads formats {', '.join(map(str, READABLE_FORMATS))}; re-run extract-features")
         held = list(attrs.get("streams", []))
         self.streams = held if streams is None else list(streams)
         missing = [s for s in self.streams if s not in held]
         if missing:
             raise StoreError(f"{self.path}: no stream(s) {missing}; it holds {held}")
         with reading(self.path, "video tables"):
-            ids = _strings(r["video_ids"][...])
-            split = _strings(r["split"][...])
-            self.class_names = _strings(r["class_names"][...]).tolist()
+            ids = decode_strings(r["video_ids"][...])
+            split = decode_strings(r["split"][...])
+            self.class_names = decode_strings(r["class_names"][...]).tolist()
             labels = np.asarray(r["labels"][...], dtype=np.int64)
             positions = np.asarray(r["positions"][...], dtype=np.float32)
         rows = np.arange(len(ids)) if subset is None else np.flatnonzero(np.isin(split, list(subset)))
@@ -67,13 +64,12 @@ class FeatureDataset(Dataset):
         self._close()
 
     def _open(self) -> ContainerReader:
-        if getattr(self, "_reader", None) is None or self._pid != os.getpid():
-            c = _open_container(self.path, "zarr" if self.path.suffix == ".zarr" else "h5", "r")
-            self._reader, self._pid = ContainerReader(c.backend, c.handle, c.path), os.getpid()
+        if self._reader is None or self._pid != os.getpid():
+            self._reader, self._pid = open_feature_store(self.path), os.getpid()
         return self._reader
 
     def _close(self) -> None:
-        if getattr(self, "_reader", None) is not None:
+        if self._reader is not None:
             self._reader.close()
         self._reader = None
 
@@ -97,9 +93,3 @@ class FeatureDataset(Dataset):
                     positions=torch.from_numpy(self._positions[i]))
         return item
 
-
-def _strings(a) -> np.ndarray:
-    a = np.asarray(a)
-    if a.dtype.kind == "S":
-        return np.char.decode(a, "utf-8")
-    return np.array([str(x) for x in a.ravel()]).reshape(a.shape)

@@ -105,19 +105,17 @@ def _flow_jpegs(store, vid: str, quality: int) -> tuple[list[bytes], list[bytes]
 
 def _export_features(cache_root: Path, key: str, out: Path, table: VideoTable, rels: list[str]) -> int:
     """One (positions, D) float32 .npy per video and stream of a finished extract-features output."""
-    from pipeline.io.store import ContainerReader, _open_container
+    from pipeline.io.store import decode_strings, open_feature_store
 
     path = artifacts.feature_store_file(Path(cache_root) / key)
-    c = _open_container(path, "zarr" if path.suffix == ".zarr" else "h5", "r")
-    r = ContainerReader(c.backend, c.handle, c.path)
+    r = open_feature_store(path)
     name_of = dict(zip(table.video_ids, (rel.rsplit("/", 1)[-1] for rel in rels)))
     written = 0
     try:
         attrs = r.attrs
         views = list(attrs.get("view_names") or ["center"])
         centre = views.index("center") if "center" in views else 0
-        ids = np.asarray(r["video_ids"][...])
-        ids = [x.decode() if isinstance(x, bytes) else str(x) for x in ids.ravel()]
+        ids = decode_strings(r["video_ids"][...]).ravel().tolist()
         folder = out / FEATURES_DIR / artifacts.split_key(key)[1]
         for stream in attrs.get("streams", []):
             arr = r[f"streams/{stream}"]

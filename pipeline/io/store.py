@@ -567,13 +567,33 @@ def _write_features(w: "ContainerWriter", fs: FeatureSet, backend: str) -> None:
     w.set_attrs({**fs.attrs, "format_version": FORMAT_VERSION, "streams": list(fs.streams)})
 
 
-def feature_store_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Shapes of the streams of a feature store, (V, P, views, D) each, without reading the arrays."""
+def open_feature_store(path: Path, *, check_format: bool = False) -> "ContainerReader":
+    """A feature store (``.zarr`` or ``.h5`` by its suffix) opened for reading; StoreError naming the file when
+    it is absent or (``check_format``) written by a store format this pipeline cannot read."""
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path}: feature store not found (run `pipeline extract-features` first)")
     c = _open_container(path, "zarr" if path.suffix == ".zarr" else "h5", "r")
     r = ContainerReader(c.backend, c.handle, c.path)
+    if check_format and r.attrs.get("format_version") not in READABLE_FORMATS:
+        version = r.attrs.get("format_version")
+        r.close()
+        raise StoreError(f"{path}: written by store format {version}, this pipeline reads formats "
+                         f"{', '.join(map(str, READABLE_FORMATS))}; re-run extract-features")
+    return r
+
+
+def decode_strings(a) -> np.ndarray:
+    """A stored string array as ``str`` (HDF5 holds UTF-8 bytes, Zarr variable-length strings)."""
+    a = np.asarray(a)
+    if a.dtype.kind == "S":
+        return np.char.decode(a, "utf-8")
+    return np.array([str(x) for x in a.ravel()]).reshape(a.shape)
+
+
+def feature_store_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of the streams of a feature store, (V, P, views, D) each, without reading the arrays."""
+    r = open_feature_store(path)
     try:
         return {s: tuple(int(x) for x in r[f"streams/{s}"].shape) for s in r.attrs.get("streams", [])}
     finally:
@@ -588,26 +608,16 @@ def read_feature_store(path: Path, streams: Sequence[str] | None = None, *, dama
     caller can fail those videos and keep the others.
     """
     path = Path(path)
-    if not path.exists():
-        raise StoreError(f"{path}: feature store not found (run `pipeline extract-features` first)")
-    backend = "zarr" if path.suffix == ".zarr" else "h5"
-    c = _open_container(path, backend, "r")
-    r = ContainerReader(c.backend, c.handle, c.path)
+    r = open_feature_store(path, check_format=True)
     try:
         attrs = r.attrs
-        if attrs.get("format_version") not in READABLE_FORMATS:
-            raise StoreError(f"{path}: written by store format {attrs.get('format_version')}, this pipeline "
-                             f"reads formats {', '.join(map(str, READABLE_FORMATS))}; re-run extract-features")
         names = list(attrs["streams"]) if streams is None else list(streams)
         missing = [s for s in names if s not in attrs["streams"]]
         if missing:
             raise StoreError(f"{path}: no stream(s) {missing}; it holds {attrs['streams']}")
 
         def strings(key: str) -> np.ndarray:
-            a = np.asarray(r[key][...])
-            if a.dtype.kind == "S":
-                return np.char.decode(a, "utf-8")
-            return np.array([str(x) for x in a.ravel()]).reshape(a.shape)
+            return decode_strings(r[key][...])
 
         ids = strings("video_ids")
         bad: dict[str, str] = {}
@@ -647,13 +657,11 @@ def damaged_feature_videos(path: Path) -> dict[str, str]:
     """Videos of a feature store whose rows sit in a damaged chunk (checksum mismatch, truncated chunk):
     video id -> reason. Every stream is read chunk by chunk; a damaged id list is reported as ``*``."""
     path = Path(path)
-    c = _open_container(path, "zarr" if path.suffix == ".zarr" else "h5", "r")
-    r = ContainerReader(c.backend, c.handle, path)
+    r = open_feature_store(path)
     bad: dict[str, str] = {}
     try:
         try:
-            a = np.asarray(r["video_ids"][...])
-            ids = [x.decode() if isinstance(x, bytes) else str(x) for x in a.ravel()]
+            ids = decode_strings(r["video_ids"][...]).ravel().tolist()
         except Exception as e:  # noqa: BLE001 - without ids no video can be named
             return {"*": f"{path}: video_ids unreadable ({type(e).__name__}: {e})"}
         for key in ["positions", "labels", *[f"streams/{s}" for s in r.attrs.get("streams", [])]]:

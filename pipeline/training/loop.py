@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.dist import world_size as _world
+from pipeline.dist import device as rank_device, local_rank, world_size as _world
 from pipeline.io.atomic import atomic_write, load_checkpoint, save_checkpoint
 from pipeline.training import check_finite_loss
 from pipeline.training.tensorboard import EpochScalars
@@ -477,11 +477,9 @@ def start_run(ctx, device: str, meta: dict, resume_keys: tuple[str, ...]) -> tup
     """What a training stage's ``run`` starts with: this process's rank, its device (``pipeline.dist.device``
     of ``device``) and the ``last.pt`` of a killed run in the stage folder ``ctx.dir`` to resume from
     (:func:`resume_checkpoint`)."""
-    from pipeline import dist as pdist
-
-    info = DistInfo(ctx.rank, ctx.world_size, pdist.local_rank())
+    info = DistInfo(ctx.rank, ctx.world_size, local_rank())
     ckpt = resume_checkpoint(ctx.dir / "last.pt", meta, resume_keys, is_main=info.is_main, log=ctx.log)
-    return info, torch.device(pdist.device(device)), ckpt
+    return info, torch.device(rank_device(device)), ckpt
 
 
 def end_epoch(row: dict, history: list[dict], best: dict, *, epoch: int, decays: int, lr: float, scheduler,
