@@ -16,6 +16,8 @@ std over the splits, as [STFN] Table 6 reports the mean over UCF101's and HMDB51
 columns: each row's scores averaged with the external ones ([STFN] §4.8, the "+MIFS" column of Table 6),
 ``--external-weight`` w giving (ours + w external) / (1 + w). Videos are matched by id (or by the id's last
 path component); a test video without external scores, or other classes, is an error naming the file.
+tsn-pytorch's ``--save_scores`` ``.npz`` and mmaction2's ``--out`` / ``--dump`` ``.pkl`` hold no (or not
+always) video ids: ``--external-list`` gives the test list they were made from (:mod:`pipeline.interop.scores`).
 
 Outputs in ``<cache>/evaluate/<scope>/`` (or ``evaluate/splits1-2-3-<backbone>/``): ``results.md`` (the
 table, a per-class accuracy table, notes), ``results.json`` (every figure, per-class accuracies and
@@ -32,6 +34,7 @@ Examples::
     pipeline evaluate --splits 1,2,3
     pipeline evaluate --streams --flow-weight 1.0
     pipeline evaluate --external-scores mifs_ucf101_split1.csv --external-name MIFS
+    pipeline evaluate --external-scores tsn_flow.npz --external-list ucf101_rawframes_val_split_1.txt
 """
 from __future__ import annotations
 
@@ -65,8 +68,11 @@ class EvaluateParams:
                           scope="backbone")
     streams: bool = param(False, "Only the finetune rows: each stream and their late fusion ([STFN] Table 5).")
     flow_weight: float = param(1.5, "Late fusion weight of the flow stream (rgb 1 : flow w; TSN uses 1.5).")
-    external_scores: Path | None = param(None, "Another model's per-video test scores (.npz or .csv) to average "
-                                         "with ours, as the paper's +MIFS column (one split only).")
+    external_scores: Path | None = param(None, "Another model's per-video test scores (.npz, .csv, tsn-pytorch "
+                                         "--save_scores .npz or mmaction2 .pkl) to average with ours, as the "
+                                         "paper's +MIFS column (one split only).")
+    external_list: Path | None = param(None, "The test list a tsn-pytorch .npz or mmaction2 .pkl was made from "
+                                       "(their order of videos).", omit_default=True)
     external_weight: float = param(1.0, "Weight w of the external scores: (ours + w external) / (1 + w).")
     external_name: str = param("external", "Column label of the external scores (e.g. MIFS).")
     per_class: str = param("", "Comma-separated row names for the per-class accuracy table (default: every "
@@ -81,6 +87,10 @@ class EvaluateParams:
             raise StageError(f"--external-weight must be >= 0 (got {self.external_weight})")
         if self.external_scores is not None and not Path(self.external_scores).is_file():
             raise StageError(f"--external-scores {self.external_scores}: file not found")
+        if self.external_list is not None and self.external_scores is None:
+            raise StageError("--external-list orders the videos of --external-scores: give both")
+        if self.external_list is not None and not Path(self.external_list).is_file():
+            raise StageError(f"--external-list {self.external_list}: file not found")
         if self.external_scores is not None and len(self.splits) > 1:
             raise StageError("--external-scores scores one split's test videos: give one --split with it")
 
@@ -124,6 +134,8 @@ def plan(params: EvaluateParams, upstream: Upstream) -> Plan:
     ext = ""
     if params.external_scores is not None:
         ext = file_sha256(Path(params.external_scores))
+        if params.external_list is not None:
+            ext += "+" + file_sha256(Path(params.external_list))
     n = sum(map(len, by_split.values()))
     return Plan(ext, by_split, f"{n} finished outputs over split(s) {', '.join(map(str, by_split))}")
 
@@ -210,7 +222,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     external = None
     if p.external_scores is not None:
         try:
-            external = read_external_scores(Path(p.external_scores))
+            external = read_external_scores(Path(p.external_scores), p.external_list)
         except ResultsError as e:
             raise StageError(str(e)) from None
     rows_of = {}

@@ -121,17 +121,30 @@ def late_fusion(rgb: TestScores, flow: TestScores, flow_weight: float = 1.5) -> 
     return TestScores(fused, rgb.video_ids, rgb.labels, rgb.class_names)
 
 
-def read_external_scores(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def read_external_scores(path: Path, list_file: Path | None = None
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Another model's per-video scores: (video_ids (V,), scores (V, C) float64, class names or None).
 
     ``.npz``: arrays ``video_ids``, ``scores`` and optionally ``class_names``. ``.csv``: a header row
     ``video_id,<class 1>,...,<class C>`` (the class columns named by class name, any order, or by index
-    0..C-1), then one row per video.
+    0..C-1), then one row per video. tsn-pytorch's ``--save_scores`` ``.npz`` (no ``video_ids``) and
+    mmaction2's ``.pkl`` results, in the order of the test list ``list_file`` they were made from:
+    :mod:`pipeline.interop.scores`.
     """
     path = Path(path)
     if not path.is_file():
         raise ResultsError(f"{path}: external scores file not found")
-    if path.suffix == ".npz":
+    foreign = path.suffix in (".pkl", ".pickle") or (path.suffix == ".npz" and not _has_video_ids(path))
+    if list_file is not None and not foreign:
+        raise ResultsError(f"{path}: names its videos; a list file ({list_file}) is only for tsn-pytorch .npz and "
+                           "mmaction2 .pkl scores")
+    if foreign:
+        from pipeline.interop.scores import ForeignScoresError, read_foreign_scores
+        try:
+            ids, scores, names = read_foreign_scores(path, list_file)
+        except ForeignScoresError as e:
+            raise ResultsError(str(e)) from None
+    elif path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:
                 if "video_ids" not in z.files or "scores" not in z.files:
@@ -166,7 +179,7 @@ def read_external_scores(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray
             scores = scores[:, np.argsort([int(n) for n in names])]
             names = None
     else:
-        raise ResultsError(f"{path}: external scores must be a .npz or .csv file")
+        raise ResultsError(f"{path}: external scores must be a .npz, .csv or mmaction2 .pkl file")
     if scores.ndim != 2 or scores.shape[0] != ids.shape[0]:
         raise ResultsError(f"{path}: scores {scores.shape} do not match {ids.shape[0]} video ids")
     if not np.isfinite(scores).all():
@@ -174,6 +187,14 @@ def read_external_scores(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray
     if len(set(ids.tolist())) != ids.shape[0]:
         raise ResultsError(f"{path}: duplicate video ids")
     return ids, scores, names
+
+
+def _has_video_ids(path: Path) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return "video_ids" in z.files
+    except (OSError, ValueError) as e:
+        raise ResultsError(f"{path}: unreadable external scores ({e})") from None
 
 
 def match_external(ours: TestScores, ids: np.ndarray, scores: np.ndarray, names: np.ndarray | None,
