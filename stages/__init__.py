@@ -14,7 +14,8 @@ STAGE_MODULES = ("decode", "extract_flow", "finetune", "extract_features", "trai
 #: command name -> (module in stages/, attribute of a plain Click command or None for the module's STAGE, help)
 CATALOG: dict[str, tuple[str, str | None, str]] = {
     "decode": ("decode", None,
-               "Decode videos to frames (UCF101, HMDB51, folder per class, CSV list, or the built-in demo)."),
+               "Decode videos to frames (UCF101, HMDB51, folder per class, CSV list, mmaction2 / TSN lists, "
+               "Kinetics, Something-Something v2, or the built-in demo)."),
     "extract-flow": ("extract_flow", None, "TV-L1 optical flow between consecutive frames (ours on CPU/CUDA, or "
                      "OpenCV), quantized to uint8."),
     "flow-pair": ("flow_tools", "flow_pair_command", "TV-L1 flow between two images, written as Middlebury .flo."),

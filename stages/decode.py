@@ -30,7 +30,9 @@ VERSION = "1"
 @dataclass(frozen=True)
 class DecodeParams:
     dataset: str = param("demo", "Dataset layout: ucf101, hmdb51, folder (a folder per class), csv "
-                         "(path,label[,split[,group]] list), demo (the built-in synthetic dataset) or rawframes "
+                         "(path,label[,split[,group]] list), list (mmaction2 / TSN 'path label' or "
+                         "'dir num_frames label' lists), kinetics (the official annotation CSVs), ssv2 "
+                         "(Something-Something v2 JSONs), demo (the built-in synthetic dataset) or rawframes "
                          "(frames already extracted by mmaction2 / TSN / denseflow, see docs/rawframes.md).",
                          choices=(*ds.DATASET_KINDS, "rawframes"))
     root: Path | None = param(None, "Dataset root folder (for demo: where to generate it; default "
@@ -38,7 +40,12 @@ class DecodeParams:
     splits: Path | None = param(None, "Folder with the official split files (ucf101: classInd.txt, "
                                 "trainlist0N.txt, testlist0N.txt; hmdb51: <class>_test_splitN.txt). "
                                 "Default: looked for in and beside the root.")
-    list: Path | None = param(None, "CSV list for --dataset csv (default <root>/list.csv).")
+    list: Path | None = param(None, "CSV list for --dataset csv (default <root>/list.csv); the train split's "
+                              "annotation file for list (mmaction2 list), kinetics (train CSV) and ssv2 (train "
+                              "JSON).")
+    test_list: Path | None = param(None, "For --dataset list, kinetics, ssv2: the test split's annotation file "
+                                   "(mmaction2 test list, Kinetics validation CSV, SSv2 validation JSON).",
+                                   omit_default=True)
     test_fraction: float = param(0.3, "For --dataset folder: fraction of groups held out as the test split "
                                  "(0 puts every video in train).")
     val_fraction: float = param(0.1, "Fraction of each split's training videos held out for validation, by "
@@ -57,8 +64,9 @@ class DecodeParams:
                                 "and skipped) instead of stopping.")
     labels: str = param("names", "For --dataset csv: the label column holds class names or 0-based class "
                         "indices.", choices=ds.LABEL_KINDS)
-    classes: Path | None = param(None, "For --dataset csv: class list (one name per line, or classInd.txt "
-                                 "'<index> <name>' lines) giving the classes and their order.")
+    classes: Path | None = param(None, "For --dataset csv, list, kinetics: class list (one name per line, or "
+                                 "classInd.txt '<index> <name>' lines) giving the classes and their order; for "
+                                 "ssv2: its labels JSON (required).")
     truncation_tolerance: float = param(0.05, "Fraction of its declared frames a video may lack before it "
                                         "counts as truncated.", min=0.0, max=1.0, max_exclusive=True)
     allow_truncated: bool = param(False, "Store truncated videos (marked 'truncated' in the journal and "
@@ -90,6 +98,9 @@ class DecodeParams:
         if self.dataset != "rawframes" and (self.rawframes_train_list or self.rawframes_test_list
                                             or self.rawframes_labels != "lists"):
             raise StageError(f"--rawframes-* options apply to --dataset rawframes only (got --dataset {self.dataset})")
+        if self.dataset == "rawframes" and (self.list is not None or self.test_list is not None):
+            raise StageError("--dataset rawframes takes its lists as --rawframes-train-list / --rawframes-test-list, "
+                             "not --list / --test-list")
 
 
 def demo_root(params: DecodeParams, cache_root: Path) -> Path:
@@ -110,18 +121,9 @@ def load_tables(params: DecodeParams, cache_root: Path) -> VideoTable:
     split_ids: list[int] = [1, 2, 3] if official else [1]
     loaded: dict[int, ds.Dataset] = {}
     for sid in split_ids:
-        kw: dict = {"allow_missing": params.allow_missing} if kind != "folder" else {}
-        if kind in ("ucf101", "hmdb51"):
-            kw.update(splits_dir=params.splits, split=sid)
-        elif kind == "csv":
-            kw.update(csv=params.list, labels=params.labels, classes_file=params.classes)
-        elif kind == "folder":
-            kw.update(test_fraction=params.test_fraction or None)
-        if kind not in ("csv", "rawframes") and (params.labels != "names" or params.classes is not None):
-            raise StageError(f"--labels and --classes apply to --dataset csv only (got --dataset {kind})")
         try:
             loaded[sid] = (_rawframes_split(params, sid) if kind == "rawframes"
-                           else ds.load_dataset(kind, root, **kw))
+                           else ds.load_dataset(kind, root, split=sid, **dataset_options(params)))
         except ds.MissingSplitFile as e:
             if sid == 1:
                 raise StageError(str(e)) from None
@@ -143,6 +145,19 @@ def load_tables(params: DecodeParams, cache_root: Path) -> VideoTable:
                                      seed=params.val_seed) for sid, m in split_of.items()},
         missing={str(sid): list(d.missing) for sid, d in loaded.items() if d.missing},
     )
+
+
+def dataset_options(params: DecodeParams) -> dict:
+    """decode's dataset options as :func:`pipeline.data.datasets.load_dataset`'s keywords, each one given only
+    when set, so that load_dataset refuses an option the kind does not use. ``--list`` is the CSV of csv and
+    the train split's file of the kinds with one file per split."""
+    list_key = "csv" if params.dataset in ("csv", "demo") else "train_list"
+    options = {"splits_dir": params.splits, list_key: params.list, "test_list": params.test_list,
+               "classes_file": params.classes, "labels": None if params.labels == "names" else params.labels,
+               "allow_missing": params.allow_missing}
+    if params.dataset == "folder":  # --test-fraction has a default value: passed to folder alone
+        options["test_fraction"] = params.test_fraction or None
+    return options
 
 
 def _rawframes_split(params: DecodeParams, sid: int) -> ds.Dataset:
@@ -324,6 +339,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
 
 STAGE = Stage(
     name=artifacts.DECODE, version=VERSION, params_type=DecodeParams, plan=plan, run=run,
-    help="Decode videos to frames (UCF101, HMDB51, folder per class, CSV list, or the built-in demo).",
+    help="Decode videos to frames (UCF101, HMDB51, folder per class, CSV list, mmaction2 / TSN lists, Kinetics, "
+         "Something-Something v2, or the built-in demo).",
 )
 

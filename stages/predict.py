@@ -25,9 +25,9 @@ from pipeline.stage import StageError, param, run_stage
 from pipeline.stage import config as cfg
 
 #: decode parameters that describe the dataset, not how a video becomes frames (not copied to the work cache).
-DATASET_PARAMS = {"dataset", "root", "splits", "list", "labels", "classes", "test_fraction", "val_fraction",
-                  "val_seed", "demo_seed", "allow_missing", "workers", "rawframes_layout", "rawframes_labels",
-                  "rawframes_train_list", "rawframes_test_list"}
+DATASET_PARAMS = {"dataset", "root", "splits", "list", "test_list", "labels", "classes", "test_fraction",
+                  "val_fraction", "val_seed", "demo_seed", "allow_missing", "workers", "rawframes_layout",
+                  "rawframes_labels", "rawframes_train_list", "rawframes_test_list"}
 
 
 @dataclass(frozen=True)

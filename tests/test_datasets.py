@@ -282,8 +282,8 @@ def test_hmdb51_missing_video(tmp_path):
 
 
 def test_unknown_kind_lists_valid_ones(tmp_path):
-    with pytest.raises(DatasetError, match="ucf101, hmdb51, folder, csv, demo"):
-        load_dataset("kinetics", tmp_path)
+    with pytest.raises(DatasetError, match="ucf101, hmdb51, folder, csv, demo, list, kinetics, ssv2"):
+        load_dataset("youtube8m", tmp_path)
 
 
 def test_missing_root_is_named(tmp_path):

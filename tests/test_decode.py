@@ -146,7 +146,7 @@ def test_bad_input_is_refused_before_work(tmp_path, case):
         args, expect = ["--dataset", "ucf101", "--root", str(tmp_path / "ucf"), "--splits",
                         str(tmp_path / "splits")], "classInd.txt"
     elif case == "unknown_dataset":
-        args, expect = ["--dataset", "kinetics", "--root", str(tmp_path)], "kinetics"
+        args, expect = ["--dataset", "youtube8m", "--root", str(tmp_path)], "youtube8m"
     else:
         (tmp_path / "d").mkdir()
         args, expect = ["--dataset", "csv", "--root", str(tmp_path / "d")], "list.csv"
@@ -284,4 +284,4 @@ def test_csv_label_options_reach_the_loader(tmp_path):
     assert VideoTable.load(tmp_path / "cache" / "decode").classes == ["Alpha", "Beta"] and r.manifest["done"] == 2
     res = CliRunner().invoke(main, ["decode", "--dataset", "demo", "--labels", "indices",
                                     "--cache-dir", str(tmp_path / "c2")])
-    assert res.exit_code == 2 and "--labels and --classes apply to --dataset csv only" in res.output
+    assert res.exit_code == 2 and "labels (--labels) do not apply to dataset kind 'demo'" in res.output

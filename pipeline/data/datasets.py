@@ -1,6 +1,6 @@
 """Datasets on disk -> a sorted list of videos with labels, split membership and groups.
 
-Five layouts ([STFN], Sec. 4.1 evaluates on the three official splits of UCF101 and HMDB51):
+Eight layouts ([STFN], Sec. 4.1 evaluates on the three official splits of UCF101 and HMDB51):
 
 ``ucf101``
     ``<root>/<Class>/v_<Class>_gGG_cCC.avi`` with the official ``classInd.txt``,
@@ -23,9 +23,20 @@ Five layouts ([STFN], Sec. 4.1 evaluates on the three official splits of UCF101 
     ``path,label[,split[,group]]`` rows with an optional header (see :func:`load_csv`).
 ``demo``
     the CSV layout read from ``<root>/list.csv`` (written by the demo generator).
+``list``
+    mmaction2 / TSN lists, one file per split: ``path label`` (a video list) or ``dir num_frames label``
+    (a rawframe list, ``dir`` naming a video by its path without extension), labels 0-based
+    (:func:`load_video_list`).
+``kinetics``
+    the official Kinetics-400 / 600 / 700 annotation CSVs ``label,youtube_id,time_start,time_end,split``,
+    videos at ``<root>/<split>/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4`` (:func:`load_kinetics`).
+``ssv2``
+    Something-Something v2: ``labels.json`` and the train / validation JSON lists, videos at
+    ``<root>/<id>.webm`` (:func:`load_ssv2`).
 
 Video ids: the video's path relative to the dataset root (the CSV's folder for ``csv`` and
-``demo``) without its extension, with ``/`` separators, e.g.
+``demo``) without its extension (for Kinetics ``<split>/<label>/<youtube_id>_<start>_<end>``, for
+Something-Something v2 the id), with ``/`` separators, e.g.
 ``ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01``. An absolute CSV path outside that folder gives
 its absolute path without the leading ``/`` and extension. Ids are unique within a dataset,
 never empty, contain no ``.``/``..`` component, backslash or control character, and are
@@ -34,13 +45,14 @@ stable across runs as long as the files do not move.
 Groups (for group-held-out validation, so that clips cut from one source video never sit on
 both sides of a split):
 
-* UCF-style names ``v_<X>_gGG_cCC`` give ``<X>_gGG`` (UCF101 and folder layouts): the 25
+* UCF-style names ``v_<X>_gGG_cCC`` give ``<X>_gGG`` (UCF101, folder and list layouts): the 25
   groups of a UCF101 class are the source videos its clips were cut from.
 * HMDB51 names ``<title>_<action>_<body>_<camera>_<people>_<view>_<quality>_<idx>`` give
   ``<title>``, the source video's title, shared across classes: one film (e.g.
   ``TheBoondockSaints``) supplies clips to up to 18 classes, so grouping by title alone keeps
   its actors and scenes on one side. The official splits already keep each title on one side
   within a class.
+* Kinetics: the YouTube id; Something-Something v2: the video id.
 * Otherwise the CSV's ``group`` column, else the video id (each video its own group).
 """
 
@@ -65,6 +77,7 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "Dataset",
     "DatasetError",
+    "ListRow",
     "MissingSplitFile",
     "VideoRecord",
     "hmdb_group",
@@ -72,11 +85,15 @@ __all__ = [
     "load_dataset",
     "load_folder",
     "load_hmdb51",
+    "load_kinetics",
+    "load_ssv2",
     "load_ucf101",
+    "load_video_list",
+    "read_video_list",
     "ucf_group",
 ]
 
-DATASET_KINDS = ("ucf101", "hmdb51", "folder", "csv", "demo")
+DATASET_KINDS = ("ucf101", "hmdb51", "folder", "csv", "demo", "list", "kinetics", "ssv2")
 LABEL_KINDS = ("names", "indices")  # what a CSV's label column holds
 SPLITS = ("train", "test", "unused")
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov")
@@ -86,6 +103,7 @@ _MAX_LISTED = 10
 _UCF_NAME = re.compile(r"^v_(?P<name>.+)_g(?P<group>\d+)_c(?P<clip>\d+)$")
 _HMDB_TAGS = {"0": "unused", "1": "train", "2": "test"}
 _INT = re.compile(r"[+-]?\d+")
+_COUNT = re.compile(r"[0-9]+")
 log = logging.getLogger("pipeline")
 
 
@@ -187,6 +205,15 @@ def _require_file(path: Path, what: str) -> None:
         raise DatasetError(f"{what} {path} does not exist")
 
 
+def _existing_file(path: str | os.PathLike | None, what: str) -> Path | None:
+    """``path`` made absolute, which must exist; None stays None."""
+    if path is None:
+        return None
+    path = _abs(path)
+    _require_file(path, what)
+    return path
+
+
 def _check_split_id(split: int) -> int:
     if isinstance(split, bool) or not isinstance(split, int) or split not in OFFICIAL_SPLITS:
         raise DatasetError(f"split must be one of 1, 2, 3 (the official splits), got {split!r}")
@@ -207,6 +234,15 @@ def _video_id(rel: str) -> str:
             f"cannot make a video id from path {rel!r} (empty, '.', '..', backslash or control character)"
         )
     return stem
+
+
+def _id_under(root: Path, path: Path) -> str:
+    """The video id of a listed file: its path relative to ``root`` without extension, or, outside ``root``,
+    its absolute path without the leading ``/`` and extension."""
+    rel = os.path.relpath(path, root).replace(os.sep, "/")
+    if rel.startswith("../"):
+        rel = path.as_posix().lstrip("/")
+    return _video_id(rel)
 
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
@@ -540,18 +576,21 @@ def _csv_header(csv_path: Path, first: list[str]) -> list[str] | None:
     return cells
 
 
-def _integer_classes(csv_path: Path, labels: Sequence[str]) -> list[str]:
-    """Classes ``"0".."C-1"`` for integer labels that are exactly 0..C-1; an error naming gaps or negatives."""
+def _integer_classes(source: Path | str, labels: Sequence[str], *, names_allowed: bool = True) -> list[str]:
+    """Classes ``"0".."C-1"`` for integer labels that are exactly 0..C-1; an error naming gaps or negatives.
+
+    ``names_allowed``: the format could hold class names instead (a CSV), which the messages then suggest."""
     values = sorted({int(t) for t in labels})
     negative = [v for v in values if v < 0]
     if negative:
-        raise DatasetError(f"{csv_path}: negative class indices {_listing([str(v) for v in negative])}; labels "
-                           "are 0-based indices or class names, or give a class list (--classes)")
+        raise DatasetError(f"{source}: negative class indices {_listing([str(v) for v in negative])}; labels "
+                           f"are 0-based indices{' or class names' if names_allowed else ''}, or give a class list "
+                           "(--classes)")
     gaps = sorted(set(range(values[-1] + 1)) - set(values)) if values else []
     if gaps:
-        raise DatasetError(f"{csv_path}: integer labels {_listing([str(v) for v in values])} leave classes "
+        raise DatasetError(f"{source}: integer labels {_listing([str(v) for v in values])} leave classes "
                            f"{_listing([str(v) for v in gaps])} without any video; give a class list (--classes) "
-                           "that names every class, or use class names as labels")
+                           f"that names every class{', or use class names as labels' if names_allowed else ''}")
     return [str(v) for v in values]
 
 
@@ -598,9 +637,7 @@ def load_csv(
         raise DatasetError(f"labels must be one of {', '.join(LABEL_KINDS)}, got {labels!r}")
     csv_path = _abs(csv)
     _require_file(csv_path, "video list")
-    if classes_file is not None:
-        classes_file = _abs(classes_file)
-        _require_file(classes_file, "classes file")
+    classes_file = _existing_file(classes_file, "classes file")
     root = csv_path.parent
 
     with open(csv_path, encoding="utf-8-sig", newline="") as f:
@@ -648,10 +685,7 @@ def load_csv(
         if not path.is_file():
             missing.append(path_text)
             continue
-        rel = os.path.relpath(path, root).replace(os.sep, "/")
-        if rel.startswith("../"):
-            rel = path.as_posix().lstrip("/")
-        vid = _video_id(rel)
+        vid = _id_under(root, path)
         group = group or ucf_group(PurePosixPath(vid).name) or vid
         records.append(VideoRecord(vid, path, label, classes[label], split, group))
     if classes_file is None and not integer:
@@ -660,7 +694,340 @@ def load_csv(
     return _finish(name, root, classes, records, None, missing_t)
 
 
+# ----------------------------------------------------------------------------- mmaction2 / TSN lists
+
+
+@dataclass(frozen=True)
+class ListRow:
+    """One line of an mmaction2 / TSN list: ``path label``, or ``dir num_frames label`` (``num_frames`` None
+    for the first)."""
+
+    line: int
+    name: str
+    num_frames: int | None
+    label: int
+
+
+def read_video_list(path: Path) -> list[ListRow]:
+    """The lines of an mmaction2 / TSN list, whitespace-separated: ``path label`` (mmaction2's video list) or
+    ``dir num_frames label`` (mmaction2's and TSN's rawframe list), with 0-based integer labels. The first line
+    sets the column count, and every line must have it. A bad line is a :class:`DatasetError` naming
+    ``path:line``."""
+    rows, first = [], None
+    for n, line in _read_lines(path):
+        parts = line.split()
+        if len(parts) not in (2, 3):
+            raise DatasetError(f"{path}:{n}: expected 'path label' or 'dir num_frames label', got {line!r}")
+        first = first or (n, len(parts))
+        if len(parts) != first[1]:
+            raise DatasetError(f"{path}:{n}: {len(parts)} columns, but line {first[0]} has {first[1]}; a list is "
+                               "'path label' or 'dir num_frames label' on every line")
+        label = parts[-1]
+        if not _INT.fullmatch(label):
+            raise DatasetError(f"{path}:{n}: label {label!r} is not an integer")
+        if int(label) < 0:
+            raise DatasetError(f"{path}:{n}: label {label} is negative (labels are 0-based class indices)")
+        if len(parts) == 3 and not _COUNT.fullmatch(parts[1]):
+            raise DatasetError(f"{path}:{n}: num_frames {parts[1]!r} is not a whole number")
+        rows.append(ListRow(n, parts[0], int(parts[1]) if len(parts) == 3 else None, int(label)))
+    return rows
+
+
+def _split_files(kind: str, train, test, what: str, options: str = "--list / --test-list") -> list[tuple[str, Path]]:
+    """(split, absolute path) of the given train and test annotation files, each of which must exist."""
+    out = []
+    for split, path in (("train", train), ("test", test)):
+        if path is not None:
+            path = _abs(path)
+            _require_file(path, f"{kind} {split} {what}")
+            out.append((split, path))
+    if not out:
+        raise DatasetError(f"dataset kind {kind!r} needs a train and / or a test {what} ({options})")
+    return out
+
+
+def _index_classes(rows: Sequence[tuple[Path, ListRow]], classes_file: Path | None) -> list[str]:
+    """Classes of 0-based integer labels: ``classes_file``'s names (every label must index one), else
+    ``"0".."C-1"`` (the labels must be exactly 0..C-1)."""
+    if classes_file is None:
+        sources = ", ".join(dict.fromkeys(str(p) for p, _ in rows))
+        return _integer_classes(sources, [str(r.label) for _, r in rows], names_allowed=False)
+    classes = _read_classes_file(classes_file)
+    for path, row in rows:
+        if row.label >= len(classes):
+            raise DatasetError(f"{path}:{row.line}: label {row.label} but {classes_file} names {len(classes)} classes")
+    return classes
+
+
+class _Folders:
+    """The files of each folder, listed once: a list of 650,000 Kinetics rows lists 700 folders instead of
+    statting every file, and a name without extension finds its video in a dictionary."""
+
+    def __init__(self):
+        self._names: dict[Path, set[str]] = {}
+        self._stems: dict[Path, dict[str, list[str]]] = {}
+
+    def _scan(self, folder: Path) -> None:
+        try:
+            with os.scandir(folder) as it:
+                names = {e.name for e in it if e.is_file()}
+        except (FileNotFoundError, NotADirectoryError):
+            names = set()
+        stems = defaultdict(list)
+        for name in sorted(names):
+            if _is_video(name):
+                stems[os.path.splitext(name)[0]].append(name)
+        self._names[folder], self._stems[folder] = names, stems
+
+    def exists(self, path: Path) -> bool:
+        if path.parent not in self._names:
+            self._scan(path.parent)
+        return path.name in self._names[path.parent]
+
+    def by_stem(self, path: Path, where: str) -> Path | None:
+        """``path`` when it is a file, else the one video beside it whose name without extension is ``path``'s
+        name without a video extension; None when there is none, an error naming ``where`` when several."""
+        if self.exists(path):
+            return path
+        stem = os.path.splitext(path.name)[0] if _is_video(path.name) else path.name
+        found = self._stems[path.parent].get(stem, [])
+        if len(found) > 1:
+            raise DatasetError(f"{where}: {path.parent / stem} matches several videos: {', '.join(found)}")
+        return path.parent / found[0] if found else None
+
+
+def _name_group(video_id: str, class_name: str) -> str:
+    """The group of a video from its name (UCF101's ``_gNN``, HMDB51's source title), else its id."""
+    stem = video_id.rsplit("/", 1)[-1]
+    return ucf_group(stem) or hmdb_group(stem, class_name) or video_id
+
+
+def load_video_list(
+    root: str | os.PathLike,
+    *,
+    train_list: str | os.PathLike | None = None,
+    test_list: str | os.PathLike | None = None,
+    classes_file: str | os.PathLike | None = None,
+    allow_missing: bool = False,
+) -> Dataset:
+    """mmaction2 / TSN lists (:func:`read_video_list`), one per split: ``train_list`` -> train, ``test_list`` ->
+    test.
+
+    * ``path label``: a video file relative to ``root`` (or absolute).
+    * ``dir num_frames label``: a video named by its path without extension relative to ``root`` (a rawframe
+      list's frame folder, e.g. ``ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01``), resolved to the one video file
+      with that stem; ``num_frames`` is not used.
+
+    A listed file that is absent is also looked for by its stem with any video extension (a dataset re-encoded
+    to ``.mp4``). Classes: ``classes_file``'s names (one per line, or ``classInd.txt``), else ``"0".."C-1"``
+    with the labels exactly 0..C-1. Groups from UCF101 / HMDB51 names, else the video id. Missing videos as in
+    :func:`load_csv`.
+    """
+    root = _abs(root)
+    _require_dir(root, "dataset root")
+    files = _split_files("list", train_list, test_list, "list")
+    classes_file = _existing_file(classes_file, "classes file")
+    rows = [(path, split, row) for split, path in files for row in read_video_list(path)]
+    classes = _index_classes([(path, row) for path, _, row in rows], classes_file)
+    folders = _Folders()
+    records, missing = [], []
+    for path, split, row in rows:
+        video = folders.by_stem(_abs(root / row.name), f"{path}:{row.line}")
+        if video is None:
+            missing.append(row.name)
+            continue
+        vid = _id_under(root, video)
+        name = classes[row.label]
+        records.append(VideoRecord(vid, video, row.label, name, split, _name_group(vid, name)))
+    missing_t = _handle_missing(missing, allow_missing, root, ", ".join(str(p) for _, p in files))
+    return _finish("list", root, classes, records, None, missing_t)
+
+
+# ----------------------------------------------------------------------------- Kinetics
+
+_KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
+
+
+@dataclass(frozen=True)
+class _KineticsRow:
+    csv: Path
+    line: int
+    split: str  # ours: the CSV's role (train / test)
+    label: str
+    youtube_id: str
+    folder: str  # the CSV's split column: the folder under the root
+    name: str  # <youtube_id>_<time_start:06d>_<time_end:06d>.mp4
+
+
+def _read_kinetics_csv(path: Path, split: str) -> list[_KineticsRow]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = [(n, [c.strip() for c in row]) for n, row in enumerate(_csv.reader(f), start=1)]
+    rows = [(n, row) for n, row in rows if any(row)]
+    if not rows:
+        raise DatasetError(f"{path}: empty; expected the header {','.join(_KINETICS_COLUMNS)}")
+    (h, header), rows = rows[0], rows[1:]
+    cells = [c.lower() for c in header]
+    absent = [c for c in _KINETICS_COLUMNS if c not in cells]
+    if absent:
+        raise DatasetError(f"{path}:{h}: the header has no column {', '.join(absent)} (expected "
+                           f"{','.join(_KINETICS_COLUMNS)}, other columns are ignored), got {','.join(header)}")
+    col = {c: cells.index(c) for c in _KINETICS_COLUMNS}
+    out = []
+    for n, row in rows:
+        if len(row) != len(cells):
+            raise DatasetError(f"{path}:{n}: {len(row)} values, the header names {len(cells)} columns")
+        cell = {c: row[i] for c, i in col.items()}
+        if not cell["label"]:
+            raise DatasetError(f"{path}:{n}: no label (the official Kinetics test CSVs have none: use the "
+                               "validation CSV for the test split)")
+        for c in ("label", "youtube_id", "split"):
+            if cell[c] in ("", ".", "..") or "/" in cell[c] or "\\" in cell[c]:
+                raise DatasetError(f"{path}:{n}: {c} {cell[c]!r} cannot name a file or folder")
+        for c in ("time_start", "time_end"):
+            if not _COUNT.fullmatch(cell[c]):
+                raise DatasetError(f"{path}:{n}: {c} {cell[c]!r} is not a whole number of seconds")
+        name = f"{cell['youtube_id']}_{int(cell['time_start']):06d}_{int(cell['time_end']):06d}.mp4"
+        out.append(_KineticsRow(path, n, split, cell["label"], cell["youtube_id"], cell["split"], name))
+    return out
+
+
+def load_kinetics(
+    root: str | os.PathLike,
+    *,
+    train_csv: str | os.PathLike | None = None,
+    test_csv: str | os.PathLike | None = None,
+    classes_file: str | os.PathLike | None = None,
+    allow_missing: bool = False,
+) -> Dataset:
+    """Kinetics-400 / 600 / 700 with the official annotation CSVs: ``train_csv`` -> train, ``test_csv`` (the
+    validation CSV, or a test CSV with labels) -> test.
+
+    * Header ``label,youtube_id,time_start,time_end,split`` in any order; other columns (``is_cc``) are ignored.
+    * Video: ``<root>/<split>/<label>/<youtube_id>_<time_start:06d>_<time_end:06d>.mp4``, ``<split>`` the
+      row's split column (``train``, ``val``, ...), ``<label>`` as in the CSV or with spaces replaced by
+      underscores (what common download scripts write).
+    * Classes: ``classes_file``'s names (every label must be one), else the sorted unique labels of both CSVs.
+    * Group: the YouTube id (clips of one source video stay on one side of the validation hold-out).
+
+    A downloaded Kinetics always lacks some videos (removed from YouTube): they stop the load unless
+    ``allow_missing``, as in :func:`load_csv`.
+    """
+    root = _abs(root)
+    _require_dir(root, "Kinetics root")
+    files = _split_files("kinetics", train_csv, test_csv, "CSV")
+    classes_file = _existing_file(classes_file, "classes file")
+    rows = [row for split, path in files for row in _read_kinetics_csv(path, split)]
+    classes = _read_classes_file(classes_file) if classes_file is not None else sorted({r.label for r in rows})
+    label_of = {c: i for i, c in enumerate(classes)}
+    folders = _Folders()
+    records, missing = [], []
+    for r in rows:
+        if r.label not in label_of:
+            raise DatasetError(f"{r.csv}:{r.line}: unknown label {r.label!r} ({len(classes)} classes in "
+                               f"{classes_file})")
+        candidates = dict.fromkeys(root / r.folder / d / r.name for d in (r.label, r.label.replace(" ", "_")))
+        found = [v for v in candidates if folders.exists(v)]
+        if not found:
+            missing.append(f"{r.folder}/{r.label}/{r.name}")
+            continue
+        records.append(VideoRecord(_id_under(root, found[0]), found[0], label_of[r.label], r.label, r.split,
+                                   r.youtube_id))
+    missing_t = _handle_missing(missing, allow_missing, root, ", ".join(str(p) for _, p in files))
+    return _finish("kinetics", root, classes, records, None, missing_t)
+
+
+# ----------------------------------------------------------------------------- Something-Something v2
+
+
+def _read_json(path: Path):
+    import json
+
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def _ssv2_classes(labels_json: Path) -> list[str]:
+    """Templates in index order from ``{"Template name": "index", ...}``; the indices must be 0..C-1."""
+    table = _read_json(labels_json)
+    if not isinstance(table, dict):
+        raise DatasetError(f'{labels_json}: expected an object {{"Template name": "index", ...}}, got a '
+                           f"{type(table).__name__}")
+    index = {}
+    for template, value in table.items():
+        text = value if isinstance(value, str) else str(value) if type(value) is int else ""
+        if not _COUNT.fullmatch(text):
+            raise DatasetError(f"{labels_json}: template {template!r} has index {value!r}, not a whole number")
+        index[template] = int(text)
+    order = sorted(index, key=index.__getitem__)
+    if [index[t] for t in order] != list(range(len(order))):
+        counts = defaultdict(int)
+        for v in index.values():
+            counts[v] += 1
+        repeated = sorted(str(v) for v, c in counts.items() if c > 1)
+        absent = sorted(set(range(len(order))) - set(index.values()))
+        raise DatasetError(f"{labels_json}: indices must be 0..{len(order) - 1}, each once (repeated: "
+                           f"{_listing(repeated) or '-'}; absent: {_listing([str(v) for v in absent]) or '-'})")
+    return order
+
+
+def load_ssv2(
+    root: str | os.PathLike,
+    *,
+    labels_json: str | os.PathLike,
+    train_json: str | os.PathLike | None = None,
+    test_json: str | os.PathLike | None = None,
+    allow_missing: bool = False,
+) -> Dataset:
+    """Something-Something v2: ``labels_json`` (``{"Template name": "index", ...}``, string indices 0..C-1)
+    and the video lists ``train_json`` -> train, ``test_json`` (the validation JSON) -> test.
+
+    A video list is a JSON list of ``{"id": "78687", "template": "Holding [something] next to [something]",
+    ...}``; its class is the template without ``[`` and ``]``, looked up in ``labels_json``. Video:
+    ``<root>/<id>.webm``; video id and group: ``id``. Missing videos as in :func:`load_csv`.
+    """
+    root = _abs(root)
+    _require_dir(root, "Something-Something v2 root")
+    labels_json = _existing_file(labels_json, "labels JSON")
+    files = _split_files("ssv2", train_json, test_json, "JSON")
+    classes = _ssv2_classes(labels_json)
+    label_of = {c: i for i, c in enumerate(classes)}
+    folders = _Folders()
+    records, missing = [], []
+    for split, path in files:
+        entries = _read_json(path)
+        if not isinstance(entries, list):
+            raise DatasetError(f"{path}: expected a list of videos, got a {type(entries).__name__}")
+        for k, entry in enumerate(entries, start=1):
+            if not isinstance(entry, dict):
+                raise DatasetError(f"{path}: entry {k} is a {type(entry).__name__}, not an object")
+            for key in ("id", "template"):
+                if key not in entry:
+                    raise DatasetError(f'{path}: entry {k} has no "{key}"')
+            vid, template = _video_id(f"{entry['id']}.webm"), str(entry["template"]).replace("[", "").replace("]", "")
+            if "/" in vid:
+                raise DatasetError(f"{path}: entry {k}: id {vid!r} cannot name a file")
+            label = label_of.get(template)
+            if label is None:
+                raise DatasetError(f"{path}: entry {k} (id {vid}): template {template!r} not in labels {labels_json}")
+            video = root / f"{vid}.webm"
+            if not folders.exists(video):
+                missing.append(video.name)
+                continue
+            records.append(VideoRecord(vid, video, label, template, split, vid))
+    missing_t = _handle_missing(missing, allow_missing, root, ", ".join(str(p) for _, p in files))
+    return _finish("ssv2", root, classes, records, None, missing_t)
+
+
 # ----------------------------------------------------------------------------- entry point
+
+
+#: The command-line option of each load_dataset keyword (for the message naming an option a kind does not use).
+_OPTIONS = {"splits_dir": "--splits", "csv": "--list", "train_list": "--list", "test_list": "--test-list",
+            "classes_file": "--classes", "labels": "--labels", "test_fraction": "--test-fraction", "seed": "",
+            "allow_missing": "--allow-missing"}
 
 
 def load_dataset(
@@ -670,6 +1037,8 @@ def load_dataset(
     splits_dir: str | os.PathLike | None = None,
     split: int = 1,
     csv: str | os.PathLike | None = None,
+    train_list: str | os.PathLike | None = None,
+    test_list: str | os.PathLike | None = None,
     classes_file: str | os.PathLike | None = None,
     labels: str | None = None,
     test_fraction: float | None = None,
@@ -680,7 +1049,9 @@ def load_dataset(
 
     ``splits_dir`` and ``split`` apply to ``ucf101``/``hmdb51``; ``csv`` (default
     ``<root>/list.csv``; a relative path is taken from the current directory, like any
-    command-line path), ``classes_file`` and ``labels`` to ``csv``; ``test_fraction`` and ``seed`` to
+    command-line path), ``classes_file`` and ``labels`` to ``csv``; ``train_list`` and ``test_list`` (the
+    annotation files of the train and test splits) and ``classes_file`` to ``list``, ``kinetics`` and ``ssv2``
+    (whose ``classes_file`` is its labels JSON, required); ``test_fraction`` and ``seed`` to
     ``folder``; ``allow_missing`` to all but ``folder``. An option given for a layout that does
     not use it is an error rather than silently ignored.
     """
@@ -689,20 +1060,26 @@ def load_dataset(
     given = {
         "splits_dir": splits_dir is not None,
         "csv": csv is not None,
+        "train_list": train_list is not None,
+        "test_list": test_list is not None,
         "classes_file": classes_file is not None,
         "labels": labels is not None,
         "test_fraction": test_fraction is not None,
         "seed": seed != 0,
         "allow_missing": allow_missing,
     }
+    annotations = {"train_list", "test_list", "classes_file", "allow_missing"}
     uses = {
         "ucf101": {"splits_dir", "allow_missing"},
         "hmdb51": {"splits_dir", "allow_missing"},
         "folder": {"test_fraction", "seed"},
         "csv": {"csv", "classes_file", "labels", "allow_missing"},
         "demo": {"allow_missing"},
+        "list": annotations,
+        "kinetics": annotations,
+        "ssv2": annotations,
     }[kind]
-    unused = sorted(k for k, v in given.items() if v and k not in uses)
+    unused = sorted(k + (f" ({_OPTIONS[k]})" if _OPTIONS[k] else "") for k, v in given.items() if v and k not in uses)
     if unused:
         raise DatasetError(f"option(s) {', '.join(unused)} do not apply to dataset kind {kind!r}")
 
@@ -712,6 +1089,17 @@ def load_dataset(
         return load_hmdb51(root, splits_dir=splits_dir, split=split, allow_missing=allow_missing)
     if kind == "folder":
         return load_folder(root, test_fraction=test_fraction, seed=seed)
+    if kind == "list":
+        return load_video_list(root, train_list=train_list, test_list=test_list, classes_file=classes_file,
+                               allow_missing=allow_missing)
+    if kind == "kinetics":
+        return load_kinetics(root, train_csv=train_list, test_csv=test_list, classes_file=classes_file,
+                             allow_missing=allow_missing)
+    if kind == "ssv2":
+        if classes_file is None:
+            raise DatasetError("dataset kind 'ssv2' needs its labels JSON (--classes labels.json, or classes_file)")
+        return load_ssv2(root, labels_json=classes_file, train_json=train_list, test_json=test_list,
+                         allow_missing=allow_missing)
     root_path = _abs(root)
     _require_dir(root_path, "dataset root")
     if kind == "demo":

@@ -176,69 +176,56 @@ class FrameDirIndex:
 # Labels: mmaction2 / TSN lists, or the official split files
 # ----------------------------------------------------------------------------------------------------------
 
-def _list_classes(rows: list[tuple[Path, int, str, int, str]], classes_file: Path | None) -> list[str]:
-    labels = sorted({r[3] for r in rows})
+def _list_classes(rows: list[tuple[Path, ds.ListRow, str]], classes_file: Path | None) -> list[str]:
+    """``classes_file``'s names, else the classes' folder names when each label has exactly one, else
+    ``"0".."C-1"`` (the labels exactly 0..C-1 either way, :func:`pipeline.data.datasets._index_classes`)."""
+    classes = ds._index_classes([(path, row) for path, row, _ in rows], classes_file)
     if classes_file is not None:
-        classes = ds._read_classes_file(Path(classes_file))
-        bad = [r for r in rows if r[3] >= len(classes)]
-        if bad:
-            path, n = bad[0][0], bad[0][1]
-            raise ds.DatasetError(f"{path}:{n}: label {bad[0][3]} but {classes_file} names {len(classes)} classes")
         return classes
     folders: dict[int, set[str]] = defaultdict(set)
-    for _, _, frame_dir, label, _ in rows:
-        folders[label].add(frame_dir.split("/", 1)[0] if "/" in frame_dir else "")
-    gaps = sorted(set(range(labels[-1] + 1)) - set(labels))
-    if gaps:
-        raise ds.DatasetError(f"the lists' labels leave classes {gaps[:10]} without a video; give the class names "
-                              "(--classes, one per line in label order)")
+    for _, row, frame_dir in rows:
+        folders[row.label].add(frame_dir.split("/", 1)[0] if "/" in frame_dir else "")
     if all("" not in f for f in folders.values()):
         names = []
-        for label in labels:
+        for label in range(len(classes)):
             if len(folders[label]) != 1:
                 raise ds.DatasetError(f"label {label} is used for folders {sorted(folders[label])[:5]}; give the "
                                       "class names with --classes")
             names.append(next(iter(folders[label])))
         if len(set(names)) == len(names):
             return names
-    return [str(i) for i in labels]
+    return classes
 
 
 def load_lists(base: Path, train_list: Path | None, test_list: Path | None, *, classes_file: Path | None = None,
                allow_missing: bool = False) -> ds.Dataset:
     """mmaction2 / TSN rawframe lists, lines ``frame_dir total_frames label`` (label 0-based, frame_dir
-    relative to ``base`` or absolute) -> a :class:`~pipeline.data.datasets.Dataset` (train and test)."""
+    relative to ``base`` or absolute; read by :func:`pipeline.data.datasets.read_video_list`) -> a
+    :class:`~pipeline.data.datasets.Dataset` (train and test)."""
     base = Path(os.path.abspath(base))
-    rows = []  # (list file, line, frame_dir text, label, split)
-    for split, path in (("train", train_list), ("test", test_list)):
-        if path is None:
-            continue
-        path = Path(path)
-        if not path.is_file():
-            raise ds.DatasetError(f"rawframes {split} list {path} does not exist")
-        for n, line in ds._read_lines(path):
-            parts = line.split()
-            if len(parts) != 3 or not parts[1].isdigit() or not re.fullmatch(r"\d+", parts[2]):
-                raise ds.DatasetError(f"{path}:{n}: expected '<frame_dir> <total_frames> <label>' (label 0-based), "
-                                      f"got {line!r}")
-            rows.append((path, n, parts[0].strip("/") if not os.path.isabs(parts[0]) else parts[0], int(parts[2]),
-                         split))
+    files = ds._split_files("rawframes", train_list, test_list, "list", "--train-list / --test-list")
+    rows = []  # (list file, row, frame_dir text, split)
+    for split, path in files:
+        for row in ds.read_video_list(path):
+            if row.num_frames is None:
+                raise ds.DatasetError(f"{path}:{row.line}: expected '<frame_dir> <total_frames> <label>' (label "
+                                      "0-based), got 2 columns (a video list's 'path label'?)")
+            frame_dir = row.name if os.path.isabs(row.name) else row.name.strip("/")
+            rows.append((path, row, frame_dir, split))
     if not rows:
         raise ds.DatasetError("no videos in the rawframes lists (give --train-list and/or --test-list)")
-    classes = _list_classes(rows, classes_file)
+    classes = _list_classes([(path, row, frame_dir) for path, row, frame_dir, _ in rows], classes_file)
     records, missing = [], []
-    for path, n, frame_dir, label, split in rows:
+    for path, row, frame_dir, split in rows:
         folder = Path(os.path.abspath(base / frame_dir))
         if not folder.is_dir():
             missing.append(frame_dir)
             continue
         rel = os.path.relpath(folder, base).replace(os.sep, "/")
         vid = rel if not rel.startswith("../") else folder.as_posix().lstrip("/")
-        stem = vid.rsplit("/", 1)[-1]
-        group = ds.ucf_group(stem) or ds.hmdb_group(stem, classes[label]) or vid
-        records.append(ds.VideoRecord(vid, folder, label, classes[label], split, group))
-    sources = ", ".join(str(p) for p in (train_list, test_list) if p is not None)
-    missing_t = ds._handle_missing(missing, allow_missing, base, sources)
+        name = classes[row.label]
+        records.append(ds.VideoRecord(vid, folder, row.label, name, split, ds._name_group(vid, name)))
+    missing_t = ds._handle_missing(missing, allow_missing, base, ", ".join(str(p) for _, p in files))
     return ds._finish("rawframes", base, classes, records, 1, missing_t)
 
 
