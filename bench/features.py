@@ -54,8 +54,7 @@ def make_stores(root: Path, videos: int, frames: int, *, height: int = HEIGHT, w
         for v, (data, offsets), flow in pool.map(make, range(videos)):
             vid = f"C{v % 8}/v_{v:04d}"
             with fstore.writer(vid) as c:
-                c.create("frames/jpeg", data, chunks=(1 << 20,), compress=False)  # as write_images(codec="jpeg")
-                c.create("frames/offsets", offsets, compress=False)
+                c.write_encoded_images("frames", [data[a:b].tobytes() for a, b in zip(offsets[:-1], offsets[1:])])
                 c.set_attrs({"num_frames": frames})
             with flstore.writer(vid) as c:
                 c.write_images("flow", flow, codec="raw")

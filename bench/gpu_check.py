@@ -400,8 +400,7 @@ def section_features(c: Ctx) -> None:
 
         # JPEG: GPU (nvJPEG) vs CPU decode of one video's frames, then nvJPEG from several threads at once
         with fstore.reader(jobs[0][0]) as r:
-            offsets = np.asarray(r["frames/offsets"][...])
-            block = np.asarray(r["frames/jpeg"][...])
+            block, offsets = r.jpeg_block("frames")
         idx = list(range(0, len(offsets) - 1, max(1, (len(offsets) - 1) // cfg["positions"])))[:cfg["positions"]]
         cpu = decode_jpeg_frames(block, offsets, idx)
         threads = min(8, os.cpu_count() or 1)

@@ -5,7 +5,7 @@ store format written before issue #13 (format 1, read with that commit's code) a
 
 For each UCF101 clip in ../shared/data/clips/ucf101: the first ``--pairs`` + 1 frames resized to 340x256,
 OpenCV's DualTVL1OpticalFlow with its default parameters between consecutive frames, quantized with bound
-20. The quantized flow is stored per codec (format 1 raw = the old layout; raw, zstd, jpeg q95 of format 2)
+20. The quantized flow is stored per codec (format 1 raw = the old layout; raw, zstd, jpeg q95 of today's format)
 in Zarr and HDF5; then read: 8 random flows, a 10-flow stack, the whole video (median of ``--repeats``).
 Frames (JPEG q95, 340x256) are read the same way: the old torchvision decode against cv2.imdecode.
 Prints markdown tables for docs/benchmarks.md.
@@ -124,7 +124,7 @@ def main() -> None:
                                   timed(lambda: read(stack), args.repeats),
                                   timed(lambda: read(None), max(3, args.repeats // 4))))
         # Frames: JPEG q95 in the zarr store, read with the old code (torchvision decode) and the new (cv2).
-        for label, mod in (("format 1 (torchvision decode_jpeg)", old), ("format 2 (cv2.imdecode)", new)):
+        for label, mod in (("format 1 (torchvision decode_jpeg)", old), ("format 3 (cv2.imdecode)", new)):
             st = mod.VideoStore(tmp / f"{clip.stem}-frames-{label[:8]}", "zarr")
             with st.writer("v") as w:
                 w.write_images("frames", frames, codec="jpeg")

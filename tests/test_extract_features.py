@@ -185,7 +185,7 @@ def test_layout_values_and_plain_readers(cache):
     assert len(set(groups)) == 6
     assert h5["positions"].dtype == np.float32
     assert h5["positions"].tolist() == [hand_positions(NUM_FRAMES, P)] * 6
-    assert attrs["format_version"] == 2 and attrs["streams"] == ["rgb", "flow"] and attrs["num_positions"] == P
+    assert attrs["format_version"] == 3 and attrs["streams"] == ["rgb", "flow"] and attrs["num_positions"] == P
     assert attrs["max_segments"] == 3 and attrs["dtype"] == "float16" and attrs["split_id"] == 1
     for s in ("rgb", "flow"):
         b = attrs["backbones"][s]

@@ -84,7 +84,7 @@ def stored_jpegs(cache: Path, vid: str) -> list[bytes]:
     from pipeline.io import artifacts
 
     with artifacts.frame_store(cache / "decode").reader(vid) as r:
-        data, offsets = np.asarray(r["frames/jpeg"][...]), np.asarray(r["frames/offsets"][...])
+        data, offsets = np.asarray(r["frames/jpeg"][...]), np.asarray(r["frames/jpeg"].attrs["offsets"])
     return [data[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
 
 
@@ -93,8 +93,8 @@ def stored_flow_jpegs(cache: Path, vid: str) -> list[bytes]:
     import zarr
 
     g = zarr.open_group(str(cache / "extract-flow" / "flow" / f"{vid}.zarr"), mode="r")
-    data, offsets = np.asarray(g["flow/jpeg"][...]), np.asarray(g["flow/offsets"][...])
-    assert g["flow/offsets"].attrs["planes"] == 2
+    data, offsets = np.asarray(g["flow/jpeg"][...]), g["flow/jpeg"].attrs["offsets"]
+    assert g["flow/jpeg"].attrs["planes"] == 2
     return [data[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
 
 

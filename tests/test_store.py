@@ -41,10 +41,10 @@ def test_jpeg_frames_close_to_source_and_plain_readable(tmp_path, backend):
 
     if backend == "h5":
         with h5py.File(store.path("v")) as f:
-            data, offsets = f["frames/jpeg"][...], f["frames/offsets"][...]
+            data, offsets = f["frames/jpeg"][...], f["frames/jpeg"].attrs["offsets"]
     else:
         g = zarr.open_group(str(store.path("v")), mode="r")
-        data, offsets = g["frames/jpeg"][...], g["frames/offsets"][...]
+        data, offsets = g["frames/jpeg"][...], g["frames/jpeg"].attrs["offsets"]
     bgr = cv2.imdecode(data[offsets[3]:offsets[4]], cv2.IMREAD_COLOR)
     assert np.abs(bgr[..., ::-1].astype(int) - frames[3]).mean() < 2.0
 

@@ -8,8 +8,9 @@ Layout (see ``docs/formats.md`` for the full description and plain h5py / zarr e
   leaves a half-written video under its final name, and HDF5's lack of crash safety cannot damage other
   videos.
 * An image sequence inside a container is stored either as JPEG-in-array (``<name>/jpeg``: all JPEG bytes
-  of the sequence concatenated in a 1-D uint8 array, ``<name>/offsets``: int64 (T+1,) byte offsets) or as
-  raw uint8 chunks (``<name>/raw``: (T, H, W, C) uint8, one frame per chunk, compressed losslessly).
+  of the sequence concatenated in a 1-D uint8 array whose attributes hold the int64 byte ``offsets``, their
+  ``offsets_crc32`` and ``planes``) or as raw uint8 chunks (``<name>/raw``: (T, H, W, C) uint8, one frame
+  per chunk, compressed losslessly). Either way a Zarr video is 4 files, an HDF5 video 1.
 * Features are one consolidated container (``features.zarr`` / ``features.h5``) holding every video;
   written once, atomically, at the end of ``extract-features``.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +32,15 @@ from pipeline.io.atomic import TMP_PREFIX, atomic_dir, jsonable, remove_path
 
 #: The store format written, in every container's ``format_version``; bumped when the layout changes.
 #: 2: per-chunk checksums (crc32c / fletcher32), sharded Zarr arrays, flow codecs (planar JPEG, zstd).
-FORMAT_VERSION = 2
-#: Formats this code reads: format 1 (no checksums, one file per chunk) reads with the same meaning;
-#: ``pipeline verify`` counts such containers (they cannot be checked) and re-running with --force rewrites them.
-READABLE_FORMATS = (1, 2)
+#: 3: a JPEG sequence's offsets are attributes of its ``jpeg`` array (no ``offsets`` array: 4 files per Zarr
+#: video instead of 6), checked against their CRC-32 when read.
+FORMAT_VERSION = 3
+#: Formats this code reads, all with the same meaning: format 1 (no checksums, one file per chunk; ``pipeline
+#: verify`` counts such containers, which it cannot check, and re-running with --force rewrites them) and 2
+#: (a ``<name>/offsets`` array beside ``<name>/jpeg``).
+READABLE_FORMATS = (1, 2, 3)
+#: The first format with per-chunk checksums (what ``pipeline verify`` can check).
+CHECKSUMMED_FORMATS = (2, 3)
 
 BACKENDS = ("zarr", "h5")
 #: Image sequence codecs: ``jpeg`` (lossy JPEG-in-array; images with 2 channels, such as flow, are stored
@@ -247,7 +254,10 @@ def _open_container(path: Path, backend: str, mode: str) -> _Container:
     if backend == "h5":
         import h5py
 
-        return _Container("h5", h5py.File(path, mode), Path(path))
+        # HDF5 1.8 file format (or later) when writing: dense attribute storage (a long video's JPEG offsets
+        # exceed the 64 KiB of a compact attribute) and checksummed object headers.
+        kw = {"libver": ("v108", "latest")} if mode != "r" else {}
+        return _Container("h5", h5py.File(path, mode, **kw), Path(path))
     import zarr
 
     return _Container("zarr", zarr.open_group(str(path), mode=mode, zarr_format=3), Path(path))
@@ -286,6 +296,13 @@ def check_arrays(c: "_Container") -> list[str]:
                 arr[a:a + step] if arr.ndim else arr[()]
         except Exception as e:  # noqa: BLE001 - any failed read is a damaged array
             problems.append(f"{name}: {type(e).__name__}: {str(e)[:160]}")
+    if isinstance(c, ContainerReader):  # a JPEG sequence's offsets (attributes: no chunk checksum) by their CRC
+        for name in names:
+            if name.endswith("/jpeg"):
+                try:
+                    c._jpeg_sequence(name[:-len("/jpeg")])
+                except StoreError as e:
+                    problems.append(f"{name}: {str(e)[:200]}")
     return problems
 
 
@@ -293,10 +310,11 @@ class ContainerWriter(_Container):
     """What :meth:`VideoStore.writer` yields: create arrays and image sequences, set attributes."""
 
     def write_images(self, name: str, frames: np.ndarray, *, codec: str = "jpeg", quality: int = 95) -> None:
-        """Store an image sequence (T, H, W, C) uint8 as ``<name>/jpeg`` + ``<name>/offsets`` or ``<name>/raw``.
+        """Store an image sequence (T, H, W, C) uint8 as ``<name>/jpeg`` (offsets in its attributes) or
+        ``<name>/raw``.
 
         ``jpeg``: colour (C = 3) or gray (C = 1) frames are one JPEG each; any other C (flow: 2) is one
-        grayscale JPEG per channel (``planes`` = C, recorded on ``<name>/offsets``). ``raw`` / ``zstd``:
+        grayscale JPEG per channel (``planes`` = C, an attribute of ``<name>/jpeg``). ``raw`` / ``zstd``:
         lossless, one frame per chunk.
         """
         if codec not in IMAGE_CODECS:
@@ -314,7 +332,7 @@ class ContainerWriter(_Container):
                         compression="zstd" if codec == "zstd" else "lz4", shard=True)
 
     def write_encoded_images(self, name: str, images: Sequence[bytes], *, planes: int = 1) -> None:
-        """Store already-encoded JPEG images as ``<name>/jpeg`` + ``<name>/offsets``, bytes copied as they are
+        """Store already-encoded JPEG images as ``<name>/jpeg`` (offsets in its attributes), bytes copied as they are
         (no re-encoding; the same layout :meth:`write_images` writes with ``codec="jpeg"``). ``planes`` > 1:
         the images are grayscale channel planes, frame-major (flow: x0, y0, x1, y1, ...)."""
         if len(images) % planes:
@@ -324,12 +342,49 @@ class ContainerWriter(_Container):
     def _write_jpeg(self, name: str, data: np.ndarray, offsets: np.ndarray, *, planes: int,
                     quality: int | None) -> None:
         self.create(f"{name}/jpeg", data, chunks=(1 << 20,), compress=False, shard=True)
-        self.create(f"{name}/offsets", offsets, compress=False,
-                    attrs={"planes": planes} if planes != 1 else None)
+        offsets = np.asarray(offsets, dtype="<i8")
+        arr = self.handle[f"{name}/jpeg"]
+        meta = {"planes": int(planes), "offsets_crc32": zlib.crc32(offsets.tobytes())}
+        if self.backend == "h5":  # a native int64 attribute: f[".../jpeg"].attrs["offsets"] is an array
+            arr.attrs["offsets"] = offsets
+            for k, v in meta.items():
+                arr.attrs[k] = v
+        else:
+            arr.attrs.update({"offsets": offsets.tolist(), **meta})
 
 
 class ContainerReader(_Container):
-    """A read-only open container."""
+    """A read-only open container. Arrays and a JPEG sequence's offsets are looked up once per reader."""
+
+    def __init__(self, backend: str, handle: Any, path: Path | None = None):
+        super().__init__(backend, handle, path)
+        self._arrays: dict[str, Any] = {}
+        self._jpeg: dict[str, tuple[Any, np.ndarray, int]] = {}
+
+    def _array(self, name: str):
+        """Array ``name`` or None; a Zarr array is opened directly, without walking its parent groups."""
+        if name not in self._arrays:
+            if self.backend == "h5":
+                self._arrays[name] = self.handle.get(name)
+            else:
+                import zarr
+
+                path = f"{self.handle.path}/{name}".lstrip("/")
+                try:
+                    self._arrays[name] = zarr.open_array(self.handle.store, path=path, mode="r", zarr_format=3)
+                except (KeyError, FileNotFoundError, zarr.errors.NodeTypeValidationError,
+                        getattr(zarr.errors, "ArrayNotFoundError", KeyError)):
+                    self._arrays[name] = None
+        return self._arrays[name]
+
+    def __getitem__(self, name: str):
+        arr = self._array(name)
+        if arr is None:
+            raise KeyError(f"no array {name!r} in {self.path}")
+        return arr
+
+    def __contains__(self, name: str) -> bool:
+        return self._array(name) is not None
 
     def image_codec(self, name: str) -> str:
         if f"{name}/jpeg" in self:
@@ -338,21 +393,52 @@ class ContainerReader(_Container):
             return "raw"
         raise KeyError(f"no image sequence {name!r} in this container")
 
+    def _jpeg_sequence(self, name: str) -> tuple[Any, np.ndarray, int]:
+        """(bytes array, (T * planes + 1,) int64 offsets, planes) of a JPEG-in-array sequence; the offsets
+        are checked against their CRC-32 and the array's length (format 2: read from ``<name>/offsets``)."""
+        if name not in self._jpeg:
+            data = self[f"{name}/jpeg"]
+            attrs = data.attrs
+            if "offsets" in attrs:  # format 3
+                offsets = np.asarray(attrs["offsets"], dtype="<i8").reshape(-1)
+                crc = int(attrs["offsets_crc32"])
+                if zlib.crc32(offsets.tobytes()) != crc:
+                    raise StoreError(f"{self.path}: the offsets of {name!r}/jpeg do not match their CRC-32 "
+                                     "(damaged metadata); `pipeline verify` lists the damaged videos, re-running "
+                                     "the stage recomputes them")
+                planes = attrs.get("planes", 1)
+            else:  # format 2
+                off = self[f"{name}/offsets"]
+                with reading(self.path, f"{name}/offsets"):
+                    offsets = np.asarray(off[...], dtype=np.int64)
+                planes = off.attrs.get("planes", 1)
+            planes = int(json.loads(planes) if isinstance(planes, (str, bytes)) else planes)
+            if len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != data.shape[0] or (len(offsets) - 1) % planes:
+                raise StoreError(f"{self.path}: the offsets of {name!r} do not describe its {data.shape[0]} bytes "
+                                 f"of {planes}-plane JPEG images (damaged metadata)")
+            self._jpeg[name] = (data, offsets, planes)
+        return self._jpeg[name]
+
     def jpeg_planes(self, name: str) -> int:
         """JPEG images per frame of a JPEG-in-array sequence (1; flow stored as x / y images: 2)."""
-        a = self[f"{name}/offsets"].attrs
-        v = a.get("planes", 1)
-        return int(json.loads(v) if isinstance(v, (str, bytes)) else v)
+        return self._jpeg_sequence(name)[2]
 
     def num_images(self, name: str) -> int:
         if self.image_codec(name) == "jpeg":
-            return (int(self[f"{name}/offsets"].shape[0]) - 1) // self.jpeg_planes(name)
+            _, offsets, planes = self._jpeg_sequence(name)
+            return (len(offsets) - 1) // planes
         return int(self[f"{name}/raw"].shape[0])
+
+    def jpeg_block(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A JPEG-in-array sequence read in full: (N,) uint8 concatenated JPEG bytes and the (images + 1,)
+        int64 offsets of its images (planes frame-major), the form :func:`decode_jpeg_frames` takes."""
+        arr, offsets, _ = self._jpeg_sequence(name)
+        with reading(self.path, name):
+            return np.asarray(arr[...]), offsets
 
     def encoded_images(self, name: str) -> list[bytes]:
         """The stored JPEG bytes of a JPEG-in-array sequence, every image in order (planes frame-major)."""
-        offsets = np.asarray(self[f"{name}/offsets"][...])
-        data = np.asarray(self[f"{name}/jpeg"][...])
+        data, offsets = self.jpeg_block(name)
         return [data[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
 
     def read_images(self, name: str, indices: Sequence[int] | None = None, *, device: str = "cpu"):
@@ -376,9 +462,7 @@ class ContainerReader(_Container):
         uniq = sorted(set(idx))
         runs = contiguous_runs(uniq)
         if self.image_codec(name) == "jpeg":
-            P = self.jpeg_planes(name)
-            offsets = np.asarray(self[f"{name}/offsets"][...])
-            data = self[f"{name}/jpeg"]
+            data, offsets, P = self._jpeg_sequence(name)
             bufs: list[np.ndarray] = []
             offs = [0]
             for a, b in runs:  # frames [a, b): images [a * P, b * P)

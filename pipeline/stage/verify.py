@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.io import artifacts
 from pipeline.io.atomic import write_json
-from pipeline.io.store import FORMAT_VERSION, StoreError, VideoStore, check_arrays, damaged_feature_videos
+from pipeline.io.store import CHECKSUMMED_FORMATS, StoreError, VideoStore, check_arrays, damaged_feature_videos
 from pipeline.stage.journal import Journal
 from pipeline.stage.declare import MANIFEST, read_manifest
 
@@ -59,7 +59,7 @@ def verify_key(cache_root: Path, key: str, progress=None) -> VerifyReport:
         report.checked += 1
         try:
             with store.reader(vid) as r:
-                if r.attrs.get("format_version") != FORMAT_VERSION:
+                if r.attrs.get("format_version") not in CHECKSUMMED_FORMATS:
                     report.old_format += 1  # no checksums to verify; still read in full
                 problems = check_arrays(r)
         except StoreError as e:
