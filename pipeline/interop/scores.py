@@ -157,9 +157,9 @@ def as_probabilities(scores: np.ndarray) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     if (scores >= 0).all() and np.allclose(scores.sum(1), 1.0, atol=1e-3):
         return scores
-    z = scores - scores.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+    import torch
+
+    return torch.from_numpy(scores).softmax(1).numpy()
 
 
 def _vector(x, path: Path, i: int) -> np.ndarray:

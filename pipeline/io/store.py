@@ -39,7 +39,7 @@ FORMAT_VERSION = 3
 #: verify`` counts such containers, which it cannot check, and re-running with --force rewrites them) and 2
 #: (a ``<name>/offsets`` array beside ``<name>/jpeg``).
 READABLE_FORMATS = (1, 2, 3)
-#: The first format with per-chunk checksums (what ``pipeline verify`` can check).
+#: The formats with per-chunk checksums (what ``pipeline verify`` can check).
 CHECKSUMMED_FORMATS = (2, 3)
 
 BACKENDS = ("zarr", "h5")
@@ -323,10 +323,9 @@ class ContainerWriter(_Container):
             frames = frames[..., None]
         if codec == "jpeg":
             if frames.shape[-1] in (1, 3):
-                self._write_jpeg(name, *encode_jpeg_frames(frames, quality), planes=1, quality=quality)
+                self._write_jpeg(name, *encode_jpeg_frames(frames, quality), planes=1)
             else:
-                self._write_jpeg(name, *encode_jpeg_planes(frames, quality), planes=frames.shape[-1],
-                                 quality=quality)
+                self._write_jpeg(name, *encode_jpeg_planes(frames, quality), planes=frames.shape[-1])
         else:
             self.create(f"{name}/raw", frames, chunks=(1, *frames.shape[1:]),
                         compression="zstd" if codec == "zstd" else "lz4", shard=True)
@@ -337,20 +336,15 @@ class ContainerWriter(_Container):
         the images are grayscale channel planes, frame-major (flow: x0, y0, x1, y1, ...)."""
         if len(images) % planes:
             raise ValueError(f"{len(images)} images is not a multiple of {planes} planes")
-        self._write_jpeg(name, *_concat_images(images), planes=planes, quality=None)
+        self._write_jpeg(name, *_concat_images(images), planes=planes)
 
-    def _write_jpeg(self, name: str, data: np.ndarray, offsets: np.ndarray, *, planes: int,
-                    quality: int | None) -> None:
+    def _write_jpeg(self, name: str, data: np.ndarray, offsets: np.ndarray, *, planes: int) -> None:
         self.create(f"{name}/jpeg", data, chunks=(1 << 20,), compress=False, shard=True)
         offsets = np.asarray(offsets, dtype="<i8")
-        arr = self.handle[f"{name}/jpeg"]
-        meta = {"planes": int(planes), "offsets_crc32": zlib.crc32(offsets.tobytes())}
-        if self.backend == "h5":  # a native int64 attribute: f[".../jpeg"].attrs["offsets"] is an array
-            arr.attrs["offsets"] = offsets
-            for k, v in meta.items():
-                arr.attrs[k] = v
-        else:
-            arr.attrs.update({"offsets": offsets.tolist(), **meta})
+        # Native attributes, not create()'s JSON text: in HDF5 attrs["offsets"] is an int64 array.
+        self.handle[f"{name}/jpeg"].attrs.update({
+            "offsets": offsets if self.backend == "h5" else offsets.tolist(),
+            "planes": int(planes), "offsets_crc32": zlib.crc32(offsets.tobytes())})
 
 
 class ContainerReader(_Container):
@@ -406,13 +400,13 @@ class ContainerReader(_Container):
                     raise StoreError(f"{self.path}: the offsets of {name!r}/jpeg do not match their CRC-32 "
                                      "(damaged metadata); `pipeline verify` lists the damaged videos, re-running "
                                      "the stage recomputes them")
-                planes = attrs.get("planes", 1)
-            else:  # format 2
+                planes = int(attrs["planes"])
+            else:  # format 2: an offsets array, planes (HDF5: JSON text) in its attributes when not 1
                 off = self[f"{name}/offsets"]
                 with reading(self.path, f"{name}/offsets"):
                     offsets = np.asarray(off[...], dtype=np.int64)
                 planes = off.attrs.get("planes", 1)
-            planes = int(json.loads(planes) if isinstance(planes, (str, bytes)) else planes)
+                planes = int(json.loads(planes) if isinstance(planes, (str, bytes)) else planes)
             if len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != data.shape[0] or (len(offsets) - 1) % planes:
                 raise StoreError(f"{self.path}: the offsets of {name!r} do not describe its {data.shape[0]} bytes "
                                  f"of {planes}-plane JPEG images (damaged metadata)")
