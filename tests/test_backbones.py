@@ -126,6 +126,40 @@ def test_inception_v3_at_minimum_size_reproduces_torchvision(tv_inception, incep
         assert inception_rgb.forward_head(feats).shape == (1, 4)
 
 
+def _hooked_output(module: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``layer`` outputs when ``module`` runs on ``x`` (a forward hook: the reference of forward_map)."""
+    seen = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        module(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _check_forward_map(model, reference, layer, x, shape):
+    """``model.forward_map(x)`` has ``shape``, equals what ``layer`` of the torchvision ``reference`` outputs,
+    and its spatial mean is ``forward_features(x)``."""
+    with torch.no_grad():
+        fmap = model.forward_map(x)
+        assert fmap.shape == shape
+        torch.testing.assert_close(fmap, _hooked_output(reference, layer, x))
+        torch.testing.assert_close(fmap.mean((2, 3)), model.forward_features(x))
+
+
+def test_inception_v3_forward_map_is_mixed_7c(tv_inception, inception_rgb):
+    # 139 x 139 leaves a 3 x 3 Mixed_7c map; torchvision's own forward (transform_input included) is the reference.
+    tv = tv_inception[0]
+    _check_forward_map(inception_rgb, tv, tv.Mixed_7c, torch.randn(1, 3, 139, 139), (1, 2048, 3, 3))
+
+
+def test_resnet_forward_map_is_layer4(tv_resnet18, tv_resnet18_file):
+    model = B.create_backbone("resnet18", num_classes=0, in_channels=3, weights=tv_resnet18_file).eval()
+    _check_forward_map(model, tv_resnet18, tv_resnet18.layer4, torch.randn(2, 3, 96, 64), (2, 512, 3, 2))
+    with pytest.raises(ValueError, match=r"expects input of shape \(B, 3, H, W\)"):
+        model.forward_map(torch.randn(1, 4, 64, 64))
+
+
 def test_inception_v3_below_minimum_size_is_clear(inception_rgb):
     with pytest.raises(ValueError, match="at least 75x75"):
         inception_rgb(torch.randn(1, 3, 74, 100))

@@ -135,3 +135,169 @@ def flow_stack_indices(center: int, num_flows: int, L: int = 10) -> list[int]:
 
 # The name starts with "test_"; keep pytest from collecting it where a test module imports it.
 test_indices.__test__ = False  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------
+# [STPN] multi-path flow sampling: K flow stacks at t + j * tau around the RGB frame t
+# --------------------------------------------------------------------------------------------
+
+#: [STPN] §3.2 / §4.1: tau is drawn uniformly from 1..10 frames, in training and in testing.
+STPN_MAX_TAU = 10
+#: [STPN] §4.7: 10 snippets per test video (each with crops and flips, :func:`pipeline.data.transforms.ten_crop`).
+STPN_TEST_SNIPPETS = 10
+#: Flow-map offsets (frames from the position) the cached-map variant keeps per position: one tau = 5, about the
+#: mean (5.5) of the paper's U{1..10}; three flow maps per position. A set such as (-10, -5, 0, 5, 10) allows
+#: a draw between tau = 5 and tau = 10 for three paths at five maps per position. (Choice of this pipeline:
+#: the paper draws tau afresh per sample from ten values, which a cache cannot hold at any affordable size.)
+STPN_CACHED_OFFSETS = (-5, 0, 5)
+
+
+class PathSample(NamedTuple):
+    """One [STPN] sample: the RGB frame, the interval tau and the K flow-stack centres (frames)."""
+
+    frame: int
+    tau: int
+    centres: list[int]
+
+
+class CachedPathSample(NamedTuple):
+    """One [STPN] sample on cached maps: a position, tau, and the K paths as indices into the cached offsets."""
+
+    position: int
+    tau: int
+    paths: list[int]
+
+
+def path_multipliers(num_paths: int) -> list[int]:
+    """The multiples of tau of the K paths: ``j = r - (K-1)//2`` for ``r = 0..K-1``.
+
+    K = 1: [0]; K = 3: [-1, 0, 1] (t - tau, t, t + tau, [STPN] §3.2); K = 5: [-2, -1, 0, 1, 2]; an even K has one
+    more path after t than before (K = 2: [0, 1]), the rule of ``stcb_temporal``'s neighbouring segments.
+    """
+    _check_positive("num_paths", num_paths)
+    centre = (num_paths - 1) // 2
+    return [r - centre for r in range(num_paths)]
+
+
+def offset_centres(center: int, offsets: list[int] | tuple[int, ...], num_frames: int) -> list[int]:
+    """Frames ``center + o`` for each offset, clamped to the video ``[0, num_frames - 1]``.
+
+    The clamp is this pipeline's choice ([STPN] does not say what happens near the ends): a path that would
+    leave the video takes the first / last frame, so paths may coincide in short videos. Each centre then
+    gives its flow stack by :func:`flow_stack` (``num_flows = num_frames - 1``), which shifts the window into
+    the video.
+    """
+    _check_positive("num_frames", num_frames)
+    if not 0 <= center < num_frames:
+        raise ValueError(f"frame {center} is outside [0, {num_frames - 1}] for a video of {num_frames} frames")
+    return [min(max(int(center) + int(o), 0), num_frames - 1) for o in offsets]
+
+
+def path_centres(center: int, tau: int, num_frames: int, num_paths: int = 3) -> list[int]:
+    """The K flow-stack centres ``t + j * tau`` (``j`` from :func:`path_multipliers`), clamped to the video."""
+    _check_positive("tau", tau)
+    return offset_centres(center, [j * int(tau) for j in path_multipliers(num_paths)], num_frames)
+
+
+def stpn_train_sample(num_frames: int, rng: np.random.Generator, *, num_paths: int = 3,
+                      max_tau: int = STPN_MAX_TAU) -> PathSample:
+    """A training sample of [STPN]: a random frame t, tau ~ U{1..max_tau}, flow stacks at t + j * tau.
+
+    The draws, in order: ``t = rng.integers(num_frames)`` (a uniformly random frame of the video, the
+    two-stream training sample [Two-Stream]; [STPN] §4.1 does not state another rule), then
+    ``tau = rng.integers(1, max_tau + 1)`` ([STPN] §3.2, §4.1). The RGB input is frame t; path centres by
+    :func:`path_centres`.
+    """
+    _check_positive("num_frames", num_frames)
+    _check_positive("max_tau", max_tau)
+    t = int(rng.integers(num_frames))
+    tau = int(rng.integers(1, max_tau + 1))
+    return PathSample(t, tau, path_centres(t, tau, num_frames, num_paths))
+
+
+def stpn_test_snippets(num_frames: int, rng: np.random.Generator, *, num_snippets: int = STPN_TEST_SNIPPETS,
+                       num_paths: int = 3, max_tau: int = STPN_MAX_TAU) -> list[PathSample]:
+    """The test snippets of one video ([STPN] §4.7): ``num_snippets`` frames, each with its own tau.
+
+    [STPN] samples the 10 snippets "randomly"; here they are the uniformly spaced frames of
+    :func:`test_indices` (the two-stream test frames [Two-Stream] that §4.7 follows, and reproducible), and tau
+    is drawn per snippet, ``rng.integers(1, max_tau + 1, size=num_snippets)``, since §3.2 draws it in testing
+    too. Each snippet is then seen in the 10 crops and flips of :func:`pipeline.data.transforms.ten_crop` and
+    the class probabilities of all snippets and views are averaged.
+    """
+    _check_positive("max_tau", max_tau)
+    frames = test_indices(num_frames, num_snippets)
+    taus = rng.integers(1, max_tau + 1, size=num_snippets)
+    return [PathSample(t, int(tau), path_centres(t, int(tau), num_frames, num_paths)) for t, tau in zip(frames, taus)]
+
+
+def cached_taus(offsets: list[int] | tuple[int, ...], num_paths: int = 3) -> list[int]:
+    """The tau >= 1 for which every path offset ``j * tau`` is among the cached ``offsets`` (increasing).
+
+    For one path only offset 0 is needed and the answer is ``[0]`` (tau plays no part). Raises ValueError when
+    0 is not cached or no tau fits K paths.
+    """
+    cached = {int(o) for o in offsets}
+    if len(cached) != len(offsets):
+        raise ValueError(f"cached flow offsets must be distinct, got {list(offsets)}")
+    if 0 not in cached:
+        raise ValueError(f"cached flow offsets {list(offsets)} lack 0 (the stack at the position itself)")
+    multipliers = path_multipliers(num_paths)
+    if num_paths == 1:
+        return [0]
+    taus = [tau for tau in sorted(o for o in cached if o > 0) if all(j * tau in cached for j in multipliers)]
+    if not taus:
+        raise ValueError(f"cached flow offsets {sorted(cached)} hold no tau with all of {num_paths} paths "
+                         f"(offsets j * tau for j in {multipliers})")
+    return taus
+
+
+def _cached_paths(offsets: list[int] | tuple[int, ...], tau: int, num_paths: int) -> list[int]:
+    index = {int(o): i for i, o in enumerate(offsets)}
+    return [index[j * tau] for j in path_multipliers(num_paths)]
+
+
+def stpn_cached_train_sample(num_positions: int, offsets: list[int] | tuple[int, ...], rng: np.random.Generator, *,
+                             num_paths: int = 3) -> CachedPathSample:
+    """A training sample on cached maps: a random cached position, a tau drawn among :func:`cached_taus`.
+
+    The draws, in order: ``position = rng.integers(num_positions)``, then
+    ``tau = taus[rng.integers(len(taus))]``. ``paths`` indexes ``offsets``: the flow maps of that position to
+    fuse. Differences from :func:`stpn_train_sample` (the paper): t is one of P positions, not any frame, and tau
+    takes the few cached values, not U{1..10} (with the default offsets only tau = 5).
+    """
+    _check_positive("num_positions", num_positions)
+    taus = cached_taus(offsets, num_paths)
+    position = int(rng.integers(num_positions))
+    tau = int(taus[int(rng.integers(len(taus)))])
+    return CachedPathSample(position, tau, _cached_paths(offsets, tau, num_paths))
+
+
+def stpn_cached_test_snippets(num_positions: int, offsets: list[int] | tuple[int, ...], rng: np.random.Generator,
+                              *, num_snippets: int = STPN_TEST_SNIPPETS,
+                              num_paths: int = 3) -> list[CachedPathSample]:
+    """The test snippets on cached maps: positions ``test_indices(num_positions, num_snippets)`` (P = 25 gives
+    1, 3, 6, 8, 11, 13, 16, 18, 21, 23), each with a tau drawn among :func:`cached_taus`
+    (``rng.integers(len(taus), size=num_snippets)``); the cached views stand for the crops and flips."""
+    taus = cached_taus(offsets, num_paths)
+    positions = test_indices(num_positions, num_snippets)
+    picks = rng.integers(len(taus), size=num_snippets)
+    return [CachedPathSample(p, int(taus[k]), _cached_paths(offsets, int(taus[k]), num_paths))
+            for p, k in zip(positions, picks)]
+
+
+__all__ += [
+    "CachedPathSample",
+    "PathSample",
+    "STPN_CACHED_OFFSETS",
+    "STPN_MAX_TAU",
+    "STPN_TEST_SNIPPETS",
+    "cached_taus",
+    "offset_centres",
+    "path_centres",
+    "path_multipliers",
+    "stpn_cached_test_snippets",
+    "stpn_cached_train_sample",
+    "stpn_test_snippets",
+    "stpn_train_sample",
+]

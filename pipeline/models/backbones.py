@@ -224,6 +224,25 @@ class Backbone(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``(B, in_channels, H, W)`` normalised input -> ``(B, num_features)`` pooled features."""
+        self._check_input(x)
+        return self.trunk(x)
+
+    def forward_map(self, x: Tensor) -> Tensor:
+        """``(B, in_channels, H, W)`` normalised input -> ``(B, num_features, h, w)``: the last convolutional map
+        (ResNet ``layer4``, 7 x 7 at 224; Inception-V3 ``Mixed_7c``, 8 x 8 at 299), before the global average
+        pooling, so ``forward_features(x) == forward_map(x).mean((2, 3))``. It runs the trunk's children in
+        order up to ``avgpool`` (Inception-V3 first re-normalises RGB input as its own forward does)."""
+        self._check_input(x)
+        trunk = self.trunk
+        if isinstance(trunk, Inception3):
+            x = trunk._transform_input(x)
+        for name, layer in trunk.named_children():
+            if name == "avgpool":
+                return x
+            x = layer(x)
+        raise RuntimeError(f"{self.arch} trunk has no avgpool layer to stop before")
+
+    def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{self.arch} expects input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
@@ -233,7 +252,6 @@ class Backbone(nn.Module):
                 f"{self.arch} needs inputs of at least {self.min_input_size}x{self.min_input_size} pixels, "
                 f"got {x.shape[-2]}x{x.shape[-1]} (native size {self.input_size})"
             )
-        return self.trunk(x)
 
     def forward_head(self, feats: Tensor, pre_logits: bool = False) -> Tensor:
         """``(B, num_features)`` -> ``(B, num_classes)`` logits (after dropout when training).

@@ -23,7 +23,8 @@ Heads (inputs rgb (B, N, Da), flow (B, N, Dm); output log-probabilities (B, C)):
   is the flow feature of segment n + r - (paths - 1) // 2 (the neighbouring segments),
   replicated at the ends of the sequence. t_n = norm(STCB(flow_{n-1}, flow_n, flow_{n+1})),
   then z_n = norm(STCB(rgb_n, t_n)) and the same aggregation and classifier as STCBHead.
-  (The paper's random interval tau in 1..10 frames has no counterpart at segment level.)
+  (The paper's random interval tau in 1..10 frames has no counterpart at segment level; docs/networks.md
+  proposes taking the paths from neighbouring cached positions instead. The full pyramid: stpn.py.)
 """
 
 from __future__ import annotations
