@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from pipeline.data import datasets as ds
+from pipeline.data import annotations
+from pipeline.data.annotations.rawframes import LABEL_SOURCES
 from pipeline.interop import rawframes
 from pipeline.io import artifacts
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param
@@ -34,7 +35,7 @@ class DecodeParams:
                          "'dir num_frames label' lists), kinetics (the official annotation CSVs), ssv2 "
                          "(Something-Something v2 JSONs), demo (the built-in synthetic dataset) or rawframes "
                          "(frames already extracted by mmaction2 / TSN / denseflow, see docs/rawframes.md).",
-                         choices=(*ds.DATASET_KINDS, "rawframes"))
+                         choices=tuple(annotations.KINDS))
     root: Path | None = param(None, "Dataset root folder (for demo: where to generate it; default "
                               "<cache>/demo-data).")
     splits: Path | None = param(None, "Folder with the official split files (ucf101: classInd.txt, "
@@ -63,7 +64,7 @@ class DecodeParams:
     allow_missing: bool = param(False, "Accept split lists that name videos missing on disk (they are listed "
                                 "and skipped) instead of stopping.")
     labels: str = param("names", "For --dataset csv: the label column holds class names or 0-based class "
-                        "indices.", choices=ds.LABEL_KINDS)
+                        "indices.", choices=annotations.LABEL_KINDS)
     classes: Path | None = param(None, "For --dataset csv, list, kinetics: class list (one name per line, or "
                                  "classInd.txt '<index> <name>' lines) giving the classes and their order; for "
                                  "ssv2: its labels JSON (required).")
@@ -75,7 +76,7 @@ class DecodeParams:
                                   choices=tuple(rawframes.LAYOUTS), omit_default=True)
     rawframes_labels: str = param("lists", "For --dataset rawframes: labels from the rawframe lists (--rawframes-"
                                   "train-list / --rawframes-test-list) or the official ucf101 / hmdb51 split files "
-                                  "(--splits).", choices=rawframes.LABEL_SOURCES,
+                                  "(--splits).", choices=LABEL_SOURCES,
                                   omit_default=True)
     rawframes_train_list: Path | None = param(None, "For --dataset rawframes: mmaction2 / TSN train list "
                                               "('frame_dir total_frames label', label 0-based).",
@@ -117,18 +118,17 @@ def load_tables(params: DecodeParams, cache_root: Path) -> VideoTable:
         make_demo(root, seed=params.demo_seed)
     else:
         root = Path(params.root)
-    official = kind in ("ucf101", "hmdb51") or (kind == "rawframes" and params.rawframes_labels != "lists")
-    split_ids: list[int] = [1, 2, 3] if official else [1]
-    loaded: dict[int, ds.Dataset] = {}
+    split_ids = annotations.OFFICIAL_SPLITS if annotations.KINDS[kind].official_splits else (1,)
+    loaded: dict[int, annotations.Dataset] = {}
     for sid in split_ids:
         try:
-            loaded[sid] = (_rawframes_split(params, sid) if kind == "rawframes"
-                           else ds.load_dataset(kind, root, split=sid, **dataset_options(params)))
-        except ds.MissingSplitFile as e:
+            loaded[sid] = load_dataset(kind, root, split=sid, **dataset_options(params))
+        except annotations.MissingSplitFile as e:
             if sid == 1:
                 raise StageError(str(e)) from None
-            # Splits 2 and 3 are optional: a user may have only the first split's lists.
-        except ds.DatasetError as e:
+            # Splits 2 and 3 are optional: a user may have only the first split's lists (and rawframe lists
+            # define split 1 alone).
+        except annotations.DatasetError as e:
             raise StageError(str(e)) from None
     first = loaded[1]
     records = {v.video_id: v for d in loaded.values() for v in d.videos}
@@ -147,25 +147,35 @@ def load_tables(params: DecodeParams, cache_root: Path) -> VideoTable:
     )
 
 
+#: decode's flag for each option of the dataset kinds (:data:`pipeline.data.annotations.OPTIONS`; ``seed`` has
+#: none), named in the error for an option the kind does not take. ``--list`` is the CSV of csv and the train
+#: split's file of the kinds with one file per split.
+OPTION_FLAGS = {"splits_dir": "--splits", "csv": "--list", "train_list": "--list", "test_list": "--test-list",
+                "classes_file": "--classes", "labels": "--labels", "test_fraction": "--test-fraction",
+                "allow_missing": "--allow-missing", "layout": "--rawframes-layout",
+                "label_source": "--rawframes-labels"}
+
+
+def load_dataset(kind: str, root: Path, **options) -> annotations.Dataset:
+    """:func:`pipeline.data.annotations.load_dataset`, an option the kind does not take named by its flag too."""
+    return annotations.load_dataset(kind, root, option_names=OPTION_FLAGS, **options)
+
+
 def dataset_options(params: DecodeParams) -> dict:
-    """decode's dataset options as :func:`pipeline.data.datasets.load_dataset`'s keywords, each one given only
-    when set, so that load_dataset refuses an option the kind does not use. ``--list`` is the CSV of csv and
-    the train split's file of the kinds with one file per split."""
+    """decode's dataset options as :func:`pipeline.data.annotations.load_dataset`'s keywords, each one given only
+    when set, so that load_dataset refuses an option the kind does not take. ``--list`` is the CSV of csv and
+    the train split's file of the kinds with one file per split; rawframes takes its lists, layout and label
+    source from the ``--rawframes-*`` options."""
+    options = {"splits_dir": params.splits, "classes_file": params.classes,
+               "labels": None if params.labels == "names" else params.labels, "allow_missing": params.allow_missing}
+    if params.dataset == "rawframes":
+        return {**options, "layout": rawframes.layout(params.rawframes_layout), "label_source": params.rawframes_labels,
+                "train_list": params.rawframes_train_list, "test_list": params.rawframes_test_list}
     list_key = "csv" if params.dataset in ("csv", "demo") else "train_list"
-    options = {"splits_dir": params.splits, list_key: params.list, "test_list": params.test_list,
-               "classes_file": params.classes, "labels": None if params.labels == "names" else params.labels,
-               "allow_missing": params.allow_missing}
+    options.update({list_key: params.list, "test_list": params.test_list})
     if params.dataset == "folder":  # --test-fraction has a default value: passed to folder alone
         options["test_fraction"] = params.test_fraction or None
     return options
-
-
-def _rawframes_split(params: DecodeParams, sid: int) -> ds.Dataset:
-    """Split ``sid`` of a rawframes tree (its frame folders are the videos' sources)."""
-    return rawframes.load_split(Path(params.root), params.rawframes_layout, params.rawframes_labels, sid,
-                                splits_dir=params.splits, train_list=params.rawframes_train_list,
-                                test_list=params.rawframes_test_list, classes_file=params.classes,
-                                allow_missing=params.allow_missing)
 
 
 def _import_one(source: str, video_id: str, store_root: str, store_kind: str, short_side: int, codec: str,

@@ -15,10 +15,14 @@ from pathlib import Path
 
 import click
 
+from pipeline.data.annotations.rawframes import LABEL_SOURCES
 from pipeline.interop.rawframes import LAYOUTS
 from pipeline.stage import StageError, StageFailures, run_stage
 from pipeline.stage import config as cfg
 from pipeline.stage.config import ConfigError
+
+#: The datasets whose official split files can label a tree (--dataset): the label sources other than lists.
+SPLIT_KINDS = tuple(k for k in LABEL_SOURCES if k != "lists")
 
 
 def import_params(root: Path, layout: str, *, train_list: Path | None = None, test_list: Path | None = None,
@@ -32,9 +36,9 @@ def import_params(root: Path, layout: str, *, train_list: Path | None = None, te
 
     if dataset is None and train_list is None and test_list is None:
         raise StageError("give the labels: --train-list / --test-list (mmaction2 / TSN lists) or --dataset "
-                         "ucf101|hmdb51 --splits DIR (the official split files)")
+                         f"{'|'.join(SPLIT_KINDS)} --splits DIR (the official split files)")
     if dataset is not None and (train_list is not None or test_list is not None):
-        raise StageError("give either --train-list / --test-list or --dataset ucf101|hmdb51, not both")
+        raise StageError(f"give either --train-list / --test-list or --dataset {'|'.join(SPLIT_KINDS)}, not both")
     conf = conf or {}
     over = {"dataset": "rawframes", "root": Path(root), "rawframes_layout": layout,
             "rawframes_labels": dataset or "lists", "rawframes_train_list": train_list,
@@ -86,7 +90,7 @@ def import_rawframes(root: Path, layout: str, cache_root: Path, *, allow_failure
 @click.option("--test-list", type=click.Path(path_type=Path), default=None, help="The test list, same format.")
 @click.option("--classes", type=click.Path(path_type=Path), default=None,
               help="Class names for the lists (one per line in label order, or classInd.txt).")
-@click.option("--dataset", type=click.Choice(["ucf101", "hmdb51"]), default=None,
+@click.option("--dataset", type=click.Choice(SPLIT_KINDS), default=None,
               help="Labels from this dataset's official split files (instead of lists).")
 @click.option("--splits", type=click.Path(path_type=Path), default=None,
               help="Folder with the official split files (with --dataset).")

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.data.datasets import (
+from pipeline.data.annotations import (
     DatasetError,
-    load_dataset,
     load_kinetics,
     load_ssv2,
     load_video_list,
@@ -20,6 +19,7 @@ from pipeline.data.datasets import (
 )
 from pipeline.data.table import VideoTable
 from stages.cli import main
+from stages.decode import load_dataset
 from tests.videos import write_video
 
 
@@ -120,7 +120,7 @@ def test_video_list_label_past_the_class_list_and_missing_videos(tmp_path):
 
 def test_rawframes_lists_share_the_list_reader(tmp_path):
     """The rawframes import reads its lists with the same reader: a bad label names the file and line."""
-    from pipeline.interop.rawframes import load_lists
+    from pipeline.data.annotations.rawframes import load_lists
 
     (tmp_path / "A" / "v1").mkdir(parents=True)
     with pytest.raises(DatasetError, match=r"bad.txt:1: label 'x' is not an integer"):

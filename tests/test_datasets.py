@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.data.splits import holdout_groups
-from pipeline.data.datasets import (
+from pipeline.data.annotations import (
     DatasetError,
     MissingSplitFile,
     VideoRecord,

@@ -11,11 +11,12 @@ Layouts (``T`` frames give ``T - step`` flows; flow ``k`` goes from frame ``k`` 
   ``tvl1_flow/v/<vid>/frame%06d.jpg``; 1 / 1.
 
 A frame folder is ``<root>/<Class>/<vid>`` or ``<root>/<vid>`` (under ``jpegs_256`` for twostreamfusion); its
-path relative to that root is the video id. ``decode --dataset rawframes`` stores the frames' JPEG bytes as
-they are (no re-encoding) and ``extract-flow --backend import`` stores the flow images as the flow store's
-quantized values with the given ``--bound`` (``--codec jpeg``: their bytes copied, :func:`read_flow_jpegs`;
-else their decoded uint8 codes, :func:`read_flow_codes`): the source tools quantize with
-``255 * (v + b) / (2 b)`` rounded (TSN / denseflow's ``convertFlowToImage``), the same mapping as
+path relative to that root is the video id. Its labels (rawframe lists or the official split files) are read
+by :mod:`pipeline.data.annotations.rawframes`, given a :class:`Layout`. ``decode --dataset rawframes`` stores
+the frames' JPEG bytes as they are (no re-encoding) and ``extract-flow --backend import`` stores the flow
+images as the flow store's quantized values with the given ``--bound`` (``--codec jpeg``: their bytes copied,
+:func:`read_flow_jpegs`; else their decoded uint8 codes, :func:`read_flow_codes`): the source tools quantize
+with ``255 * (v + b) / (2 b)`` rounded (TSN / denseflow's ``convertFlowToImage``), the same mapping as
 :mod:`pipeline.flow.quantize`, so the codes are used unchanged.
 
 Checks, each a per-video failure naming the folder: frames present, numbered without gaps from the layout's
@@ -28,19 +29,15 @@ import io
 import logging
 import os
 import re
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from pipeline.data import datasets as ds
+from pipeline.data.annotations.base import DatasetError
 
 log = logging.getLogger("pipeline")
-
-#: What the labels of a rawframes tree come from: mmaction2 / TSN lists, or the official split files.
-LABEL_SOURCES = ("lists", "ucf101", "hmdb51")
 
 
 class RawframesError(ValueError):
@@ -67,6 +64,10 @@ class Layout:
             return Path(frame_dir), Path(frame_dir)
         rel = Path(frame_dir).relative_to(self.frames_root(root))
         return Path(root) / self.flow_subs[0] / rel, Path(root) / self.flow_subs[1] / rel
+
+    def frame_dirs(self, root: Path) -> dict[str, Path]:
+        """Every frame folder of the tree at ``root`` (:func:`find_frame_dirs`)."""
+        return find_frame_dirs(root, self)
 
     def frame_name(self, i: int) -> str:
         return f"{self.frame_prefix}{i:0{self.digits}d}.jpg"
@@ -120,9 +121,9 @@ def find_frame_dirs(root: Path, lay: Layout) -> dict[str, Path]:
     """Every frame folder of the tree: video id (``Class/vid`` or ``vid``) -> folder."""
     base = lay.frames_root(root)
     if not base.is_dir():
-        raise ds.DatasetError(f"rawframes root {base} does not exist or is not a folder"
-                              + (f" (the {lay.name} layout keeps frames in {lay.frames_sub}/)" if lay.frames_sub
-                                 else ""))
+        raise DatasetError(f"rawframes root {base} does not exist or is not a folder"
+                           + (f" (the {lay.name} layout keeps frames in {lay.frames_sub}/)" if lay.frames_sub
+                              else ""))
     out: dict[str, Path] = {}
     with os.scandir(base) as top:
         tops = sorted(e.name for e in top if e.is_dir() and not e.name.startswith("."))
@@ -137,117 +138,9 @@ def find_frame_dirs(root: Path, lay: Layout) -> dict[str, Path]:
             if _has_frames(folder / sub, lay.frame_prefix):
                 out[f"{name}/{sub}"] = folder / sub
     if not out:
-        raise ds.DatasetError(f"no frame folders under {base}: expected <Class>/<video>/ or <video>/ folders "
-                              f"holding {lay.frame_name(lay.frame_start)}, ... ({lay.name} layout)")
+        raise DatasetError(f"no frame folders under {base}: expected <Class>/<video>/ or <video>/ folders "
+                           f"holding {lay.frame_name(lay.frame_start)}, ... ({lay.name} layout)")
     return out
-
-
-class FrameDirIndex:
-    """The frame folders of a tree, looked up like :class:`pipeline.data.datasets._DiskIndex` looks up video
-    files, so the official split parsers (``load_ucf101``, ``load_hmdb51``) read a rawframes tree: a listed
-    ``Class/v_x.avi`` resolves to ``Class/v_x`` (exact or case-insensitive) or, in a flat tree, to ``v_x``.
-    In a flat tree, folders no split file names are not imported (their class is unknown)."""
-
-    def __init__(self, root: Path, dirs: dict[str, Path]):
-        self.root = Path(root)
-        self.dirs = dirs
-        self._lower = {r.lower(): r for r in dirs}
-        self._stems: dict[str, list[str]] = defaultdict(list)
-        for r in dirs:
-            self._stems[r.rsplit("/", 1)[-1].lower()].append(r)
-        self._resolved: set[str] = set()
-
-    @property
-    def files(self) -> set[str]:
-        return {r for r in self.dirs if "/" in r} | self._resolved
-
-    def resolve(self, listed: str) -> str | None:
-        key = os.path.splitext(listed)[0].lower()
-        found = self._lower.get(key)
-        if found is None:
-            candidates = self._stems.get(key.rsplit("/", 1)[-1], [])
-            found = candidates[0] if len(candidates) == 1 else None
-        if found is not None:
-            self._resolved.add(found)
-        return found
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Labels: mmaction2 / TSN lists, or the official split files
-# ----------------------------------------------------------------------------------------------------------
-
-def _list_classes(rows: list[tuple[Path, ds.ListRow, str]], classes_file: Path | None) -> list[str]:
-    """``classes_file``'s names, else the classes' folder names when each label has exactly one, else
-    ``"0".."C-1"`` (the labels exactly 0..C-1 either way, :func:`pipeline.data.datasets._index_classes`)."""
-    classes = ds._index_classes([(path, row) for path, row, _ in rows], classes_file)
-    if classes_file is not None:
-        return classes
-    folders: dict[int, set[str]] = defaultdict(set)
-    for _, row, frame_dir in rows:
-        folders[row.label].add(frame_dir.split("/", 1)[0] if "/" in frame_dir else "")
-    if all("" not in f for f in folders.values()):
-        names = []
-        for label in range(len(classes)):
-            if len(folders[label]) != 1:
-                raise ds.DatasetError(f"label {label} is used for folders {sorted(folders[label])[:5]}; give the "
-                                      "class names with --classes")
-            names.append(next(iter(folders[label])))
-        if len(set(names)) == len(names):
-            return names
-    return classes
-
-
-def load_lists(base: Path, train_list: Path | None, test_list: Path | None, *, classes_file: Path | None = None,
-               allow_missing: bool = False) -> ds.Dataset:
-    """mmaction2 / TSN rawframe lists, lines ``frame_dir total_frames label`` (label 0-based, frame_dir
-    relative to ``base`` or absolute; read by :func:`pipeline.data.datasets.read_video_list`) -> a
-    :class:`~pipeline.data.datasets.Dataset` (train and test)."""
-    base = Path(os.path.abspath(base))
-    files = ds._split_files("rawframes", train_list, test_list, "list", "--train-list / --test-list")
-    rows = []  # (list file, row, frame_dir text, split)
-    for split, path in files:
-        for row in ds.read_video_list(path):
-            if row.num_frames is None:
-                raise ds.DatasetError(f"{path}:{row.line}: expected '<frame_dir> <total_frames> <label>' (label "
-                                      "0-based), got 2 columns (a video list's 'path label'?)")
-            frame_dir = row.name if os.path.isabs(row.name) else row.name.strip("/")
-            rows.append((path, row, frame_dir, split))
-    if not rows:
-        raise ds.DatasetError("no videos in the rawframes lists (give --train-list and/or --test-list)")
-    classes = _list_classes([(path, row, frame_dir) for path, row, frame_dir, _ in rows], classes_file)
-    records, missing = [], []
-    for path, row, frame_dir, split in rows:
-        folder = Path(os.path.abspath(base / frame_dir))
-        if not folder.is_dir():
-            missing.append(frame_dir)
-            continue
-        rel = os.path.relpath(folder, base).replace(os.sep, "/")
-        vid = rel if not rel.startswith("../") else folder.as_posix().lstrip("/")
-        name = classes[row.label]
-        records.append(ds.VideoRecord(vid, folder, row.label, name, split, ds._name_group(vid, name)))
-    missing_t = ds._handle_missing(missing, allow_missing, base, ", ".join(str(p) for _, p in files))
-    return ds._finish("rawframes", base, classes, records, 1, missing_t)
-
-
-def load_split(root: Path, layout_name: str, labels: str, split: int, *, splits_dir: Path | None = None,
-               train_list: Path | None = None, test_list: Path | None = None, classes_file: Path | None = None,
-               allow_missing: bool = False) -> ds.Dataset:
-    """Split ``split`` of a rawframes tree: labels from the lists (one split) or the official split files,
-    parsed by :mod:`pipeline.data.datasets` over the tree's frame folders."""
-    lay = layout(layout_name)
-    base = lay.frames_root(root)
-    if labels == "lists":
-        if split != 1:
-            raise ds.MissingSplitFile("rawframes lists define one split")
-        if train_list is None and test_list is None:
-            raise ds.DatasetError("--dataset rawframes needs --rawframes-train-list / --rawframes-test-list or "
-                                  "--rawframes-labels ucf101|hmdb51 with the official split files")
-        return load_lists(base, train_list, test_list, classes_file=classes_file, allow_missing=allow_missing)
-    if labels not in LABEL_SOURCES:
-        raise ds.DatasetError(f"unknown rawframes label source {labels!r}; choose one of {', '.join(LABEL_SOURCES)}")
-    index = FrameDirIndex(base, find_frame_dirs(root, lay))
-    loader = ds.load_ucf101 if labels == "ucf101" else ds.load_hmdb51
-    return loader(base, splits_dir=splits_dir, split=split, allow_missing=allow_missing, index=index)
 
 
 # ----------------------------------------------------------------------------------------------------------
