@@ -226,7 +226,7 @@ def test_resnet_lower_scls_refuse_what_does_not_fit():
         ResNetLowerSCLs("resnet18", flow)
     with pytest.raises(ValueError, match="trunk"):
         ResNetLowerSCLs("resnet18", {"conv1.weight": torch.zeros(64, 3, 7, 7)})
-    with pytest.raises(ValueError, match="does not fit a resnet34"):
+    with pytest.raises(ValueError, match="does not fit resnet34"):
         ResNetLowerSCLs("resnet34", create_backbone("resnet18", num_classes=3).state_dict())
     with pytest.raises(ValueError, match="backbone_arch"):
         build_fstcn(num_classes=3, lower="resnet")

@@ -49,7 +49,6 @@ N(0, 0.001) as the pipeline's backbones' (:meth:`pipeline.models.backbones.Backb
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -58,7 +57,7 @@ from torch import Tensor, nn
 
 from pipeline.data.sampling import fstcn_scl_frame
 
-from .backbones import backbone_info, create_backbone
+from .backbones import backbone_info, create_backbone, load_finetuned_trunk
 
 __all__ = [
     "LRN",
@@ -161,14 +160,15 @@ class ResNetLowerSCLs(nn.Module):
     """A ResNet's convolutional trunk (stem, ``layer1`` .. ``layer3`` or ``layer4``) as the lower SCLs.
 
     (N, 3, S, S) -> (N, c, h, h) with stride 32 (``layer4``: c = the backbone's ``num_features``, 512
-    for ResNet-18/34, 2048 for ResNet-50/101/152; h = 7 for S = 204) or 16 (``layer3``: c / 2, h = 13).
-    Module names are torchvision's (``conv1``, ``bn1``, ``layer1`` ...).
+    for ResNet-18/34, 2048 for ResNet-50/101/152; h = 7 for S = 204) or 16 (``layer3``: c / 2, h = 13):
+    :meth:`pipeline.models.backbones.Backbone.forward_map`, with ``layer4`` replaced by the identity for
+    ``layer3``.
 
     Args:
         arch: a ResNet of :func:`pipeline.models.backbones.list_backbones`.
-        state: the weights, a :class:`pipeline.models.backbones.Backbone` state dict as ``finetune``'s
-            checkpoint holds it under ``"model"`` (keys ``trunk.*``; ``fc.*`` is ignored, a ``module.``
-            prefix removed). It must be an RGB (3-channel) network. None: random initialisation.
+        state: the weights, the ``"model"`` entry of an RGB ``finetune`` checkpoint (a
+            :class:`~pipeline.models.backbones.Backbone` state dict, keys ``trunk.*``; ``fc.*`` is ignored),
+            loaded by :func:`~pipeline.models.backbones.load_finetuned_trunk`. None: random initialisation.
         layers: the last ResNet stage kept, ``layer4`` (the whole trunk) or ``layer3``.
     """
 
@@ -178,12 +178,15 @@ class ResNetLowerSCLs(nn.Module):
             raise ValueError(f"the lower SCLs take a ResNet trunk, not {arch!r}")
         if layers not in TRUNK_LAYERS:
             raise ValueError(f"unknown trunk_layers {layers!r}; valid: {', '.join(TRUNK_LAYERS)}")
-        trunk = create_backbone(arch, num_classes=0).trunk
+        self.backbone = create_backbone(arch, num_classes=0)
         if state is not None:
-            _load_trunk_state(trunk, state, arch)
-        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"] + (
-            ["layer4"] if layers == "layer4" else [])
-        self.body = nn.Sequential(OrderedDict((n, getattr(trunk, n)) for n in names))
+            conv = state.get("trunk.conv1.weight", state.get("module.trunk.conv1.weight"))
+            if conv is not None and conv.dim() == 4 and conv.shape[1] != 3:
+                raise ValueError(f"the {arch} state dict's first convolution takes {conv.shape[1]} channels; FstCN "
+                                 "learns from RGB frames: pass the RGB stream's finetune checkpoint, not the flow one")
+            load_finetuned_trunk(self.backbone, state, "rgb")
+        if layers == "layer3":
+            self.backbone.trunk.layer4 = nn.Identity()
         self.arch, self.layers = arch, layers
         width = backbone_info(arch)["num_features"]
         self.out_channels = width if layers == "layer4" else width // 2
@@ -197,30 +200,7 @@ class ResNetLowerSCLs(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, S, S) -> (N, c, h, h)."""
-        return self.body(x)
-
-
-def _load_trunk_state(trunk: nn.Module, state: Mapping[str, Tensor], arch: str) -> None:
-    """Load a finetune checkpoint's ``model`` state dict (keys ``trunk.*``) into a torchvision trunk."""
-    stripped = {k.removeprefix("module."): v for k, v in state.items()}
-    own = {k.removeprefix("trunk."): v for k, v in stripped.items() if k.startswith("trunk.")}
-    if not own:
-        raise ValueError(f"the {arch} state dict has no 'trunk.*' keys: pass the 'model' entry of an RGB "
-                         "finetune checkpoint (a pipeline.models.backbones.Backbone state dict)")
-    conv = own.get("conv1.weight")
-    if conv is not None and conv.dim() == 4 and conv.shape[1] != 3:
-        raise ValueError(f"the {arch} state dict's first convolution takes {conv.shape[1]} channels; FstCN learns "
-                         "from RGB frames: pass the RGB stream's finetune checkpoint, not the flow stream's")
-    expected = trunk.state_dict()
-    missing = sorted(k for k in set(expected) - set(own) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(own) - set(expected))
-    mismatched = [f"{k}: {tuple(own[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
-                  if k in own and own[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        raise ValueError(f"the state dict does not fit a {arch} trunk: {len(missing)} missing (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(mismatched)} of another shape "
-                         f"(e.g. {mismatched[:3]})")
-    trunk.load_state_dict(own, strict=False)
+        return self.backbone.forward_map(x)
 
 
 # --------------------------------------------------------------------------------------------
