@@ -218,6 +218,9 @@ def test_resnet_lower_scls_are_the_finetuned_trunk():
     with torch.no_grad():
         torch.testing.assert_close(lower(x).mean(dim=(2, 3)), backbone.forward_features(x))
     assert lower.out_channels == 512 and ResNetLowerSCLs("resnet18", layers="layer3").out_channels == 256
+    net = FstCN.from_finetuned(backbone.state_dict(), rgb_arch="resnet18", num_classes=3, input_size=64, **SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(net.lower.eval()(x).mean(dim=(2, 3)), backbone.forward_features(x))
 
 
 def test_resnet_lower_scls_refuse_what_does_not_fit():

@@ -376,6 +376,22 @@ class FstCN(nn.Module):
             self.classifier = _classifier(fc2, num_classes)
         self.aux = AuxiliaryClassifier(c, num_classes, width=aux_width) if auxiliary else None
 
+    @classmethod
+    def from_finetuned(cls, rgb_state: Mapping[str, Tensor], *, rgb_arch: str, num_classes: int,
+                       **options: object) -> FstCN:
+        """FstCN whose lower SCLs are the RGB ``finetune`` run's ResNet trunk (``lower=resnet``).
+
+        Args:
+            rgb_state: the ``"model"`` entry of the RGB finetune checkpoint; the model never reads files.
+            rgb_arch: its backbone name (the checkpoint's ``"arch"``).
+            num_classes: C.
+            options: :data:`OPTIONS` (``lower`` is ``resnet`` here).
+        """
+        if options.get("lower", "resnet") != "resnet":
+            raise ValueError("from_finetuned builds lower=resnet; use build_fstcn for the paper's lower SCLs")
+        return build_fstcn(num_classes=num_classes, backbone_arch=rgb_arch, backbone_state=rgb_state,
+                           **{**options, "lower": "resnet"})
+
     def _check(self, x: Tensor, name: str, dims: int) -> None:
         if x.dim() != dims or x.shape[-3] != 3 or x.shape[-2:] != (self.input_size, self.input_size):
             want = "(B, l_t, 3, S, S)" if dims == 5 else "(B, 3, S, S)"
