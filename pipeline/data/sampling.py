@@ -301,3 +301,77 @@ __all__ += [
     "stpn_test_snippets",
     "stpn_train_sample",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# FstCN clips ([FstCN] §2.2, §3): l_t frames at stride s_t, each paired with frame + d_t for V_diff
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["FSTCN_D_T", "FSTCN_L_T", "FSTCN_NUM_CLIPS", "FSTCN_S_T", "FstcnClip", "fstcn_clip", "fstcn_scl_frame",
+            "fstcn_span", "fstcn_test_clips", "fstcn_train_clip"]
+
+#: [FstCN] §3: "d_t = 9 and s_t = 5"; l_t = 5 ("5 temporally sampled pairs"); M = 5 test clips (not stated).
+FSTCN_L_T, FSTCN_S_T, FSTCN_D_T, FSTCN_NUM_CLIPS = 5, 5, 9, 5
+
+
+class FstcnClip(NamedTuple):
+    """One FstCN clip: V_clip is frames ``frames``; V_diff frame k is |frame ``frames[k]`` - frame ``partners[k]``|
+    (eq. 4: ``partners[k] = frames[k] + d_t``, clamped to the last frame in a short video)."""
+
+    start: int
+    frames: list[int]
+    partners: list[int]
+
+
+def fstcn_span(l_t: int = FSTCN_L_T, s_t: int = FSTCN_S_T, d_t: int = FSTCN_D_T) -> int:
+    """Frames a clip covers: ``(l_t - 1) * s_t + d_t + 1`` (30 for 5, 5, 9)."""
+    for name, value in (("l_t", l_t), ("s_t", s_t), ("d_t", d_t)):
+        _check_positive(name, value)
+    return (l_t - 1) * s_t + d_t + 1
+
+
+def fstcn_clip(start: int, num_frames: int, l_t: int = FSTCN_L_T, s_t: int = FSTCN_S_T,
+               d_t: int = FSTCN_D_T) -> FstcnClip:
+    """The clip starting at frame ``start``: ``frames[k] = start + k * s_t`` and ``partners[k] = frames[k] + d_t``
+    ([FstCN] §2.2, eq. 4), every index clamped to ``num_frames - 1``.
+
+    The clamp only acts in a video shorter than :func:`fstcn_span` (the starts drawn below always fit a
+    long enough video). There (not covered by the paper) the clip keeps its stride and its l_t positions
+    and repeats the last frame past the end, as :func:`flow_stack` and TSN's loader do: a V_diff frame whose
+    partner is clamped spans fewer than d_t frames, and is all zero where both are the last frame.
+    """
+    _check_positive("num_frames", num_frames)
+    fstcn_span(l_t, s_t, d_t)
+    if not 0 <= start < num_frames:
+        raise ValueError(f"clip start {start} is outside [0, {num_frames}) for a video of {num_frames} frames")
+    last = num_frames - 1
+    frames = [min(start + k * s_t, last) for k in range(l_t)]
+    return FstcnClip(start=int(start), frames=frames, partners=[min(f + d_t, last) for f in frames])
+
+
+def fstcn_train_clip(num_frames: int, rng: np.random.Generator, l_t: int = FSTCN_L_T, s_t: int = FSTCN_S_T,
+                     d_t: int = FSTCN_D_T) -> FstcnClip:
+    """A training clip ([FstCN] §2.2: "temporally specifying a starting frame"): the start uniform over every
+    start whose clip fits the video, ``rng.integers(num_frames - span + 1)``; 0 in a shorter video
+    (:func:`fstcn_clip` then clamps, without drawing from ``rng``)."""
+    max_start = num_frames - fstcn_span(l_t, s_t, d_t)
+    start = int(rng.integers(max_start + 1)) if max_start > 0 else 0
+    return fstcn_clip(start, num_frames, l_t, s_t, d_t)
+
+
+def fstcn_test_clips(num_frames: int, num_clips: int = FSTCN_NUM_CLIPS, l_t: int = FSTCN_L_T,
+                     s_t: int = FSTCN_S_T, d_t: int = FSTCN_D_T) -> list[FstcnClip]:
+    """The M test clips of a video ([FstCN] §2.4; M is not stated): starts spread evenly over the
+    ``num_frames - span + 1`` starts that fit, by :func:`test_indices` (the centre of each of M equal parts);
+    all start at 0 in a video shorter than the span."""
+    _check_positive("num_clips", num_clips)
+    valid = max(num_frames - fstcn_span(l_t, s_t, d_t) + 1, 1)
+    return [fstcn_clip(s, num_frames, l_t, s_t, d_t) for s in test_indices(valid, num_clips)]
+
+
+def fstcn_scl_frame(l_t: int = FSTCN_L_T, rng: np.random.Generator | None = None) -> int:
+    """Which of a clip's l_t frames feeds the SCL path ([FstCN] §2.2): a random one in training
+    (``rng.integers(l_t)``), the middle one at test (``rng`` None): ``(l_t - 1) // 2``, the lower middle for
+    an even l_t."""
+    _check_positive("l_t", l_t)
+    return int(rng.integers(l_t)) if rng is not None else (l_t - 1) // 2

@@ -257,3 +257,61 @@ class MultiScaleCornerCrop:
             f"{type(self).__name__}(input_size={self.input_size}, scales={self.scales}, "
             f"base_size={self.base_size}, is_flow={self.is_flow})"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# FstCN ([FstCN] §2.4 Fig. 3, §2.5): a fixed-size random crop in training, a 3 x 3 grid of crops at test
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["GRID_POSITIONS", "grid_crop", "grid_offsets", "sample_random_crop"]
+
+#: [FstCN] Fig. 3: "top left, top middle, top right, middle left, middle, middle right, bottom left, bottom
+#: middle, bottom right", the order of :func:`grid_crop`'s first 9 views.
+GRID_POSITIONS = ("top_left", "top_middle", "top_right", "middle_left", "middle", "middle_right",
+                  "bottom_left", "bottom_middle", "bottom_right")
+
+
+def grid_offsets(height: int, width: int, size: int) -> list[tuple[int, int]]:
+    """(top, left) of the 9 ``size x size`` crops of a 3 x 3 grid, in :data:`GRID_POSITIONS` order.
+
+    Rows start at ``0``, ``(height - size) // 2`` and ``height - size``; columns likewise over the width: the
+    crops touch the borders and the middle one is the centre crop (rounded down, as :func:`center_crop`).
+    """
+    if size < 1 or size > height or size > width:
+        raise ValueError(f"cannot take {size}x{size} crops from frames of {height}x{width}")
+    rows = (0, (height - size) // 2, height - size)
+    cols = (0, (width - size) // 2, width - size)
+    return [(top, left) for top in rows for left in cols]
+
+
+def grid_crop(x: Tensor, size: int) -> Tensor:
+    """[FstCN]'s 18 test views (Fig. 3): 9 crops on a 3 x 3 grid, then the same 9 mirrored.
+
+    Every frame of ``x`` (a clip and its V_diff alike) is cropped at the same place; no resizing (resize the
+    frames first if they should be). A mirrored |difference| is the |difference| of the mirrored frames, so
+    V_diff takes the same views.
+
+    Args:
+        x: ``(..., C, H, W)`` uint8 with ``H, W >= size``, e.g. ``(l_t, 3, H, W)``.
+
+    Returns:
+        ``(18, ..., C, size, size)`` uint8: view ``v < 9`` at :func:`grid_offsets` ``[v]``, view ``9 + v`` its
+        mirror image.
+    """
+    _check_uint8(x)
+    views = [x[..., top : top + size, left : left + size] for top, left in grid_offsets(*x.shape[-2:], size)]
+    return torch.stack(views + [v.flip(-1) for v in views])
+
+
+def sample_random_crop(height: int, width: int, size: int, rng: np.random.Generator) -> CropParams:
+    """A ``size x size`` crop at a uniformly random place and a flip with probability 0.5 ([FstCN] §2.5: "the
+    frames in each pair of video clips are randomly cropped at the same location and flipped simultaneously").
+
+    Apply it with :func:`apply_crop` and ``input_size = size`` to every frame of the clip and its V_diff. Draw
+    order from ``rng``: top, left, flip.
+    """
+    if size < 1 or size > height or size > width:
+        raise ValueError(f"cannot take a {size}x{size} crop from frames of {height}x{width}")
+    top = int(rng.integers(height - size + 1))
+    left = int(rng.integers(width - size + 1))
+    return CropParams(top=top, left=left, h=size, w=size, flip=bool(rng.random() < 0.5))

@@ -55,6 +55,7 @@ __all__ = [
     "cross_modality_init",
     "imagenet_weights_path",
     "list_backbones",
+    "load_finetuned_trunk",
     "normalize_flow",
     "normalize_rgb",
     "reinit_first_conv",
@@ -513,6 +514,28 @@ def _load_foreign(model: Backbone, path: Path, conv: Converted) -> None:
         return
     if conv.head["fc.weight"].shape == model.fc.weight.shape and conv.head["fc.bias"].shape == model.fc.bias.shape:
         model.fc.load_state_dict({k.removeprefix("fc."): v for k, v in conv.head.items()})
+
+
+def load_finetuned_trunk(backbone: Backbone, state: Mapping[str, Tensor], name: str) -> None:
+    """A finetune checkpoint's ``"model"`` state dict (:class:`Backbone` keys ``trunk.*``, ``fc.*``; a ``module.``
+    prefix removed) into ``backbone``'s trunk; ``fc.*`` is ignored. ``name`` (e.g. ``"rgb"``) names the state in
+    errors: no ``trunk.*`` keys, or keys / shapes that do not fit ``backbone``. For the networks that take state
+    dicts, not files ([STPN], [FstCN]): the caller loads the checkpoint."""
+    trunk = {k.removeprefix("module.").removeprefix("trunk."): v for k, v in state.items()
+             if k.removeprefix("module.").startswith("trunk.")}
+    if not trunk:
+        raise ValueError(f"the {name} state dict holds no backbone weights (keys trunk.*); pass the 'model' entry "
+                         "of a finetune checkpoint")
+    expected = backbone.trunk.state_dict()
+    missing = [k for k in expected if k not in trunk and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in trunk if k not in expected]
+    mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in trunk.items()
+                  if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"the {name} state dict does not fit {backbone.arch} with in_channels={backbone.in_channels}: "
+                         f"shapes (state vs model) {mismatched[:2]}, missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    backbone.trunk.load_state_dict(trunk, strict=False)
 
 
 def create_backbone(

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import Backbone, create_backbone
+from .backbones import Backbone, create_backbone, load_finetuned_trunk
 from .fusion import log_mean_probs
 from .stcb import DEFAULT_STCB_DIM, CompactBilinear, signed_sqrt_l2
 
@@ -314,25 +314,6 @@ class STPN(nn.Module):
             fc.load_state_dict(head)
 
 
-def _load_trunk_state(backbone: Backbone, state: Mapping[str, Tensor], name: str) -> None:
-    """A finetune state dict (:class:`Backbone` keys ``trunk.*``, ``fc.*``) into ``backbone``'s trunk."""
-    trunk = {k.removeprefix("module.").removeprefix("trunk."): v for k, v in state.items()
-             if k.removeprefix("module.").startswith("trunk.")}
-    if not trunk:
-        raise ValueError(f"the {name} state dict holds no backbone weights (keys trunk.*); pass the 'model' entry "
-                         "of a finetune checkpoint")
-    expected = backbone.trunk.state_dict()
-    missing = [k for k in expected if k not in trunk and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in trunk if k not in expected]
-    mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in trunk.items()
-                  if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        raise ValueError(f"the {name} state dict does not fit {backbone.arch} with in_channels={backbone.in_channels}: "
-                         f"shapes (state vs model) {mismatched[:2]}, missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    backbone.trunk.load_state_dict(trunk, strict=False)
-
-
 class STPNEndToEnd(nn.Module):
     """The pyramid on live backbones: an RGB backbone and ONE shared motion backbone for the K flow stacks.
 
@@ -371,8 +352,8 @@ class STPNEndToEnd(nn.Module):
         """
         rgb = create_backbone(rgb_arch, num_classes=0, in_channels=3)
         flow = create_backbone(flow_arch, num_classes=0, in_channels=flow_in_channels)
-        _load_trunk_state(rgb, rgb_state, "rgb")
-        _load_trunk_state(flow, flow_state, "flow")
+        load_finetuned_trunk(rgb, rgb_state, "rgb")
+        load_finetuned_trunk(flow, flow_state, "flow")
         pyramid = build_stpn(num_classes=num_classes, rgb_channels=rgb.num_features,
                              flow_channels=flow.num_features, **options)
         if pyramid.model == "A":
