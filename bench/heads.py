@@ -2,7 +2,7 @@
 
 Default: the paper's STFN head (arch a, avg fusion, bi-directional, N = 7 segments) at UCF101
 split-1 scale: 9,537 training videos, 2 x 2048-d features at P = 25 positions, 101 classes,
-batch 32, RMSProp. Prints videos/s for one training epoch (pipeline.training.heads.train_one_epoch)
+batch 32, RMSProp. Prints videos/s for one training epoch (pipeline.training.heads.train_head_epoch)
 and for test-time prediction (5 sequences per video).
 
 ``--device auto`` (the default) runs on CUDA when present, else on the CPU; ``all`` runs both. On CUDA
@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.training.heads import predict_views, train_one_epoch  # noqa: E402
+from pipeline.training.heads import predict_views, train_head_epoch  # noqa: E402
 from pipeline.models.heads import create_head  # noqa: E402
 
 UCF101_SPLIT1_TRAIN = 9537
@@ -54,14 +54,14 @@ def measure(device: torch.device, args: argparse.Namespace) -> dict:
 
     # Warm-up (allocator, cuDNN autotuning, lazy init) on a few batches.
     warm = min(v, 4 * args.batch_size)
-    train_one_epoch(head, optimizer, rgb[:warm], flow[:warm], labels[:warm],
-                    num_segments=args.segments, batch_size=args.batch_size, generator=gen)
+    train_head_epoch(head, optimizer, rgb[:warm], flow[:warm], labels[:warm],
+                     num_segments=args.segments, batch_size=args.batch_size, generator=gen)
     predict_views(head, rgb[:warm], flow[:warm], args.segments, num_test=5, batch_size=256)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(args.epochs):
-        train_one_epoch(head, optimizer, rgb, flow, labels, num_segments=args.segments,
-                        batch_size=args.batch_size, generator=gen)
+        train_head_epoch(head, optimizer, rgb, flow, labels, num_segments=args.segments,
+                         batch_size=args.batch_size, generator=gen)
     _sync(device)
     train_s = (time.perf_counter() - t0) / args.epochs
 

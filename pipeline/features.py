@@ -103,20 +103,8 @@ def resolve_source(stream: str, p: Any, upstream: Upstream, classes: Sequence[st
     up_fp = None
     if weights == "finetune":
         key = artifacts.finetune_key(stream, p.split, p.arch)
-        path = upstream.dir(key) / "best.pt"
-        up_fp = upstream.manifests[key]["fingerprint"]
-        if not path.is_file():
-            raise StageError(f"{path}: the {key} stage finished but its best.pt checkpoint is missing; re-run "
-                             f"`pipeline finetune --stream {stream}` (or pass --{stream}-weights)")
-        ckpt = _load_checkpoint(path)
-        if ckpt is None:
-            raise StageError(f"{path}: not a finetune checkpoint (no 'model' entry)")
-        if ckpt.get("num_classes") != len(classes):
-            raise StageError(f"{path}: checkpoint has a {ckpt.get('num_classes')}-way classifier, the video "
-                             f"table has {len(classes)} classes; it was fine-tuned on another dataset")
-        if ckpt.get("classes") is not None and list(ckpt["classes"]) != list(classes):
-            raise StageError(f"{path}: checkpoint classes differ from the video table's (first: "
-                             f"{list(ckpt['classes'])[:3]} vs {list(classes)[:3]})")
+        up_fp = upstream.manifests[key].fingerprint
+        path, ckpt = artifacts.finetune_checkpoint(upstream.dir(key), classes)
     elif weights in ("imagenet", "none"):
         pass
     else:

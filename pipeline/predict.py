@@ -20,7 +20,8 @@ import torch
 from pipeline.data import STREAMS
 from pipeline.io import artifacts
 from pipeline.io.artifacts import key_parts
-from pipeline.stage.declare import read_manifest
+from pipeline.models.heads import DEFAULT_HEAD, head_label, head_options, head_output_name
+from pipeline.stage.manifest import Manifest, finished_outputs
 
 
 class PredictError(RuntimeError):
@@ -35,45 +36,29 @@ class Models:
     split: int
     backbone: str
     head_key: str
-    manifests: dict[str, dict]  # key -> manifest for decode, extract-flow, finetune rgb/flow, features, head
+    manifests: dict[str, Manifest]  # key -> manifest for decode, extract-flow, finetune rgb/flow, features, head
 
     def dir(self, key: str) -> Path:
         return self.cache_root / key
 
     def params(self, key: str) -> dict:
-        return dict(self.manifests[key].get("params") or {})
+        return self.manifests[key].params
 
     @property
     def head_name(self) -> str:
         return artifacts.key_parts(self.head_key).name
 
     def fingerprints(self) -> dict[str, str]:
-        return {k: m["fingerprint"] for k, m in self.manifests.items()}
-
-
-def _finished(cache_root: Path, key: str) -> dict | None:
-    try:
-        m = read_manifest(cache_root / key)
-    except Exception:  # noqa: BLE001 - an unreadable manifest is not a usable model
-        return None
-    return m if m and m.get("complete") else None
-
-
-def finished_heads(cache_root: Path, split: int, backbone: str) -> list[str]:
-    """Names of the finished train-head outputs of one scope."""
-    folder = Path(cache_root) / artifacts.TRAIN_HEAD / artifacts.scope(split, backbone)
-    if not folder.is_dir():
-        return []
-    return sorted(d.name for d in folder.iterdir()
-                  if d.is_dir() and _finished(cache_root, artifacts.head_key(d.name, split, backbone)))
+        return {k: m.fingerprint for k, m in self.manifests.items()}
 
 
 def default_head(names: Sequence[str]) -> str | None:
-    """The STFN head at its paper defaults (a, avg, bi, N = 5, seed 0; [STFN] §4.2) when trained, else the
-    first other STFN a-avg-bi head, else the first STFN head."""
-    if "stfn-a-avg-bi-n5-s0" in names:
-        return "stfn-a-avg-bi-n5-s0"
-    for prefix in ("stfn-a-avg-bi-", "stfn-"):
+    """train-head's default output (:func:`pipeline.models.heads.head_output_name` at its defaults: STFN a,
+    avg, bi, N = 5, seed 0; [STFN] §4.2) when trained, else the first other output of the default head at its
+    default options (another N or seed), else the first output of the default head."""
+    if head_output_name() in names:
+        return head_output_name()
+    for prefix in (head_label(DEFAULT_HEAD, head_options(DEFAULT_HEAD)) + "-", DEFAULT_HEAD + "-"):
         hits = sorted(n for n in names if n.startswith(prefix))
         if hits:
             return hits[0]
@@ -84,8 +69,12 @@ def find_models(cache_root: Path, split: int, backbone: str, head: str | None = 
     """The decode, extract-flow, finetune (both streams), extract-features and train-head outputs of one
     scope; a PredictError naming the stage to run when one is missing."""
     cache_root = Path(cache_root)
-    names = finished_heads(cache_root, split, backbone)
     scope = artifacts.scope(split, backbone)
+    finished = {**finished_outputs(cache_root, artifacts.DECODE), **finished_outputs(cache_root, artifacts.FLOW),
+                **finished_outputs(cache_root, artifacts.FINETUNE, scope),
+                **finished_outputs(cache_root, artifacts.FEATURES, scope),
+                **finished_outputs(cache_root, artifacts.TRAIN_HEAD, scope)}
+    names = [key_parts(k).name for k in finished if key_parts(k).stage == artifacts.TRAIN_HEAD]
     if head is None:
         head = default_head(names)
         if head is None:
@@ -98,7 +87,7 @@ def find_models(cache_root: Path, split: int, backbone: str, head: str | None = 
             "train-head": artifacts.head_key(head, split, backbone)}
     manifests = {}
     for stage, key in keys.items():
-        m = _finished(cache_root, key)
+        m = finished.get(key)
         if m is None:
             hint = (f"; finished heads of {scope}: {', '.join(names) or 'none'}" if stage == "train-head" else "")
             command = stage.split()[0] + (f" --stream {stage.split()[1]}" if " " in stage else "")

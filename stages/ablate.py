@@ -88,7 +88,7 @@ def ablation_rows(base: TrainHeadParams, grid: str, seeds: int) -> list[tuple[st
 
 def ablate_dir(cache_root: Path, base: TrainHeadParams) -> Path:
     """``<cache>/ablate/<scope>/``: the tables of the features of one split and backbone."""
-    return Path(cache_root) / "ablate" / artifacts.scope(base.split, base.backbone)
+    return Path(cache_root) / artifacts.ABLATE / artifacts.scope(base.split, base.backbone)
 
 
 def run_ablation(base: TrainHeadParams, cache_root: Path, grid: str = "tables", seeds: int = 1,

@@ -22,7 +22,7 @@ from pipeline.stage import config as cfg
 from pipeline import dist
 from pipeline.stage import StageError, StageFailures, run_stage, runcache, stage_keys_in_cache, status
 from pipeline.stage.config import ConfigError
-from stages.options import _fail, param_options
+from stages.options import fail, param_options
 
 log = logging.getLogger("pipeline")
 
@@ -76,9 +76,9 @@ def make_stage_command(stage):
             result = run_stage(stage, params, root, allow_failures=allow_failures, force=force)
             dist.shutdown()
         except StageFailures as e:
-            _fail(str(e), 1)
+            fail(str(e), 1)
         except (StageError, ConfigError) as e:
-            _fail(str(e), 2)
+            fail(str(e), 2)
         click.echo(result.message)
 
     # The help is the stage's one paragraph; its module docstring is for developers and is not printed.
@@ -134,7 +134,7 @@ def status_command(cache_dir, config_path):
     try:
         conf = cfg.load_config(config_path, config_tables())
     except ConfigError as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     root = resolve_cache_dir(cache_dir, conf)
     rows = status(root, all_stages())
     click.echo(f"cache: {root}")
@@ -147,11 +147,13 @@ def status_command(cache_dir, config_path):
                    f"{r.done:>6}  {r.failed:>6}  {kept:<16}  {r.reason}")
 
 
-def _root_from(cache_dir, config_path) -> Path:
+def cache_root_from(cache_dir, config_path) -> Path:
+    """The cache root of a plain command: ``--cache-dir``, else the config's, else the default (exits on a bad
+    config)."""
     try:
         conf = cfg.load_config(config_path)
     except ConfigError as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     return resolve_cache_dir(cache_dir, conf)
 
 
@@ -170,11 +172,11 @@ def _run_line(rec, current_params: dict) -> str:
 def runs_command(stage_or_key, cache_dir, config_path):
     """Every run of a stage (or one key) in the cache, current one marked *, with age, size, completeness and
     the parameters that differ from the current run."""
-    root = _root_from(cache_dir, config_path)
+    root = cache_root_from(cache_dir, config_path)
     keys = sorted({k for k in stage_keys_in_cache(root) + runcache.keys_with_kept_runs(root)
                    if k == stage_or_key or k.startswith(stage_or_key.rstrip("/") + "/")})
     if not keys:
-        _fail(f"no run of {stage_or_key!r} in {root}", 2)
+        fail(f"no run of {stage_or_key!r} in {root}", 2)
     for key in keys:
         recs = runcache.all_runs(root, key)
         current = next((r.params for r in recs if r.current), {})
@@ -193,15 +195,15 @@ def runs_command(stage_or_key, cache_dir, config_path):
 def gc_command(stage, keep_last, older_than, yes, cache_dir, config_path):
     """Remove kept runs from the run cache (a dry run unless --yes); the current run of a key is never removed
     and a key being run is refused."""
-    root = _root_from(cache_dir, config_path)
+    root = cache_root_from(cache_dir, config_path)
     try:
         age = runcache.parse_duration(older_than) if older_than is not None else None
     except ValueError as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     try:
         removed = runcache.gc(root, stage=stage, keep_last=keep_last, older_than=age, yes=yes)
     except StageError as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     currents = {}
     for rec in removed:
         if rec.key not in currents:

@@ -45,14 +45,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from pipeline.eval.results import (ResultRow, ResultsError, TestScores, combine_scores, finished_outputs,
-                                   late_fusion, load_test_scores, match_external, per_class_markdown,
-                                   per_class_csv, read_external_scores, results_markdown, splits_markdown,
+from pipeline.eval.results import (ResultRow, ResultsError, TestScores, combine_scores, late_fusion,
+                                   load_test_scores, match_external, per_class_markdown, per_class_csv, read_external_scores, results_markdown, splits_markdown,
                                    splits_summary)
 from pipeline.io import artifacts
 from pipeline.io.artifacts import SCORES
 from pipeline.io.atomic import write_json, write_text
-from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, file_sha256, param
+from pipeline.stage import (Manifest, Plan, Stage, StageContext, StageError, Upstream, file_sha256, finished_outputs,
+                            param)
 
 VERSION = "2"
 #: The stages whose finished outputs become rows.
@@ -99,13 +99,11 @@ def _key(p: EvaluateParams) -> str:
     return artifacts.evaluate_key(p.splits, p.backbone)
 
 
-def _sources(params: EvaluateParams, cache_root: Path, split: int) -> list[tuple[str, dict]]:
+def _sources(params: EvaluateParams, cache_root: Path, split: int) -> list[tuple[str, Manifest]]:
     """(key, manifest) of the finished outputs with test scores of one split and the backbone."""
-    prefixes = (artifacts.FINETUNE,) if params.streams else SOURCES
     scope = artifacts.scope(split, params.backbone)
-    return [(k, m) for k, m in finished_outputs(cache_root, prefixes)
-            if artifacts.key_parts(k).split is not None and k.split("/")[1] == scope
-            and (cache_root / k / SCORES).is_file()]
+    return [(k, m) for stage in ((artifacts.FINETUNE,) if params.streams else SOURCES)
+            for k, m in finished_outputs(cache_root, stage, scope).items() if (cache_root / k / SCORES).is_file()]
 
 
 def _upstream(params: EvaluateParams, cache_root: Path) -> tuple[str, ...]:
@@ -126,7 +124,7 @@ def plan(params: EvaluateParams, upstream: Upstream) -> Plan:
                              f"`pipeline train-head` with --split {split} first)"
                              + (f"; the cache has outputs for {', '.join(others)}" if others else ""))
         for key, m in found:  # a model is only ever scored on the split it was trained on
-            trained = (m.get("params") or {}).get("split")
+            trained = m.params.get("split")
             if trained is not None and int(trained) != split:
                 raise StageError(f"{root / key}: trained on split {trained} but stored as split {split}; "
                                  "its test scores would include videos it was trained on")
@@ -150,7 +148,7 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_") or "row"
 
 
-def split_rows(root: Path, keys: list[str], manifests: dict[str, dict], p: EvaluateParams,
+def split_rows(root: Path, keys: list[str], manifests: dict[str, Manifest], p: EvaluateParams,
                external=None) -> tuple[list[ResultRow], list[str]]:
     """The rows of one split: each stream, their late fusion, every head and refined model (and notes)."""
     rows: list[ResultRow] = []
@@ -162,8 +160,8 @@ def split_rows(root: Path, keys: list[str], manifests: dict[str, dict], p: Evalu
                 ext = match_external(ts, *external, path=p.external_scores)
             except ResultsError as e:
                 raise StageError(f"{e} (while combining with {source})") from None
-            ext_eval = combine_scores(ts, ext, p.external_weight).evaluate()
-        rows.append(ResultRow(name, source, ts.evaluate(), description, ext_eval))
+            ext_eval = combine_scores(ts, ext, p.external_weight).metrics()
+        rows.append(ResultRow(name, source, ts.metrics(), description, ext_eval))
 
     def load(key: str) -> TestScores:
         try:
@@ -187,7 +185,7 @@ def split_rows(root: Path, keys: list[str], manifests: dict[str, dict], p: Evalu
     for key in keys:
         if artifacts.key_parts(key).stage == artifacts.FINETUNE:
             continue
-        params = dict(manifests[key].get("params", {}))
+        params = manifests[key].params
         results = root / key / artifacts.RESULTS
         if results.is_file():  # the head's effective options, as train-head and refine record them
             params.update(json.loads(results.read_text()).get("head_options") or {})
@@ -258,15 +256,15 @@ def _one_split(ctx: StageContext, rows: list[ResultRow], notes: list[str], with_
             f"accuracy (%). Cache: `{ctx.upstream.cache_root}`.\n\n{table}\n## Per-class accuracy (%)\n\n"
             f"{per_class_markdown(chosen, class_names)}"
             + ("\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else ""))
-    write_text(ctx.dir / "results.md", text)
+    write_text(ctx.dir / artifacts.RESULTS_MD, text)
     write_json(ctx.dir / artifacts.RESULTS, {
         "split": p.splits[0], "backbone": p.backbone, "rows": [r.as_dict() for r in rows],
         "flow_weight": p.flow_weight,
         "external": {"file": str(p.external_scores), "weight": p.external_weight, "name": p.external_name}
         if with_external else None,
     })
-    line = f"{table}\n{len(rows)} rows; written to {ctx.dir / 'results.md'} and {conf_dir}/"
-    ctx.log.info("evaluate: %d rows written to %s", len(rows), ctx.dir / "results.md")
+    line = f"{table}\n{len(rows)} rows; written to {ctx.dir / artifacts.RESULTS_MD} and {conf_dir}/"
+    ctx.log.info("evaluate: %d rows written to %s", len(rows), ctx.dir / artifacts.RESULTS_MD)
     return {"line": line, "rows": len(rows), "best": max(rows, key=lambda r: r.evaluation.top1).name}
 
 
@@ -282,14 +280,15 @@ def _across_splits(ctx: StageContext, rows_of: dict[int, list[ResultRow]], notes
             "then the mean ± sample standard deviation over the splits of top-1, mean class accuracy and top-5 "
             f"(%), as [STFN] Table 6. Cache: `{ctx.upstream.cache_root}`.\n\n{table}\n{per_split}"
             + ("\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else ""))
-    write_text(ctx.dir / "results.md", text)
+    write_text(ctx.dir / artifacts.RESULTS_MD, text)
     write_json(ctx.dir / artifacts.RESULTS, {
         "splits": list(rows_of), "backbone": p.backbone, "summary": summary, "flow_weight": p.flow_weight,
         "per_split": {str(s): [r.as_dict() for r in rows] for s, rows in rows_of.items()},
     })
-    ctx.log.info("evaluate: %d rows over %d splits written to %s", len(summary), len(rows_of), ctx.dir / "results.md")
+    ctx.log.info("evaluate: %d rows over %d splits written to %s", len(summary), len(rows_of),
+                 ctx.dir / artifacts.RESULTS_MD)
     return {"line": f"{table}\n{len(summary)} rows over splits {','.join(map(str, rows_of))}; written to "
-                    f"{ctx.dir / 'results.md'}", "rows": len(summary)}
+                    f"{ctx.dir / artifacts.RESULTS_MD}", "rows": len(summary)}
 
 
 STAGE = Stage(

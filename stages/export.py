@@ -39,18 +39,18 @@ def export_command(fmt, output, what, name, quality, cache_dir, config_path, ver
     from pipeline.data.table import VideoTable
     from pipeline.interop.mmaction2 import export_mmaction2
     from pipeline.io import artifacts
-    from stages.cli import _root_from, setup_logging
-    from stages.options import _fail
+    from stages.cli import cache_root_from, setup_logging
+    from stages.options import fail
 
     setup_logging(verbose)
-    root = _root_from(cache_dir, config_path)
+    root = cache_root_from(cache_dir, config_path)
     parts = [w.strip() for w in what.split(",") if w.strip()] if what else None
     try:
         total = len(VideoTable.load(root / artifacts.DECODE)) if (root / artifacts.DECODE).exists() else 0
         with tqdm(total=total, desc="export", unit="video", dynamic_ncols=True) as bar:
             counts = export_mmaction2(root, output, parts, name=name, quality=quality, progress=bar.update)
     except (StageError, ConfigError, FileNotFoundError, artifacts.ArtifactError) as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     click.echo(f"export: {', '.join(counts['what'])} to {output}: {counts['videos']} video folders written "
                f"({counts['kept']} already there, kept), {counts['lists']} lists, {counts['features']} feature "
                "files")

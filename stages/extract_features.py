@@ -285,7 +285,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         return {}
     seconds = time.perf_counter() - t0
 
-    journal = Journal(ctx.dir / "journal.jsonl")  # every rank's records
+    journal = Journal(ctx.journal.path)  # rank 0's journal file, read with every rank's records
     journal.close()
     for k, i in enumerate(todo):  # a rank that stopped early (an error, not a per-video failure) left gaps
         vid = t.video_ids[i]

@@ -45,7 +45,7 @@ from pipeline.models.backbones import (backbone_info, create_backbone, imagenet_
 from pipeline.io import artifacts
 from pipeline.io.store import VideoStore
 from pipeline.data.table import VideoTable
-from pipeline.eval.metrics import evaluate
+from pipeline.eval.metrics import accuracy_metrics
 from pipeline.eval.results import TestScores, save_test_scores
 from pipeline.training import loop as T
 from pipeline.training.tensorboard import TensorBoardMissing
@@ -190,7 +190,7 @@ def plan(p: FinetuneParams, upstream: Upstream) -> Plan:
     try:
         videos = split_videos(table, p.split)
     except ValueError as e:
-        raise StageError(f"{decode_dir / 'videos.json'}: {e}") from None
+        raise StageError(f"{decode_dir / artifacts.TABLE}: {e}") from None
     used = list(videos.train.video_ids + videos.val.video_ids + videos.test.video_ids)
 
     if p.stream == "flow":
@@ -284,7 +284,7 @@ def _fit(p: FinetuneParams, data: _Data, device: torch.device, info: T.DistInfo,
     eval_kw = {"device": device, "normalize": normalize, "amp": p.amp, "chunk": max(p.batch_size, 1)}
 
     def validate() -> tuple[float, float]:
-        probs = T.evaluate(model, val_loader, len(data.val), len(data.classes), **eval_kw)["probs"]
+        probs = T.predict_videos(model, val_loader, len(data.val), len(data.classes), **eval_kw)["probs"]
         return T.val_metrics(probs, data.val.labels)
 
     res = T.fit(model, lambda opt, progress: T.train_one_epoch(net, train_loader, opt, device=device,
@@ -295,7 +295,7 @@ def _fit(p: FinetuneParams, data: _Data, device: torch.device, info: T.DistInfo,
                 meta=_checkpoint_meta(p, data), ckpt=ckpt, info=info, log=log, net=net,
                 rate=("frames_per_s", "frames", "images" if p.stream == "rgb" else "stacks"),
                 desc=f"finetune {p.stream}", unit="clip", tensorboard=p.tensorboard)
-    test = T.evaluate(model, views(data.test, p.num_test_frames), len(data.test), len(data.classes), **eval_kw)
+    test = T.predict_videos(model, views(data.test, p.num_test_frames), len(data.test), len(data.classes), **eval_kw)
     return {"history": res.history, "best": res.best, "test": test, "epochs": res.epochs, "decays": res.decays}
 
 
@@ -319,13 +319,14 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     probs, logits = test["probs"].numpy(), test["logits"].numpy()
     labels = np.asarray(data.test.labels, dtype=np.int64)
     ts = TestScores(probs, np.array(data.test.video_ids), labels, data.classes)
-    m = evaluate(ts.scores, ts.labels, data.classes)
-    save_test_scores(ctx.dir / "test_scores.npz", ts, logits=logits.astype(np.float32), stream=np.array(p.stream))
+    m = accuracy_metrics(ts.scores, ts.labels, data.classes)
+    save_test_scores(ctx.dir / artifacts.SCORES, ts, logits=logits.astype(np.float32), stream=np.array(p.stream))
     for vid, label, pred in zip(data.test.video_ids, labels, probs.argmax(1)):
         ctx.journal.record_ok(vid, label=int(label), pred=int(pred))
     title = f"{p.stream} {p.arch} (split {p.split})"
-    training_curves(res["history"], ctx.dir / "curves.png", title=title)
-    confusion_matrix_plot(m.confusion, data.classes, ctx.dir / "confusion.png", title=f"{title}: top-1 {m.top1:.1%}")
+    training_curves(res["history"], ctx.dir / artifacts.CURVES, title=title)
+    confusion_matrix_plot(m.confusion, data.classes, ctx.dir / artifacts.CONFUSION,
+                          title=f"{title}: top-1 {m.top1:.1%}")
     history = res["history"]
     fps = [h["frames_per_s"] for h in history]
     waiting = sum(h["data_seconds"] for h in history) / max(sum(h["seconds"] for h in history), 1e-9)

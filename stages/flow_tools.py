@@ -14,7 +14,7 @@ from pipeline.io import artifacts
 from pipeline.io.store import read_frames
 from pipeline.stage import StageError
 from stages.extract_flow import FlowParams
-from stages.options import _fail, param_options
+from stages.options import fail, param_options
 
 #: The FlowParams fields that flow-pair takes.
 PAIR_KEYS = {"tau", "lambda_", "theta", "nscales", "warps", "epsilon", "inner_iterations", "outer_iterations",
@@ -51,15 +51,15 @@ def flow_pair_command(img0, img1, output, vis, **opts):
     try:
         params = build_params(FlowParams, {}, "", {k: v for k, v in opts.items() if v is not None})
     except (StageError, ConfigError) as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     imgs = []
     for path in (img0, img1):
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if img is None:
-            _fail(f"{path}: cannot read this image (not an image format OpenCV reads, or a damaged file)", 2)
+            fail(f"{path}: cannot read this image (not an image format OpenCV reads, or a damaged file)", 2)
         imgs.append(to_gray(img))
     if imgs[0].shape != imgs[1].shape:
-        _fail(f"{img0} is {imgs[0].shape[1]}x{imgs[0].shape[0]} but {img1} is {imgs[1].shape[1]}x"
+        fail(f"{img0} is {imgs[0].shape[1]}x{imgs[0].shape[0]} but {img1} is {imgs[1].shape[1]}x"
               f"{imgs[1].shape[0]}: flow needs two images of the same size", 2)
     t0 = time.perf_counter()
     try:
@@ -71,7 +71,7 @@ def flow_pair_command(img0, img1, output, vis, **opts):
             kernel = "eager" if not params.fast else params.kernel
             flow = tvl1_flow(I0, I1, params.tvl1(), kernel=kernel).cpu().numpy()
     except (ValueError, StageError) as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     write_flo(output, flow)
     msg = f"wrote {output} ({imgs[0].shape[1]}x{imgs[0].shape[0]}, {params.backend}, {time.perf_counter() - t0:.2f} s)"
     if vis is not None:
@@ -105,9 +105,9 @@ def show_flow_command(video_id, output, cache_dir, max_flow):
         flows = read_flow(store, video_id)
         rgb = read_frames(artifacts.frame_store(root / artifacts.DECODE), video_id).numpy()
     except (FileNotFoundError, OSError, KeyError) as e:
-        _fail(f"no stored flow for {video_id!r} under {root} ({e}); run `pipeline extract-flow` first", 2)
+        fail(f"no stored flow for {video_id!r} under {root} ({e}); run `pipeline extract-flow` first", 2)
     except Exception as e:  # noqa: BLE001 - StoreError and friends, with their message
-        _fail(str(e), 2)
+        fail(str(e), 2)
     m = max_flow or float(np.sqrt((flows ** 2).sum(-1)).max()) or 1.0
     colour = [flow_to_color(f.transpose(2, 0, 1), max_flow=m) for f in flows]
     if output.suffix.lower() == ".mp4":

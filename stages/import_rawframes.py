@@ -126,7 +126,7 @@ def import_rawframes_command(root, layout, train_list, test_list, classes, datas
       pipeline import-rawframes --root ucf101_tvl1 --layout twostreamfusion --dataset ucf101 --splits ucfTrainTestlist
     """
     from stages.cli import config_tables, resolve_cache_dir, setup_logging
-    from stages.options import _fail
+    from stages.options import fail
 
     setup_logging(verbose)
     try:
@@ -139,9 +139,9 @@ def import_rawframes_command(root, layout, train_list, test_list, classes, datas
             frame_codec=frame_codec, store=store, max_frames=max_frames, allow_missing=allow_missing,
             workers=workers)
     except StageFailures as e:
-        _fail(str(e), 1)
+        fail(str(e), 1)
     except (StageError, ConfigError) as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     click.echo(first.message)
     click.echo(second.message)
     click.echo("Later commands and run-all use this import with these config tables (or the same options):\n"

@@ -58,7 +58,8 @@ def param_options(params_type: type, only: set[str] | None = None):
     return decorate
 
 
-def _fail(message: str, code: int) -> None:
+def fail(message: str, code: int) -> None:
+    """Print ``Error: message`` to stderr and exit with ``code`` (1: the stage failed, 2: bad input)."""
     click.echo(f"Error: {message}", err=True)
     sys.exit(code)
 

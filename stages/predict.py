@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.io import artifacts
 from pipeline.io.atomic import write_json, write_text
 from pipeline.predict import PredictError, find_models, timeline_probabilities, top_k, video_probabilities
-from pipeline.stage import StageError, param, run_stage
+from pipeline.stage import Manifest, StageError, param, run_stage
 from pipeline.stage import config as cfg
 
 #: decode parameters that describe the dataset, not how a video becomes frames (not copied to the work cache).
@@ -40,12 +40,12 @@ class PredictParams:
     device: str = param("auto", "Device of flow and features: auto, cpu, cuda, cuda:N.")
 
 
-def _copied(manifest: dict, params_type, exclude=frozenset(), **over):
+def _copied(manifest: Manifest, params_type, exclude=frozenset(), **over):
     """Params of ``params_type`` from a finished stage's recorded parameters (those it has), then ``over``."""
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(params_type)}
-    table = {k: v for k, v in (manifest.get("params") or {}).items()
+    table = {k: v for k, v in manifest.params.items()
              if k in names and k not in exclude and v is not None}
     return cfg.build_params(params_type, {"x": table}, "x", over)
 
@@ -92,13 +92,13 @@ def predict(videos: list[Path], cache_root: Path, p: PredictParams, *, work_dir:
         dp = _copied(models.manifests[artifacts.DECODE], DecodeParams, DATASET_PARAMS, dataset="csv",
                      root=work / "videos", list=list_csv, classes=class_file, val_fraction=0.0)
         decoded = run_stage(DECODE, dp, work / "cache", allow_failures=True)
-        failures = dict(decoded.manifest.get("failures") or {})
+        failures = decoded.manifest.failures
         table = VideoTable.load(work / "cache" / artifacts.DECODE)
-        if not decoded.manifest.get("done"):
+        if not decoded.manifest.done:
             return [{"video": str(v), "error": f"cannot be read: {_failure(failures, v)}"} for v in videos]
         flow_m = models.manifests[artifacts.FLOW]
         # Flow imported from a rawframes tree (import-rawframes): new videos get our TV-L1 with the same bound.
-        imported = {"backend": "torch"} if (flow_m.get("params") or {}).get("backend") == "import" else {}
+        imported = {"backend": "torch"} if flow_m.params.get("backend") == "import" else {}
         flow_p = _copied(flow_m, FlowParams, {"workers", "flow_start_index"}, device=p.device, **imported)
         run_stage(FLOW, flow_p, work / "cache", allow_failures=True)
         weights = {s: str(models.dir(artifacts.finetune_key(s, p.split, p.backbone)) / artifacts.BEST)
@@ -107,7 +107,7 @@ def predict(videos: list[Path], cache_root: Path, p: PredictParams, *, work_dir:
                      {"workers", "include_unused"}, split=1, rgb_weights=weights["rgb"], flow_weights=weights["flow"],
                      device=p.device)
         feats = run_stage(FEATURES, fp, work / "cache", allow_failures=True)
-        failures.update(feats.manifest.get("failures") or {})
+        failures.update(feats.manifest.failures)
         store = artifacts.feature_store_file(work / "cache" / FEATURES.output_key(fp))
         fs = read_feature_store(store)
     finally:

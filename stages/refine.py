@@ -31,16 +31,16 @@ from pipeline.data import STREAMS
 from pipeline.data.clips import VideoList, split_videos
 from pipeline.data.paired import PairedClips, PairedTestSequences
 from pipeline.data.table import VideoTable
-from pipeline.eval.metrics import evaluate
+from pipeline.eval.metrics import accuracy_metrics
 from pipeline.eval.results import TestScores, save_test_scores
 from pipeline.io import artifacts
-from pipeline.io.atomic import load_checkpoint, save_checkpoint
+from pipeline.io.atomic import save_checkpoint
 from pipeline.io.atomic import write_json as write_json_atomic
 from pipeline.models.backbones import backbone_info
 from pipeline.models.heads import head_output_name, load_head_checkpoint
 from pipeline.models.two_stream import build_two_stream, enable_gradient_checkpointing
-from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param, params_dict, \
-    read_manifest
+from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, finished_outputs, param, \
+    params_dict
 from pipeline.training import end_to_end as E2E
 from pipeline.training import loop as T
 from pipeline.training.heads import NUM_TEST
@@ -111,13 +111,9 @@ def _key(p: RefineParams) -> str:
 
 def _upstream(p: RefineParams, cache_root: Path) -> tuple[str, ...]:
     head = artifacts.head_key(p.head_name, p.split, p.backbone)
-    try:
-        m = read_manifest(Path(cache_root) / head)
-    except StageError:
-        m = None
-    if not (m and m.get("complete")):
-        found = artifacts.finished_outputs(cache_root, artifacts.TRAIN_HEAD, p.split, p.backbone)
-        listed = ", ".join(found) if found else "none"
+    found = finished_outputs(cache_root, artifacts.TRAIN_HEAD, artifacts.scope(p.split, p.backbone))
+    if head not in found:
+        listed = ", ".join(artifacts.key_parts(k).name for k in found) or "none"
         raise StageError(f"refine --head-name {p.head_name}: no finished train-head output "
                          f"{Path(cache_root) / head}; available train-head outputs: {listed}. Run "
                          f"`pipeline train-head` for it or pick one with --head-name")
@@ -149,17 +145,6 @@ class _Data:
     head_only: dict
 
 
-def _load_backbone_ckpt(upstream: Upstream, key: str, stream: str) -> tuple[Path, dict]:
-    path = upstream.dir(key) / "best.pt"
-    if not path.is_file():
-        raise StageError(f"{path}: the finetune/{stream} stage finished but its best.pt is missing; re-run "
-                         f"`pipeline finetune --stream {stream} --force`")
-    try:
-        return path, load_checkpoint(path, require=("model", "arch", "num_classes", "in_channels", "classes"))
-    except ValueError as e:
-        raise StageError(f"{e} (expected a finetune checkpoint)") from None
-
-
 def plan(p: RefineParams, upstream: Upstream) -> Plan:
     from pipeline.io.artifacts import frame_store
     from pipeline.io.artifacts import flow_store
@@ -174,14 +159,8 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
         raise StageError(f"--batch-size {p.batch_size} is smaller than the {dist.world_size()} ranks")
     table = VideoTable.load(upstream.dir("decode"))
     fkeys = {s: artifacts.finetune_key(s, p.split, p.backbone) for s in STREAMS}
-    ck = {s: _load_backbone_ckpt(upstream, fkeys[s], s) for s in STREAMS}
-    fparams = {s: dict(upstream.manifests[fkeys[s]].get("params") or ck[s][1].get("params") or {})
-               for s in STREAMS}
-    for s in STREAMS:
-        path, c = ck[s]
-        if c["classes"] != list(table.classes):
-            raise StageError(f"{path}: trained on classes {c['classes'][:5]}..., the video table has "
-                             f"{list(table.classes)[:5]}...; re-run finetune on this dataset")
+    ck = {s: artifacts.finetune_checkpoint(upstream.dir(fkeys[s]), table.classes) for s in STREAMS}
+    fparams = {s: upstream.manifests[fkeys[s]].params or dict(ck[s][1].get("params") or {}) for s in STREAMS}
     for s in STREAMS:
         if int(fparams[s].get("split", 1)) != p.split:
             raise StageError(f"{upstream.dir(fkeys[s])}: trained on split {fparams[s].get('split')}, refine "
@@ -194,9 +173,7 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
 
     # The head: its classes and feature widths must be the backbones'.
     head_dir = upstream.dir(artifacts.head_key(p.head_name, p.split, p.backbone))
-    head_path = head_dir / "best.pt"
-    if not head_path.is_file():
-        raise StageError(f"{head_path}: missing; re-run `pipeline train-head` for {p.head_name}")
+    head_path = artifacts.checkpoint_file(head_dir, artifacts.TRAIN_HEAD)
     try:
         head, head_ckpt = load_head_checkpoint(head_path)
     except Exception as e:  # noqa: BLE001 - unreadable or inconsistent file: one clear message
@@ -209,12 +186,7 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
         except ValueError as e:
             raise StageError(f"{path}: {e}") from None
         dims[s], min_sizes[s] = spec["num_features"], spec["min_input_size"]
-    if head_ckpt["num_classes"] != len(table.classes):
-        raise StageError(f"{head_path}: the head has {head_ckpt['num_classes']} classes, the backbones and the "
-                         f"video table {len(table.classes)}; re-run train-head on these backbones' features")
-    if list(head_ckpt.get("classes") or table.classes) != list(table.classes):
-        raise StageError(f"{head_path}: the head's classes {list(head_ckpt['classes'])[:5]} differ from the video "
-                         f"table's {list(table.classes)[:5]}; re-run train-head on these backbones' features")
+    artifacts.check_classes(head_path, head_ckpt, table.classes, artifacts.TRAIN_HEAD)
     if (head_ckpt["rgb_dim"], head_ckpt["flow_dim"]) != (dims["rgb"], dims["flow"]):
         raise StageError(f"{head_path}: the head takes rgb {head_ckpt['rgb_dim']}-d and flow "
                          f"{head_ckpt['flow_dim']}-d features, but finetune/rgb ({ck['rgb'][1]['arch']}) gives "
@@ -241,7 +213,7 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
     try:
         videos = split_videos(table, split)
     except ValueError as e:
-        raise StageError(f"{upstream.dir('decode') / 'videos.json'}: {e}") from None
+        raise StageError(f"{upstream.dir(artifacts.DECODE) / artifacts.TABLE}: {e}") from None
 
     flows = flow_store(upstream.dir("extract-flow"))
     used = videos.train.video_ids + videos.val.video_ids + videos.test.video_ids
@@ -373,14 +345,14 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     seconds = time.perf_counter() - t0
 
     ts = TestScores(res["probs"].numpy(), np.array(data.test.video_ids), np.array(data.test.labels), data.classes)
-    ev = evaluate(ts.scores, ts.labels, data.classes)
-    save_test_scores(ctx.dir / "test_scores.npz", ts)
+    ev = accuracy_metrics(ts.scores, ts.labels, data.classes)
+    save_test_scores(ctx.dir / artifacts.SCORES, ts)
     for vid, label, pred in zip(data.test.video_ids, ts.labels, ts.scores.argmax(1)):
         ctx.journal.record_ok(vid, label=int(label), pred=int(pred))
     head_only = data.head_only
     comparison = {
         "head_only": {"top1": head_only["top1"], "mean_class_accuracy": head_only["mean_class_accuracy"],
-                      "source": f"{artifacts.head_key(p.head_name, p.split, p.backbone)}/results.json"},
+                      "source": f"{artifacts.head_key(p.head_name, p.split, p.backbone)}/{artifacts.RESULTS}"},
         "refined": {"top1": ev.top1, "mean_class_accuracy": ev.mean_class_accuracy},
         "delta_top1": ev.top1 - head_only["top1"],
         "delta_mean_class_accuracy": ev.mean_class_accuracy - head_only["mean_class_accuracy"],
@@ -410,10 +382,10 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         "lr_decays": res["decays"], "history": res["history"], "device": str(device),
         "world_size": info.world_size, "seconds": seconds,
     }
-    write_json_atomic(ctx.dir / "results.json", results)
+    write_json_atomic(ctx.dir / artifacts.RESULTS, results)
     if res["history"]:
-        training_curves(res["history"], ctx.dir / "curves.png", title=_key(p))
-    confusion_matrix_plot(ev.confusion, data.classes, ctx.dir / "confusion.png",
+        training_curves(res["history"], ctx.dir / artifacts.CURVES, title=_key(p))
+    confusion_matrix_plot(ev.confusion, data.classes, ctx.dir / artifacts.CONFUSION,
                           title=f"{_key(p)}: top-1 {100 * ev.top1:.1f}%")
     line = (f"{_key(p)}: top-1 {100 * ev.top1:.1f}%, mean class accuracy {100 * ev.mean_class_accuracy:.1f}% "
             f"on {len(data.test)} test videos (head only -> refined: top-1 {100 * head_only['top1']:.1f}% -> "

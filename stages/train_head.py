@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.data import STREAMS
-from pipeline.eval.metrics import evaluate
+from pipeline.eval.metrics import accuracy_metrics
 from pipeline.eval.results import TestScores, save_test_scores
 from pipeline.eval.scores import SCORE_FUSIONS
 from pipeline.io import artifacts
@@ -269,7 +269,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     scores = test_scores(head, *feature_tensors(fs, test, None), n, p.num_test, p.test_fusion).numpy()
     class_names = [str(c) for c in fs.class_names]
     ts = TestScores(scores, fs.video_ids[test], fs.labels[test], class_names)
-    ev = evaluate(ts.scores, ts.labels, class_names)
+    ev = accuracy_metrics(ts.scores, ts.labels, class_names)
 
     save_checkpoint(ctx.dir / artifacts.BEST, {
         "model": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "head": p.head,
@@ -289,8 +289,8 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     }
     write_json(ctx.dir / artifacts.RESULTS, results)
     title = f"{head_key(p)}: top-1 {100 * ev.top1:.1f}%"
-    confusion_matrix_plot(ev.confusion, class_names, ctx.dir / "confusion.png", title=title)
-    training_curves([{**r, "val_acc": 1.0 - r["val_error"]} for r in history.epochs], ctx.dir / "curves.png",
+    confusion_matrix_plot(ev.confusion, class_names, ctx.dir / artifacts.CONFUSION, title=title)
+    training_curves([{**r, "val_acc": 1.0 - r["val_error"]} for r in history.epochs], ctx.dir / artifacts.CURVES,
                     title=head_key(p))
     line = (f"{head_key(p)}: top-1 {100 * ev.top1:.1f}%, mean class accuracy "
             f"{100 * ev.mean_class_accuracy:.1f}% on {test.size} test videos ({len(history.epochs)} epochs, "

@@ -28,14 +28,14 @@ def verify_command(stage, cache_dir, config_path, verbose):
     from tqdm import tqdm
 
     from pipeline.stage.verify import mark_for_redo, verify_key, verify_keys
-    from stages.cli import _root_from, setup_logging
-    from stages.options import _fail
+    from stages.cli import cache_root_from, setup_logging
+    from stages.options import fail
 
     setup_logging(verbose)
-    root = _root_from(cache_dir, config_path)
+    root = cache_root_from(cache_dir, config_path)
     keys = verify_keys(root, stage)
     if not keys:
-        _fail(f"verify: no finished {stage or 'decode / extract-flow / extract-features'} output in {root}", 2)
+        fail(f"verify: no finished {stage or 'decode / extract-flow / extract-features'} output in {root}", 2)
     damaged = 0
     for key in keys:
         with tqdm(desc=f"verify {key}", unit="video", dynamic_ncols=True, leave=False, disable=None) as bar:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.io import artifacts
 from pipeline.stage import config as cfg
 from pipeline.stage import StageError, StageFailures, param, run_stage
 
@@ -103,11 +104,13 @@ def run_all(config_path: Path | None, cache_root: Path | None = None, echo=click
                 last_eval = root / result.key
         timings.append((label, time.perf_counter() - t0))
     echo("")
-    if last_eval is not None and (last_eval / "results.md").exists():
-        echo((last_eval / "results.md").read_text())
+    if last_eval is not None and (last_eval / artifacts.RESULTS_MD).exists():
+        echo((last_eval / artifacts.RESULTS_MD).read_text())
     echo("Plots and tables:")
-    for pattern in ("evaluate/*/results.md", "evaluate/*/confusion/*.png", "ablate/*/*.md", "ablate/*/*.png",
-                    "finetune/*/*/curves.png", "train-head/*/*/curves.png", "refine/*/*/curves.png"):
+    for pattern in (f"{artifacts.EVALUATE}/*/{artifacts.RESULTS_MD}", f"{artifacts.EVALUATE}/*/confusion/*.png",
+                    f"{artifacts.ABLATE}/*/*.md", f"{artifacts.ABLATE}/*/*.png",
+                    *(f"{s}/*/*/{artifacts.CURVES}" for s in (artifacts.FINETUNE, artifacts.TRAIN_HEAD,
+                                                               artifacts.REFINE))):
         for path in sorted(root.glob(pattern)):
             echo(f"  {path}")
     slow = ", ".join(f"{label} {sec:.0f} s" for label, sec in timings if sec >= 1.0)

@@ -121,7 +121,7 @@ def test_one_finetune_step_cuda_matches_cpu():
 
 def test_one_head_epoch_cuda_matches_cpu():
     from pipeline.models.heads import create_head
-    from pipeline.training.heads import predict_views, train_one_epoch
+    from pipeline.training.heads import predict_views, train_head_epoch
 
     g = torch.Generator().manual_seed(0)
     v, p, d = 96, 25, 64
@@ -130,15 +130,15 @@ def test_one_head_epoch_cuda_matches_cpu():
     torch.manual_seed(0)
     cpu = create_head("stfn", num_classes=7, rgb_dim=d, flow_dim=d, num_segments=7)
     gpu = copy.deepcopy(cpu).cuda()
-    cpu.eval(), gpu.eval()  # compare without dropout: train_one_epoch sets train mode, so disable it by hand
+    cpu.eval(), gpu.eval()  # compare without dropout: train_head_epoch sets train mode, so disable it by hand
     for m in list(cpu.modules()) + list(gpu.modules()):
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     kw = dict(num_segments=7, batch_size=32)
-    loss_cpu = train_one_epoch(cpu, torch.optim.RMSprop(cpu.parameters(), lr=1e-4), rgb, flow, labels,
-                               generator=torch.Generator().manual_seed(1), **kw)
-    loss_gpu = train_one_epoch(gpu, torch.optim.RMSprop(gpu.parameters(), lr=1e-4), rgb.cuda(), flow.cuda(),
-                               labels.cuda(), generator=torch.Generator().manual_seed(1), **kw)
+    loss_cpu = train_head_epoch(cpu, torch.optim.RMSprop(cpu.parameters(), lr=1e-4), rgb, flow, labels,
+                                generator=torch.Generator().manual_seed(1), **kw)
+    loss_gpu = train_head_epoch(gpu, torch.optim.RMSprop(gpu.parameters(), lr=1e-4), rgb.cuda(), flow.cuda(),
+                                labels.cuda(), generator=torch.Generator().manual_seed(1), **kw)
     assert loss_gpu == pytest.approx(loss_cpu, rel=1e-3)
     pv_cpu = predict_views(cpu, rgb, flow, 7)
     pv_gpu = predict_views(gpu, rgb.cuda(), flow.cuda(), 7)

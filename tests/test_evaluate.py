@@ -216,14 +216,14 @@ def test_a_missing_split_is_named_and_a_model_of_another_split_is_refused(tmp_pa
 
 
 def test_top5_and_per_class_report_by_hand():
-    from pipeline.eval.metrics import evaluate, per_class_report
+    from pipeline.eval.metrics import accuracy_metrics, per_class_report
 
     # 6 classes, 3 videos. Video 0 (class 0): class 0 ranked 1st. Video 1 (class 1): ranked 5th (in the top 5).
     # Video 2 (class 2): ranked 6th (last, outside). Top-1 1/3, top-5 2/3.
     scores = np.array([[.9, .05, .02, .01, .01, .01],
                        [.30, .05, .25, .20, .15, .05 - 1e-3],
                        [.3, .2, .0, .2, .2, .1]])
-    ev = evaluate(scores, np.array([0, 1, 2]), [f"c{i}" for i in range(6)])
+    ev = accuracy_metrics(scores, np.array([0, 1, 2]), [f"c{i}" for i in range(6)])
     assert ev.top1 == pytest.approx(1 / 3) and ev.top5 == pytest.approx(2 / 3)
     # Confusion by hand for labels 0, 0, 1, 1, 2 and predictions 0, 1, 1, 1, 0.
     confusion = np.zeros((3, 3), int)

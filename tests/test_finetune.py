@@ -367,11 +367,11 @@ def test_global_batchnorm_equals_batchnorm_in_a_one_rank_group(tmp_path):
 
 
 def test_finetune_metrics_hand_computed():
-    from pipeline.eval.metrics import evaluate
+    from pipeline.eval.metrics import accuracy_metrics
 
     scores = np.array([[0.9, 0.1, 0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0, 0.1, 0.9], [0.5, 0.4, 0.1]])
     labels = np.array([0, 1, 1, 2, 2])
-    m = evaluate(scores, labels, ["a", "b", "c"])
+    m = accuracy_metrics(scores, labels, ["a", "b", "c"])
     assert m.top1 == pytest.approx(3 / 5)
     assert m.mean_class_accuracy == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
     assert m.confusion.tolist() == [[1, 0, 0], [1, 1, 0], [1, 0, 1]]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.eval.metrics import evaluate
+from pipeline.eval.metrics import accuracy_metrics
 from pipeline.training.heads import (
     fit_head,
     gather_segments,
@@ -103,8 +103,8 @@ def test_stfn_learns_temporal_order_tsn_cannot():
     test = _order_problem(64, 2)
     stfn, hist, records = _fit("stfn", max_epochs=10)
     tsn, _, _ = _fit("tsn", max_epochs=10)
-    acc_stfn = evaluate(predict(stfn, test[0], test[1], 4), test[2]).top1
-    acc_tsn = evaluate(predict(tsn, test[0], test[1], 4), test[2]).top1
+    acc_stfn = accuracy_metrics(predict(stfn, test[0], test[1], 4), test[2]).top1
+    acc_tsn = accuracy_metrics(predict(tsn, test[0], test[1], 4), test[2]).top1
     assert acc_stfn >= 0.95
     assert acc_tsn <= 0.7  # chance is 0.5
     assert acc_stfn > acc_tsn + 0.25
@@ -112,7 +112,7 @@ def test_stfn_learns_temporal_order_tsn_cannot():
     # The best epoch's weights are the ones returned.
     val = _order_problem(32, 1)
     probs = predict(stfn, val[0], val[1], 4)
-    assert math.isclose(evaluate(probs, val[2]).top1, 1 - hist.best_val_error)
+    assert math.isclose(accuracy_metrics(probs, val[2]).top1, 1 - hist.best_val_error)
 
 
 def test_fit_is_deterministic_for_a_seed():
@@ -156,17 +156,17 @@ def test_predict_views_shape_and_mean():
 def test_evaluate_by_hand():
     scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.5, 0.4, 0.1]])
     labels = np.array([0, 1, 1, 2, 0])
-    ev = evaluate(scores, labels, ["a", "b", "c"])
+    ev = accuracy_metrics(scores, labels, ["a", "b", "c"])
     assert ev.top1 == pytest.approx(4 / 5)
     np.testing.assert_allclose(ev.per_class_accuracy, [1.0, 0.5, 1.0])
     assert ev.mean_class_accuracy == pytest.approx(2.5 / 3)
     assert ev.confusion.tolist() == [[2, 0, 0], [1, 1, 0], [0, 0, 1]]
     d = ev.as_dict()
     assert d["per_class_accuracy"] == {"a": 1.0, "b": 0.5, "c": 1.0}
-    absent = evaluate(np.eye(3)[[0, 0]], np.array([0, 0]))
+    absent = accuracy_metrics(np.eye(3)[[0, 0]], np.array([0, 0]))
     assert math.isnan(absent.per_class_accuracy[1]) and absent.mean_class_accuracy == 1.0
     with pytest.raises(ValueError, match="class names"):
-        evaluate(scores, labels, ["a"])
+        accuracy_metrics(scores, labels, ["a"])
 
 
 def test_top5_by_hand():
@@ -175,14 +175,14 @@ def test_top5_by_hand():
     scores = np.array([[0.6, 0.5, 0.4, 0.3, 0.1, 0.05],
                        [0.9, 0.8, 0.7, 0.6, 0.5, 0.0],
                        [0.7, 0.1, 0.1, 0.05, 0.03, 0.02]])
-    ev = evaluate(scores, np.array([5, 4, 0]))
+    ev = accuracy_metrics(scores, np.array([5, 4, 0]))
     assert ev.top5 == pytest.approx(2 / 3) and ev.top1 == pytest.approx(1 / 3)
     assert ev.as_dict()["top5"] == pytest.approx(2 / 3)
     # A tie at the 5th score: the lower class index is ranked first (as argmax), so class 4 is in, 5 is out.
     tie = np.array([[0.5, 0.5, 0.5, 0.5, 0.2, 0.2]] * 2)
-    assert evaluate(tie, np.array([4, 5])).top5 == pytest.approx(0.5)
+    assert accuracy_metrics(tie, np.array([4, 5])).top5 == pytest.approx(0.5)
     # Fewer than 5 classes: top-5 is undefined (NaN, None in JSON), never a trivial 1.0.
-    few = evaluate(np.eye(3), np.array([0, 1, 2]))
+    few = accuracy_metrics(np.eye(3), np.array([0, 1, 2]))
     assert math.isnan(few.top5) and few.as_dict()["top5"] is None
 
 
@@ -209,8 +209,8 @@ def test_head_epoch_equals_a_plain_loop_bit_for_bit():
     b = copy.deepcopy(a)
     oa, ob = torch.optim.RMSprop(a.parameters(), lr=1e-2), torch.optim.RMSprop(b.parameters(), lr=1e-2)
     torch.manual_seed(1)  # dropout
-    loss = H.train_one_epoch(a, oa, rgb, flow, labels, num_segments=n, batch_size=bs,
-                             generator=torch.Generator().manual_seed(7))
+    loss = H.train_head_epoch(a, oa, rgb, flow, labels, num_segments=n, batch_size=bs,
+                              generator=torch.Generator().manual_seed(7))
     gen = torch.Generator().manual_seed(7)
     order = torch.randperm(v, generator=gen)
     bounds = H.segment_positions(p, n)

@@ -47,3 +47,151 @@ def test_importing_every_library_module_loads_neither_stages_nor_click():
     assert res.returncode == 0, res.stderr[-2000:]
     line = next(x for x in res.stdout.splitlines() if x.startswith("LOADED"))
     assert int(line.split()[1]) >= len(names) and line.endswith("[]"), line
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The import graph of pipeline/: no cycle, lazy imports included
+# ----------------------------------------------------------------------------------------------------------
+
+def _module_files(root: Path, package: str) -> dict[str, Path]:
+    """Dotted module name -> file for every module of ``package`` under ``root`` (a package is its __init__)."""
+    out = {}
+    for p in sorted((root / package).rglob("*.py")):
+        parts = p.relative_to(root).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
+def _import_edges(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The modules of ``modules`` that importing ``name`` may execute: every import statement wherever it sits
+    (a function-level import runs when the function is called), relative ones resolved, ``from a import b``
+    naming module ``a.b`` when it is one; plus the packages above each target (Python runs their
+    ``__init__`` first) except those above ``name`` itself, which are already being imported."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                base = ".".join(up + ([base] if base else []))
+            targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+    edges = set()
+    for t in targets:
+        parts = t.split(".")
+        for i in range(1, len(parts) + 1):
+            m = ".".join(parts[:i])
+            if m in modules and not (name == m or name.startswith(m + ".")):
+                edges.add(m)
+    return edges
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _graph(root: Path, package: str) -> dict[str, set[str]]:
+    modules = _module_files(root, package)
+    return {m: _import_edges(m, p, modules) for m, p in modules.items()}
+
+
+def test_cycle_scan_finds_function_level_and_package_cycles(tmp_path):
+    # The scan itself, on hand-written packages whose cycles are known.
+    pkg = tmp_path / "lib"
+    (pkg / "io").mkdir(parents=True)
+    (pkg / "stage").mkdir()
+    for init in ("__init__.py", "io/__init__.py"):
+        (pkg / init).write_text("")
+    (pkg / "io" / "art.py").write_text("import os\ndef f():\n    from lib.stage.declare import g\n")
+    (pkg / "stage" / "declare.py").write_text("def g():\n    from ..io import art\n")
+    (pkg / "stage" / "__init__.py").write_text("from lib.stage.declare import g\n")
+    (pkg / "leaf.py").write_text("from lib.stage import declare\n")
+    graph = _graph(tmp_path, "lib")
+    assert graph["lib.stage"] == {"lib.stage.declare"}  # its own package is not an edge of declare
+    assert graph["lib.leaf"] == {"lib.stage", "lib.stage.declare"}
+    assert _cycles(graph) == [["lib.io.art", "lib.stage", "lib.stage.declare"]]
+    (pkg / "stage" / "declare.py").write_text("def g():\n    return 1\n")
+    assert _cycles(_graph(tmp_path, "lib")) == []
+
+
+def test_no_import_cycle_in_the_library():
+    graph = _graph(REPO, "pipeline")
+    assert len(graph) > 20 and "pipeline.stage.keys" in graph
+    assert _cycles(graph) == []
+
+
+def test_the_cache_layout_module_imports_nothing_of_the_pipeline():
+    """``pipeline.stage.keys`` is the leaf every layer may import (stage names, keys, file names)."""
+    graph = _graph(REPO, "pipeline")
+    assert graph["pipeline.stage.keys"] == set()
+    assert {"pipeline.stage.keys"} <= graph["pipeline.io.artifacts"] & graph["pipeline.stage.manifest"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stages/: a stage module imports no other stage module
+# ----------------------------------------------------------------------------------------------------------
+
+#: What a module that declares a STAGE may import from stages/ (Click options only; stages reach each other's
+#: outputs through pipeline.io.artifacts). The commands without a STAGE (workflow, ablate, predict,
+#: import_rawframes, flow_tools, cli) run stages and may import them: docs/architecture.md.
+STAGE_MAY_IMPORT = {"stages.options"}
+
+
+def _declares_stage(path: Path) -> bool:
+    return any(isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "STAGE" for t in node.targets)
+               for node in ast.parse(path.read_text()).body)
+
+
+def _stage_imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    return {m for m in _import_edges(name, path, modules) if m != "stages"}
+
+
+def test_stage_scan_sees_lazy_imports_of_stage_modules(tmp_path):
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "__init__.py").write_text("")
+    (tmp_path / "stages" / "options.py").write_text("")
+    (tmp_path / "stages" / "head.py").write_text("STAGE = 1\n")
+    (tmp_path / "stages" / "refine.py").write_text("STAGE = 2\ndef plan():\n    from .head import STAGE\n"
+                                                   "from stages.options import x\n")
+    modules = _module_files(tmp_path, "stages")
+    assert _declares_stage(modules["stages.refine"]) and not _declares_stage(modules["stages.options"])
+    assert _stage_imports("stages.refine", modules["stages.refine"], modules) == {"stages.head", "stages.options"}
+
+
+def test_no_stage_module_imports_another_stage_module():
+    from stages import STAGE_MODULES
+
+    modules = _module_files(REPO, "stages")
+    declaring = {m for m, p in modules.items() if _declares_stage(p)}
+    assert {f"stages.{m}" for m in STAGE_MODULES} <= declaring
+    offenders = {m: sorted(_stage_imports(m, modules[m], modules) - STAGE_MAY_IMPORT) for m in sorted(declaring)}
+    assert not {m: v for m, v in offenders.items() if v}, offenders

@@ -450,7 +450,7 @@ def test_missing_head_lists_the_available_ones(upstream, tmp_path):
 
 @pytest.mark.parametrize("head, match", [
     (FakeHeadParams(name="wide", rgb_dim=1024), r"rgb 1024-d.*finetune/rgb \(resnet18\) gives 512-d"),
-    (FakeHeadParams(name="classes", num_classes=5), r"the head has 5 classes, the backbones and the video table 2"),
+    (FakeHeadParams(name="classes", num_classes=5), r"5-way classifier, the video table has 2 classes"),
 ])
 def test_head_that_does_not_fit_the_backbones(upstream, tmp_path, head, match):
     cache = fresh_cache(upstream, tmp_path)

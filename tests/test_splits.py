@@ -84,7 +84,7 @@ def test_a_stage_reading_a_scope_that_has_no_output_names_the_ones_there(two_spl
 def test_old_layout_outputs_are_named_with_what_to_do(tmp_path):
     """A cache from before per-split keys: status names each old folder and the move that keeps it."""
     from pipeline.io.atomic import write_json
-    from pipeline.stage.declare import CACHE_FORMAT
+    from pipeline.stage import CACHE_FORMAT
 
     old = tmp_path / "finetune" / "rgb"
     old.mkdir(parents=True)

@@ -325,7 +325,7 @@ def test_diverging_loss_stops_the_run_without_a_manifest(tmp_path, monkeypatch):
     import pipeline.training.heads as H
 
     build_upstream(tmp_path, make_features())
-    real = H.train_one_epoch
+    real = H.train_head_epoch
     calls = []
 
     def diverging(*a, **kw):
@@ -333,7 +333,7 @@ def test_diverging_loss_stops_the_run_without_a_manifest(tmp_path, monkeypatch):
         loss = real(*a, **kw)
         return float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(H, "train_one_epoch", diverging)
+    monkeypatch.setattr(H, "train_head_epoch", diverging)
     res = CliRunner().invoke(main, ["train-head", "--cache-dir", str(tmp_path), "--config", str(_config(tmp_path))])
     assert res.exit_code == 2, res.output
     assert "training loss became nan in epoch 2" in res.output

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.io.atomic import write_text
-
-TABLE_FILE = "videos.json"
+from pipeline.stage.keys import TABLE
 
 
 @dataclass
@@ -51,11 +50,11 @@ class VideoTable:
         return np.array([i for i, s in enumerate(membership) if s in wanted], dtype=np.int64)
 
     def save(self, folder: Path) -> Path:
-        return write_text(Path(folder) / TABLE_FILE, json.dumps(asdict(self)))
+        return write_text(Path(folder) / TABLE, json.dumps(asdict(self)))
 
     @classmethod
     def load(cls, folder: Path) -> "VideoTable":
-        path = Path(folder) / TABLE_FILE
+        path = Path(folder) / TABLE
         if not path.exists():
             raise FileNotFoundError(f"{path}: video table not found (run `pipeline decode` first)")
         return cls(**json.loads(path.read_text()))

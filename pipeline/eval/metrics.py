@@ -41,7 +41,7 @@ class Evaluation:
         }
 
 
-def evaluate(scores: Tensor | np.ndarray, labels: Tensor | np.ndarray,
+def accuracy_metrics(scores: Tensor | np.ndarray, labels: Tensor | np.ndarray,
              class_names: Sequence[str] | None = None) -> Evaluation:
     """Top-1, top-5 (NaN for C < 5), mean class accuracy (over classes present), per-class accuracy, confusion matrix.
 

@@ -13,8 +13,8 @@ key             shape, dtype    what
 ==============  ==============  ==========================================================
 
 This module reads and writes that file, fuses scores (two-stream late fusion, averaging with another
-model's scores: the "+MIFS" column of [STFN] Table 6), lists the finished outputs of the cache, and
-formats rows of top-1 / mean class accuracy / per-class accuracy as markdown. No Click, no training.
+model's scores: the "+MIFS" column of [STFN] Table 6) and formats rows of top-1 / mean class accuracy /
+per-class accuracy as markdown. No Click, no training.
 """
 from __future__ import annotations
 
@@ -26,18 +26,14 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.io.artifacts import SCORES
 from pipeline.io.atomic import atomic_write
-from pipeline.stage import read_manifest, stage_keys_in_cache
-from pipeline.eval.metrics import Evaluation, evaluate
+from pipeline.eval.metrics import Evaluation, accuracy_metrics
 
 __all__ = [
     "TestScores", "save_test_scores", "load_test_scores", "late_fusion", "read_external_scores",
-    "match_external", "combine_scores", "finished_outputs", "ResultRow", "mean_std", "fmt_pct",
+    "match_external", "combine_scores", "ResultRow", "mean_std", "fmt_pct",
     "fmt_mean_std", "markdown_table", "results_markdown", "per_class_markdown",
 ]
-
-SCORES_FILE = SCORES  # the file name's one home is pipeline.io.artifacts
 
 
 class ResultsError(ValueError):
@@ -68,8 +64,9 @@ class TestScores:
         if len(set(self.video_ids.tolist())) != v:
             raise ResultsError("video ids are not unique")
 
-    def evaluate(self) -> Evaluation:
-        return evaluate(self.scores, self.labels, self.class_names.tolist())
+    def metrics(self) -> Evaluation:
+        """Top-1, top-5, mean class accuracy, ... of these scores (:func:`pipeline.eval.metrics.accuracy_metrics`)."""
+        return accuracy_metrics(self.scores, self.labels, self.class_names.tolist())
 
     def aligned_to(self, other: "TestScores", what: str = "scores") -> "TestScores":
         """These scores reordered to ``other``'s videos; ValueError if videos, labels or classes differ."""
@@ -239,20 +236,6 @@ def combine_scores(ours: TestScores, external: np.ndarray, weight: float = 1.0) 
     """(ours + w external) / (1 + w): [STFN] §4.8 "by averaging prediction scores" (w = 1)."""
     fused = (ours.scores.astype(np.float64) + weight * external) / (1.0 + weight)
     return TestScores(fused, ours.video_ids, ours.labels, ours.class_names)
-
-
-def finished_outputs(cache_root: Path, prefixes: Iterable[str]) -> list[tuple[str, dict]]:
-    """(key, manifest) of every complete stage output under ``cache_root`` whose first key component is
-    one of ``prefixes`` (e.g. ``finetune``, ``train-head``), in key order."""
-    prefixes = tuple(prefixes)
-    out = []
-    for key in stage_keys_in_cache(Path(cache_root)):
-        if key.split("/")[0] not in prefixes:
-            continue
-        m = read_manifest(Path(cache_root) / key)
-        if m is not None and m.get("complete"):
-            out.append((key, m))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

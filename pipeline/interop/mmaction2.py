@@ -20,7 +20,9 @@ from pipeline.data.table import VideoTable
 from pipeline.io import artifacts
 from pipeline.io.atomic import atomic_dir, write_text
 from pipeline.interop.rawframes import LAYOUTS
-from pipeline.stage.declare import StageError, load_upstream, read_manifest
+from pipeline.stage.declare import load_upstream
+from pipeline.stage.errors import StageError
+from pipeline.stage.manifest import finished_outputs
 
 log = logging.getLogger("pipeline")
 
@@ -48,17 +50,6 @@ def export_dirs(table: VideoTable) -> list[str]:
             raise StageError(f"videos {seen[rel]} and {vid} would both be exported as {rel}")
         seen[rel] = vid
     return rels
-
-
-def feature_scopes(cache_root: Path) -> list[str]:
-    """The finished extract-features outputs (``extract-features/split1-resnet101``, ...)."""
-    keys = []
-    for scope in artifacts.scope_keys(cache_root, artifacts.FEATURES):
-        key = f"{artifacts.FEATURES}/{scope}"
-        m = read_manifest(Path(cache_root) / key)
-        if m and m.get("complete"):
-            keys.append(key)
-    return keys
 
 
 def _write_video(folder: Path, frames: list[bytes] | None, flow_x: list[bytes] | None,
@@ -146,8 +137,8 @@ def export_mmaction2(cache_root: Path, out: Path, what: Sequence[str] | None = N
     if bad:
         raise StageError(f"--what: unknown part(s) {', '.join(bad)}; choose from {', '.join(WHAT)}")
     load_upstream(cache_root, [artifacts.DECODE], "export")
-    has_flow = (read_manifest(cache_root / artifacts.FLOW) or {}).get("complete", False)
-    scopes = feature_scopes(cache_root)
+    has_flow = bool(finished_outputs(cache_root, artifacts.FLOW))
+    scopes = list(finished_outputs(cache_root, artifacts.FEATURES))
     if "flow" in what and not has_flow:
         if asked:
             load_upstream(cache_root, [artifacts.FLOW], "export")

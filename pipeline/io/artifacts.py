@@ -1,167 +1,55 @@
-"""The one way to find and open a stage's outputs.
+"""The one way to open a stage's outputs: its stores, checkpoints and results.
 
-Every stage's output lives in ``<cache>/<key>/``. This module names those keys and the files inside them,
-and opens the stores a finished stage wrote (reading the store kind from its manifest). Stages reach their
-upstream's outputs only through here, never by importing another stage's module.
-
-``decode`` and ``extract-flow`` are shared by every split and backbone (one decode serves UCF101's three
-splits, and the ResNet-101 and Inception-V3 configs share it). Every later stage's output is per *scope*:
-the split and the backbone, ``split<k>-<backbone>`` (:func:`scope`), so the models of split 1 and split 2, or
-of two backbones, exist side by side in one cache.
-
-| stage            | key                                      | what is inside                                  |
-|------------------|------------------------------------------|-------------------------------------------------|
-| decode           | ``decode``                               | ``frames/`` (one container per video), ``videos.json`` |
-| extract-flow     | ``extract-flow``                         | ``flow/`` (one container per video)             |
-| finetune         | ``finetune/<scope>/<stream>``            | ``best.pt``, ``last.pt``, ``test_scores.npz``, plots |
-| extract-features | ``extract-features/<scope>``             | ``features.zarr`` and/or ``features.h5``        |
-| train-head       | ``train-head/<scope>/<name>``            | ``best.pt``, ``results.json``, ``test_scores.npz`` |
-| refine           | ``refine/<scope>/<name>``                | ``best.pt``, ``last.pt``, ``results.json``, ``test_scores.npz`` |
-| evaluate         | ``evaluate/<scope>``, ``evaluate/splits1-2-3-<backbone>`` | ``results.md``, ``results.json``, plots |
+The names (stage names, keys, scopes, the file names inside a stage folder) have their one home in
+:mod:`pipeline.stage.keys` (re-exported here, so ``artifacts.head_key``, ``artifacts.BEST``, ... read as
+before) and a folder's manifest in :mod:`pipeline.stage.manifest`. This module opens what a finished stage
+wrote: the frame and flow stores (reading the store kind from the manifest), the feature store file, a
+checkpoint (:func:`checkpoint_file`; a finetune checkpoint checked against the video table:
+:func:`finetune_checkpoint`) and ``results.json``. Stages reach their upstream's outputs only through here,
+never by importing another stage's module.
 """
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
+from pipeline.io.atomic import load_checkpoint
 from pipeline.io.store import BACKENDS, VideoStore
+from pipeline.stage.errors import ArtifactError
+from pipeline.stage.keys import (ABLATE, BEST, CONFUSION, CURVES, DECODE, DEFAULT_BACKBONE, EVALUATE, FEATURE_FILES,
+                                 FEATURES, FINETUNE, FLOW, FLOW_DIR, FRAMES_DIR, HISTORY, LAST, MANIFEST, REFINE,
+                                 RESULTS, RESULTS_MD, SCOPED, SCORES, TABLE, TRAIN_HEAD, KeyParts, evaluate_key,
+                                 features_key, finetune_key, head_key, key_parts, old_layout_hint, parse_scope,
+                                 refine_key, scope, scope_keys, split_key)
+from pipeline.stage.manifest import read_manifest
 
-#: Stage names; a key is the name, or ``<name>/<variant>`` for the stages with one output per variant.
-DECODE = "decode"
-FLOW = "extract-flow"
-FINETUNE = "finetune"
-FEATURES = "extract-features"
-TRAIN_HEAD = "train-head"
-REFINE = "refine"
-EVALUATE = "evaluate"
-
-#: File names inside a stage's folder.
-BEST = "best.pt"
-LAST = "last.pt"
-RESULTS = "results.json"
-SCORES = "test_scores.npz"
-TABLE = "videos.json"
-FRAMES_DIR = "frames"
-FLOW_DIR = "flow"
-FEATURE_FILES = {"zarr": "features.zarr", "h5": "features.h5"}
-
-
-class ArtifactError(RuntimeError):
-    """A stage's output is missing or unreadable; the message names the file and the stage to re-run."""
-
-
-#: The backbone of a scope when none is named (finetune's and extract-features' default ``--arch``).
-DEFAULT_BACKBONE = "resnet101"
-
-
-def scope(split: int, backbone: str = DEFAULT_BACKBONE) -> str:
-    """``split1-resnet101``: the split and backbone a per-scope output belongs to."""
-    return f"split{int(split)}-{backbone}"
-
-
-def parse_scope(text: str) -> tuple[int, str] | None:
-    """``"split2-inception_v3"`` -> ``(2, "inception_v3")``; None for anything else."""
-    m = re.fullmatch(r"split(\d+)-(.+)", text)
-    return (int(m.group(1)), m.group(2)) if m else None
-
-
-def finetune_key(stream: str, split: int = 1, backbone: str = DEFAULT_BACKBONE) -> str:
-    return f"{FINETUNE}/{scope(split, backbone)}/{stream}"
-
-
-def features_key(split: int = 1, backbone: str = DEFAULT_BACKBONE) -> str:
-    return f"{FEATURES}/{scope(split, backbone)}"
-
-
-def head_key(name: str, split: int = 1, backbone: str = DEFAULT_BACKBONE) -> str:
-    return f"{TRAIN_HEAD}/{scope(split, backbone)}/{name}"
-
-
-def refine_key(name: str, split: int = 1, backbone: str = DEFAULT_BACKBONE) -> str:
-    return f"{REFINE}/{scope(split, backbone)}/{name}"
-
-
-def evaluate_key(splits: Sequence[int] = (1,), backbone: str = DEFAULT_BACKBONE) -> str:
-    """``evaluate/split1-resnet101`` for one split; ``evaluate/splits1-2-3-resnet101`` across several."""
-    splits = [int(s) for s in splits]
-    if len(splits) == 1:
-        return f"{EVALUATE}/{scope(splits[0], backbone)}"
-    return f"{EVALUATE}/splits{'-'.join(map(str, splits))}-{backbone}"
-
-
-#: The stages whose outputs are per scope (split and backbone).
-SCOPED = (FINETUNE, FEATURES, TRAIN_HEAD, REFINE, EVALUATE)
-
-
-def old_layout_hint(key: str, params: dict) -> str | None:
-    """For an output written before keys had a scope (``finetune/rgb``, cache format of 2026-12-01): what to
-    do with it; None for a key of the current layout. A finetune output only needs moving (its upstream,
-    decode and extract-flow, kept their keys, so it is fresh at its new place); the later stages read
-    upstream keys that changed, so they are recomputed under their new keys."""
-    stage, rest = split_key(key)
-    if stage not in SCOPED or key_parts(key).split is not None:
-        return None
-    split = int(params.get("split") or 1)
-    if stage == FINETUNE:
-        new = finetune_key(rest, split, params.get("arch") or DEFAULT_BACKBONE)
-        return f"old layout (before per-split keys): move it to {new} (mv {key} {new}) to keep using it"
-    return (f"old layout (before per-split keys): its stage now writes {stage}/split<k>-<backbone>/...; "
-            f"re-run it there (this folder is never removed by the pipeline)")
-
-
-def split_key(key: str) -> tuple[str, str]:
-    """``"finetune/split1-resnet101/rgb"`` -> ``("finetune", "split1-resnet101/rgb")``; ``"decode"`` ->
-    ``("decode", "")``."""
-    stage, _, variant = key.partition("/")
-    return stage, variant
-
-
-@dataclass(frozen=True)
-class KeyParts:
-    """A key taken apart: its stage, its scope's split and backbone (None for shared outputs) and the
-    variant inside the scope (the stream of finetune, the head name of train-head and refine)."""
-
-    stage: str
-    split: int | None = None
-    backbone: str | None = None
-    name: str = ""
-
-
-def key_parts(key: str) -> KeyParts:
-    stage, rest = split_key(key)
-    head, _, name = rest.partition("/")
-    parsed = parse_scope(head)
-    if parsed is None:
-        return KeyParts(stage, None, None, rest)
-    return KeyParts(stage, parsed[0], parsed[1], name)
-
-
-def scope_keys(cache_root: Path, stage: str) -> list[str]:
-    """The scopes (``split1-resnet101``, ...) under which ``stage`` has an output folder in the cache: the
-    hint when a stage reads a scope that has none."""
-    folder = Path(cache_root) / stage
-    if not folder.is_dir():
-        return []
-    return sorted(d.name for d in folder.iterdir() if d.is_dir() and parse_scope(d.name) is not None)
+__all__ = [
+    # re-exported from pipeline.stage.keys, their one home
+    "ABLATE", "BEST", "CONFUSION", "CURVES", "DECODE", "DEFAULT_BACKBONE", "EVALUATE", "FEATURE_FILES", "FEATURES",
+    "FINETUNE", "FLOW", "FLOW_DIR", "FRAMES_DIR", "HISTORY", "LAST", "REFINE", "RESULTS", "RESULTS_MD", "SCOPED",
+    "SCORES", "TABLE", "TRAIN_HEAD", "KeyParts", "evaluate_key", "features_key", "finetune_key", "head_key",
+    "key_parts", "old_layout_hint", "parse_scope", "refine_key", "scope", "scope_keys", "split_key",
+    # opening outputs
+    "ArtifactError", "manifest_params", "frame_store", "flow_store", "feature_store_file", "checkpoint_file",
+    "check_classes", "finetune_checkpoint", "FINETUNE_CHECKPOINT_KEYS", "read_results",
+]
 
 
 def manifest_params(stage_dir: Path) -> dict:
-    """The parameters recorded in a finished stage's ``manifest.json``."""
-    path = Path(stage_dir) / "manifest.json"
-    try:
-        return dict(json.loads(path.read_text()).get("params") or {})
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path}: unreadable manifest ({e}); re-run the stage that writes {stage_dir}") from e
+    """The parameters recorded in a finished stage's manifest (read by :func:`pipeline.stage.read_manifest`,
+    which checks the cache format)."""
+    m = read_manifest(stage_dir)
+    if m is None:
+        raise ArtifactError(f"{Path(stage_dir) / MANIFEST}: missing; run the stage that writes {stage_dir}")
+    return m.params
 
 
 def _store_kind(stage_dir: Path, stage: str) -> str:
     params = manifest_params(stage_dir)
     kind = params.get("store")
     if kind not in BACKENDS:
-        raise ArtifactError(f"{Path(stage_dir) / 'manifest.json'} does not name its store (params.store); "
+        raise ArtifactError(f"{Path(stage_dir) / MANIFEST} does not name its store (params.store); "
                             f"re-run `pipeline {stage}`")
     return kind
 
@@ -197,6 +85,38 @@ def checkpoint_file(stage_dir: Path, stage: str, name: str = BEST) -> Path:
     return path
 
 
+#: What every finetune checkpoint holds besides its weights (``stages/finetune.py`` writes them).
+FINETUNE_CHECKPOINT_KEYS = ("model", "arch", "num_classes", "in_channels", "classes")
+
+
+def check_classes(path: Path, ckpt: Mapping, classes: Sequence[str], stage: str) -> None:
+    """A checkpoint's classifier against the video table's classes: its width (``num_classes``) and, where it
+    records them, the names in order. An ArtifactError naming the file and the stage to re-run otherwise."""
+    classes = list(classes)
+    n = ckpt.get("num_classes")
+    if n != len(classes):
+        raise ArtifactError(f"{path}: a {n}-way classifier, the video table has {len(classes)} classes; it was "
+                            f"trained on another dataset (re-run `pipeline {stage}` on this one)")
+    recorded = ckpt.get("classes")
+    if recorded is not None and list(recorded) != classes:
+        raise ArtifactError(f"{path}: its classes {list(recorded)[:5]} differ from the video table's "
+                            f"{classes[:5]}; it was trained on another dataset (re-run `pipeline {stage}` on "
+                            "this one)")
+
+
+def finetune_checkpoint(stage_dir: Path, classes: Sequence[str]) -> tuple[Path, dict]:
+    """(path, checkpoint) of a finished ``finetune`` output's ``best.pt``, read on the CPU and checked
+    against the video table's ``classes`` (:func:`check_classes`); an ArtifactError naming the file when it
+    is missing, unreadable, not a finetune checkpoint or of other classes."""
+    path = checkpoint_file(stage_dir, FINETUNE)
+    try:
+        ckpt = load_checkpoint(path, require=FINETUNE_CHECKPOINT_KEYS)
+    except ValueError as e:
+        raise ArtifactError(f"{e} (expected a finetune checkpoint; re-run `pipeline finetune --force`)") from None
+    check_classes(path, ckpt, classes, FINETUNE)
+    return path, ckpt
+
+
 def read_results(stage_dir: Path, stage: str) -> dict:
     """A finished stage's ``results.json``, or an error naming the file and the stage to re-run."""
     path = Path(stage_dir) / RESULTS
@@ -209,20 +129,3 @@ def read_results(stage_dir: Path, stage: str) -> dict:
         raise ArtifactError(f"{path}: not a results file (a {type(results).__name__}); re-run "
                             f"`pipeline {stage.split('/')[0]} --force`")
     return results
-
-
-def finished_outputs(cache_root: Path, stage: str, split: int = 1, backbone: str = DEFAULT_BACKBONE) -> list[str]:
-    """Names of the finished outputs of a per-name ``stage`` (train-head, refine) in one scope, sorted."""
-    from pipeline.stage.declare import StageError, read_manifest
-
-    folder = Path(cache_root) / stage / scope(split, backbone)
-    names = []
-    if folder.is_dir():
-        for d in sorted(folder.iterdir()):
-            try:
-                m = read_manifest(d) if d.is_dir() else None
-            except StageError:
-                m = None
-            if m and m.get("complete"):
-                names.append(d.name)
-    return names

@@ -21,7 +21,7 @@ Options (:data:`HEADS`): each head declares the options it takes and their defau
 :func:`head_options` turns the options a user gave into the effective ones (the head's defaults updated with
 the given ones) and refuses an option that does not apply (naming it and the head); :func:`head_label` names
 a head by its effective options (only those that differ from the defaults, beside STFN's arch, fusion and
-direction); :func:`build_head` builds it. Options whose value is ``None`` are "not given".
+direction); :func:`create_head` builds it from :func:`head_kwargs`. Options whose value is ``None`` are "not given".
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .stfn import build_stfn
 from .stmultiplier import build_stmultiplier
 
 __all__ = ["HEADS", "HEAD_OPTIONS", "HeadSpec", "HeadOptionError", "create_head", "list_heads", "head_options",
-           "applicable_options", "head_label", "head_output_name", "head_kwargs", "build_head",
+           "applicable_options", "head_label", "head_output_name", "head_kwargs",
            "load_head_checkpoint"]
 
 DROPOUT = 0.5
@@ -183,15 +183,6 @@ def create_head(name: str, *, num_classes: int, rgb_dim: int, flow_dim: int, num
     builder = _spec(name).builder
     return builder(num_classes=num_classes, rgb_dim=rgb_dim, flow_dim=flow_dim,
                    num_segments=num_segments, **kwargs)
-
-
-def build_head(name: str, given: Mapping[str, Any] | None = None, *, num_classes: int, rgb_dim: int,
-               flow_dim: int, num_segments: int, seed: int = 0) -> Head:
-    """Head ``name`` with the effective options of ``given`` (:func:`head_options`): the path every stage
-    takes from the user's options to the module."""
-    kwargs = head_kwargs(name, head_options(name, given), seed)
-    return create_head(name, num_classes=num_classes, rgb_dim=rgb_dim, flow_dim=flow_dim,
-                       num_segments=num_segments, **kwargs)
 
 
 def load_head_checkpoint(path, device="cpu"):

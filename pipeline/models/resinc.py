@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ResIncBlock", "ResIncStack", "same_padding", "resinc_num_parameters"]
+__all__ = ["ResIncBlock", "ResIncStack", "same_padding"]
 
 # Kernel sizes of the four inception branches (§3.2: "2,3,4,5 shows the best performance").
 BRANCH_KERNELS = (2, 3, 4, 5)
@@ -33,15 +33,6 @@ def same_padding(kernel_size: int) -> tuple[int, int]:
     if kernel_size < 1:
         raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
     return (kernel_size - 1) // 2, kernel_size // 2
-
-
-def resinc_num_parameters(d: int) -> int:
-    """Closed-form learnable parameter count of one block of width d (no conv bias).
-
-    Branches: sum_k k * d * d/4 weights + 2 * d/4 BN params each; skip: 2 * d * d + 2 * d.
-    Total = (2+3+4+5)/4 d^2 + 2 d^2 + 4 d = 5.5 d^2 + 4 d.
-    """
-    return sum(k * d * (d // 4) + 2 * (d // 4) for k in BRANCH_KERNELS) + SKIP_KERNEL * d * d + 2 * d
 
 
 class _PaddedConv(nn.Module):

@@ -1,8 +1,8 @@
 """What a stage declares: its parameters, its plan, its upstream outputs, and the fingerprint inputs.
 
 A stage (see ``stages/``) declares its name, a version string, a parameter dataclass (fields made with
-:func:`param`), the upstream stage outputs it reads and a ``run`` function. This module also reads a stage
-folder's ``manifest.json`` (:func:`read_manifest`) and the complete upstream manifests (:func:`load_upstream`).
+:func:`param`), the upstream stage outputs it reads and a ``run`` function. This module also loads the complete
+upstream manifests a run reads (:func:`load_upstream`; the manifest itself: :mod:`pipeline.stage.manifest`).
 """
 from __future__ import annotations
 
@@ -15,24 +15,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from pipeline.io.atomic import jsonable
-
-#: Version of the cache layout itself (manifest and journal schema), checked when reading a cache folder.
-CACHE_FORMAT = 1
-
-MANIFEST = "manifest.json"
-RUN_INFO = "run.json"
-
-
-class StageError(RuntimeError):
-    """A stage cannot run: bad input, missing upstream, incompatible cache. The message says what to do."""
-
-
-class StageLocked(StageError):
-    """Another run holds the stage's lock."""
-
-
-class StageFailures(StageError):
-    """The stage finished but some videos failed (and failures were not allowed)."""
+from pipeline.stage.errors import StageError
+from pipeline.stage.keys import key_parts, scope_keys
+from pipeline.stage.manifest import Manifest, read_manifest
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,45 +104,21 @@ class Stage:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Manifests and upstream outputs
+# Upstream outputs
 # ----------------------------------------------------------------------------------------------------------
-
-def read_manifest(stage_dir: Path) -> dict | None:
-    """A stage folder's manifest (None when the stage never finished there); StageError if unreadable."""
-    path = Path(stage_dir) / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise StageError(f"{path}: unreadable manifest ({e}); remove {stage_dir} to recompute it") from e
-    if m.get("cache_format") != CACHE_FORMAT:
-        raise StageError(f"{path}: written by cache format {m.get('cache_format')}, this pipeline uses "
-                         f"{CACHE_FORMAT}; remove {stage_dir} (or use another --cache-dir) to recompute it")
-    return m
-
-
-def read_run_info(stage_dir: Path) -> dict | None:
-    """A stage folder's ``run.json`` (written when a run starts), or None if absent or torn."""
-    path = Path(stage_dir) / RUN_INFO
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
 
 @dataclass
 class Upstream:
     """The complete manifests of the stage outputs a stage reads, by key, plus their folders."""
 
     cache_root: Path
-    manifests: dict[str, dict]
+    manifests: dict[str, Manifest]
 
     def dir(self, key: str) -> Path:
         return self.cache_root / key
 
     def fingerprints(self) -> dict[str, str]:
-        return {k: m["fingerprint"] for k, m in self.manifests.items()}
+        return {k: m.fingerprint for k, m in self.manifests.items()}
 
 
 def load_upstream(cache_root: Path, keys: Iterable[str], for_stage: str) -> Upstream:
@@ -169,9 +130,9 @@ def load_upstream(cache_root: Path, keys: Iterable[str], for_stage: str) -> Upst
             raise StageError(f"stage {for_stage!r} reads the output of {key!r}, which is missing in "
                              f"{cache_root / key}: run `pipeline {key.split('/')[0]}` first"
                              + _other_scopes_hint(cache_root, key))
-        if not m.get("complete"):
-            why = (f"{len(m['damaged'])} damaged videos found by `pipeline verify`" if m.get("damaged")
-                   else f"{m.get('failed', 0)} failures")
+        if not m.complete:
+            why = (f"{len(m.damaged)} damaged videos found by `pipeline verify`" if m.damaged
+                   else f"{m.failed} failures")
             raise StageError(f"stage {for_stage!r} reads the output of {key!r}, which is incomplete "
                              f"({why}): re-run `pipeline {key.split('/')[0]}` "
                              "or allow failures there")
@@ -181,8 +142,6 @@ def load_upstream(cache_root: Path, keys: Iterable[str], for_stage: str) -> Upst
 
 def _other_scopes_hint(cache_root: Path, key: str) -> str:
     """For a missing per-scope key: the scopes (split, backbone) that stage does have in the cache."""
-    from pipeline.io.artifacts import key_parts, scope_keys
-
     parts = key_parts(key)
     if parts.split is None:
         return ""

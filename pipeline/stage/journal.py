@@ -9,11 +9,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.io.atomic import jsonable
+from pipeline.stage.keys import JOURNAL_GLOB
 
 log = logging.getLogger("pipeline")
-
-#: Rank 0 journals to ``journal.jsonl``, rank R > 0 to ``journal.rank<R>.jsonl``.
-JOURNAL_GLOB = "journal*.jsonl"
 
 
 def journal_files(folder: Path) -> list[Path]:

@@ -8,7 +8,8 @@ import platform
 import re
 from pathlib import Path
 
-from pipeline.stage.declare import StageLocked
+from pipeline.stage.errors import StageLocked
+from pipeline.stage.keys import lock_path  # noqa: F401  (the lock file's name: the cache layout)
 
 #: Lock files this process holds (POSIX record locks do not conflict within one process).
 _HELD_LOCKS: set[str] = set()
@@ -16,10 +17,6 @@ _HELD_LOCKS: set[str] = set()
 
 def now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def lock_path(cache_root: Path, key: str) -> Path:
-    return Path(cache_root) / f"{key}.lock"
 
 
 class StageLock:

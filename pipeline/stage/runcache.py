@@ -16,11 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.stage.declare import MANIFEST, RUN_INFO, StageLocked, read_run_info
-from pipeline.stage.lock import lock_holder, lock_path
-
-#: Folder under the cache root holding the kept (non-current) runs of every key.
-RUNS_DIR = ".runs"
+from pipeline.stage.errors import StageLocked
+from pipeline.stage.keys import MANIFEST, RUN_INFO, RUNS_DIR, lock_path
+from pipeline.stage.lock import lock_holder
+from pipeline.stage.manifest import Manifest, peek_manifest, read_run_info
 
 
 def runs_root(cache_root: Path, key: str) -> Path:
@@ -31,18 +30,9 @@ def kept_dir(cache_root: Path, key: str, fingerprint: str) -> Path:
     return runs_root(cache_root, key) / fingerprint
 
 
-def _read_json(path: Path) -> dict | None:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def folder_fingerprint(folder: Path) -> str:
     """The fingerprint a stage folder was written for (run.json, else manifest), or '' when unknown."""
-    info = read_run_info(folder) or _read_json(Path(folder) / MANIFEST) or {}
+    info = read_run_info(folder) or peek_manifest(folder) or {}
     return str(info.get("fingerprint") or "")
 
 
@@ -99,16 +89,16 @@ class RunRecord:
 
 
 def _record(key: str, folder: Path, current: bool, with_size: bool) -> RunRecord:
-    manifest = _read_json(folder / MANIFEST) or {}
+    manifest = peek_manifest(folder) or Manifest(folder / MANIFEST, {})
     info = read_run_info(folder) or {}
-    when = manifest.get("finished") or info.get("started") or ""
+    when = manifest.finished or info.get("started") or ""
     try:
         mtime = _dt.datetime.fromisoformat(when).timestamp() if when else folder.stat().st_mtime
     except ValueError:
         mtime = folder.stat().st_mtime
-    rec = RunRecord(key, manifest.get("fingerprint") or info.get("fingerprint") or folder.name, folder, current,
-                    bool(manifest.get("complete")), info.get("started", manifest.get("started", "")),
-                    manifest.get("finished", ""), mtime, manifest.get("params") or info.get("params") or {})
+    rec = RunRecord(key, manifest.fingerprint or info.get("fingerprint") or folder.name, folder, current,
+                    manifest.complete, info.get("started", manifest.get("started", "")),
+                    manifest.finished, mtime, manifest.params or info.get("params") or {})
     if with_size:
         rec.size = folder_size(folder)
     return rec
@@ -170,22 +160,22 @@ def param_diff(old: dict, new: dict) -> list[str]:
     return out
 
 
-def upstream_change(cache_root: Path, up_key: str, old_fp: str, current: dict) -> str:
+def upstream_change(cache_root: Path, up_key: str, old_fp: str, current: Manifest) -> str:
     """Why upstream ``up_key`` differs from the run (``old_fp``) a downstream output read: the parameters
     that differ between that kept run and the current one, else the code version, else the fingerprints."""
     folder = kept_dir(cache_root, up_key, old_fp)
-    old = _read_json(folder / MANIFEST) or read_run_info(folder)
+    old = peek_manifest(folder) or read_run_info(folder)  # the same fields: params, version, upstream
     if old:
-        diff = param_diff(old.get("params") or {}, current.get("params") or {})
-        if old.get("version") != current.get("version"):
-            diff.insert(0, f"code version {old.get('version')} -> {current.get('version')}")
-        if not diff and (old.get("upstream") or {}) != (current.get("upstream") or {}):
-            diff = [f"its upstream {k} changed" for k in sorted(set(old.get("upstream") or {})
-                                                               | set(current.get("upstream") or {}))
-                    if (old.get("upstream") or {}).get(k) != (current.get("upstream") or {}).get(k)]
+        old_up = dict(old.get("upstream") or {})
+        diff = param_diff(dict(old.get("params") or {}), current.params)
+        if old.get("version") != current.version:
+            diff.insert(0, f"code version {old.get('version')} -> {current.version}")
+        if not diff and old_up != current.upstream:
+            diff = [f"its upstream {k} changed" for k in sorted(set(old_up) | set(current.upstream))
+                    if old_up.get(k) != current.upstream.get(k)]
         if diff:
             return f"upstream {up_key} changed ({', '.join(diff)})"
-    return f"upstream {up_key} changed ({old_fp[:8]} -> {current.get('fingerprint', '')[:8]})"
+    return f"upstream {up_key} changed ({old_fp[:8]} -> {current.fingerprint[:8]})"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -42,8 +42,10 @@ from typing import Any
 
 from pipeline import dist
 from pipeline.io.atomic import write_json
-from pipeline.stage.declare import (CACHE_FORMAT, MANIFEST, RUN_INFO, Plan, Stage, StageError, StageFailures,
-                                    Upstream, digest, load_upstream, params_dict, read_manifest, read_run_info)
+from pipeline.stage.declare import Plan, Stage, Upstream, digest, load_upstream, params_dict
+from pipeline.stage.errors import StageError, StageFailures
+from pipeline.stage.keys import CACHE_FORMAT, LOG, MANIFEST, RUN_INFO, journal_name
+from pipeline.stage.manifest import Manifest, read_manifest, read_run_info, write_manifest
 from pipeline.stage.journal import Journal, journal_files
 from pipeline.stage.lock import StageLock, lock_path, now
 from pipeline.stage import runcache
@@ -82,7 +84,7 @@ class RunResult:
     key: str
     fingerprint: str
     skipped: bool
-    manifest: dict
+    manifest: Manifest
     message: str
     restored: bool = False  # made current from the run cache, no recompute
 
@@ -162,7 +164,7 @@ def _follow_rank0(stage: Stage, params: Any, cache_root: Path, key: str, allow_f
         return RunResult(key, decision["fingerprint"], True, decision["manifest"], decision["message"])
     upstream = load_upstream(cache_root, stage.upstream_keys(params, cache_root), stage.name)
     plan = stage.plan(params, upstream)
-    journal = Journal(out / f"journal.rank{rank}.jsonl")
+    journal = Journal(out / journal_name(rank))
     try:
         ctx = StageContext(stage, params, out, upstream, journal, decision["fingerprint"], allow_failures,
                            rank=rank, world_size=world)
@@ -171,18 +173,18 @@ def _follow_rank0(stage: Stage, params: Any, cache_root: Path, key: str, allow_f
         journal.close()
         dist.barrier()  # every rank finished its share
     dist.barrier()  # rank 0 wrote the manifest
-    return RunResult(key, decision["fingerprint"], False, read_manifest(out) or {},
+    return RunResult(key, decision["fingerprint"], False, read_manifest(out),
                      f"{key}: rank {rank} finished its share")
 
 
 def _fresh_result(out: Path, key: str, fp: str, force: bool) -> RunResult | None:
     """The no-op result when a complete manifest with fingerprint ``fp`` exists (and not ``force``)."""
     manifest = read_manifest(out)
-    if force or not manifest or not manifest.get("complete") or manifest["fingerprint"] != fp:
+    if force or not manifest or not manifest.complete or manifest.fingerprint != fp:
         return None
-    msg = f"{key}: fresh (fingerprint {fp[:12]}, finished {manifest.get('finished')}); nothing to do"
-    if (manifest.get("summary") or {}).get("line"):
-        msg += f"\nlast run: {manifest['summary']['line']}"
+    msg = f"{key}: fresh (fingerprint {fp[:12]}, finished {manifest.finished}); nothing to do"
+    if manifest.summary.get("line"):
+        msg += f"\nlast run: {manifest.summary['line']}"
     return RunResult(key, fp, True, manifest, msg)
 
 
@@ -199,12 +201,12 @@ def _from_run_cache(cache_root: Path, key: str, fp: str) -> RunResult | None:
         log.info("%s: kept the run in place in the run cache (%s)", key, where)
     runcache.restore(cache_root, key, fp)
     manifest = read_manifest(out)
-    if not manifest or not manifest.get("complete") or manifest.get("fingerprint") != fp:
+    if not manifest or not manifest.complete or manifest.fingerprint != fp:
         log.info("%s: partial run %s taken back from the run cache, resuming it", key, fp[:12])
         return None
-    msg = f"{key}: restored from the run cache (fingerprint {fp[:12]}, finished {manifest.get('finished')})"
-    if (manifest.get("summary") or {}).get("line"):
-        msg += f"\nlast run: {manifest['summary']['line']}"
+    msg = f"{key}: restored from the run cache (fingerprint {fp[:12]}, finished {manifest.finished})"
+    if manifest.summary.get("line"):
+        msg += f"\nlast run: {manifest.summary['line']}"
     return RunResult(key, fp, True, manifest, msg, restored=True)
 
 
@@ -224,7 +226,7 @@ def _prepare_folder(cache_root: Path, key: str, fp: str, force: bool) -> bool:
 
 
 def _run(stage: Stage, params: Any, cache_root: Path, upstream: Upstream, plan: Plan, fp: str,
-         allow_failures: bool, force: bool) -> dict:
+         allow_failures: bool, force: bool) -> Manifest:
     """Rank 0's run (the lock is held): prepare the folder, run every rank's share, write the manifest."""
     world, key = dist.world_size(), stage.output_key(params)
     out = cache_root / key
@@ -238,8 +240,8 @@ def _run(stage: Stage, params: Any, cache_root: Path, upstream: Upstream, plan: 
         "world_size": world,
     })
     dist.broadcast_object({"action": "run", "fingerprint": fp})
-    handler = _attach_log_file(out / "log.txt")
-    journal = Journal(out / "journal.jsonl")
+    handler = _attach_log_file(out / LOG)
+    journal = Journal(out / journal_name(0))
     t0 = time.perf_counter()
     try:
         log.info("%s: %s run, fingerprint %s%s%s", key, "resuming" if resumed else "starting", fp[:12],
@@ -252,30 +254,29 @@ def _run(stage: Stage, params: Any, cache_root: Path, upstream: Upstream, plan: 
         handler.close()
         dist.barrier()
     if world > 1:
-        journal = Journal(out / "journal.jsonl")  # re-read: every rank's records
+        journal = Journal(out / journal_name(0))  # re-read: every rank's records
         journal.close()
     failures = dict(sorted(journal.failed.items()))
-    manifest = {
+    manifest = write_manifest(out, {
         "cache_format": CACHE_FORMAT, "stage": stage.name, "key": key, "version": stage.version,
         "fingerprint": fp, "params": params_dict(params), "upstream": upstream.fingerprints(),
         "started": started, "finished": now(), "seconds": round(time.perf_counter() - t0, 3), "resumed": resumed,
         "done": len(journal.done), "failed": len(failures), "failures": failures,
         "complete": not failures or allow_failures, "summary": summary, "versions": library_versions(),
         "world_size": world,
-    }
-    write_json(out / MANIFEST, manifest)
-    if replaced is not None and not had_kept and replaced.exists() and manifest["complete"]:
+    })
+    if replaced is not None and not had_kept and replaced.exists() and manifest.complete:
         shutil.rmtree(replaced)  # --force: the finished run it replaces (same fingerprint) is superseded
     dist.barrier()
     return manifest
 
 
 
-def _result(key: str, fp: str, manifest: dict, out: Path, allow_failures: bool) -> RunResult:
+def _result(key: str, fp: str, manifest: Manifest, out: Path, allow_failures: bool) -> RunResult:
     """The run's result, or StageFailures listing the failed videos when they are not allowed."""
-    failures = manifest["failures"]
-    line = (manifest["summary"].get("line")
-            or f"{key}: {manifest['done']} done, {len(failures)} failed in {manifest['seconds']:.1f} s")
+    failures = manifest.failures
+    line = (manifest.summary.get("line")
+            or f"{key}: {manifest.done} done, {len(failures)} failed in {manifest['seconds']:.1f} s")
     if failures and not allow_failures:
         shown = "\n".join(f"  {v}: {r}" for v, r in list(failures.items())[:20])
         more = f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else ""

@@ -5,11 +5,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from pipeline.io.artifacts import old_layout_hint
-from pipeline.io.atomic import TMP_PREFIX
-from pipeline.stage.declare import RUN_INFO, Stage, StageError, read_manifest, read_run_info
+from pipeline.stage.declare import Stage
+from pipeline.stage.errors import StageError
 from pipeline.stage.journal import journal_files, read_records
-from pipeline.stage.lock import lock_holder, lock_path
+from pipeline.stage.keys import MANIFEST, lock_path, old_layout_hint
+from pipeline.stage.lock import lock_holder
+from pipeline.stage.manifest import Manifest, output_keys, read_manifest, read_run_info
 from pipeline.stage import runcache
 
 
@@ -27,22 +28,9 @@ class StageStatus:
 
 
 def stage_keys_in_cache(cache_root: Path) -> list[str]:
-    """Every current stage output folder (one holding run.json) under the cache, e.g. 'decode',
-    'finetune/rgb'; the run cache (``.runs/``), temporary folders and a stage folder's own outputs are not
-    searched."""
-    import os
-
-    keys = []
-    cache_root = Path(cache_root)
-    if cache_root.is_dir():
-        for dirpath, dirnames, filenames in os.walk(cache_root):
-            rel = Path(dirpath).relative_to(cache_root).as_posix()
-            if RUN_INFO in filenames and rel != ".":
-                keys.append(rel)
-                dirnames.clear()  # a stage folder's outputs hold no other key (no scan of big stores)
-            dirnames[:] = [d for d in dirnames if d != runcache.RUNS_DIR and not d.startswith(TMP_PREFIX)]
-    return sorted(keys)
-
+    """Every current stage output folder under the cache, e.g. 'decode', 'finetune/split1-resnet101/rgb'
+    (:func:`pipeline.stage.manifest.output_keys`)."""
+    return output_keys(cache_root)
 
 
 def _unfinished(cache_root: Path, key: str) -> StageStatus:
@@ -67,7 +55,7 @@ def status(cache_root: Path, stages: Iterable[Stage], *, sizes: bool = True) -> 
     keys = stage_keys_in_cache(cache_root)
     present = {k.split("/")[0] for k in keys}
     rows: dict[str, StageStatus] = {}
-    manifests: dict[str, dict | None] = {}
+    manifests: dict[str, Manifest | None] = {}
     for key in keys:
         try:
             manifests[key] = read_manifest(cache_root / key)
@@ -81,7 +69,7 @@ def status(cache_root: Path, stages: Iterable[Stage], *, sizes: bool = True) -> 
         if m is None or lock_holder(lock_path(cache_root, key)) is not None:
             rows[key] = _unfinished(cache_root, key)
             continue
-        rows[key] = _finished(m, key, by_name.get(m.get("stage", "")), manifests, cache_root)
+        rows[key] = _finished(m, key, by_name.get(m.stage), manifests, cache_root)
     _propagate_staleness(rows, manifests)
     for key in runcache.keys_with_kept_runs(cache_root):
         if key not in rows:
@@ -99,37 +87,36 @@ def status(cache_root: Path, stages: Iterable[Stage], *, sizes: bool = True) -> 
     return out
 
 
-def _finished(m: dict, key: str, stage: Stage | None, manifests: dict[str, dict | None],
+def _finished(m: Manifest, key: str, stage: Stage | None, manifests: dict[str, Manifest | None],
               cache_root: Path) -> StageStatus:
-    row = StageStatus(key, "fresh", "", m["fingerprint"], m.get("finished", ""), m.get("done", 0),
-                      m.get("failed", 0))
+    row = StageStatus(key, "fresh", "", m.fingerprint, m.finished, m.done, m.failed)
     reasons = []
-    hint = old_layout_hint(key, m.get("params") or {})
+    hint = old_layout_hint(key, m.params)
     if hint:
         row.state, row.reason = "old layout", hint
         return row
-    if not m.get("complete"):
+    if not m.complete:
         row.state = "incomplete"
-        reasons.append(f"{m.get('failed', 0)} failures not allowed")
-    if stage is not None and stage.version != m.get("version"):
-        reasons.append(f"stage code version changed ({m.get('version')} -> {stage.version})")
-    for up_key, up_fp in (m.get("upstream") or {}).items():
+        reasons.append(f"{m.failed} failures not allowed")
+    if stage is not None and stage.version != m.version:
+        reasons.append(f"stage code version changed ({m.version} -> {stage.version})")
+    for up_key, up_fp in m.upstream.items():
         up = manifests.get(up_key)
         if up is None:
             reasons.append(f"upstream {up_key} is missing or unfinished")
-        elif up["fingerprint"] != up_fp:
+        elif up.fingerprint != up_fp:
             reasons.append(runcache.upstream_change(cache_root, up_key, up_fp, up))
     if reasons and row.state == "fresh":
         row.state = "stale"
-    truncated = (m.get("summary") or {}).get("truncated") or {}
+    truncated = m.summary.get("truncated") or {}
     if truncated:  # stored under --allow-truncated: not a failure, but never silent
         first = ", ".join(list(truncated)[:3]) + (", ..." if len(truncated) > 3 else "")
-        reasons.append(f"{len(truncated)} video(s) stored truncated ({first}; details in manifest.json)")
+        reasons.append(f"{len(truncated)} video(s) stored truncated ({first}; details in {MANIFEST})")
     row.reason = "; ".join(reasons)
     return row
 
 
-def _propagate_staleness(rows: dict[str, StageStatus], manifests: dict[str, dict | None]) -> None:
+def _propagate_staleness(rows: dict[str, StageStatus], manifests: dict[str, Manifest | None]) -> None:
     """Staleness flows downstream: a fresh output that reads a stale or unfinished one is stale too."""
     changed = True
     while changed:
@@ -138,7 +125,7 @@ def _propagate_staleness(rows: dict[str, StageStatus], manifests: dict[str, dict
             m = manifests.get(r.key)
             if r.state != "fresh" or not m:
                 continue
-            for up_key in m.get("upstream") or {}:
+            for up_key in m.upstream:
                 up = rows.get(up_key)
                 if up is not None and up.state != "fresh":
                     r.state, r.reason = "stale", f"upstream {up_key} is {up.state}"

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.io import artifacts
-from pipeline.io.atomic import write_json
 from pipeline.io.store import CHECKSUMMED_FORMATS, StoreError, VideoStore, check_arrays, damaged_feature_videos
 from pipeline.stage.journal import Journal
-from pipeline.stage.declare import MANIFEST, read_manifest
+from pipeline.stage.keys import DECODE, FEATURES, FLOW, MANIFEST, journal_name, scope_keys
+from pipeline.stage.manifest import read_manifest, write_manifest
 
 
 @dataclass
@@ -31,16 +31,16 @@ def verify_keys(cache_root: Path, stage: str | None = None) -> list[str]:
     """The finished output keys ``verify`` checks (every decode, extract-flow and extract-features output, or
     those of ``stage``)."""
     cache_root = Path(cache_root)
-    keys = [k for k in (artifacts.DECODE, artifacts.FLOW) if (cache_root / k / "manifest.json").exists()]
-    keys += [f"{artifacts.FEATURES}/{scope}" for scope in artifacts.scope_keys(cache_root, artifacts.FEATURES)
-             if (cache_root / artifacts.FEATURES / scope / "manifest.json").exists()]
+    keys = [k for k in (DECODE, FLOW) if (cache_root / k / MANIFEST).exists()]
+    keys += [f"{FEATURES}/{scope}" for scope in scope_keys(cache_root, FEATURES)
+             if (cache_root / FEATURES / scope / MANIFEST).exists()]
     if stage is not None:
         keys = [k for k in keys if k == stage or k.startswith(stage + "/")]
     return keys
 
 
 def _video_store(cache_root: Path, key: str) -> VideoStore:
-    if key == artifacts.DECODE:
+    if key == DECODE:
         return artifacts.frame_store(cache_root / key)
     return artifacts.flow_store(cache_root / key)
 
@@ -49,7 +49,7 @@ def verify_key(cache_root: Path, key: str, progress=None) -> VerifyReport:
     """Check one output; ``progress(n)`` is called per video checked."""
     cache_root = Path(cache_root)
     report = VerifyReport(key)
-    if key.startswith(artifacts.FEATURES):
+    if key.startswith(FEATURES):
         path = artifacts.feature_store_file(cache_root / key)
         report.damaged = damaged_feature_videos(path)
         report.checked = 1
@@ -79,7 +79,7 @@ def mark_for_redo(cache_root: Path, report: VerifyReport) -> None:
     if not report.damaged:
         return
     out = Path(cache_root) / report.key
-    journal = Journal(out / "journal.jsonl", read_all_ranks=False)
+    journal = Journal(out / journal_name(0), read_all_ranks=False)
     try:
         for vid, reason in sorted(report.damaged.items()):
             journal.record_damaged(vid, reason)
@@ -87,7 +87,5 @@ def mark_for_redo(cache_root: Path, report: VerifyReport) -> None:
         journal.close()
     manifest = read_manifest(out)
     if manifest:
-        manifest["complete"] = False
-        manifest["damaged"] = sorted(report.damaged)
-        write_json(out / MANIFEST, manifest)
+        write_manifest(out, {**manifest.data, "complete": False, "damaged": sorted(report.damaged)})
 

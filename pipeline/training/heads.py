@@ -43,7 +43,7 @@ __all__ = [
     "sample_train",
     "test_sequences",
     "gather_segments",
-    "train_one_epoch",
+    "train_head_epoch",
     "predict_views",
     "predict",
     "fit_head",
@@ -123,9 +123,9 @@ def _check_split(name: str, rgb: Tensor, flow: Tensor, labels: Tensor | None) ->
 
 # ----------------------------------------------------------------------------- training
 
-def train_one_epoch(head: nn.Module, optimizer: torch.optim.Optimizer, rgb: Tensor, flow: Tensor,
-                    labels: Tensor, *, num_segments: int, batch_size: int,
-                    generator: torch.Generator) -> float:
+def train_head_epoch(head: nn.Module, optimizer: torch.optim.Optimizer, rgb: Tensor, flow: Tensor,
+                     labels: Tensor, *, num_segments: int, batch_size: int,
+                     generator: torch.Generator) -> float:
     """One pass over the videos in random order, one random position per segment.
 
     rgb (V, P, Da), flow (V, P, Dm), labels (V,) already on the head's device. A final batch
@@ -257,9 +257,9 @@ def fit_head(head: nn.Module, train: tuple[Tensor, Tensor, Tensor], val: tuple[T
         torch.manual_seed(seed)
         for epoch in range(1, max_epochs + 1):
             t0 = time.perf_counter()
-            train_loss = train_one_epoch(head, optimizer, tr_rgb, tr_flow, tr_labels,
-                                         num_segments=num_segments, batch_size=batch_size,
-                                         generator=generator)
+            train_loss = train_head_epoch(head, optimizer, tr_rgb, tr_flow, tr_labels,
+                                          num_segments=num_segments, batch_size=batch_size,
+                                          generator=generator)
             check_finite_loss(train_loss, f"epoch {epoch} (lr {current_lr:g})")
             probs = fuse_scores(predict_views(head, va_rgb, va_flow, num_segments, num_test), "mean")
             val_error, val_loss = _val_metrics(probs, va_labels)

@@ -11,8 +11,8 @@ Distributed training (``torchrun --nproc-per-node K``; the process group, gloo f
 CUDA ones, is set up by :mod:`pipeline.dist`): :class:`EpochBatches` gives every rank its slice of each *global* batch, and
 :func:`train_one_epoch` scales each rank's loss so that DDP's gradient average equals the gradient of the
 mean loss over the global batch; BatchNorm layers that use batch statistics are made global
-(:class:`GlobalBatchNorm2d`). So K ranks with global batch B compute what one process with batch B
-computes, up to floating-point summation order.
+(:class:`~pipeline.training.batchnorm.GlobalBatchNorm2d`). So K ranks with global batch B compute what one
+process with batch B computes, up to floating-point summation order.
 """
 from __future__ import annotations
 
@@ -35,12 +35,16 @@ from torch import Tensor, nn
 
 from pipeline.dist import device as rank_device, local_rank, world_size as _world
 from pipeline.io.atomic import atomic_write, load_checkpoint, save_checkpoint
+from pipeline.stage.keys import BEST, HISTORY, LAST
 from pipeline.training import check_finite_loss
+from pipeline.training.batchnorm import (GlobalBatchNorm2d, freeze_partial_bn,  # noqa: F401  (re-exported)
+                                        set_train_mode, sync_batchnorm)
 from pipeline.training.tensorboard import EpochScalars
 
 __all__ = [
     "DistInfo", "EpochBatches", "FitResult", "GlobalBatchNorm2d", "Schedule", "autocast", "auto_workers",
-    "evaluate", "fit", "global_batch_size", "global_batch_sizes", "freeze_partial_bn", "load_checkpoint", "loss_scale", "make_loader", "micro_batches",
+    "fit", "global_batch_size", "global_batch_sizes", "freeze_partial_bn", "load_checkpoint", "loss_scale",
+    "make_loader", "micro_batches", "predict_videos",
     "resume_checkpoint", "save_checkpoint", "segment_consensus_loss", "seed_epoch", "set_train_mode",
     "sum_over_ranks", "sync_batchnorm", "train_one_epoch", "trainable_param_groups",
 ]
@@ -118,105 +122,6 @@ class EpochBatches:
         return len(self.global_batches())
 
 
-# ----------------------------------------------------------------------------------------------------------
-# BatchNorm: partial BN (TSN) and global batch statistics under DDP
-# ----------------------------------------------------------------------------------------------------------
-
-def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def freeze_partial_bn(model: nn.Module) -> int:
-    """TSN's partial BN (Wang et al. 2016, §3.2): freeze every BatchNorm layer except the first.
-
-    Frozen layers keep their running statistics (see :func:`set_train_mode`) and their affine parameters
-    (``requires_grad = False``), as in the reference tsn-pytorch ``TSN.train``. Returns how many were frozen.
-    """
-    bns = _batchnorms(model)
-    for m in bns[1:]:
-        m._partial_bn_frozen = True  # read by set_train_mode
-        for p in m.parameters():
-            p.requires_grad_(False)
-    return max(len(bns) - 1, 0)
-
-
-def set_train_mode(model: nn.Module, training: bool = True) -> None:
-    """``model.train(training)``, then frozen BatchNorm layers back to eval mode (running statistics)."""
-    model.train(training)
-    if training:
-        for m in _batchnorms(model):
-            if getattr(m, "_partial_bn_frozen", False):
-                m.eval()
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; the gradient of every rank's input is the sum of the ranks' output gradients."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        y = x.clone()
-        dist.all_reduce(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are taken over the global batch of every rank.
-
-    Like :class:`torch.nn.SyncBatchNorm`, but it also runs on CPU with gloo (SyncBatchNorm is GPU-only):
-    per-channel sums and sums of squares are all-reduced by a differentiable sum, so gradients flow through
-    the shared statistics to every rank's inputs.
-    Outside a process group (or in eval mode) it is a plain BatchNorm2d.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized()):
-            return super().forward(x)
-        c = x.shape[1]
-        xf = x.float()
-        count = torch.full((1,), xf.numel() // c, dtype=torch.float32, device=x.device)
-        stats = _AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
-                # n > 1 decided on the device: no host sync per layer per step
-                unbiased = torch.where(n > 1, var.detach() * (n / (n - 1)).clamp_min(0), var.detach())
-                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
-        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
-        if self.affine:
-            y = y * self.weight.float()[None, :, None, None] + self.bias.float()[None, :, None, None]
-        return y.to(x.dtype)
-
-
-def sync_batchnorm(model: nn.Module) -> int:
-    """Replace every BatchNorm2d that trains on batch statistics by a :class:`GlobalBatchNorm2d` in place.
-
-    Layers frozen by :func:`freeze_partial_bn` are left alone (they use running statistics). Returns how
-    many were replaced.
-    """
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.BatchNorm2d and not getattr(child, "_partial_bn_frozen", False):
-                new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                        child.track_running_stats)
-                new.load_state_dict(child.state_dict())
-                new.to(next(child.buffers()).device)
-                setattr(module, child_name, new)
-                replaced += 1
-    return replaced
-
-
 def trainable_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """SGD parameter groups: weight decay on convolution (2-D backbones, the heads' 1-D) and linear weights
     only, none on biases and BN parameters (tsn-pytorch ``get_optim_policies``). Frozen parameters are left
@@ -257,7 +162,7 @@ def rank_share(n: int, info: DistInfo) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# One epoch, evaluation
+# One epoch, prediction
 # ----------------------------------------------------------------------------------------------------------
 
 def autocast(device: torch.device, amp: bool):
@@ -404,9 +309,9 @@ def sum_over_ranks(out: Tensor, device: torch.device) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[dict], num_videos: int, num_classes: int, *,
-             device: torch.device, normalize: Callable[[Tensor], Tensor], amp: bool = False,
-             chunk: int = 32, progress: Callable[[int], Any] | None = None) -> dict[str, Tensor]:
+def predict_videos(model: nn.Module, loader: Iterable[dict], num_videos: int, num_classes: int, *,
+                         device: torch.device, normalize: Callable[[Tensor], Tensor], amp: bool = False,
+                   chunk: int = 32, progress: Callable[[int], Any] | None = None) -> dict[str, Tensor]:
     """Score videos from per-video view batches; views are averaged (two-stream test protocol).
 
     ``loader`` yields ``{"input": (T, C, H, W) uint8, "index": int}`` per video (``batch_size=None``); on
@@ -478,7 +383,7 @@ def start_run(ctx, device: str, meta: dict, resume_keys: tuple[str, ...]) -> tup
     of ``device``) and the ``last.pt`` of a killed run in the stage folder ``ctx.dir`` to resume from
     (:func:`resume_checkpoint`)."""
     info = DistInfo(ctx.rank, ctx.world_size, local_rank())
-    ckpt = resume_checkpoint(ctx.dir / "last.pt", meta, resume_keys, is_main=info.is_main, log=ctx.log)
+    ckpt = resume_checkpoint(ctx.dir / LAST, meta, resume_keys, is_main=info.is_main, log=ctx.log)
     return info, torch.device(rank_device(device)), ckpt
 
 
@@ -511,9 +416,9 @@ def save_epoch(out: Path, state: dict, last_extra: dict, history: list[dict], *,
     """Rank 0 after each epoch: ``best.pt`` when it improved, ``last.pt`` (``state`` + optimizer etc. in
     ``last_extra``, enough to resume) and ``history.csv``, each written atomically."""
     if improved:
-        save_checkpoint(out / "best.pt", state)
-    save_checkpoint(out / "last.pt", {**state, **last_extra, "history": history})
-    with atomic_write(out / "history.csv", "w") as f:
+        save_checkpoint(out / BEST, state)
+    save_checkpoint(out / LAST, {**state, **last_extra, "history": history})
+    with atomic_write(out / HISTORY, "w") as f:
         w = csv.DictWriter(f, fieldnames=list(history[0]))
         w.writeheader()
         for r in history:
@@ -631,5 +536,5 @@ def fit(model: nn.Module, train: Callable[[torch.optim.Optimizer, Callable[[int]
     # Test with the best weights (written by rank 0; the other ranks wait for the file).
     if info.distributed:
         dist.barrier()
-    model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    model.load_state_dict(load_checkpoint(out / BEST)["model"])
     return FitResult(history=history, best=best, epochs=epoch, decays=decays, extra=extra)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-#: The folder, inside a stage's output folder, that holds the event files.
-FOLDER = "tensorboard"
+from pipeline.stage.keys import TENSORBOARD_DIR
 
 
 class TensorBoardMissing(RuntimeError):
@@ -43,7 +42,7 @@ class EpochScalars:
             check_available()
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(folder) / FOLDER))
+            self.writer = SummaryWriter(log_dir=str(Path(folder) / TENSORBOARD_DIR))
 
     def epoch(self, epoch: int, row: dict) -> None:
         if self.writer is None:

@@ -1,0 +1,18 @@
+"""The errors of the stage contract. Each message says what to do (which file, which command to run)."""
+from __future__ import annotations
+
+
+class StageError(RuntimeError):
+    """A stage cannot run: bad input, missing upstream, incompatible cache. The message says what to do."""
+
+
+class StageLocked(StageError):
+    """Another run holds the stage's lock."""
+
+
+class StageFailures(StageError):
+    """The stage finished but some videos failed (and failures were not allowed)."""
+
+
+class ArtifactError(StageError):
+    """A stage's output is missing or unreadable; the message names the file and the stage to re-run."""
