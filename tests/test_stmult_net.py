@@ -207,7 +207,7 @@ def _log_softmax_np(z):
 
 
 def test_logits_can_be_negative_and_the_loss_is_two_cross_entropies(states):
-    net = _net(states, flow_weight=3.0).eval()
+    net = _net(states).eval()
     with torch.no_grad():
         out = net(_batch())
     ra, rm = out["rgb_logits"].numpy().astype(np.float64), out["flow_logits"].numpy().astype(np.float64)
@@ -215,10 +215,20 @@ def test_logits_can_be_negative_and_the_loss_is_two_cross_entropies(states):
     y = np.array([4, 0])
     expected = -_log_softmax_np(ra)[np.arange(2), y].mean() - _log_softmax_np(rm)[np.arange(2), y].mean()
     assert net.loss(out, torch.tensor(y)).item() == pytest.approx(expected, rel=1e-5)
-    # test fusion: (softmax(rgb) + w softmax(flow)) / (1 + w), "logits" its log
-    p = (np.exp(_log_softmax_np(ra)) + 3.0 * np.exp(_log_softmax_np(rm))) / 4.0
+
+
+@pytest.mark.parametrize("fusion, w", [("logits", 1.0), ("logits", 3.0), ("softmax", 1.0), ("softmax", 3.0)])
+def test_class_scores_fuse_the_two_streams(states, fusion, w):
+    net = _net(states, fusion=fusion, flow_weight=w).eval()
+    with torch.no_grad():
+        out = net(_batch())
+    ra, rm = out["rgb_logits"].numpy().astype(np.float64), out["flow_logits"].numpy().astype(np.float64)
+    if fusion == "logits":  # §5.3 / the released test: the prediction layer outputs averaged, then softmax
+        p = np.exp(_log_softmax_np((ra + w * rm) / (1 + w)))
+    else:                   # the softmaxes averaged
+        p = (np.exp(_log_softmax_np(ra)) + w * np.exp(_log_softmax_np(rm))) / (1 + w)
     np.testing.assert_allclose(net.class_scores(out).numpy(), p, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(out["logits"].exp().numpy(), p, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(F.softmax(out["logits"], dim=-1).numpy(), p, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------- the released defaults
@@ -229,6 +239,7 @@ RELEASED = {  # option -> the released setting (feichtenhofer/st-resnet STMulNet
     "temporal_init": "center",         # addConv3D = 9: initParamsCtrTime, f = [0, 1, 0]
     "temporal_pool": "max",            # addPool3D = 2: max over time at res5c_relu (eq. 10)
     "dropout": 0.8,                    # opts.dropOutRatio = 0.8 (§4.1)
+    "fusion": "logits",                # cnn_train_dag.m: the two prediction layers' outputs averaged (§5.3)
     "flow_weight": 1.0,                # §5.3: averaged predictions (3 is HMDB51's late fusion)
     "checkpointing": False,            # not a model setting: off unless asked
 }
@@ -258,6 +269,7 @@ def _placements(net):
                                                       torch.full((3,), 1 / 3))),
     ("temporal_pool", "avg", lambda n: n.temporal_pool == "avg"),
     ("dropout", 0.5, lambda n: n.appearance.backbone.head_drop.p == 0.5 and n.motion.backbone.head_drop.p == 0.5),
+    ("fusion", "softmax", lambda n: n.fusion == "softmax"),
     ("flow_weight", 3.0, lambda n: n.flow_weight == 3.0),
     ("checkpointing", True, lambda n: n.appearance.checkpointing and n.motion.checkpointing),
 ])
@@ -290,6 +302,7 @@ def test_default_placement_and_widths():
     (dict(rgb_arch="resnet18", flow_arch="resnet18", gate_appearance="both"), "gate_appearance"),
     (dict(rgb_arch="resnet18", flow_arch="resnet18", temporal_pool="sum"), "temporal_pool"),
     (dict(rgb_arch="resnet18", flow_arch="resnet18", dropout=1.0), "dropout"),
+    (dict(rgb_arch="resnet18", flow_arch="resnet18", fusion="max"), "fusion"),
     (dict(rgb_arch="resnet18", flow_arch="resnet18", num_segments=3), "unknown ST-Multiplier option"),
     (dict(rgb_arch="inception_v3", flow_arch="resnet18"), "torchvision ResNet"),
 ])

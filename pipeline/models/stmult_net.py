@@ -25,8 +25,10 @@ convolutions, unfolded for the temporal ones):
   (0.8, §4.1) and each stream's classifier; the loss is the sum of the two streams' cross-entropies (§5.1,
   "two loss layers").
 
-``forward`` returns per-stream logits and the fused log-probabilities; :meth:`STMultiplierNet.class_scores`
-is the weighted average of the two softmaxes (late fusion as §5.3: flow weighted 3x on HMDB51). The network
+``forward`` returns per-stream logits and fused ``logits``; :meth:`STMultiplierNet.class_scores` is their
+softmax. By default the fused logits are the average of the two streams' prediction layer outputs (§5.3's
+late fusion, "averaging the prediction layer outputs", and the released test code), optionally with the flow
+weighted (§5.3: 3x on HMDB51); ``fusion="softmax"`` averages the softmaxes instead. The network
 is fully convolutional in space and time: any H, W (§4.2 tests at short side 256) and any T.
 
 Every choice the paper leaves open is in ``docs/networks.md``.
@@ -54,6 +56,7 @@ GATED_BLOCK = 1  # block b of every stage (res2b, res3b, res4b, res5b; res3b1 / 
 TEMPORAL_INITS = {"center": (0.0, 1.0, 0.0), "avg": (1 / 3, 1 / 3, 1 / 3)}  # eq. 9's f, Table 3
 GATE_APPEARANCE = ("pre_relu", "post_relu")
 TEMPORAL_POOLS = ("max", "avg")
+FUSIONS = ("logits", "softmax")
 # temporal_placement -> (stages with a temporal conv in block b's residual branch, stages with one on the
 # skip path = after the stage's last unit). Table 1 / Fig. 4 / Table 3's symbols; docs/networks.md.
 PLACEMENTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -73,7 +76,9 @@ OPTIONS: dict[str, tuple[object, str]] = {
     "temporal_init": ("center", "temporal filter f of eq. 9: center [0,1,0] or avg [1/3,1/3,1/3] (Table 3)"),
     "temporal_pool": ("max", "pooling over time after the last conv: max (eq. 10) or avg (Table 3, no pool)"),
     "dropout": (0.8, "dropout before each stream's classifier ([ST-Mult] §4.1)"),
-    "flow_weight": (1.0, "weight of the flow softmax in the test fusion ([ST-Mult] §5.3: 3 on HMDB51)"),
+    "fusion": ("logits", "test fusion of the streams: logits (average of the prediction layer outputs, §5.3, "
+                         "the released test) or softmax (average of the softmaxes)"),
+    "flow_weight": (1.0, "weight of the flow stream in the test fusion ([ST-Mult] §5.3: 3 on HMDB51)"),
     "checkpointing": (False, "recompute each residual unit in the backward pass (less memory, same gradients)"),
 }
 
@@ -269,17 +274,20 @@ class STMultiplierNet(nn.Module):
         temporal_pool: ``max`` over time (eq. 10) or ``avg`` (Table 3's rows without temporal pooling: the
             predictions averaged over all frames and positions, §4.2), then the spatial average.
         dropout: before each stream's classifier (replaces the backbones' ``head_drop``).
-        flow_weight: the flow softmax's weight in :meth:`class_scores`.
+        fusion: ``logits`` (the fused logits are ``(z_rgb + w z_flow) / (1 + w)``) or ``softmax`` (the fused
+            probabilities are ``(softmax(z_rgb) + w softmax(z_flow)) / (1 + w)``), w = ``flow_weight``.
+        flow_weight: the flow stream's weight w in the fusion.
         checkpointing: recompute each residual unit in the backward pass (see :meth:`set_checkpointing`).
 
     ``forward(batch)`` with ``batch["rgb"] (B, T, 3, H, W)`` and ``batch["flow"] (B, T, 2L, H, W)`` float,
     already normalised, returns ``{"rgb_logits": (B, C), "flow_logits": (B, C), "logits": (B, C)}``, the last
-    being the log of :meth:`class_scores`.
+    being the fused logits (:meth:`class_scores` is their softmax).
     """
 
     def __init__(self, appearance: Backbone, motion: Backbone, *, gate_appearance: str = "pre_relu",
                  temporal_placement: str = "residual", temporal_init: str = "center", temporal_pool: str = "max",
-                 dropout: float = 0.8, flow_weight: float = 1.0, checkpointing: bool = False) -> None:
+                 dropout: float = 0.8, fusion: str = "logits", flow_weight: float = 1.0,
+                 checkpointing: bool = False) -> None:
         super().__init__()
         _check_resnet(appearance, "appearance")
         _check_resnet(motion, "motion")
@@ -298,12 +306,14 @@ class STMultiplierNet(nn.Module):
             raise ValueError(f"unknown temporal_pool {temporal_pool!r}; valid: {', '.join(TEMPORAL_POOLS)}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
         if not flow_weight >= 0.0:
             raise ValueError(f"flow_weight must be >= 0, got {flow_weight}")
         self.num_classes = appearance.num_classes
         self.gate_appearance, self.temporal_placement = gate_appearance, temporal_placement
         self.temporal_init, self.temporal_pool = temporal_init, temporal_pool
-        self.dropout, self.flow_weight = dropout, flow_weight
+        self.dropout, self.fusion, self.flow_weight = dropout, fusion, flow_weight
         for b in (appearance, motion):
             b.head_drop = nn.Dropout(dropout)
         self.appearance = MultiplierStream(appearance, temporal_placement=temporal_placement,
@@ -338,8 +348,7 @@ class STMultiplierNet(nn.Module):
         xa, _ = self.appearance(rgb.flatten(0, 1), t, gate=self.gate, motion=motion_sums)
         out = {"rgb_logits": self._classify(self.appearance, xa, b, t),
                "flow_logits": self._classify(self.motion, xm, b, t)}
-        out["logits"] = log_mean_probs([F.log_softmax(out["rgb_logits"], dim=-1),
-                                        F.log_softmax(out["flow_logits"], dim=-1)], [1.0, self.flow_weight])
+        out["logits"] = self._fuse(out["rgb_logits"], out["flow_logits"])
         return out
 
     def loss(self, out: Mapping[str, Tensor], labels: Tensor) -> Tensor:
@@ -347,11 +356,15 @@ class STMultiplierNet(nn.Module):
         both with weight 1), on the raw logits (no ReLU before the loss)."""
         return F.cross_entropy(out["rgb_logits"], labels) + F.cross_entropy(out["flow_logits"], labels)
 
-    def class_scores(self, out: Mapping[str, Tensor]) -> Tensor:
-        """(B, C) test probabilities of one view: ``(softmax(rgb) + w softmax(flow)) / (1 + w)``, w =
-        ``flow_weight`` (§5.3's late fusion: averaged predictions, flow x3 on HMDB51)."""
+    def _fuse(self, za: Tensor, zm: Tensor) -> Tensor:
         w = self.flow_weight
-        return (F.softmax(out["rgb_logits"], dim=-1) + w * F.softmax(out["flow_logits"], dim=-1)) / (1.0 + w)
+        if self.fusion == "logits":
+            return (za + w * zm) / (1.0 + w)
+        return log_mean_probs([F.log_softmax(za, dim=-1), F.log_softmax(zm, dim=-1)], [1.0, w])
+
+    def class_scores(self, out: Mapping[str, Tensor]) -> Tensor:
+        """(B, C) test probabilities of one view: the softmax of the fused ``logits`` (see ``fusion``)."""
+        return F.softmax(out["logits"], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
