@@ -50,8 +50,8 @@ def default_net(states):
 
 
 def _net(states, **options) -> STMultiplierNet:
-    return build_stmult_net(num_classes=C, rgb_arch="resnet18", flow_arch="resnet18", flow_channels=L2,
-                            rgb_state=states[0], flow_state=states[1], **options)
+    return STMultiplierNet.from_finetuned(states[0], states[1], rgb_arch="resnet18", flow_arch="resnet18",
+                                          num_classes=C, flow_in_channels=L2, **options)
 
 
 def _batch(b=2, t=3, h=64, w=64, seed=0):
@@ -316,8 +316,13 @@ def test_finetuned_states_load_and_a_wrong_one_is_named(states):
     for stream, state in ((net.appearance, states[0]), (net.motion, states[1])):
         got = stream.backbone.state_dict()
         assert all(torch.equal(got[k], v) for k, v in state.items())
-    with pytest.raises(ValueError, match="motion state dict does not fit"):
+    with pytest.raises(ValueError, match="motion state dict does not fit resnet18 with in_channels=20"):
         build_stmult_net(num_classes=C, rgb_arch="resnet18", flow_arch="resnet18", flow_state=states[0])
+    with pytest.raises(ValueError, match=r"appearance finetune state dict has no \(7, 512\) classifier"):
+        build_stmult_net(num_classes=7, rgb_arch="resnet18", flow_arch="resnet18", rgb_state=states[0])
+    with pytest.raises(ValueError, match="holds no backbone weights"):
+        build_stmult_net(num_classes=C, rgb_arch="resnet18", flow_arch="resnet18",
+                         rgb_state={k.removeprefix("trunk."): v for k, v in states[0].items()})
 
 
 # ------------------------------------------------------------------------------------ shapes, checkpointing

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from pipeline.models.backbones import Backbone, create_backbone
+from pipeline.models.backbones import (Backbone, create_backbone, load_finetuned_classifier,
+                                       load_finetuned_trunk)
 from pipeline.models.fusion import log_mean_probs
 from pipeline.models.two_stream import _checkpointed
 
@@ -323,6 +324,15 @@ class STMultiplierNet(nn.Module):
         self.checkpointing = False
         self.set_checkpointing(checkpointing)
 
+    @classmethod
+    def from_finetuned(cls, rgb_state: Mapping[str, Tensor], flow_state: Mapping[str, Tensor], *, rgb_arch: str,
+                       flow_arch: str, num_classes: int, flow_in_channels: int = 20, **options) -> STMultiplierNet:
+        """The network initialised from two finetune runs: :func:`build_stmult_net` with both state dicts (the
+        ``"model"`` entries of finetune's checkpoints) and their archs."""
+        return build_stmult_net(num_classes=num_classes, rgb_arch=rgb_arch, flow_arch=flow_arch,
+                                flow_in_channels=flow_in_channels, rgb_state=rgb_state, flow_state=flow_state,
+                                **options)
+
     def set_checkpointing(self, on: bool = True) -> None:
         """Recompute each residual unit (with its gate and temporal conv) in the backward pass instead of
         keeping its activations (``torch.utils.checkpoint``, BatchNorm running statistics updated once), so
@@ -371,26 +381,8 @@ class STMultiplierNet(nn.Module):
 # Builder
 # ----------------------------------------------------------------------------------------------------------
 
-def _load_finetuned(backbone: Backbone, state: Mapping[str, Tensor], role: str) -> None:
-    """A finetune checkpoint's ``model`` entry (Backbone state: ``trunk.*``, ``fc.*``) into ``backbone``."""
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    expected = backbone.state_dict()
-    optional = {k for k in expected if k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(state) - optional)
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                  if k in state and state[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        raise ValueError(f"the {role} state dict does not fit {backbone.arch} with {backbone.in_channels} input "
-                         f"channels and a {backbone.num_classes}-way classifier (a finetune checkpoint's 'model' "
-                         f"entry is expected): {len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} "
-                         f"unexpected (e.g. {unexpected[:2]}), {len(mismatched)} of another shape "
-                         f"(e.g. {mismatched[:2]})")
-    backbone.load_state_dict(state, strict=False)
-
-
 def build_stmult_net(*, num_classes: int, rgb_arch: str = "resnet50", flow_arch: str = "resnet152",
-                     flow_channels: int = 20, rgb_state: Mapping[str, Tensor] | None = None,
+                     flow_in_channels: int = 20, rgb_state: Mapping[str, Tensor] | None = None,
                      flow_state: Mapping[str, Tensor] | None = None, **options) -> STMultiplierNet:
     """The network from finetune's two backbones ([ST-Mult] §4.1: each stream trained first, then joined).
 
@@ -398,19 +390,20 @@ def build_stmult_net(*, num_classes: int, rgb_arch: str = "resnet50", flow_arch:
         num_classes: C.
         rgb_arch, flow_arch: ResNet depths per stream (the paper's best: ResNet-50 appearance, ResNet-152
             motion, §5.3).
-        flow_channels: 2L (20 for L = 10 flow fields, §3.1).
-        rgb_state, flow_state: the ``model`` entries of the two finetune checkpoints (state dicts of
-            :func:`pipeline.models.backbones.create_backbone` networks with a C-way classifier); None leaves
-            that stream randomly initialised. The model never reads files: the stage loads them.
-        options: :data:`OPTIONS` (keyword arguments of :class:`STMultiplierNet`).
+        flow_in_channels: 2L (20 for L = 10 flow fields, §3.1).
+        rgb_state, flow_state: the ``"model"`` entries of the two finetune checkpoints (:class:`Backbone` state
+            dicts, keys ``trunk.*`` and ``fc.*``, with a C-way classifier), loaded by
+            :func:`~pipeline.models.backbones.load_finetuned_trunk` and ``load_finetuned_classifier``; None
+            leaves that stream randomly initialised. The model never reads files: the stage loads them.
+        options: :data:`OPTIONS` (keyword arguments of :class:`STMultiplierNet`), unknown ones refused by name.
     """
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown ST-Multiplier option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
     appearance = create_backbone(rgb_arch, num_classes=num_classes, in_channels=3)
-    motion = create_backbone(flow_arch, num_classes=num_classes, in_channels=flow_channels)
-    if rgb_state is not None:
-        _load_finetuned(appearance, rgb_state, "appearance")
-    if flow_state is not None:
-        _load_finetuned(motion, flow_state, "motion")
+    motion = create_backbone(flow_arch, num_classes=num_classes, in_channels=flow_in_channels)
+    for backbone, state, name in ((appearance, rgb_state, "appearance"), (motion, flow_state, "motion")):
+        if state is not None:
+            load_finetuned_trunk(backbone, state, name)
+            load_finetuned_classifier(backbone.fc, state, name)
     return STMultiplierNet(appearance, motion, **options)
