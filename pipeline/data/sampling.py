@@ -375,3 +375,61 @@ def fstcn_scl_frame(l_t: int = FSTCN_L_T, rng: np.random.Generator | None = None
     an even l_t."""
     _check_positive("l_t", l_t)
     return int(rng.integers(l_t)) if rng is not None else (l_t - 1) // 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# [ST-Mult]: the Spatiotemporal Multiplier network's clips
+# ----------------------------------------------------------------------------------------------------------
+
+def stmult_train_indices(num_frames: int, rng: np.random.Generator, *, num_samples: int = 5,
+                         min_stride: int = 5, max_stride: int = 35) -> list[int]:
+    """A training clip of [ST-Mult] §4.1: ``num_samples`` = 5 frames at a random temporal stride of 5..35.
+
+    The stride is capped so that the clip fits the video: with ``cap = (num_frames - 1) // (num_samples - 1)``
+    it is drawn as ``s = rng.integers(lo, hi + 1)`` with ``hi = min(max_stride, cap)`` and ``lo = min(min_stride,
+    hi)`` (so a video of fewer than ``4 * 5 + 1`` frames uses its largest stride that fits), then the first
+    frame as ``rng.integers(0, num_frames - (num_samples - 1) * s)``; the clip is ``start + k * s``. The
+    paper's "random temporal stride between 5 and 35 frames" does not say how the stride meets short videos;
+    the released loader (``cnn_get_im_flow_batch.m``, ``temporalStrideRandom``) falls back to evenly spaced
+    frames. A video shorter than ``num_samples`` frames likewise gets :func:`test_indices`' ``num_samples``
+    evenly spaced frames (frames repeat; nothing is drawn).
+
+    Returns:
+        ``num_samples`` non-decreasing frame indices in ``[0, num_frames)``.
+    """
+    _check_positive("num_frames", num_frames)
+    _check_positive("num_samples", num_samples)
+    _check_positive("min_stride", min_stride)
+    _check_positive("max_stride", max_stride)
+    if min_stride > max_stride:
+        raise ValueError(f"min_stride {min_stride} exceeds max_stride {max_stride}")
+    if num_samples == 1:
+        return [int(rng.integers(0, num_frames))]
+    cap = (num_frames - 1) // (num_samples - 1)
+    if cap == 0:
+        return test_indices(num_frames, num_samples)
+    hi = min(max_stride, cap)
+    stride = int(rng.integers(min(min_stride, hi), hi + 1))
+    start = int(rng.integers(0, num_frames - (num_samples - 1) * stride))
+    return [start + k * stride for k in range(num_samples)]
+
+
+def stmult_test_chunks(num_frames: int, *, num_samples: int = 25, chunk_size: int = 25) -> list[list[int]]:
+    """The test frames of [ST-Mult] §4.2: :func:`test_indices`' ``num_samples`` = 25 uniformly spaced frames,
+    cut into consecutive chunks of ``chunk_size`` frames, each one forward pass of the network (its temporal
+    convs and max over time see one chunk). The default, one chunk of 25, is §4.2's "classifying the video in
+    a single forward pass"; smaller chunks (e.g. 5, the training clip's length) bound memory and the span of
+    the temporal max (docs/networks.md).
+
+    Returns:
+        ``num_samples // chunk_size`` lists of ``chunk_size`` non-decreasing frame indices.
+    """
+    _check_positive("num_samples", num_samples)
+    _check_positive("chunk_size", chunk_size)
+    if num_samples % chunk_size:
+        raise ValueError(f"chunk_size {chunk_size} does not divide num_samples {num_samples}")
+    frames = test_indices(num_frames, num_samples)
+    return [frames[i:i + chunk_size] for i in range(0, num_samples, chunk_size)]
+
+
+__all__ += ["stmult_test_chunks", "stmult_train_indices"]

@@ -55,6 +55,7 @@ __all__ = [
     "cross_modality_init",
     "imagenet_weights_path",
     "list_backbones",
+    "load_finetuned_classifier",
     "load_finetuned_trunk",
     "normalize_flow",
     "normalize_rgb",
@@ -536,6 +537,20 @@ def load_finetuned_trunk(backbone: Backbone, state: Mapping[str, Tensor], name: 
                          f"shapes (state vs model) {mismatched[:2]}, missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     backbone.trunk.load_state_dict(trunk, strict=False)
+
+
+def load_finetuned_classifier(fc: nn.Linear, state: Mapping[str, Tensor], name: str) -> None:
+    """The classifier of a finetune checkpoint's ``"model"`` state dict (its ``fc.weight``, ``fc.bias``; a
+    ``module.`` prefix removed) into ``fc``, the companion of :func:`load_finetuned_trunk`. ``name`` names the
+    state in the error raised when it has no classifier of ``fc``'s shape (another number of classes)."""
+    head = {k.removeprefix("module.").removeprefix("fc."): v for k, v in state.items()
+            if k.removeprefix("module.").startswith("fc.")}
+    if set(head) != {"weight", "bias"} or head["weight"].shape != fc.weight.shape:
+        shape = tuple(head["weight"].shape) if "weight" in head else None
+        raise ValueError(f"the {name} finetune state dict has no {tuple(fc.weight.shape)} classifier (fc.weight "
+                         f"{shape}); it must come from a finetune run with {fc.out_features} classes on "
+                         f"{fc.in_features}-channel features")
+    fc.load_state_dict(head)
 
 
 def create_backbone(

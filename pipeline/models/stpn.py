@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import Backbone, create_backbone, load_finetuned_trunk
+from .backbones import Backbone, create_backbone, load_finetuned_classifier, load_finetuned_trunk
 from .fusion import log_mean_probs
 from .stcb import DEFAULT_STCB_DIM, CompactBilinear, signed_sqrt_l2
 
@@ -303,15 +303,8 @@ class STPN(nn.Module):
         """Model A: the streams' classifiers from finetune state dicts (their ``fc.weight``, ``fc.bias``)."""
         if self.model != "A":
             raise ValueError(f"model {self.model} has no stream classifiers (only model A uses them)")
-        for name, fc, state in (("rgb", self.fc_rgb, rgb_state), ("flow", self.fc_flow, flow_state)):
-            head = {k.removeprefix("module.").removeprefix("fc."): v for k, v in state.items()
-                    if k.removeprefix("module.").startswith("fc.")}
-            if set(head) != {"weight", "bias"} or head["weight"].shape != fc.weight.shape:
-                shape = tuple(head["weight"].shape) if "weight" in head else None
-                raise ValueError(f"the {name} finetune state dict has no {tuple(fc.weight.shape)} classifier "
-                                 f"(fc.weight {shape}); it must come from a finetune run with {self.num_classes} "
-                                 f"classes on {fc.in_features}-channel maps")
-            fc.load_state_dict(head)
+        load_finetuned_classifier(self.fc_rgb, rgb_state, "rgb")
+        load_finetuned_classifier(self.fc_flow, flow_state, "flow")
 
 
 class STPNEndToEnd(nn.Module):
