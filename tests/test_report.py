@@ -288,6 +288,19 @@ def test_cli_output_folder_and_flow_options(cache, tmp_path):
     assert res.exit_code == 2 and "flow" in res.output and not (tmp_path / "bad" / "index.html").exists()
 
 
+def test_run_all_ends_with_the_report(cache, tmp_path, monkeypatch):
+    """run-all writes the page after its stages and prints its path (stages replaced by none here)."""
+    import stages.workflow as workflow
+
+    root = tmp_path / "cache"
+    shutil.copytree(cache / "evaluate", root / "evaluate")
+    monkeypatch.setattr(workflow, "_steps", lambda conf, path, params: [])
+    lines = []
+    workflow.run_all(None, root, echo=lines.append)
+    assert lines[-1] == f"Report (open it in a browser): {root / 'report' / 'index.html'}"
+    assert (root / "report" / "index.html").is_file()
+
+
 # ---------------------------------------------------------------------------------------------- in a browser
 
 
