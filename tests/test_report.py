@@ -187,6 +187,23 @@ def test_published_figure_lookup():
     assert fig("train-head", head="stmultiplier", across_splits=True) == (94.2, 68.9)
 
 
+def test_refined_row_gets_the_figure_of_its_head_options(cache, tmp_path):
+    """refine records its head's options as head_kwargs (train-head as head_options too): an STFN with max
+    fusion refined end to end is [STFN] Table 2's max row, not the default."""
+    root = tmp_path / "cache"
+    key = artifacts.evaluate_key((1,), "resnet101")
+    shutil.copytree(cache / key, root / key)
+    res = json.loads((root / key / "results.json").read_text())
+    refined = artifacts.refine_key("stfn-a-max-bi-n5-s0")
+    res["rows"][0].update(name="refine stfn-a-max-bi-n5-s0", source=refined)
+    (root / key / "results.json").write_text(json.dumps(res))
+    (root / refined).mkdir(parents=True)
+    (root / refined / "results.json").write_text(json.dumps({"head": "stfn", "segments": 5, "head_kwargs": {
+        "arch": "a", "fusion": "max", "direction": "bi", "blocks": 1, "dropout": 0.5, "seed": 0}}))
+    page = Page(build_report(root).path.read_text())
+    assert page.row("refine stfn-a-max-bi-n5-s0")[-3:] == ["92.9", "69.5", "[STFN] Table 2, fusion max (split 1)"]
+
+
 def test_per_class_and_confusion_tables_match_results_json(cache, report):
     _, page = report
     res = json.loads((cache / artifacts.evaluate_key((1,), "resnet101") / "results.json").read_text())

@@ -170,7 +170,8 @@ class _Cache:
         r = self.source_results(source) or {}
         if not r.get("head"):
             return None
-        return published_figure(parts.stage, head=r["head"], options=r.get("head_options") or {},
+        options = r.get("head_options") or r.get("head_kwargs") or {}  # train-head records both, refine the kwargs
+        return published_figure(parts.stage, head=r["head"], options=options,
                                 segments=r.get("segments"), backbone=backbone, across_splits=across_splits)
 
 
