@@ -37,6 +37,8 @@ CATALOG: dict[str, tuple[str, str | None, str]] = {
                "layout (rawframes tree, lists, per-video .npy features)."),
     "verify": ("verify", "verify_command", "Check every stored video's chunk checksums (frames, flow, features); "
                "list the damaged ones for redo."),
+    "report": ("report", "report_command", "One self-contained HTML page of the cache: results, curves, ablation, "
+               "flow."),
     "evaluate": ("evaluate", None, "Results table of every finished stream, head and refined model in the cache "
                  "(+ external scores)."),
 }

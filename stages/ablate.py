@@ -149,11 +149,11 @@ def run_ablation(base: TrainHeadParams, cache_root: Path, grid: str = "tables", 
                                  body, "llrrrl"))
         write_text(out_dir / f"{stem}.md", text)
         report[stem] = recs
-    chart_path = out_dir / "ablate.png"
+    chart_path = out_dir / artifacts.ABLATE_CHART
     if chart:
         bar_chart(chart, chart_path, errors=chart_err if seeds > 1 else None,
                   title=f"ablate ({grid} grid, {seeds} seed{'s' if seeds > 1 else ''}): top-1")
-    write_json(out_dir / "ablate.json", {"grid": grid, "seeds": seeds, "tables": report})
+    write_json(out_dir / artifacts.ABLATE_JSON, {"grid": grid, "seeds": seeds, "tables": report})
     return report
 
 
@@ -196,4 +196,4 @@ def ablate_command(grid, seeds, config_path, cache_dir, verbose):
                + (f" ({skipped} row(s) skipped, reasons in the tables)" if skipped else ""))
     for stem in report:
         click.echo(f"  {out / (stem + '.md')}")
-    click.echo(f"  {out / 'ablate.png'}")
+    click.echo(f"  {out / artifacts.ABLATE_CHART}")

@@ -1,7 +1,8 @@
 """``run-all``: every stage in order, in one process, from one config file.
 
 decode -> extract-flow -> finetune (rgb, flow) -> extract-features -> train-head (each listed head) -> ablate ->
-refine -> evaluate, the stages after extract-flow once per split of ``--splits`` (then one evaluate over them). Each stage goes through :func:`pipeline.stage.run_stage`, so fresh stages are skipped
+refine -> evaluate, the stages after extract-flow once per split of ``--splits`` (then one evaluate over them),
+then ``pipeline report``'s page (``<cache>/report/index.html``). Each stage goes through :func:`pipeline.stage.run_stage`, so fresh stages are skipped
 and a changed parameter recomputes only what depends on it. Running in one process
 (rather than one ``pipeline`` process per stage) means PyTorch is imported once: a re-run of a finished
 pipeline takes seconds. ``run_all.sh`` calls this command.
@@ -80,11 +81,13 @@ def run_all(config_path: Path | None, cache_root: Path | None = None, echo=click
     StageError / StageFailures / ConfigError."""
     from stages.ablate import AblateParams, ablate_dir, run_ablation
     from stages.cli import config_tables, resolve_cache_dir
+    from stages.report import ReportParams, write_report
 
     conf = cfg.load_config(config_path, config_tables())
     run_params = cfg.build_params(RunAllParams, conf, "run-all", {"splits": splits}, config_path=config_path)
     root = resolve_cache_dir(cache_root, conf)
     steps = _steps(conf, config_path, run_params)
+    report_params = cfg.build_params(ReportParams, conf, "report", {}, config_path=config_path)
     t_all = time.perf_counter()
     timings = []
     last_eval = None
@@ -115,6 +118,7 @@ def run_all(config_path: Path | None, cache_root: Path | None = None, echo=click
             echo(f"  {path}")
     slow = ", ".join(f"{label} {sec:.0f} s" for label, sec in timings if sec >= 1.0)
     echo(f"run-all: {len(steps)} steps in {time.perf_counter() - t_all:.1f} s" + (f" ({slow})" if slow else ""))
+    echo(f"Report (open it in a browser): {write_report(root, report_params)}")
     return root
 
 

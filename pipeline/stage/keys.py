@@ -40,8 +40,14 @@ FEATURES = "extract-features"
 TRAIN_HEAD = "train-head"
 REFINE = "refine"
 EVALUATE = "evaluate"
-#: ``pipeline ablate``'s tables (a command, not a stage): ``<cache>/ablate/<scope>/``.
+#: ``pipeline ablate``'s tables (a command, not a stage): ``<cache>/ablate/<scope>/``, with the rows of every
+#: table (``ablate.json``), a bar chart (``ablate.png``) and one ``<table>.md`` each.
 ABLATE = "ablate"
+ABLATE_JSON = "ablate.json"
+ABLATE_CHART = "ablate.png"
+#: ``pipeline report``'s page (a command, not a stage): ``<cache>/report/index.html``.
+REPORT = "report"
+REPORT_PAGE = "index.html"
 
 #: The stages whose outputs are per scope (split and backbone).
 SCOPED = (FINETUNE, FEATURES, TRAIN_HEAD, REFINE, EVALUATE)
