@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from pipeline.data import STREAMS
+from pipeline.streams import STREAMS
 from pipeline.data.sampling import feature_positions, flow_stack_indices
 from pipeline.data.transforms import center_view, resize_short_side, ten_crop
 from pipeline.io import artifacts

@@ -57,7 +57,7 @@ from pipeline.models.backbones import list_backbones
 from pipeline.stage import Journal, Plan, Stage, StageContext, StageError, Upstream, digest, param
 
 VERSION = "1"
-from pipeline.data import STREAMS  # noqa: E402,F401
+from pipeline.streams import STREAMS  # noqa: E402,F401
 FORMATS = ("zarr", "h5", "both")
 DTYPES = ("float16", "float32")
 VIEWS = (1, 10)

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, file_sha256, param, params_dict
-from pipeline.data.clips import STREAMS, TestViews, TrainClips, VideoList, input_channels, input_normalizer, \
-    split_videos
+from pipeline.data.clips import EvalViews, TrainClips, VideoList, input_channels, input_normalizer, split_videos
+from pipeline.streams import STREAMS
 from pipeline.models.backbones import (backbone_info, create_backbone, imagenet_weights_path, list_backbones,
                                       require_imagenet_weights)
 from pipeline.io import artifacts
@@ -275,7 +275,7 @@ def _fit(p: FinetuneParams, data: _Data, device: torch.device, info: T.DistInfo,
     loss_fn = T.segment_consensus_loss(normalize, p.amp)
 
     def views(videos: VideoList, frames: int):
-        ds = TestViews(data.store, videos, p.stream, num_frames=frames, input_size=p.input_size,
+        ds = EvalViews(data.store, videos, p.stream, num_frames=frames, input_size=p.input_size,
                        flow_length=p.flow_length, **flow_kw)
         mine = T.rank_share(len(videos), info)
         return T.make_loader(ds, workers=min(workers, len(mine)), device=device, batch_size=None, sampler=mine)

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from pipeline import dist
-from pipeline.data import STREAMS
+from pipeline.streams import STREAMS
 from pipeline.data.clips import VideoList, split_videos
 from pipeline.data.paired import PairedClips, PairedTestSequences
+from pipeline.data.sampling import NUM_TEST
 from pipeline.data.table import VideoTable
 from pipeline.eval.metrics import accuracy_metrics
 from pipeline.eval.results import TestScores, save_test_scores
@@ -43,7 +44,6 @@ from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, dige
     params_dict
 from pipeline.training import end_to_end as E2E
 from pipeline.training import loop as T
-from pipeline.training.heads import NUM_TEST
 from pipeline.training.tensorboard import TensorBoardMissing
 from pipeline.training.tensorboard import check_available as check_tensorboard
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import STREAMS
+from pipeline.streams import STREAMS
 from pipeline.eval.metrics import accuracy_metrics
 from pipeline.eval.results import TestScores, save_test_scores
 from pipeline.eval.scores import SCORE_FUSIONS
@@ -33,9 +33,9 @@ from pipeline.models.stfn import ARCHS, DIRECTIONS, STFN_FUSIONS
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param, params_dict
 from pipeline.training.tensorboard import EpochScalars, TensorBoardMissing
 from pipeline.training.tensorboard import check_available as check_tensorboard
-from pipeline.training.heads import (NUM_TEST, NonFiniteLoss, feature_tensors, fit_head, load_features,
-                                     nonfinite_videos, split_indices,
-                                     stream_shapes, test_scores, test_sequences)
+from pipeline.data.sampling import NUM_TEST, eval_sequences
+from pipeline.training.heads import (NonFiniteLoss, eval_scores, feature_tensors, fit_head, load_features,
+                                     nonfinite_videos, split_indices, stream_shapes)
 
 VERSION = "2"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -199,7 +199,7 @@ def plan(params: TrainHeadParams, upstream: Upstream) -> Plan:
     except (ValueError, TypeError) as e:
         hint = " (--fused-dim D on the command line)" if "fused_dim" in str(e) else ""
         raise StageError(f"{path}: head {p.head} on rgb {da}-d / flow {dm}-d features: {e}{hint}") from None
-    distinct = len({tuple(s) for s in test_sequences(P, n, p.num_test).tolist()})
+    distinct = len({tuple(s) for s in eval_sequences(P, n, p.num_test).tolist()})
     info = {"path": str(path), "P": P, "views": va, "train_view": train_view, "rgb_dim": da, "flow_dim": dm,
             "num_classes": c, "distinct_test_sequences": distinct, "options": options,
             **{k: int(v.size) for k, v in parts.items()}}
@@ -266,7 +266,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         curves.close()
     fit_seconds = time.perf_counter() - t0
 
-    scores = test_scores(head, *feature_tensors(fs, test, None), n, p.num_test, p.test_fusion).numpy()
+    scores = eval_scores(head, *feature_tensors(fs, test, None), n, p.num_test, p.test_fusion).numpy()
     class_names = [str(c) for c in fs.class_names]
     ts = TestScores(scores, fs.video_ids[test], fs.labels[test], class_names)
     ev = accuracy_metrics(ts.scores, ts.labels, class_names)

@@ -23,7 +23,7 @@ from pipeline.io import artifacts
 from pipeline.stage import StageError, run_stage
 from stages.cli import main
 from pipeline.models.backbones import create_backbone, normalize_rgb
-from pipeline.data.sampling import test_indices
+from pipeline.data.sampling import eval_indices
 from pipeline.io.store import VideoStore, read_frames
 from pipeline.data.table import VideoTable
 from pipeline.data.transforms import center_view
@@ -116,7 +116,7 @@ def test_rgb_outputs_and_test_scores_recomputed(rgb_run):
     model = create_backbone("resnet18", num_classes=2, weights=out / "best.pt").eval()
     frames = VideoStore(cache / "decode" / "frames")
     for k, i in enumerate(test_rows):
-        x = read_frames(frames, table.video_ids[i], test_indices(table.num_frames[i], 3)).permute(0, 3, 1, 2)
+        x = read_frames(frames, table.video_ids[i], eval_indices(table.num_frames[i], 3)).permute(0, 3, 1, 2)
         with torch.no_grad():
             p = model(normalize_rgb(center_view(x, 32))).softmax(1).mean(0)
         np.testing.assert_allclose(s["scores"][k], p.numpy(), atol=1e-5)
