@@ -42,6 +42,7 @@ from pipeline.data.clips import EvalViews, TrainClips, VideoList, input_channels
 from pipeline.streams import STREAMS
 from pipeline.models.backbones import (backbone_info, create_backbone, imagenet_weights_path, list_backbones,
                                       require_imagenet_weights)
+from pipeline.interop.checkpoints import convert_foreign
 from pipeline.io import artifacts
 from pipeline.io.store import VideoStore
 from pipeline.data.table import VideoTable
@@ -239,7 +240,7 @@ def build_model(p: FinetuneParams, num_classes: int) -> torch.nn.Module:
     try:
         torch.manual_seed(p.seed)  # the random initialisation (new classifier, or everything for none)
         return create_backbone(p.arch, num_classes=num_classes, in_channels=input_channels(p.stream, p.flow_length),
-                               weights=p.weights, dropout=p.drop)
+                               weights=p.weights, dropout=p.drop, convert=convert_foreign)
     except (ValueError, FileNotFoundError) as e:
         raise StageError(f"--arch {p.arch} --weights {p.weights}: {e}") from None
 
