@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import dist
 from pipeline.streams import STREAMS
 from pipeline.eval.metrics import accuracy_metrics
 from pipeline.eval.results import TestScores, save_test_scores
@@ -235,7 +236,10 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         ctx.log.warning("%d positions per video and N=%d: segments hold fewer than %d positions, so only %d of "
                         "the %d test sequences are distinct (repeats are averaged in)", info["P"], n,
                         p.num_test, info["distinct_test_sequences"], p.num_test)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device
+    try:
+        device = dist.device(p.device)  # the one device rule: this rank's (pipeline.dist)
+    except ValueError as e:
+        raise StageError(f"--device {p.device}: {e}") from None
     options = info["options"]
     kwargs = head_kwargs(p.head, options, p.seed)
     with torch.random.fork_rng(devices=[]):

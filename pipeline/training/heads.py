@@ -200,7 +200,7 @@ def fit_head(head: nn.Module, train: tuple[Tensor, Tensor, Tensor], val: tuple[T
         )
     _check_split("train", *train)
     _check_split("val", *val)
-    device = torch.device(dist.device("auto" if device is None else str(device)))
+    device = torch.device(device if device is not None else dist.device("auto"))
     # Moved once; every batch is then gathered on the device.
     tr_rgb, tr_flow, tr_labels = (t.to(device) for t in train)
     va_rgb, va_flow, va_labels = (t.to(device) for t in val)
