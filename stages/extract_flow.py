@@ -106,23 +106,12 @@ def plan(params: FlowParams, upstream: Upstream) -> Plan:
     return Plan("", table, describe)
 
 
-class _Pending:
-    """One video whose flows are being computed: its gray frames and the flows finished so far."""
-
-    def __init__(self, vid: str, gray, step: int):
-        self.vid, self.gray, self.step = vid, gray, step
-        self.num = gray.shape[0] - step
-        self.next = 0  # next pair index to schedule
-        self.parts: list[np.ndarray] = []
-        self.done = 0
-        self.t0 = time.perf_counter()
-
-
 def run(ctx: StageContext, plan: Plan) -> dict:
     import torch
 
-    from pipeline.flow.quantize import quantize_flow as quantize
+    from pipeline.flow.batcher import PairVideo, VideoFailed, flows_by_video, pair_frames, read_ahead
     from pipeline.flow.extract import default_batch_size, flow_codes
+    from pipeline.flow.quantize import quantize_flow as quantize
     from pipeline.flow.tvl1 import opencv_tvl1_flow, resolve_kernel, rgb_to_gray
 
     p: FlowParams = ctx.params
@@ -149,8 +138,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
             ctx.journal.record_failure(v, f"too short: {n} frame(s), flow with --step {p.step} needs at least "
                                           f"{p.step + 1}")
     todo = [(v, n) for v, n in todo if n > p.step]
-    total_pairs = sum(n - p.step for _, n in todo)
-    bar = ctx.progress(total_pairs, "extract-flow", unit="pair")
+    bar = ctx.progress(sum(n - p.step for _, n in todo), "extract-flow", unit="pair")
     t_start = time.perf_counter()
     pairs_done = 0
 
@@ -158,84 +146,46 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         rgb = read_frames(frames, vid).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
         return rgb_to_gray(rgb)  # (T, H, W) float32, OpenCV's 8-bit gray values
 
-    def commit(item: _Pending) -> None:
-        q = np.concatenate(item.parts)  # (num, 2, H, W) uint8
-        h, w = q.shape[2:]
-        with out.writer(item.vid) as c:
-            c.write_images("flow", np.ascontiguousarray(q.transpose(0, 2, 3, 1)), codec=p.codec,
-                           quality=p.quality)
-            c.set_attrs({**_codec_attrs(p), "num_flows": item.num, "num_frames": item.num + p.step,
-                         "step": p.step, "bound": p.bound, "height": h, "width": w, "backend": p.backend,
-                         "tvl1": {f.name: getattr(tv, f.name) for f in fields(tv)}})
-        ctx.journal.record_ok(item.vid, num_flows=item.num, seconds=round(time.perf_counter() - item.t0, 3))
+    def videos():
+        for vid, gray in read_ahead([v for v, _ in todo], load):
+            if isinstance(gray, Exception):
+                ctx.journal.record_failure(vid, f"cannot read frames: {type(gray).__name__}: {gray}")
+            elif gray.shape[0] <= p.step:
+                ctx.journal.record_failure(vid, f"too short: {gray.shape[0]} frame(s) stored, flow with --step "
+                                                f"{p.step} needs at least {p.step + 1}")
+            else:
+                yield PairVideo(vid, gray, p.step)
 
-    def compute(batch: list[tuple[_Pending, int, int]]) -> None:
-        """Run TV-L1 on the pairs [a, b) of each listed video, in one call for the torch backend."""
-        nonlocal pairs_done
+    def compute(batch) -> np.ndarray:
+        """TV-L1 codes (pairs, 2, H, W) uint8 of a batch, in one call for the torch backend."""
         if p.backend == "torch":
-            I0 = torch.cat([it.gray[a:b] for it, a, b in batch])
-            I1 = torch.cat([it.gray[a + it.step:b + it.step] for it, a, b in batch])
-            q = flow_codes(I0, I1, tv, bound=p.bound, kernel=kernel, device=device)
-        else:
-            qs = []
-            for it, a, b in batch:
-                g = it.gray.to(torch.uint8).numpy()
-                for i in range(a, b):
-                    qs.append(quantize(torch.from_numpy(opencv_tvl1_flow(g[i], g[i + it.step], tv)), p.bound)
-                              .numpy()[None])
-            q = np.concatenate(qs)
-        k = 0
-        for it, a, b in batch:
-            it.parts.append(q[k:k + b - a])
-            it.done += b - a
-            k += b - a
-            if it.done == it.num:
-                commit(it)
-        pairs_done += len(q)
-        bar.update(len(q))
+            return flow_codes(*pair_frames(batch), tv, bound=p.bound, kernel=kernel, device=device)
+        codes = []
+        for piece in batch:
+            g = piece.video.frames.to(torch.uint8).numpy()
+            for i in range(piece.start, piece.stop):
+                flow = torch.from_numpy(opencv_tvl1_flow(g[i], g[i + p.step], tv))
+                codes.append(quantize(flow, p.bound).numpy()[None])
+        return np.concatenate(codes)
+
+    def progress(pairs: int) -> None:
+        nonlocal pairs_done
+        pairs_done += pairs
+        bar.update(pairs)
         bar.set_postfix_str(f"{pairs_done / max(time.perf_counter() - t_start, 1e-9):.1f} pairs/s")
 
-    # Read the next videos' frames in a background thread while TV-L1 runs.
-    with ThreadPoolExecutor(2) as pool:
-        loads = [(v, pool.submit(load, v)) for v, _ in todo[:2]]
-        queue = iter(todo[2:])
-        active: list[_Pending] = []
-        while loads or active:
-            # Fill the batch: pairs of videos with the same frame size.
-            while loads and sum(it.num - it.next for it in active) < batch_size:
-                vid, fut = loads.pop(0)
-                nxt = next(queue, None)
-                if nxt is not None:
-                    loads.append((nxt[0], pool.submit(load, nxt[0])))
-                try:
-                    gray = fut.result()
-                except Exception as e:  # noqa: BLE001 - recorded per video
-                    ctx.journal.record_failure(vid, f"cannot read frames: {type(e).__name__}: {e}")
-                    continue
-                if active and gray.shape[1:] != active[0].gray.shape[1:]:
-                    # Another frame size: finish the current group first.
-                    loads.insert(0, (vid, _done_future(gray)))
-                    break
-                active.append(_Pending(vid, gray, p.step))
-            batch, room = [], batch_size
-            for it in active:
-                if room == 0:
-                    break
-                take = min(room, it.num - it.next)
-                if take:
-                    batch.append((it, it.next, it.next + take))
-                    it.next += take
-                    room -= take
-            if not batch:
-                break
-            try:
-                compute(batch)
-            except Exception as e:  # noqa: BLE001 - a failing batch fails its videos, not the run
-                for it, _, _ in batch:
-                    if it.vid not in ctx.journal.failed:
-                        ctx.journal.record_failure(it.vid, f"TV-L1 failed: {type(e).__name__}: {e}")
-                    it.done = it.num = -1
-            active = [it for it in active if it.done != it.num]
+    for done in flows_by_video(videos(), batch_size, compute, on_batch=progress):
+        if isinstance(done, VideoFailed):
+            ctx.journal.record_failure(done.video_id, f"TV-L1 failed: {done.reason}")
+            continue
+        q, num = done.codes, len(done.codes)  # (num, 2, H, W) uint8
+        with out.writer(done.video_id) as c:
+            c.write_images("flow", np.ascontiguousarray(q.transpose(0, 2, 3, 1)), codec=p.codec,
+                           quality=p.quality)
+            c.set_attrs({**_codec_attrs(p), "num_flows": num, "num_frames": num + p.step, "step": p.step,
+                         "bound": p.bound, "height": q.shape[2], "width": q.shape[3], "backend": p.backend,
+                         "tvl1": {f.name: getattr(tv, f.name) for f in fields(tv)}})
+        ctx.journal.record_ok(done.video_id, num_flows=num, seconds=round(done.seconds, 3))
     bar.close()
     seconds = time.perf_counter() - t_start
     rate = pairs_done / max(seconds, 1e-9)
@@ -327,14 +277,6 @@ def _codec_attrs(p: FlowParams, imported: bool = False) -> dict:
     if p.codec != "jpeg":
         return {"codec": p.codec}
     return {"codec": "jpeg", "quality": None if imported else p.quality}
-
-
-def _done_future(value):
-    from concurrent.futures import Future
-
-    f: Future = Future()
-    f.set_result(value)
-    return f
 
 
 STAGE = Stage(
