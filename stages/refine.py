@@ -33,6 +33,7 @@ from pipeline.data.paired import PairedClips, PairedTestSequences
 from pipeline.data.sampling import NUM_TEST
 from pipeline.data.table import VideoTable
 from pipeline.eval.metrics import accuracy_metrics
+from pipeline.flow.stored import flow_settings
 from pipeline.eval.results import TestScores, save_test_scores
 from pipeline.io import artifacts
 from pipeline.io.atomic import save_checkpoint
@@ -221,7 +222,10 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
     if missing:
         raise StageError(f"{len(missing)} video(s) have no flow in {flows.root}, e.g. {', '.join(missing[:3])}; "
                          "re-run `pipeline extract-flow`")
-    ff = fparams["flow"]
+    try:  # the flow store's bound and step, as extract-flow recorded them (every container is checked)
+        flow_bound, flow_step = flow_settings(upstream.manifests["extract-flow"], upstream.dir("extract-flow"))
+    except ValueError as e:
+        raise StageError(str(e)) from None
     sizes = {s: p.input_size or int(ck[s][1].get("input_size") or fparams[s].get("input_size") or 224)
              for s in STREAMS}
     for s in STREAMS:
@@ -234,7 +238,7 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
                  for s in STREAMS},
         head_path=head_path, head_meta={k: v for k, v in head_ckpt.items() if k != "model"}, positions=positions,
         rgb_size=sizes["rgb"], flow_size=sizes["flow"], flow_length=flow_length,
-        flow_bound=float(ff.get("flow_bound", 20.0)), flow_step=int(ff.get("flow_step", 1)),
+        flow_bound=flow_bound, flow_step=flow_step,
         partial_bn={s: p.partial_bn != "off" for s in STREAMS}, head_only=head_only)
     inputs = digest({"classes": table.classes, "train": data.train.video_ids, "val": data.val.video_ids,
                      "test": data.test.video_ids, "labels": list(data.train.labels + data.test.labels),

@@ -92,9 +92,19 @@ class Stage:
     upstream: Callable[..., tuple[str, ...]] = lambda params: ()
     key: Callable[[Any], str] | None = None
     help: str = ""
+    #: ``(params, upstream) -> dict``: the parameters the fingerprint digests, when they depend on more than the
+    #: fields' ``fingerprint`` flags (finetune: the flow settings for the flow stream only). Default:
+    #: :func:`params_dict` ``(params, only_fingerprinted=True)``.
+    fingerprint_params: Callable[[Any, "Upstream"], dict] | None = None
 
     def output_key(self, params: Any) -> str:
         return self.key(params) if self.key else self.name
+
+    def fingerprinted(self, params: Any, upstream: "Upstream") -> dict:
+        """The parameters this run's fingerprint digests."""
+        if self.fingerprint_params is not None:
+            return self.fingerprint_params(params, upstream)
+        return params_dict(params, only_fingerprinted=True)
 
     def upstream_keys(self, params: Any, cache_root: Path) -> tuple[str, ...]:
         """The upstream outputs this run reads. ``upstream`` takes ``(params)``, or ``(params, cache_root)``
