@@ -38,9 +38,9 @@ class FlowParams:
                          "that decode --dataset rawframes read (docs/rawframes.md).", choices=FLOW_BACKENDS)
     device: str = param("auto", "Device for --backend torch: auto (CUDA when available), cpu, cuda, cuda:N.",
                         fingerprint=False)
-    step: int = param(1, "Flow i goes from frame i to frame i + step; T frames give T - step flows.")
+    step: int = param(1, "Flow i goes from frame i to frame i + step; T frames give T - step flows.", min=1)
     bound: float = param(20.0, "Quantization bound in pixels: x and y are clipped to [-bound, bound] and stored as "
-                         "uint8 (TSN / mmaction2 use 20).")
+                         "uint8 (TSN / mmaction2 use 20).", min=0.0, min_exclusive=True)
     tau: float = param(0.25, "TV-L1 time step (OpenCV default).")
     lambda_: float = param(0.15, "TV-L1 data term weight (OpenCV default).")
     theta: float = param(0.3, "TV-L1 coupling weight (OpenCV default).")
@@ -57,12 +57,14 @@ class FlowParams:
                        "denseflow / mmaction2; ~4x smaller, lossy within a fraction of the quantization step), "
                        "zstd (lossless, Zstandard; gzip in HDF5) or raw (lossless, Blosc-LZ4 / LZF; the old "
                        "layout).", choices=FLOW_CODECS)
-    quality: int = param(95, "JPEG quality of --codec jpeg (1-100).")
+    quality: int = param(95, "JPEG quality of --codec jpeg (1-100).", min=1, max=100)
     flow_start_index: int | None = param(None, "For --backend import: index of the first flow image, 0 or 1 "
-                                         "(default: the layout's, 0 for denseflow, else 1).", omit_default=True)
+                                         "(default: the layout's, 0 for denseflow, else 1).", omit_default=True,
+                                         min=0, max=1)
     batch_size: int | None = param(None, "Frame pairs per TV-L1 call (torch backend); pairs of several videos of "
                                    "one size share a batch. Default: 4 on CPU, 64 on CUDA "
-                                   "(pipeline/flow/extract.py; measured in docs/benchmarks.md).", fingerprint=False)
+                                   "(pipeline/flow/extract.py; measured in docs/benchmarks.md).", fingerprint=False,
+                                   min=1)
     fast: bool = param(True, "Fuse the inner iteration with torch.compile (the eager path is the reference).",
                        fingerprint=False)
     # Not fingerprinted, like device and fast: every kernel computes the eager reference's flow up to float
@@ -75,20 +77,12 @@ class FlowParams:
         return tvl1_params({f.name: getattr(self, f.name) for f in fields(self)})
 
     def validate(self) -> None:
-        if self.step < 1:
-            raise StageError(f"--step must be >= 1 (got {self.step})")
-        if not self.bound > 0:
-            raise StageError(f"--bound must be > 0 (got {self.bound})")
-        if self.flow_start_index not in (None, 0, 1):
-            raise StageError(f"--flow-start-index must be 0 or 1 (got {self.flow_start_index})")
+        """The checks across parameters (each parameter's own are declared with it; the TV-L1 parameters'
+        are :class:`pipeline.flow.tvl1.TVL1Params`')."""
         if self.flow_start_index is not None and self.backend != "import":
             raise StageError("--flow-start-index applies to --backend import only")
         if not self.fast and self.kernel not in ("auto", "eager"):
             raise StageError(f"--no-fast runs the eager reference; it contradicts --kernel {self.kernel}")
-        if not 1 <= self.quality <= 100:
-            raise StageError(f"--quality must be in 1..100 (got {self.quality})")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise StageError(f"--batch-size must be >= 1 (got {self.batch_size})")
         try:
             self.tvl1()
         except ValueError as e:

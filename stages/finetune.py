@@ -67,63 +67,48 @@ class FinetuneParams:
                         choices=STREAMS)
     arch: str = param("resnet101", "Backbone ([STFN] §4.2 uses resnet101 and inception_v3).",
                       choices=list_backbones(), aliases=("--backbone",), scope="backbone")
-    input_size: int = param(224, "Network input side in pixels ([STFN] §4.2: 224).")
+    input_size: int = param(224, "Network input side in pixels ([STFN] §4.2: 224).", min=1)
     weights: str = param("imagenet", "Initial weights: imagenet (torchvision's, from the torch hub cache; "
                          "never downloaded), none (random), or a path (torchvision state dict, our "
                          "checkpoint, or an mmaction2 / tsn-pytorch TSN checkpoint; a first conv of another "
                          "channel count is re-initialised as TSN's cross-modality average, docs/rawframes.md). "
                          "[STFN] §4.2 starts from ImageNet.")
-    split: int = param(1, "Which split of the video table (1..3 for UCF101 / HMDB51).", scope="split")
+    split: int = param(1, "Which split of the video table (1..3 for UCF101 / HMDB51).", scope="split", min=1)
     segments: int = param(1, "TSN segments N: one random frame (stack) from each of N equal parts, scores "
                           "averaged (consensus). 1 is the two-stream sampling [STFN] §4.2 describes for "
-                          "these networks (its N = 5 segments are for STFN); TSN uses 3.")
-    batch_size: int = param(32, "Videos per SGD step, over all ranks ([STFN] §4.2: 32).")
-    lr: float = param(1e-3, "Initial learning rate ([STFN] §4.2: 1e-3).")
-    momentum: float = param(0.9, "SGD momentum ([STFN] §4.2: 0.9).")
-    weight_decay: float = param(5e-4, "Weight decay on conv and linear weights (TSN: 5e-4).")
+                          "these networks (its N = 5 segments are for STFN); TSN uses 3.", min=1)
+    batch_size: int = param(32, "Videos per SGD step, over all ranks ([STFN] §4.2: 32).", min=1)
+    lr: float = param(1e-3, "Initial learning rate ([STFN] §4.2: 1e-3).", min=0.0, min_exclusive=True)
+    momentum: float = param(0.9, "SGD momentum ([STFN] §4.2: 0.9).", min=0.0, max=1.0, max_exclusive=True)
+    weight_decay: float = param(5e-4, "Weight decay on conv and linear weights (TSN: 5e-4).", min=0.0)
     patience: int = param(3, "Epochs without a lower validation error before the learning rate is divided "
-                          "by 10 ([STFN] §4.2: 'when the validation error saturates').")
+                          "by 10 ([STFN] §4.2: 'when the validation error saturates').", min=0)
     lr_decays: int = param(2, "Stop at the first plateau after this many divisions by 10 (TSN divides "
-                           "twice: 1e-3 -> 1e-5).")
-    epochs: int = param(80, "Maximum number of epochs.")
-    dropout: float = param(-1.0, "Dropout before the classifier; -1: by stream, TSN's 0.8 (rgb) / 0.7 (flow).")
+                           "twice: 1e-3 -> 1e-5).", min=0)
+    epochs: int = param(80, "Maximum number of epochs.", min=1)
+    dropout: float = param(-1.0, "Dropout before the classifier; -1: by stream, TSN's 0.8 (rgb) / 0.7 (flow).",
+                           min=0.0, max=1.0, max_exclusive=True, also=(-1.0,))
     partial_bn: str = param("auto", "TSN partial BN: freeze every BatchNorm layer but the first. auto: on "
                             "with pretrained weights, off with --weights none (from scratch BN must learn).",
                             choices=("auto", "on", "off"))
-    val_frames: int = param(5, "Centre views per validation video (uniformly spaced), each epoch.")
-    num_test_frames: int = param(25, "Centre views per test video, uniformly spaced (two-stream protocol: 25).")
+    val_frames: int = param(5, "Centre views per validation video (uniformly spaced), each epoch.", min=1)
+    num_test_frames: int = param(25, "Centre views per test video, uniformly spaced (two-stream protocol: 25).",
+                                 min=1)
     # The flow settings enter the fingerprint of the flow stream only (fingerprint_params below).
     flow_length: int = param(10, "L, flow fields per stack ([STFN] §4.2: 10 -> 20 input channels).",
-                             fingerprint=False)
+                             fingerprint=False, min=1)
     flow_bound: float | None = param(None, "Ignored, kept for one release: the flow store's quantisation bound is "
                                      "read from extract-flow's manifest.", fingerprint=False)
     flow_step: int | None = param(None, "Ignored, kept for one release: the flow store's frame step is read from "
                                   "extract-flow's manifest.", fingerprint=False)
     seed: int = param(0, "Seed of initialisation, data order, augmentation and dropout.")
     workers: int = param(-1, "DataLoader worker processes per rank (-1: auto, 0: load in the main process).",
-                         fingerprint=False)
+                         fingerprint=False, min=0, also=(-1,))
     device: str = param("auto", "auto (CUDA when available), cpu or cuda.", fingerprint=False,
                         choices=("auto", "cpu", "cuda"))
     amp: bool = param(True, "bf16 autocast and channels_last on CUDA (ignored on CPU).", fingerprint=False)
     tensorboard: bool = param(False, "Write per-epoch loss, accuracy and lr for TensorBoard to <output>/tensorboard/.",
                               fingerprint=False)
-
-    def validate(self) -> None:
-        if self.stream not in STREAMS:
-            raise StageError(f"--stream must be one of {', '.join(STREAMS)} (got {self.stream!r})")
-        if self.arch not in list_backbones():
-            raise StageError(f"unknown --arch {self.arch!r}; valid: {', '.join(list_backbones())}")
-        for name in ("input_size", "segments", "batch_size", "epochs", "val_frames", "num_test_frames",
-                     "flow_length", "split"):
-            if getattr(self, name) < 1:
-                raise StageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise StageError(f"need --lr > 0, --weight-decay >= 0 and 0 <= --momentum < 1 (got {self.lr}, "
-                             f"{self.weight_decay}, {self.momentum})")
-        if self.patience < 0 or self.lr_decays < 0:
-            raise StageError("--patience and --lr-decays must be >= 0")
-        if not (self.dropout == -1 or 0 <= self.dropout < 1):
-            raise StageError(f"--dropout must be in [0, 1) or -1 (got {self.dropout})")
 
     @property
     def drop(self) -> float:
@@ -207,7 +192,6 @@ def _weights_digest(weights: str, arch: str) -> str:
 
 
 def plan(p: FinetuneParams, upstream: Upstream) -> Plan:
-    p.validate()
     if p.tensorboard:
         try:
             check_tensorboard()

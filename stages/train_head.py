@@ -32,6 +32,7 @@ from pipeline.models.heads import (DEFAULT_HEAD, DEFAULT_SEGMENTS, HEADS, HEAD_O
                                    head_kwargs, head_options, head_output_name, list_heads)
 from pipeline.models.stfn import ARCHS, DIRECTIONS, STFN_FUSIONS
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param, params_dict
+from pipeline.stage.validate import option_name
 from pipeline.training.tensorboard import EpochScalars, TensorBoardMissing
 from pipeline.training.tensorboard import check_available as check_tensorboard
 from pipeline.data.sampling import NUM_TEST, eval_sequences
@@ -40,6 +41,10 @@ from pipeline.training.heads import (NonFiniteLoss, eval_scores, feature_tensors
 
 VERSION = "2"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def _folder_name(name: str) -> str | None:
+    return None if _NAME_RE.match(name) else "must be a plain folder name (letters, digits, . _ + -)"
 
 
 def _head_option(option: str, help: str, **kw):
@@ -63,49 +68,39 @@ class TrainHeadParams:
                                       choices=STFN_FUSIONS)
     direction: str | None = _head_option("direction", "STFN fusion direction, Fig. 5: bi, a2m or m2a.",
                                          choices=DIRECTIONS, aliases=("--dir",))
-    blocks: int | None = _head_option("blocks", "STFN Res-Inc blocks per path (§4.3).")
+    blocks: int | None = _head_option("blocks", "STFN Res-Inc blocks per path (§4.3).", min=1)
     fused_dim: int | None = _head_option("fused_dim", "STFN avg/max/mul on rgb and flow of different widths: "
-                                         "project both to this width.")
-    stcb_dim: int | None = _head_option("stcb_dim", "STCB output width ([STPN] Table 3).")
-    flow_weight: float | None = _head_option("flow_weight", "Weight of the flow scores.")
-    dropout: float | None = _head_option("dropout", "Dropout before each classifier.")
-    segments: int = param(DEFAULT_SEGMENTS, "N segments per video ([STFN] §4.2; Table 4: 3, 5, 7, 9).")
+                                         "project both to this width.", min=1)
+    stcb_dim: int | None = _head_option("stcb_dim", "STCB output width ([STPN] Table 3).", min=1)
+    flow_weight: float | None = _head_option("flow_weight", "Weight of the flow scores.", min=0.0)
+    dropout: float | None = _head_option("dropout", "Dropout before each classifier.", min=0.0, max=1.0,
+                                         max_exclusive=True)
+    segments: int = param(DEFAULT_SEGMENTS, "N segments per video ([STFN] §4.2; Table 4: 3, 5, 7, 9).", min=1)
     seed: int = param(0, "Seed of the head's initialisation, the sampled positions and dropout.")
     split: int = param(1, "Split of the features (extract-features --split) the head trains and tests on.",
-                       scope="split")
+                       scope="split", min=1)
     backbone: str = param(artifacts.DEFAULT_BACKBONE, "Backbone of the features (extract-features --arch).",
                           scope="backbone")
     test_fusion: str = param("mean", "Fusion of the test sequences' scores: mean ([STFN] §4.2) or sci "
                              "([FstCN] eq. 6).", choices=SCORE_FUSIONS)
-    num_test: int = param(NUM_TEST, "Test sequences per video ([STFN] §4.2).")
-    lr: float = param(1e-4, "RMSProp initial learning rate ([STFN] §4.2).")
-    min_lr: float = param(1e-7, "Learning-rate floor; training stops when validation saturates there.")
-    patience: int = param(3, "Epochs without validation improvement before the learning rate is divided by 10.")
-    batch_size: int = param(32, "Videos per mini-batch.")
-    max_epochs: int = param(100, "Hard cap on epochs.")
+    num_test: int = param(NUM_TEST, "Test sequences per video ([STFN] §4.2).", min=1)
+    lr: float = param(1e-4, "RMSProp initial learning rate ([STFN] §4.2).", min=0.0, min_exclusive=True)
+    min_lr: float = param(1e-7, "Learning-rate floor; training stops when validation saturates there.", min=0.0,
+                          min_exclusive=True)
+    patience: int = param(3, "Epochs without validation improvement before the learning rate is divided by 10.",
+                          min=1)
+    batch_size: int = param(32, "Videos per mini-batch.", min=1)
+    max_epochs: int = param(100, "Hard cap on epochs.", min=1)
     device: str = param("auto", "Training device: auto, cpu, cuda, cuda:1, ...", fingerprint=False)
     tensorboard: bool = param(False, "Write per-epoch loss, error and lr for TensorBoard to <output>/tensorboard/.",
                               fingerprint=False)
     name: str | None = param(None, "Output name (train-head/<name>); default derived from the head's options.",
-                             fingerprint=False)
+                             fingerprint=False, check=_folder_name)
 
     def validate(self) -> None:
-        positive = {"segments": self.segments, "blocks": self.blocks, "stcb_dim": self.stcb_dim,
-                    "fused_dim": self.fused_dim, "num_test": self.num_test, "patience": self.patience,
-                    "batch_size": self.batch_size, "max_epochs": self.max_epochs}
-        for k, v in positive.items():
-            if v is not None and v < 1:
-                raise StageError(f"--{k.replace('_', '-')} must be >= 1 (got {v})")
-        checks = [
-            (self.dropout is None or 0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})"),
-            (self.flow_weight is None or self.flow_weight >= 0, f"--flow-weight must be >= 0 (got {self.flow_weight})"),
-            (0 < self.min_lr <= self.lr, f"need 0 < --min-lr <= --lr (got {self.min_lr}, {self.lr})"),
-            (self.name is None or bool(_NAME_RE.match(self.name)),
-             f"--name {self.name!r} must be a plain folder name (letters, digits, . _ + -)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise StageError(message)
+        """The checks across parameters (each parameter's own are declared with it)."""
+        if self.min_lr > self.lr:
+            raise StageError(f"need --min-lr <= --lr (got {self.min_lr}, {self.lr})")
         effective_options(self)
 
 
@@ -119,7 +114,7 @@ def effective_options(p: TrainHeadParams) -> dict:
     try:
         return head_options(p.head, given_options(p))
     except HeadOptionError as e:
-        raise StageError(f"--{e.option.replace('_', '-')}: {e}") from None
+        raise StageError(f"{option_name(e.option)}: {e}") from None
 
 
 def head_name(p: TrainHeadParams) -> str:

@@ -255,7 +255,7 @@ def test_mismatched_dims_train_with_fused_dim(tmp_path):
     (("--fusion", "sum"), "Invalid value for '--fusion'"),
     (("--dir", "up"), "Invalid value for '--direction' / '--dir'"),
     (("--val-fraction", 0.2), "No such option '--val-fraction'"),
-    (("--segments", 0), "--segments must be >= 1"),
+    (("--segments", 0), "--segments: 0 must be >= 1"),
     (("--name", "../x"), "plain folder name"),
 ])
 def test_bad_options(tmp_path, args, message):
