@@ -395,7 +395,8 @@ def test_mmaction2_rgb_checkpoint_reproduces_torchvision(tmp_path, tv_resnet18):
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), _pooled(tv_resnet18, x))
         torch.testing.assert_close(model(x), tv_resnet18(x))  # cls_head.fc_cls kept: same class count
-    fresh = B.create_backbone("resnet18", num_classes=7, weights=path, convert=convert_foreign)  # other class count: a new head
+    # another class count: a new head
+    fresh = B.create_backbone("resnet18", num_classes=7, weights=path, convert=convert_foreign)
     assert fresh.fc.weight.shape == (7, 512) and fresh.fc.weight.abs().max() < 0.01
     # The model layer knows no foreign format: without the converter the file is refused, saying why.
     with pytest.raises(ValueError, match="is a dict, not a tensor .*another tool's checkpoint.*convert_foreign"):

@@ -1,4 +1,5 @@
-"""Head training loop (the sampling tables of [STFN] §4.2 are in test_sampling.py): fit_head, predict, the metrics, the split column."""
+"""Head training loop: fit_head, predict, the metrics, the split column (the sampling tables of [STFN] §4.2
+are in test_sampling.py)."""
 
 import copy
 import math
