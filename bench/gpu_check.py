@@ -331,7 +331,7 @@ def section_features(c: Ctx) -> None:
     import numpy as np
     import torch
 
-    from pipeline.data import STREAMS
+    from pipeline.streams import STREAMS
     from pipeline.features import build_backbone, extract, features_of_video, forward_features, write_part
     from pipeline.io.store import VideoStore, decode_jpeg_frames
 

@@ -28,9 +28,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from pipeline.data import STREAMS
+from pipeline.streams import STREAMS
 from pipeline.data.sampling import feature_positions, flow_stack_indices
 from pipeline.data.transforms import center_view, resize_short_side, ten_crop
+from pipeline.interop.checkpoints import convert_foreign
 from pipeline.io import artifacts
 from pipeline.io.atomic import weights_sha256
 from pipeline.io.store import StoreError, VideoStore
@@ -153,7 +154,8 @@ def build_backbone(src: StreamSource, device: str | torch.device = "cpu") -> Bac
         torch.manual_seed(src.seed + (0 if src.stream == "rgb" else 1))
     try:
         model = create_backbone(src.arch, num_classes=0, in_channels=src.in_channels,
-                                weights=src.weights if src.weights in ("imagenet", "none") else src.path)
+                                weights=src.weights if src.weights in ("imagenet", "none") else src.path,
+                                convert=convert_foreign)
     except (ValueError, FileNotFoundError) as e:
         raise StageError(f"{src.stream} backbone: {e}") from e
     return model.eval().to(device)

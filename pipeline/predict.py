@@ -5,7 +5,7 @@ the new videos in a work cache of their own, with the parameters the dataset's c
 dataset's fine-tuned backbones as weights files, so the videos go through exactly the code and settings the
 head was trained on. This module holds what comes before and after: finding the models in the cache
 (:func:`find_models`), the test protocol of ``train-head`` on the new features (:func:`video_probabilities`,
-the same :func:`pipeline.training.heads.test_scores`), the top-k (:func:`top_k`) and the per-window scores of
+the same :func:`pipeline.training.heads.eval_scores`), the top-k (:func:`top_k`) and the per-window scores of
 the timeline (:func:`timeline_probabilities`).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.data import STREAMS
+from pipeline.streams import STREAMS
 from pipeline.io import artifacts
 from pipeline.io.artifacts import key_parts
 from pipeline.models.heads import DEFAULT_HEAD, head_label, head_options, head_output_name
@@ -101,10 +101,10 @@ def find_models(cache_root: Path, split: int, backbone: str, head: str | None = 
 def video_probabilities(head: torch.nn.Module, rgb: np.ndarray, flow: np.ndarray, num_segments: int,
                         num_test: int, fusion: str = "mean") -> np.ndarray:
     """(V, C) class probabilities of ``train-head``'s test protocol on features (V, P, views, D)."""
-    from pipeline.training.heads import test_scores
+    from pipeline.training.heads import eval_scores
 
     with torch.no_grad():
-        out = test_scores(head, torch.from_numpy(np.asarray(rgb, dtype=np.float32)),
+        out = eval_scores(head, torch.from_numpy(np.asarray(rgb, dtype=np.float32)),
                           torch.from_numpy(np.asarray(flow, dtype=np.float32)), num_segments, num_test, fusion)
     return out.numpy()
 

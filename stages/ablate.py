@@ -61,11 +61,7 @@ GRIDS: dict[str, list[tuple[str, str, list[tuple[str, dict]]]]] = {
 class AblateParams:
     grid: str = param("tables", "Which grids: tables ([STFN] Tables 1-4 and every baseline) or reduced "
                       "(two settings per table; for the demo).", choices=tuple(GRIDS))
-    seeds: int = param(1, "Train every row with seeds 0..K-1 and report mean ± std.")
-
-    def validate(self) -> None:
-        if self.seeds < 1:
-            raise StageError(f"--seeds must be >= 1 (got {self.seeds})")
+    seeds: int = param(1, "Train every row with seeds 0..K-1 and report mean ± std.", min=1)
 
 
 def ablation_rows(base: TrainHeadParams, grid: str, seeds: int) -> list[tuple[str, str, list[tuple[str, list]]]]:

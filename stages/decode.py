@@ -48,18 +48,19 @@ class DecodeParams:
                                    "(mmaction2 test list, Kinetics validation CSV, SSv2 validation JSON).",
                                    omit_default=True)
     test_fraction: float = param(0.3, "For --dataset folder: fraction of groups held out as the test split "
-                                 "(0 puts every video in train).")
+                                 "(0 puts every video in train).", min=0.0, max=1.0, max_exclusive=True)
     val_fraction: float = param(0.1, "Fraction of each split's training videos held out for validation, by "
-                                "whole groups per class; every later stage validates on them (docs/architecture.md).")
+                                "whole groups per class; every later stage validates on them (docs/architecture.md).",
+                                min=0.0, max=1.0, max_exclusive=True)
     val_seed: int = param(0, "Seed of the validation hold-out.")
     short_side: int = param(256, "Resize frames so the short side has this many pixels, aspect kept "
-                            "([STFN] §4.2); 0 keeps the source size.")
+                            "([STFN] §4.2); 0 keeps the source size.", min=16, also=(0,))
     frame_codec: str = param("jpeg", "How frames are stored: jpeg (JPEG-in-array, much smaller) or raw "
                              "(lossless uint8 chunks, faster to read). See docs/formats.md.", choices=IMAGE_CODECS)
-    jpeg_quality: int = param(95, "JPEG quality for --frame-codec jpeg.")
+    jpeg_quality: int = param(95, "JPEG quality for --frame-codec jpeg.", min=1, max=100)
     store: str = param("zarr", "Frame store: zarr (a folder per video) or h5 (an HDF5 file per video).",
                        choices=BACKENDS)
-    max_frames: int = param(0, "Decode at most this many frames per video (0: all).")
+    max_frames: int = param(0, "Decode at most this many frames per video (0: all).", min=0)
     demo_seed: int = param(0, "Seed of the synthetic demo dataset (--dataset demo).")
     allow_missing: bool = param(False, "Accept split lists that name videos missing on disk (they are listed "
                                 "and skipped) instead of stopping.")
@@ -83,19 +84,12 @@ class DecodeParams:
                                               omit_default=True)
     rawframes_test_list: Path | None = param(None, "For --dataset rawframes: mmaction2 / TSN test list.",
                                              omit_default=True)
-    workers: int = param(0, "Decoding processes (0: one per CPU core).", fingerprint=False)
+    workers: int = param(0, "Decoding processes (0: one per CPU core).", fingerprint=False, min=0)
 
     def validate(self) -> None:
+        """The checks across parameters (each parameter's own are declared with it)."""
         if self.dataset != "demo" and self.root is None:
             raise StageError(f"--root is required for --dataset {self.dataset}")
-        if self.short_side < 0 or (0 < self.short_side < 16):
-            raise StageError(f"--short-side must be 0 or at least 16 (got {self.short_side})")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise StageError(f"--jpeg-quality must be in 1..100 (got {self.jpeg_quality})")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise StageError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise StageError(f"--test-fraction must be in [0, 1) (got {self.test_fraction})")
         if self.dataset != "rawframes" and (self.rawframes_train_list or self.rawframes_test_list
                                             or self.rawframes_labels != "lists"):
             raise StageError(f"--rawframes-* options apply to --dataset rawframes only (got --dataset {self.dataset})")

@@ -53,44 +53,44 @@ from pipeline.io.artifacts import SCORES
 from pipeline.io.atomic import write_json, write_text
 from pipeline.stage import (Manifest, Plan, Stage, StageContext, StageError, Upstream, file_sha256, finished_outputs,
                             param)
+from pipeline.stage.validate import existing_file
 
 VERSION = "2"
 #: The stages whose finished outputs become rows.
 SOURCES = (artifacts.FINETUNE, artifacts.TRAIN_HEAD, artifacts.REFINE)
 
 
+def _distinct_splits(splits: tuple[int, ...]) -> str | None:
+    if not splits or len(set(splits)) != len(splits):
+        return "must list distinct split ids"
+    return None
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     splits: tuple[int, ...] = param((1,), "Split(s) to evaluate, e.g. 1,2,3: every row on each split, then the "
                                     "mean ± std over splits ([STFN] Table 6).", aliases=("--split",),
-                                    scope="split")
+                                    scope="split", min=1, check=_distinct_splits)
     backbone: str = param(artifacts.DEFAULT_BACKBONE, "Backbone of the rows (finetune / extract-features --arch).",
                           scope="backbone")
     streams: bool = param(False, "Only the finetune rows: each stream and their late fusion ([STFN] Table 5).")
-    flow_weight: float = param(1.5, "Late fusion weight of the flow stream (rgb 1 : flow w; TSN uses 1.5).")
+    flow_weight: float = param(1.5, "Late fusion weight of the flow stream (rgb 1 : flow w; TSN uses 1.5).",
+                               min=0.0)
     external_scores: Path | None = param(None, "Another model's per-video test scores (.npz, .csv, tsn-pytorch "
                                          "--save_scores .npz or mmaction2 .pkl) to average with ours, as the "
-                                         "paper's +MIFS column (one split only).")
+                                         "paper's +MIFS column (one split only).", check=existing_file)
     external_list: Path | None = param(None, "The test list a tsn-pytorch .npz or mmaction2 .pkl was made from "
-                                       "(their order of videos).", omit_default=True)
-    external_weight: float = param(1.0, "Weight w of the external scores: (ours + w external) / (1 + w).")
+                                       "(their order of videos).", omit_default=True, check=existing_file)
+    external_weight: float = param(1.0, "Weight w of the external scores: (ours + w external) / (1 + w).",
+                                   min=0.0)
     external_name: str = param("external", "Column label of the external scores (e.g. MIFS).")
     per_class: str = param("", "Comma-separated row names for the per-class accuracy table (default: every "
                            "row when there are at most 20 classes, else the best row by top-1).")
 
     def validate(self) -> None:
-        if not self.splits or any(s < 1 for s in self.splits) or len(set(self.splits)) != len(self.splits):
-            raise StageError(f"--splits must list distinct split ids >= 1 (got {','.join(map(str, self.splits))})")
-        if self.flow_weight < 0:
-            raise StageError(f"--flow-weight must be >= 0 (got {self.flow_weight})")
-        if self.external_weight < 0:
-            raise StageError(f"--external-weight must be >= 0 (got {self.external_weight})")
-        if self.external_scores is not None and not Path(self.external_scores).is_file():
-            raise StageError(f"--external-scores {self.external_scores}: file not found")
+        """The checks across parameters (each parameter's own are declared with it)."""
         if self.external_list is not None and self.external_scores is None:
             raise StageError("--external-list orders the videos of --external-scores: give both")
-        if self.external_list is not None and not Path(self.external_list).is_file():
-            raise StageError(f"--external-list {self.external_list}: file not found")
         if self.external_scores is not None and len(self.splits) > 1:
             raise StageError("--external-scores scores one split's test videos: give one --split with it")
 

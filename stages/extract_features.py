@@ -57,7 +57,7 @@ from pipeline.models.backbones import list_backbones
 from pipeline.stage import Journal, Plan, Stage, StageContext, StageError, Upstream, digest, param
 
 VERSION = "1"
-from pipeline.data import STREAMS  # noqa: E402,F401
+from pipeline.streams import STREAMS  # noqa: E402,F401
 FORMATS = ("zarr", "h5", "both")
 DTYPES = ("float16", "float32")
 VIEWS = (1, 10)
@@ -65,15 +65,19 @@ DEFAULT_ARCH = artifacts.DEFAULT_BACKBONE
 PARTS = "parts"
 
 
+def _one_or_ten_views(views: int) -> str | None:
+    return None if views in VIEWS else "is neither 1 (centre crop) nor 10 (TSN 10-crop)"
+
+
 @dataclass(frozen=True)
 class ExtractFeaturesParams:
     split: int = param(1, "Split whose train / test membership is stored beside the features (a split id "
-                       "of the video table: 1, 2, 3 for UCF101 / HMDB51, 1 otherwise).", scope="split")
+                       "of the video table: 1, 2, 3 for UCF101 / HMDB51, 1 otherwise).", scope="split", min=1)
     positions: int = param(45, "P, temporal positions per video. A head with N segments needs P >= 5 N "
                            "(5 test positions per segment, [STFN] §4.2): 45 covers N up to 9; 25 / 35 "
-                           "cover the paper's N = 5 / 7.")
+                           "cover the paper's N = 5 / 7.", min=1)
     views: int = param(1, "Spatial views per position: 1 (centre crop) or 10 (TSN's 4 corners + centre and "
-                       "their mirrors), stored as an extra axis.")
+                       "their mirrors), stored as an extra axis.", check=_one_or_ten_views)
     rgb_weights: str = param("finetune", "Appearance backbone: finetune (<cache>/finetune/<scope>/rgb/best.pt), "
                              "imagenet, none (random, seeded by --seed) or a weights file (ours, torchvision's, "
                              "mmaction2's or tsn-pytorch's TSN).")
@@ -82,11 +86,11 @@ class ExtractFeaturesParams:
                               "an mmaction2 flow TSN takes 10 channels: --flow-length 5 keeps its conv1).")
     arch: str = param(DEFAULT_ARCH, "Backbone of both streams (resnet18/34/50/101/152, inception_v3): reads "
                       "finetune's outputs of this backbone; a weights file of another arch is refused.",
-                      aliases=("--backbone",), scope="backbone")
+                      aliases=("--backbone",), scope="backbone", choices=list_backbones())
     input_size: int = param(0, "Network input side in pixels; 0: the checkpoint's input_size, else the "
-                            "backbone's native size (224 ResNet, 299 Inception-V3).")
+                            "backbone's native size (224 ResNet, 299 Inception-V3).", min=16, also=(0,))
     flow_length: int = param(0, "L, flow fields per stack (2L input channels); 0: the flow checkpoint's, "
-                             "else 10 ([STFN] §4.2).")
+                             "else 10 ([STFN] §4.2).", min=0)
     dtype: str = param("float16", "Stored feature dtype.", choices=DTYPES)
     store: str = param("zarr", "Feature store: features.zarr, features.h5 or both.", choices=FORMATS,
                        aliases=("--format",), recorded_as="format")
@@ -95,24 +99,11 @@ class ExtractFeaturesParams:
     seed: int = param(0, "Seed of the random initialisation for --*-weights none.")
     device: str = param("auto", "auto (this rank's GPU if any, else cpu), cpu, cuda or cuda:N.",
                         fingerprint=False)
-    batch_size: int = param(64, "Network inputs per forward pass (batches never mix videos).", fingerprint=False)
+    batch_size: int = param(64, "Network inputs per forward pass (batches never mix videos).", fingerprint=False,
+                            min=1)
     workers: int = param(4, "Reader threads (read + decode + crop of the next videos while the GPU runs).",
-                         fingerprint=False)
+                         fingerprint=False, min=1)
     amp: bool = param(True, "On CUDA: bfloat16 autocast and channels_last.", fingerprint=False)
-
-    def validate(self) -> None:
-        if self.positions < 1:
-            raise StageError(f"--positions must be at least 1 (got {self.positions})")
-        if self.views not in VIEWS:
-            raise StageError(f"--views must be 1 (centre crop) or 10 (TSN 10-crop), got {self.views}")
-        if self.input_size < 0 or 0 < self.input_size < 16:
-            raise StageError(f"--input-size must be 0 (automatic) or at least 16 (got {self.input_size})")
-        if self.flow_length < 0:
-            raise StageError(f"--flow-length must be 0 (automatic) or positive (got {self.flow_length})")
-        if self.arch not in list_backbones():
-            raise StageError(f"--arch {self.arch!r} is unknown; choose one of {', '.join(list_backbones())}")
-        if self.batch_size < 1 or self.workers < 1:
-            raise StageError("--batch-size and --workers must be at least 1")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,7 +133,6 @@ class FeaturePlan:
 
 
 def plan(p: ExtractFeaturesParams, upstream: Upstream) -> Plan:
-    p.validate()
     try:
         table = VideoTable.load(upstream.dir("decode"))
         membership = table.split_of(p.split)

@@ -38,9 +38,9 @@ class FlowParams:
                          "that decode --dataset rawframes read (docs/rawframes.md).", choices=FLOW_BACKENDS)
     device: str = param("auto", "Device for --backend torch: auto (CUDA when available), cpu, cuda, cuda:N.",
                         fingerprint=False)
-    step: int = param(1, "Flow i goes from frame i to frame i + step; T frames give T - step flows.")
+    step: int = param(1, "Flow i goes from frame i to frame i + step; T frames give T - step flows.", min=1)
     bound: float = param(20.0, "Quantization bound in pixels: x and y are clipped to [-bound, bound] and stored as "
-                         "uint8 (TSN / mmaction2 use 20).")
+                         "uint8 (TSN / mmaction2 use 20).", min=0.0, min_exclusive=True)
     tau: float = param(0.25, "TV-L1 time step (OpenCV default).")
     lambda_: float = param(0.15, "TV-L1 data term weight (OpenCV default).")
     theta: float = param(0.3, "TV-L1 coupling weight (OpenCV default).")
@@ -57,12 +57,14 @@ class FlowParams:
                        "denseflow / mmaction2; ~4x smaller, lossy within a fraction of the quantization step), "
                        "zstd (lossless, Zstandard; gzip in HDF5) or raw (lossless, Blosc-LZ4 / LZF; the old "
                        "layout).", choices=FLOW_CODECS)
-    quality: int = param(95, "JPEG quality of --codec jpeg (1-100).")
+    quality: int = param(95, "JPEG quality of --codec jpeg (1-100).", min=1, max=100)
     flow_start_index: int | None = param(None, "For --backend import: index of the first flow image, 0 or 1 "
-                                         "(default: the layout's, 0 for denseflow, else 1).", omit_default=True)
+                                         "(default: the layout's, 0 for denseflow, else 1).", omit_default=True,
+                                         min=0, max=1)
     batch_size: int | None = param(None, "Frame pairs per TV-L1 call (torch backend); pairs of several videos of "
                                    "one size share a batch. Default: 4 on CPU, 64 on CUDA "
-                                   "(pipeline/flow/extract.py; measured in docs/benchmarks.md).", fingerprint=False)
+                                   "(pipeline/flow/extract.py; measured in docs/benchmarks.md).", fingerprint=False,
+                                   min=1)
     fast: bool = param(True, "Fuse the inner iteration with torch.compile (the eager path is the reference).",
                        fingerprint=False)
     # Not fingerprinted, like device and fast: every kernel computes the eager reference's flow up to float
@@ -75,20 +77,12 @@ class FlowParams:
         return tvl1_params({f.name: getattr(self, f.name) for f in fields(self)})
 
     def validate(self) -> None:
-        if self.step < 1:
-            raise StageError(f"--step must be >= 1 (got {self.step})")
-        if not self.bound > 0:
-            raise StageError(f"--bound must be > 0 (got {self.bound})")
-        if self.flow_start_index not in (None, 0, 1):
-            raise StageError(f"--flow-start-index must be 0 or 1 (got {self.flow_start_index})")
+        """The checks across parameters (each parameter's own are declared with it; the TV-L1 parameters'
+        are :class:`pipeline.flow.tvl1.TVL1Params`')."""
         if self.flow_start_index is not None and self.backend != "import":
             raise StageError("--flow-start-index applies to --backend import only")
         if not self.fast and self.kernel not in ("auto", "eager"):
             raise StageError(f"--no-fast runs the eager reference; it contradicts --kernel {self.kernel}")
-        if not 1 <= self.quality <= 100:
-            raise StageError(f"--quality must be in 1..100 (got {self.quality})")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise StageError(f"--batch-size must be >= 1 (got {self.batch_size})")
         try:
             self.tvl1()
         except ValueError as e:
@@ -106,23 +100,12 @@ def plan(params: FlowParams, upstream: Upstream) -> Plan:
     return Plan("", table, describe)
 
 
-class _Pending:
-    """One video whose flows are being computed: its gray frames and the flows finished so far."""
-
-    def __init__(self, vid: str, gray, step: int):
-        self.vid, self.gray, self.step = vid, gray, step
-        self.num = gray.shape[0] - step
-        self.next = 0  # next pair index to schedule
-        self.parts: list[np.ndarray] = []
-        self.done = 0
-        self.t0 = time.perf_counter()
-
-
 def run(ctx: StageContext, plan: Plan) -> dict:
     import torch
 
-    from pipeline.flow.quantize import quantize_flow as quantize
+    from pipeline.flow.batcher import PairVideo, VideoFailed, flows_by_video, pair_frames, read_ahead
     from pipeline.flow.extract import default_batch_size, flow_codes
+    from pipeline.flow.quantize import quantize_flow as quantize
     from pipeline.flow.tvl1 import opencv_tvl1_flow, resolve_kernel, rgb_to_gray
 
     p: FlowParams = ctx.params
@@ -149,8 +132,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
             ctx.journal.record_failure(v, f"too short: {n} frame(s), flow with --step {p.step} needs at least "
                                           f"{p.step + 1}")
     todo = [(v, n) for v, n in todo if n > p.step]
-    total_pairs = sum(n - p.step for _, n in todo)
-    bar = ctx.progress(total_pairs, "extract-flow", unit="pair")
+    bar = ctx.progress(sum(n - p.step for _, n in todo), "extract-flow", unit="pair")
     t_start = time.perf_counter()
     pairs_done = 0
 
@@ -158,84 +140,46 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         rgb = read_frames(frames, vid).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
         return rgb_to_gray(rgb)  # (T, H, W) float32, OpenCV's 8-bit gray values
 
-    def commit(item: _Pending) -> None:
-        q = np.concatenate(item.parts)  # (num, 2, H, W) uint8
-        h, w = q.shape[2:]
-        with out.writer(item.vid) as c:
-            c.write_images("flow", np.ascontiguousarray(q.transpose(0, 2, 3, 1)), codec=p.codec,
-                           quality=p.quality)
-            c.set_attrs({**_codec_attrs(p), "num_flows": item.num, "num_frames": item.num + p.step,
-                         "step": p.step, "bound": p.bound, "height": h, "width": w, "backend": p.backend,
-                         "tvl1": {f.name: getattr(tv, f.name) for f in fields(tv)}})
-        ctx.journal.record_ok(item.vid, num_flows=item.num, seconds=round(time.perf_counter() - item.t0, 3))
+    def videos():
+        for vid, gray in read_ahead([v for v, _ in todo], load):
+            if isinstance(gray, Exception):
+                ctx.journal.record_failure(vid, f"cannot read frames: {type(gray).__name__}: {gray}")
+            elif gray.shape[0] <= p.step:
+                ctx.journal.record_failure(vid, f"too short: {gray.shape[0]} frame(s) stored, flow with --step "
+                                                f"{p.step} needs at least {p.step + 1}")
+            else:
+                yield PairVideo(vid, gray, p.step)
 
-    def compute(batch: list[tuple[_Pending, int, int]]) -> None:
-        """Run TV-L1 on the pairs [a, b) of each listed video, in one call for the torch backend."""
-        nonlocal pairs_done
+    def compute(batch) -> np.ndarray:
+        """TV-L1 codes (pairs, 2, H, W) uint8 of a batch, in one call for the torch backend."""
         if p.backend == "torch":
-            I0 = torch.cat([it.gray[a:b] for it, a, b in batch])
-            I1 = torch.cat([it.gray[a + it.step:b + it.step] for it, a, b in batch])
-            q = flow_codes(I0, I1, tv, bound=p.bound, kernel=kernel, device=device)
-        else:
-            qs = []
-            for it, a, b in batch:
-                g = it.gray.to(torch.uint8).numpy()
-                for i in range(a, b):
-                    qs.append(quantize(torch.from_numpy(opencv_tvl1_flow(g[i], g[i + it.step], tv)), p.bound)
-                              .numpy()[None])
-            q = np.concatenate(qs)
-        k = 0
-        for it, a, b in batch:
-            it.parts.append(q[k:k + b - a])
-            it.done += b - a
-            k += b - a
-            if it.done == it.num:
-                commit(it)
-        pairs_done += len(q)
-        bar.update(len(q))
+            return flow_codes(*pair_frames(batch), tv, bound=p.bound, kernel=kernel, device=device)
+        codes = []
+        for piece in batch:
+            g = piece.video.frames.to(torch.uint8).numpy()
+            for i in range(piece.start, piece.stop):
+                flow = torch.from_numpy(opencv_tvl1_flow(g[i], g[i + p.step], tv))
+                codes.append(quantize(flow, p.bound).numpy()[None])
+        return np.concatenate(codes)
+
+    def progress(pairs: int) -> None:
+        nonlocal pairs_done
+        pairs_done += pairs
+        bar.update(pairs)
         bar.set_postfix_str(f"{pairs_done / max(time.perf_counter() - t_start, 1e-9):.1f} pairs/s")
 
-    # Read the next videos' frames in a background thread while TV-L1 runs.
-    with ThreadPoolExecutor(2) as pool:
-        loads = [(v, pool.submit(load, v)) for v, _ in todo[:2]]
-        queue = iter(todo[2:])
-        active: list[_Pending] = []
-        while loads or active:
-            # Fill the batch: pairs of videos with the same frame size.
-            while loads and sum(it.num - it.next for it in active) < batch_size:
-                vid, fut = loads.pop(0)
-                nxt = next(queue, None)
-                if nxt is not None:
-                    loads.append((nxt[0], pool.submit(load, nxt[0])))
-                try:
-                    gray = fut.result()
-                except Exception as e:  # noqa: BLE001 - recorded per video
-                    ctx.journal.record_failure(vid, f"cannot read frames: {type(e).__name__}: {e}")
-                    continue
-                if active and gray.shape[1:] != active[0].gray.shape[1:]:
-                    # Another frame size: finish the current group first.
-                    loads.insert(0, (vid, _done_future(gray)))
-                    break
-                active.append(_Pending(vid, gray, p.step))
-            batch, room = [], batch_size
-            for it in active:
-                if room == 0:
-                    break
-                take = min(room, it.num - it.next)
-                if take:
-                    batch.append((it, it.next, it.next + take))
-                    it.next += take
-                    room -= take
-            if not batch:
-                break
-            try:
-                compute(batch)
-            except Exception as e:  # noqa: BLE001 - a failing batch fails its videos, not the run
-                for it, _, _ in batch:
-                    if it.vid not in ctx.journal.failed:
-                        ctx.journal.record_failure(it.vid, f"TV-L1 failed: {type(e).__name__}: {e}")
-                    it.done = it.num = -1
-            active = [it for it in active if it.done != it.num]
+    for done in flows_by_video(videos(), batch_size, compute, on_batch=progress):
+        if isinstance(done, VideoFailed):
+            ctx.journal.record_failure(done.video_id, f"TV-L1 failed: {done.reason}")
+            continue
+        q, num = done.codes, len(done.codes)  # (num, 2, H, W) uint8
+        with out.writer(done.video_id) as c:
+            c.write_images("flow", np.ascontiguousarray(q.transpose(0, 2, 3, 1)), codec=p.codec,
+                           quality=p.quality)
+            c.set_attrs({**_codec_attrs(p), "num_flows": num, "num_frames": num + p.step, "step": p.step,
+                         "bound": p.bound, "height": q.shape[2], "width": q.shape[3], "backend": p.backend,
+                         "tvl1": {f.name: getattr(tv, f.name) for f in fields(tv)}})
+        ctx.journal.record_ok(done.video_id, num_flows=num, seconds=round(done.seconds, 3))
     bar.close()
     seconds = time.perf_counter() - t_start
     rate = pairs_done / max(seconds, 1e-9)
@@ -327,14 +271,6 @@ def _codec_attrs(p: FlowParams, imported: bool = False) -> dict:
     if p.codec != "jpeg":
         return {"codec": p.codec}
     return {"codec": "jpeg", "quality": None if imported else p.quality}
-
-
-def _done_future(value):
-    from concurrent.futures import Future
-
-    f: Future = Future()
-    f.set_result(value)
-    return f
 
 
 STAGE = Stage(

@@ -30,6 +30,7 @@ Examples:
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,12 @@ import numpy as np
 import torch
 
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, file_sha256, param, params_dict
-from pipeline.data.clips import STREAMS, TestViews, TrainClips, VideoList, input_channels, input_normalizer, \
-    split_videos
+from pipeline.data.clips import EvalViews, TrainClips, VideoList, input_channels, input_normalizer, split_videos
+from pipeline.streams import STREAMS
 from pipeline.models.backbones import (backbone_info, create_backbone, imagenet_weights_path, list_backbones,
                                       require_imagenet_weights)
+from pipeline.flow.stored import flow_settings
+from pipeline.interop.checkpoints import convert_foreign
 from pipeline.io import artifacts
 from pipeline.io.store import VideoStore
 from pipeline.data.table import VideoTable
@@ -52,6 +55,7 @@ from pipeline.training.tensorboard import TensorBoardMissing
 from pipeline.training.tensorboard import check_available as check_tensorboard
 
 VERSION = "1"
+log = logging.getLogger("pipeline")
 
 #: TSN (Wang et al. 2016, §3.2 "Network training"): dropout 0.8 for the spatial, 0.7 for the temporal net.
 TSN_DROPOUT = {"rgb": 0.8, "flow": 0.7}
@@ -63,61 +67,48 @@ class FinetuneParams:
                         choices=STREAMS)
     arch: str = param("resnet101", "Backbone ([STFN] §4.2 uses resnet101 and inception_v3).",
                       choices=list_backbones(), aliases=("--backbone",), scope="backbone")
-    input_size: int = param(224, "Network input side in pixels ([STFN] §4.2: 224).")
+    input_size: int = param(224, "Network input side in pixels ([STFN] §4.2: 224).", min=1)
     weights: str = param("imagenet", "Initial weights: imagenet (torchvision's, from the torch hub cache; "
                          "never downloaded), none (random), or a path (torchvision state dict, our "
                          "checkpoint, or an mmaction2 / tsn-pytorch TSN checkpoint; a first conv of another "
                          "channel count is re-initialised as TSN's cross-modality average, docs/rawframes.md). "
                          "[STFN] §4.2 starts from ImageNet.")
-    split: int = param(1, "Which split of the video table (1..3 for UCF101 / HMDB51).", scope="split")
+    split: int = param(1, "Which split of the video table (1..3 for UCF101 / HMDB51).", scope="split", min=1)
     segments: int = param(1, "TSN segments N: one random frame (stack) from each of N equal parts, scores "
                           "averaged (consensus). 1 is the two-stream sampling [STFN] §4.2 describes for "
-                          "these networks (its N = 5 segments are for STFN); TSN uses 3.")
-    batch_size: int = param(32, "Videos per SGD step, over all ranks ([STFN] §4.2: 32).")
-    lr: float = param(1e-3, "Initial learning rate ([STFN] §4.2: 1e-3).")
-    momentum: float = param(0.9, "SGD momentum ([STFN] §4.2: 0.9).")
-    weight_decay: float = param(5e-4, "Weight decay on conv and linear weights (TSN: 5e-4).")
+                          "these networks (its N = 5 segments are for STFN); TSN uses 3.", min=1)
+    batch_size: int = param(32, "Videos per SGD step, over all ranks ([STFN] §4.2: 32).", min=1)
+    lr: float = param(1e-3, "Initial learning rate ([STFN] §4.2: 1e-3).", min=0.0, min_exclusive=True)
+    momentum: float = param(0.9, "SGD momentum ([STFN] §4.2: 0.9).", min=0.0, max=1.0, max_exclusive=True)
+    weight_decay: float = param(5e-4, "Weight decay on conv and linear weights (TSN: 5e-4).", min=0.0)
     patience: int = param(3, "Epochs without a lower validation error before the learning rate is divided "
-                          "by 10 ([STFN] §4.2: 'when the validation error saturates').")
+                          "by 10 ([STFN] §4.2: 'when the validation error saturates').", min=0)
     lr_decays: int = param(2, "Stop at the first plateau after this many divisions by 10 (TSN divides "
-                           "twice: 1e-3 -> 1e-5).")
-    epochs: int = param(80, "Maximum number of epochs.")
-    dropout: float = param(-1.0, "Dropout before the classifier; -1: by stream, TSN's 0.8 (rgb) / 0.7 (flow).")
+                           "twice: 1e-3 -> 1e-5).", min=0)
+    epochs: int = param(80, "Maximum number of epochs.", min=1)
+    dropout: float = param(-1.0, "Dropout before the classifier; -1: by stream, TSN's 0.8 (rgb) / 0.7 (flow).",
+                           min=0.0, max=1.0, max_exclusive=True, also=(-1.0,))
     partial_bn: str = param("auto", "TSN partial BN: freeze every BatchNorm layer but the first. auto: on "
                             "with pretrained weights, off with --weights none (from scratch BN must learn).",
                             choices=("auto", "on", "off"))
-    val_frames: int = param(5, "Centre views per validation video (uniformly spaced), each epoch.")
-    num_test_frames: int = param(25, "Centre views per test video, uniformly spaced (two-stream protocol: 25).")
-    flow_length: int = param(10, "L, flow fields per stack ([STFN] §4.2: 10 -> 20 input channels).")
-    flow_bound: float = param(20.0, "Quantisation bound the flow store must have been written with.")
-    flow_step: int = param(1, "Frame step the flow store must have been written with.")
+    val_frames: int = param(5, "Centre views per validation video (uniformly spaced), each epoch.", min=1)
+    num_test_frames: int = param(25, "Centre views per test video, uniformly spaced (two-stream protocol: 25).",
+                                 min=1)
+    # The flow settings enter the fingerprint of the flow stream only (fingerprint_params below).
+    flow_length: int = param(10, "L, flow fields per stack ([STFN] §4.2: 10 -> 20 input channels).",
+                             fingerprint=False, min=1)
+    flow_bound: float | None = param(None, "Ignored, kept for one release: the flow store's quantisation bound is "
+                                     "read from extract-flow's manifest.", fingerprint=False)
+    flow_step: int | None = param(None, "Ignored, kept for one release: the flow store's frame step is read from "
+                                  "extract-flow's manifest.", fingerprint=False)
     seed: int = param(0, "Seed of initialisation, data order, augmentation and dropout.")
     workers: int = param(-1, "DataLoader worker processes per rank (-1: auto, 0: load in the main process).",
-                         fingerprint=False)
+                         fingerprint=False, min=0, also=(-1,))
     device: str = param("auto", "auto (CUDA when available), cpu or cuda.", fingerprint=False,
                         choices=("auto", "cpu", "cuda"))
     amp: bool = param(True, "bf16 autocast and channels_last on CUDA (ignored on CPU).", fingerprint=False)
     tensorboard: bool = param(False, "Write per-epoch loss, accuracy and lr for TensorBoard to <output>/tensorboard/.",
                               fingerprint=False)
-
-    def validate(self) -> None:
-        if self.stream not in STREAMS:
-            raise StageError(f"--stream must be one of {', '.join(STREAMS)} (got {self.stream!r})")
-        if self.arch not in list_backbones():
-            raise StageError(f"unknown --arch {self.arch!r}; valid: {', '.join(list_backbones())}")
-        for name in ("input_size", "segments", "batch_size", "epochs", "val_frames", "num_test_frames",
-                     "flow_length", "flow_step", "split"):
-            if getattr(self, name) < 1:
-                raise StageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise StageError(f"need --lr > 0, --weight-decay >= 0 and 0 <= --momentum < 1 (got {self.lr}, "
-                             f"{self.weight_decay}, {self.momentum})")
-        if self.patience < 0 or self.lr_decays < 0:
-            raise StageError("--patience and --lr-decays must be >= 0")
-        if not (self.dropout == -1 or 0 <= self.dropout < 1):
-            raise StageError(f"--dropout must be in [0, 1) or -1 (got {self.dropout})")
-        if self.flow_bound <= 0:
-            raise StageError(f"--flow-bound must be > 0 (got {self.flow_bound})")
 
     @property
     def drop(self) -> float:
@@ -136,6 +127,30 @@ def _upstream(p: FinetuneParams) -> tuple[str, ...]:
     return ("decode", "extract-flow") if p.stream == "flow" else ("decode",)
 
 
+#: The flow settings 7e8f4a7 digested into every RGB network's fingerprint (their defaults then). Fixed, so
+#: that no flow setting changes an RGB network's fingerprint, and the RGB networks fine-tuned before stay fresh.
+RGB_FLOW_RECORD = {"flow_length": 10, "flow_bound": 20.0, "flow_step": 1}
+
+
+def _flow_settings(upstream: Upstream) -> tuple[float, int]:
+    """(bound, step) of the flow store, from extract-flow's manifest."""
+    try:
+        return flow_settings(upstream.manifests["extract-flow"], upstream.dir("extract-flow"))
+    except ValueError as e:
+        raise StageError(str(e)) from None
+
+
+def fingerprint_params(p: FinetuneParams, upstream: Upstream) -> dict:
+    """The parameters finetune's fingerprint digests: the flow settings count for the flow stream only (L as
+    given; the bound and step the flow store was written with, as extract-flow's manifest records them); an RGB
+    network carries the constant :data:`RGB_FLOW_RECORD` (the same digest as before the fix)."""
+    d = params_dict(p, only_fingerprinted=True)
+    if p.stream != "flow":
+        return {**d, **RGB_FLOW_RECORD}
+    bound, step = _flow_settings(upstream)
+    return {**d, "flow_length": p.flow_length, "flow_bound": bound, "flow_step": step}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Plan: everything checked before work starts
 # ----------------------------------------------------------------------------------------------------------
@@ -147,21 +162,20 @@ class _Data:
     val: VideoList
     test: VideoList
     store: VideoStore
+    flow: dict  # the flow store's bound and step (flow stream), for the datasets to check every container
 
 
-def _check_flow_store(p: FinetuneParams, upstream: Upstream, store: VideoStore, videos: list[str]) -> None:
-    flow_params = upstream.manifests["extract-flow"].get("params", {})
+def _check_flow_store(store: VideoStore, videos: list[str], bound: float, step: int) -> None:
     first = store.path(videos[0])
     if not first.exists():
         raise StageError(f"{first}: no flow for video {videos[0]!r}; re-run `pipeline extract-flow`")
     with store.reader(videos[0]) as r:
         attrs = r.attrs
-    for name, want in (("bound", p.flow_bound), ("step", p.flow_step)):
-        found = attrs.get(name, flow_params.get(name))
-        if found is None or float(found) != float(want):
-            raise StageError(f"the flow store {store.root} was made with {name} {found}, but --flow-{name} "
-                             f"{want} was requested; re-run extract-flow with --{name} {want} or change "
-                             f"--flow-{name}")
+    for name, want in (("bound", bound), ("step", step)):
+        found = attrs.get(name)
+        if found is not None and float(found) != float(want):
+            raise StageError(f"{first}: stored with {name} {found}, but extract-flow's manifest records {want}; "
+                             "re-run `pipeline extract-flow`")
     missing = [v for v in videos if not store.path(v).exists()]
     if missing:
         raise StageError(f"{len(missing)} video(s) have no flow in {store.root}, e.g. {', '.join(missing[:3])}; "
@@ -178,7 +192,6 @@ def _weights_digest(weights: str, arch: str) -> str:
 
 
 def plan(p: FinetuneParams, upstream: Upstream) -> Plan:
-    p.validate()
     if p.tensorboard:
         try:
             check_tensorboard()
@@ -193,11 +206,17 @@ def plan(p: FinetuneParams, upstream: Upstream) -> Plan:
         raise StageError(f"{decode_dir / artifacts.TABLE}: {e}") from None
     used = list(videos.train.video_ids + videos.val.video_ids + videos.test.video_ids)
 
+    flow = {}
+    if p.flow_bound is not None or p.flow_step is not None:
+        log.warning("finetune: --flow-bound / --flow-step are ignored (the flow store's are read from "
+                    "extract-flow's manifest); drop them from the command or config")
     if p.stream == "flow":
         from pipeline.io.artifacts import flow_store
 
         store = flow_store(upstream.dir("extract-flow"))
-        _check_flow_store(p, upstream, store, used)
+        bound, step = _flow_settings(upstream)
+        _check_flow_store(store, used, bound, step)
+        flow = {"flow_bound": bound, "flow_step": step}
     else:
         from pipeline.io.artifacts import frame_store
 
@@ -213,7 +232,7 @@ def plan(p: FinetuneParams, upstream: Upstream) -> Plan:
     if p.input_size < info["min_input_size"]:
         raise StageError(f"{p.arch} needs --input-size >= {info['min_input_size']} (got {p.input_size})")
 
-    data = _Data(list(table.classes), videos.train, videos.val, videos.test, store)
+    data = _Data(list(table.classes), videos.train, videos.val, videos.test, store, flow)
     inputs = digest({"classes": table.classes, "train": data.train.video_ids, "val": data.val.video_ids,
                      "test": data.test.video_ids, "labels": list(data.train.labels + data.test.labels),
                      "frames": list(data.train.num_frames + data.test.num_frames),
@@ -239,7 +258,7 @@ def build_model(p: FinetuneParams, num_classes: int) -> torch.nn.Module:
     try:
         torch.manual_seed(p.seed)  # the random initialisation (new classifier, or everything for none)
         return create_backbone(p.arch, num_classes=num_classes, in_channels=input_channels(p.stream, p.flow_length),
-                               weights=p.weights, dropout=p.drop)
+                               weights=p.weights, dropout=p.drop, convert=convert_foreign)
     except (ValueError, FileNotFoundError) as e:
         raise StageError(f"--arch {p.arch} --weights {p.weights}: {e}") from None
 
@@ -266,7 +285,7 @@ def _fit(p: FinetuneParams, data: _Data, device: torch.device, info: T.DistInfo,
 
     normalize = input_normalizer(p.stream)
     workers = T.auto_workers(p.workers, info.world_size)
-    flow_kw = {"flow_bound": p.flow_bound, "flow_step": p.flow_step} if p.stream == "flow" else {}
+    flow_kw = data.flow  # the flow store's bound and step: every container is checked against them
     train_set = TrainClips(data.store, data.train, p.stream, num_segments=p.segments, input_size=p.input_size,
                            flow_length=p.flow_length, seed=p.seed, **flow_kw)
     batches = T.EpochBatches(len(train_set), p.batch_size, seed=p.seed, rank=info.rank,
@@ -275,7 +294,7 @@ def _fit(p: FinetuneParams, data: _Data, device: torch.device, info: T.DistInfo,
     loss_fn = T.segment_consensus_loss(normalize, p.amp)
 
     def views(videos: VideoList, frames: int):
-        ds = TestViews(data.store, videos, p.stream, num_frames=frames, input_size=p.input_size,
+        ds = EvalViews(data.store, videos, p.stream, num_frames=frames, input_size=p.input_size,
                        flow_length=p.flow_length, **flow_kw)
         mine = T.rank_share(len(videos), info)
         return T.make_loader(ds, workers=min(workers, len(mine)), device=device, batch_size=None, sampler=mine)
@@ -350,5 +369,5 @@ def run(ctx: StageContext, plan: Plan) -> dict:
 
 STAGE = Stage(
     name="finetune", version=VERSION, params_type=FinetuneParams, plan=plan, run=run, upstream=_upstream,
-    key=_key, help="Fine-tune the RGB or flow ConvNet of the two-stream network ([STFN] §4.2).",
+    key=_key, fingerprint_params=fingerprint_params, help="Fine-tune the RGB or flow ConvNet of the two-stream network ([STFN] §4.2).",
 )

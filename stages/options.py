@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from pipeline.stage import config as cfg
+from pipeline.stage.validate import option_name
 
 
 def _click_type(params_type: type, f: dataclasses.Field):
@@ -44,7 +45,7 @@ def param_options(params_type: type, only: set[str] | None = None):
         for f in reversed(dataclasses.fields(params_type)):
             if not f.metadata.get("cli", True) or (only is not None and f.name not in only):
                 continue
-            flag = "--" + f.name.rstrip("_").replace("_", "-")
+            flag = option_name(f.name)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_text = f"{f.metadata.get('help', '')} [default: {_default_text(default)}]"
             if cfg._base(hints[f.name]) is bool:

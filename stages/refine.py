@@ -27,11 +27,13 @@ import torch
 from torch import nn
 
 from pipeline import dist
-from pipeline.data import STREAMS
+from pipeline.streams import STREAMS
 from pipeline.data.clips import VideoList, split_videos
 from pipeline.data.paired import PairedClips, PairedTestSequences
+from pipeline.data.sampling import NUM_TEST
 from pipeline.data.table import VideoTable
 from pipeline.eval.metrics import accuracy_metrics
+from pipeline.flow.stored import flow_settings
 from pipeline.eval.results import TestScores, save_test_scores
 from pipeline.io import artifacts
 from pipeline.io.atomic import save_checkpoint
@@ -43,7 +45,6 @@ from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, dige
     params_dict
 from pipeline.training import end_to_end as E2E
 from pipeline.training import loop as T
-from pipeline.training.heads import NUM_TEST
 from pipeline.training.tensorboard import TensorBoardMissing
 from pipeline.training.tensorboard import check_available as check_tensorboard
 
@@ -52,57 +53,50 @@ VERSION = "1"
 DEFAULT_HEAD = head_output_name()
 
 
+def _output_name(name: str) -> str | None:
+    if not name or "/" in name or name.startswith("."):
+        return "must be the name of a train-head output (the folder under train-head/)"
+    return None
+
+
 @dataclass(frozen=True)
 class RefineParams:
     head_name: str = param(DEFAULT_HEAD, "The train-head output to refine (train-head/<name>), with the "
-                           "finetune/rgb and finetune/flow backbones it was trained on.")
+                           "finetune/rgb and finetune/flow backbones it was trained on.", check=_output_name)
     split: int = param(1, "Split of the backbones and head (finetune/train-head --split).",
-                       scope="split")
+                       scope="split", min=1)
     backbone: str = param(artifacts.DEFAULT_BACKBONE, "Backbone of finetune's outputs (finetune --arch).",
                           scope="backbone")
-    input_size: int = param(0, "Network input side in pixels; 0: each finetune checkpoint's own.")
+    input_size: int = param(0, "Network input side in pixels; 0: each finetune checkpoint's own.", min=0)
     batch_size: int = param(32, "Videos per SGD step over all ranks ([STFN] §4.2: 32); reached by "
-                            "accumulating micro-batches.")
+                            "accumulating micro-batches.", min=1)
     micro_batch: int = param(4, "Videos per forward/backward pass on one rank (each N frames + N flow stacks); "
-                             "gradients accumulate up to --batch-size.")
-    lr: float = param(1e-3, "Initial learning rate ([STFN] §4.2: 1e-3), for backbones and head alike.")
-    momentum: float = param(0.9, "SGD momentum ([STFN] §4.2: 0.9).")
-    weight_decay: float = param(5e-4, "Weight decay on conv and linear weights (as finetune, TSN: 5e-4).")
+                             "gradients accumulate up to --batch-size.", min=1)
+    lr: float = param(1e-3, "Initial learning rate ([STFN] §4.2: 1e-3), for backbones and head alike.", min=0.0,
+                      min_exclusive=True)
+    momentum: float = param(0.9, "SGD momentum ([STFN] §4.2: 0.9).", min=0.0, max=1.0, max_exclusive=True)
+    weight_decay: float = param(5e-4, "Weight decay on conv and linear weights (as finetune, TSN: 5e-4).",
+                                min=0.0)
     patience: int = param(3, "Epochs without a lower validation error before the learning rate is divided by "
-                          "10 ([STFN] §4.2: 'when the validation error saturates').")
-    lr_decays: int = param(2, "Stop at the first plateau after this many divisions by 10 (as finetune).")
-    epochs: int = param(30, "Maximum number of epochs (0: evaluate the starting networks only).")
+                          "10 ([STFN] §4.2: 'when the validation error saturates').", min=0)
+    lr_decays: int = param(2, "Stop at the first plateau after this many divisions by 10 (as finetune).", min=0)
+    epochs: int = param(30, "Maximum number of epochs (0: evaluate the starting networks only).", min=0)
     partial_bn: str = param("auto", "TSN partial BN of each backbone (freeze every BatchNorm but the first). "
                             "auto: on, since refine starts from trained backbones (TSN's rule for pre-trained "
                             "networks; measured on the demo: off lets the statistics drift, -6 points).",
                             choices=("auto", "on", "off"))
-    num_test: int = param(NUM_TEST, "Test sequences per video ([STFN] §4.2: 5), as train-head.")
+    num_test: int = param(NUM_TEST, "Test sequences per video ([STFN] §4.2: 5), as train-head.", min=1)
     seed: int = param(0, "Seed of the data order, augmentation, dropout and validation hold-out.")
     grad_checkpoint: str = param("auto", "Gradient checkpointing of the backbones' residual stages: less "
                                  "memory, ~1/3 more compute, same result. auto: on CUDA.",
                                  choices=("auto", "on", "off"), fingerprint=False)
     workers: int = param(-1, "DataLoader worker processes per rank (-1: auto, 0: load in the main process).",
-                         fingerprint=False)
+                         fingerprint=False, min=0, also=(-1,))
     device: str = param("auto", "auto (CUDA when available), cpu or cuda.", fingerprint=False,
                         choices=("auto", "cpu", "cuda"))
     amp: bool = param(True, "bf16 autocast and channels_last on CUDA (ignored on CPU).", fingerprint=False)
     tensorboard: bool = param(False, "Write per-epoch loss, accuracy and lr for TensorBoard to <output>/tensorboard/.",
                               fingerprint=False)
-
-    def validate(self) -> None:
-        if not self.head_name or "/" in self.head_name or self.head_name.startswith("."):
-            raise StageError(f"--head-name {self.head_name!r} must be the name of a train-head output "
-                             "(the folder under train-head/)")
-        for name in ("batch_size", "micro_batch", "num_test"):
-            if getattr(self, name) < 1:
-                raise StageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if self.input_size < 0:
-            raise StageError(f"--input-size must be >= 0 (got {self.input_size})")
-        if self.epochs < 0 or self.patience < 0 or self.lr_decays < 0:
-            raise StageError("--epochs, --patience and --lr-decays must be >= 0")
-        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise StageError(f"need --lr > 0, --weight-decay >= 0 and 0 <= --momentum < 1 (got {self.lr}, "
-                             f"{self.weight_decay}, {self.momentum})")
 
 
 def _key(p: RefineParams) -> str:
@@ -149,7 +143,6 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
     from pipeline.io.artifacts import frame_store
     from pipeline.io.artifacts import flow_store
 
-    p.validate()
     if p.tensorboard:
         try:
             check_tensorboard()
@@ -221,7 +214,10 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
     if missing:
         raise StageError(f"{len(missing)} video(s) have no flow in {flows.root}, e.g. {', '.join(missing[:3])}; "
                          "re-run `pipeline extract-flow`")
-    ff = fparams["flow"]
+    try:  # the flow store's bound and step, as extract-flow recorded them (every container is checked)
+        flow_bound, flow_step = flow_settings(upstream.manifests["extract-flow"], upstream.dir("extract-flow"))
+    except ValueError as e:
+        raise StageError(str(e)) from None
     sizes = {s: p.input_size or int(ck[s][1].get("input_size") or fparams[s].get("input_size") or 224)
              for s in STREAMS}
     for s in STREAMS:
@@ -234,7 +230,7 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
                  for s in STREAMS},
         head_path=head_path, head_meta={k: v for k, v in head_ckpt.items() if k != "model"}, positions=positions,
         rgb_size=sizes["rgb"], flow_size=sizes["flow"], flow_length=flow_length,
-        flow_bound=float(ff.get("flow_bound", 20.0)), flow_step=int(ff.get("flow_step", 1)),
+        flow_bound=flow_bound, flow_step=flow_step,
         partial_bn={s: p.partial_bn != "off" for s in STREAMS}, head_only=head_only)
     inputs = digest({"classes": table.classes, "train": data.train.video_ids, "val": data.val.video_ids,
                      "test": data.test.video_ids, "labels": list(data.train.labels + data.test.labels),

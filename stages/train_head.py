@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import STREAMS
+from pipeline import dist
+from pipeline.streams import STREAMS
 from pipeline.eval.metrics import accuracy_metrics
 from pipeline.eval.results import TestScores, save_test_scores
 from pipeline.eval.scores import SCORE_FUSIONS
@@ -31,14 +32,19 @@ from pipeline.models.heads import (DEFAULT_HEAD, DEFAULT_SEGMENTS, HEADS, HEAD_O
                                    head_kwargs, head_options, head_output_name, list_heads)
 from pipeline.models.stfn import ARCHS, DIRECTIONS, STFN_FUSIONS
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param, params_dict
+from pipeline.stage.validate import option_name
 from pipeline.training.tensorboard import EpochScalars, TensorBoardMissing
 from pipeline.training.tensorboard import check_available as check_tensorboard
-from pipeline.training.heads import (NUM_TEST, NonFiniteLoss, feature_tensors, fit_head, load_features,
-                                     nonfinite_videos, split_indices,
-                                     stream_shapes, test_scores, test_sequences)
+from pipeline.data.sampling import NUM_TEST, eval_sequences
+from pipeline.training.heads import (NonFiniteLoss, eval_scores, feature_tensors, fit_head, load_features,
+                                     nonfinite_videos, split_indices, stream_shapes)
 
 VERSION = "2"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def _folder_name(name: str) -> str | None:
+    return None if _NAME_RE.match(name) else "must be a plain folder name (letters, digits, . _ + -)"
 
 
 def _head_option(option: str, help: str, **kw):
@@ -62,49 +68,39 @@ class TrainHeadParams:
                                       choices=STFN_FUSIONS)
     direction: str | None = _head_option("direction", "STFN fusion direction, Fig. 5: bi, a2m or m2a.",
                                          choices=DIRECTIONS, aliases=("--dir",))
-    blocks: int | None = _head_option("blocks", "STFN Res-Inc blocks per path (§4.3).")
+    blocks: int | None = _head_option("blocks", "STFN Res-Inc blocks per path (§4.3).", min=1)
     fused_dim: int | None = _head_option("fused_dim", "STFN avg/max/mul on rgb and flow of different widths: "
-                                         "project both to this width.")
-    stcb_dim: int | None = _head_option("stcb_dim", "STCB output width ([STPN] Table 3).")
-    flow_weight: float | None = _head_option("flow_weight", "Weight of the flow scores.")
-    dropout: float | None = _head_option("dropout", "Dropout before each classifier.")
-    segments: int = param(DEFAULT_SEGMENTS, "N segments per video ([STFN] §4.2; Table 4: 3, 5, 7, 9).")
+                                         "project both to this width.", min=1)
+    stcb_dim: int | None = _head_option("stcb_dim", "STCB output width ([STPN] Table 3).", min=1)
+    flow_weight: float | None = _head_option("flow_weight", "Weight of the flow scores.", min=0.0)
+    dropout: float | None = _head_option("dropout", "Dropout before each classifier.", min=0.0, max=1.0,
+                                         max_exclusive=True)
+    segments: int = param(DEFAULT_SEGMENTS, "N segments per video ([STFN] §4.2; Table 4: 3, 5, 7, 9).", min=1)
     seed: int = param(0, "Seed of the head's initialisation, the sampled positions and dropout.")
     split: int = param(1, "Split of the features (extract-features --split) the head trains and tests on.",
-                       scope="split")
+                       scope="split", min=1)
     backbone: str = param(artifacts.DEFAULT_BACKBONE, "Backbone of the features (extract-features --arch).",
                           scope="backbone")
     test_fusion: str = param("mean", "Fusion of the test sequences' scores: mean ([STFN] §4.2) or sci "
                              "([FstCN] eq. 6).", choices=SCORE_FUSIONS)
-    num_test: int = param(NUM_TEST, "Test sequences per video ([STFN] §4.2).")
-    lr: float = param(1e-4, "RMSProp initial learning rate ([STFN] §4.2).")
-    min_lr: float = param(1e-7, "Learning-rate floor; training stops when validation saturates there.")
-    patience: int = param(3, "Epochs without validation improvement before the learning rate is divided by 10.")
-    batch_size: int = param(32, "Videos per mini-batch.")
-    max_epochs: int = param(100, "Hard cap on epochs.")
+    num_test: int = param(NUM_TEST, "Test sequences per video ([STFN] §4.2).", min=1)
+    lr: float = param(1e-4, "RMSProp initial learning rate ([STFN] §4.2).", min=0.0, min_exclusive=True)
+    min_lr: float = param(1e-7, "Learning-rate floor; training stops when validation saturates there.", min=0.0,
+                          min_exclusive=True)
+    patience: int = param(3, "Epochs without validation improvement before the learning rate is divided by 10.",
+                          min=1)
+    batch_size: int = param(32, "Videos per mini-batch.", min=1)
+    max_epochs: int = param(100, "Hard cap on epochs.", min=1)
     device: str = param("auto", "Training device: auto, cpu, cuda, cuda:1, ...", fingerprint=False)
     tensorboard: bool = param(False, "Write per-epoch loss, error and lr for TensorBoard to <output>/tensorboard/.",
                               fingerprint=False)
     name: str | None = param(None, "Output name (train-head/<name>); default derived from the head's options.",
-                             fingerprint=False)
+                             fingerprint=False, check=_folder_name)
 
     def validate(self) -> None:
-        positive = {"segments": self.segments, "blocks": self.blocks, "stcb_dim": self.stcb_dim,
-                    "fused_dim": self.fused_dim, "num_test": self.num_test, "patience": self.patience,
-                    "batch_size": self.batch_size, "max_epochs": self.max_epochs}
-        for k, v in positive.items():
-            if v is not None and v < 1:
-                raise StageError(f"--{k.replace('_', '-')} must be >= 1 (got {v})")
-        checks = [
-            (self.dropout is None or 0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})"),
-            (self.flow_weight is None or self.flow_weight >= 0, f"--flow-weight must be >= 0 (got {self.flow_weight})"),
-            (0 < self.min_lr <= self.lr, f"need 0 < --min-lr <= --lr (got {self.min_lr}, {self.lr})"),
-            (self.name is None or bool(_NAME_RE.match(self.name)),
-             f"--name {self.name!r} must be a plain folder name (letters, digits, . _ + -)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise StageError(message)
+        """The checks across parameters (each parameter's own are declared with it)."""
+        if self.min_lr > self.lr:
+            raise StageError(f"need --min-lr <= --lr (got {self.min_lr}, {self.lr})")
         effective_options(self)
 
 
@@ -118,7 +114,7 @@ def effective_options(p: TrainHeadParams) -> dict:
     try:
         return head_options(p.head, given_options(p))
     except HeadOptionError as e:
-        raise StageError(f"--{e.option.replace('_', '-')}: {e}") from None
+        raise StageError(f"{option_name(e.option)}: {e}") from None
 
 
 def head_name(p: TrainHeadParams) -> str:
@@ -199,7 +195,7 @@ def plan(params: TrainHeadParams, upstream: Upstream) -> Plan:
     except (ValueError, TypeError) as e:
         hint = " (--fused-dim D on the command line)" if "fused_dim" in str(e) else ""
         raise StageError(f"{path}: head {p.head} on rgb {da}-d / flow {dm}-d features: {e}{hint}") from None
-    distinct = len({tuple(s) for s in test_sequences(P, n, p.num_test).tolist()})
+    distinct = len({tuple(s) for s in eval_sequences(P, n, p.num_test).tolist()})
     info = {"path": str(path), "P": P, "views": va, "train_view": train_view, "rgb_dim": da, "flow_dim": dm,
             "num_classes": c, "distinct_test_sequences": distinct, "options": options,
             **{k: int(v.size) for k, v in parts.items()}}
@@ -235,7 +231,10 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         ctx.log.warning("%d positions per video and N=%d: segments hold fewer than %d positions, so only %d of "
                         "the %d test sequences are distinct (repeats are averaged in)", info["P"], n,
                         p.num_test, info["distinct_test_sequences"], p.num_test)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device
+    try:
+        device = dist.device(p.device)  # the one device rule: this rank's (pipeline.dist)
+    except ValueError as e:
+        raise StageError(f"--device {p.device}: {e}") from None
     options = info["options"]
     kwargs = head_kwargs(p.head, options, p.seed)
     with torch.random.fork_rng(devices=[]):
@@ -266,7 +265,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         curves.close()
     fit_seconds = time.perf_counter() - t0
 
-    scores = test_scores(head, *feature_tensors(fs, test, None), n, p.num_test, p.test_fusion).numpy()
+    scores = eval_scores(head, *feature_tensors(fs, test, None), n, p.num_test, p.test_fusion).numpy()
     class_names = [str(c) for c in fs.class_names]
     ts = TestScores(scores, fs.video_ids[test], fs.labels[test], class_names)
     ev = accuracy_metrics(ts.scores, ts.labels, class_names)

@@ -5,6 +5,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.models import Inception3, resnet18
 
+from pipeline.interop.checkpoints import convert_foreign
 from pipeline.models import backbones as B
 
 
@@ -389,22 +390,26 @@ def test_mmaction2_rgb_checkpoint_reproduces_torchvision(tmp_path, tv_resnet18):
     path = tmp_path / "tsn_r18_mm.pth"
     torch.save({"meta": {"epoch": 75, "mmengine_version": "0.10.4"},
                 "state_dict": {**_to_mmaction2(state), "data_preprocessor.mean": torch.zeros(3, 1, 1)}}, path)
-    model = B.create_backbone("resnet18", num_classes=1000, weights=path).eval()
+    model = B.create_backbone("resnet18", num_classes=1000, weights=path, convert=convert_foreign).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), _pooled(tv_resnet18, x))
         torch.testing.assert_close(model(x), tv_resnet18(x))  # cls_head.fc_cls kept: same class count
-    fresh = B.create_backbone("resnet18", num_classes=7, weights=path)  # other class count: a new head
+    # another class count: a new head
+    fresh = B.create_backbone("resnet18", num_classes=7, weights=path, convert=convert_foreign)
     assert fresh.fc.weight.shape == (7, 512) and fresh.fc.weight.abs().max() < 0.01
+    # The model layer knows no foreign format: without the converter the file is refused, saying why.
+    with pytest.raises(ValueError, match="is a dict, not a tensor .*another tool's checkpoint.*convert_foreign"):
+        B.create_backbone("resnet18", num_classes=7, weights=path)
 
 
 def test_mmaction2_flow_checkpoint_with_10_channels(tmp_path, tv_resnet18):
     state = _flow_conv_state(tv_resnet18.state_dict(), 10)  # mmaction2's TSN flow: clip_len 5 -> 10 channels
     path = tmp_path / "tsn_r18_flow_mm.pth"
     torch.save({"state_dict": _to_mmaction2(state)}, path)
-    same = B.create_backbone("resnet18", num_classes=0, in_channels=10, weights=path)
+    same = B.create_backbone("resnet18", num_classes=0, in_channels=10, weights=path, convert=convert_foreign)
     assert torch.equal(same.trunk.conv1.weight, state["conv1.weight"])
-    model = B.create_backbone("resnet18", num_classes=0, in_channels=20, weights=path)
+    model = B.create_backbone("resnet18", num_classes=0, in_channels=20, weights=path, convert=convert_foreign)
     want = state["conv1.weight"].mean(dim=1)  # TSN: average over the input channels, replicate to 2L
     assert model.trunk.conv1.weight.shape == (64, 20, 7, 7)
     for c in range(20):
@@ -418,7 +423,7 @@ def test_tsn_pytorch_checkpoints(tmp_path, tv_resnet18):
     head = {"module.new_fc.weight": torch.randn(5, 512), "module.new_fc.bias": torch.randn(5)}
     rgb = tmp_path / "ucf101_rgb_checkpoint.pth.tar"
     torch.save({"epoch": 80, "arch": "resnet18", "best_prec1": 80.1, "state_dict": {**trunk, **head}}, rgb)
-    model = B.create_backbone("resnet18", num_classes=5, weights=rgb).eval()
+    model = B.create_backbone("resnet18", num_classes=5, weights=rgb, convert=convert_foreign).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), _pooled(tv_resnet18, x))
@@ -428,10 +433,10 @@ def test_tsn_pytorch_checkpoints(tmp_path, tv_resnet18):
     flow = tmp_path / "ucf101_flow_checkpoint.pth.tar"
     torch.save({"epoch": 3, "arch": "resnet18", "state_dict": {
         f"module.base_model.{k}": v for k, v in flow_state.items() if not k.startswith("fc.")}}, flow)
-    m = B.create_backbone("resnet18", num_classes=5, in_channels=20, weights=flow)
+    m = B.create_backbone("resnet18", num_classes=5, in_channels=20, weights=flow, convert=convert_foreign)
     torch.testing.assert_close(m.trunk.conv1.weight[:, 13], flow_state["conv1.weight"].mean(1))
     with pytest.raises(ValueError, match="tsn-pytorch checkpoint .* holds a resnet18 backbone, not resnet34"):
-        B.create_backbone("resnet34", num_classes=5, weights=rgb)
+        B.create_backbone("resnet34", num_classes=5, weights=rgb, convert=convert_foreign)
 
 
 def test_foreign_checkpoint_mismatch_names_the_files_keys(tmp_path, tv_resnet18):
@@ -442,9 +447,25 @@ def test_foreign_checkpoint_mismatch_names_the_files_keys(tmp_path, tv_resnet18)
     path = tmp_path / "broken_mm.pth"
     torch.save({"state_dict": mm}, path)
     with pytest.raises(ValueError) as e:
-        B.create_backbone("resnet18", num_classes=2, weights=path)
+        B.create_backbone("resnet18", num_classes=2, weights=path, convert=convert_foreign)
     msg = str(e.value)
     assert "broken_mm.pth (mmaction2 checkpoint) does not fit resnet18" in msg
     assert "backbone.layer4.1.conv2.bn.weight: file (7,) vs model (512,)" in msg
     assert "missing key(s), e.g. layer3.0.conv1.weight" in msg
     assert "unexpected key(s), e.g. backbone.extra_conv.conv.weight" in msg
+
+
+def test_the_callers_resolving_weights_pass_the_converter(tmp_path, tv_resnet18):
+    """finetune --weights and extract-features --*-weights take mmaction2 files: the caller passes
+    pipeline.interop.checkpoints.convert_foreign to the backbone builder."""
+    from pipeline.features import StreamSource, build_backbone
+    from stages.finetune import FinetuneParams, build_model
+
+    path = tmp_path / "tsn_r18_mm.pth"
+    torch.save({"state_dict": _to_mmaction2(tv_resnet18.state_dict())}, path)
+    x = torch.randn(1, 3, 64, 64)
+    net = build_model(FinetuneParams(arch="resnet18", weights=str(path), dropout=0.0), 1000).eval()
+    feats = build_backbone(StreamSource("rgb", "resnet18", "file", str(path), None, 3, 64, 0, 512))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), tv_resnet18(x))
+        torch.testing.assert_close(feats.forward_features(x), _pooled(tv_resnet18, x))

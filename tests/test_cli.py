@@ -4,6 +4,7 @@ import importlib
 
 from click.testing import CliRunner
 
+from pipeline.stage.validate import option_name
 from stages.cli import main
 from stages import CATALOG, STAGE_MODULES, all_stages
 
@@ -33,7 +34,7 @@ def test_help_lists_every_command_and_every_parameter_has_help():
         for f in dataclasses.fields(stage.params_type):
             assert f.metadata.get("help"), f"{stage.name}: parameter {f.name} has no help text"
             assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-            assert "--" + f.name.rstrip("_").replace("_", "-") in res.output
+            assert option_name(f.name) in res.output
 
 
 def test_command_help_is_the_short_help_not_the_module_docstring():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.clips import TestViews, TrainClips, VideoList, input_channels, input_normalizer, read_flow_stacks
+from pipeline.data.clips import EvalViews, TrainClips, VideoList, input_channels, input_normalizer, read_flow_stacks
 from pipeline.io.store import VideoStore
 from tests.fakes import farneback_flow, quantize
 
@@ -119,7 +119,7 @@ def test_sample_is_a_function_of_seed_epoch_index(stores):
 
 def test_rgb_test_views_are_uniform_centre_crops(stores):
     frames, _, videos = stores
-    ds = TestViews(frames, videos, "rgb", num_frames=5, input_size=40)
+    ds = EvalViews(frames, videos, "rgb", num_frames=5, input_size=40)
     item = ds[0]
     x = item["input"]
     assert x.shape == (5, 3, 40, 40) and item["label"] == 0 and item["index"] == 0
@@ -136,7 +136,7 @@ def test_rgb_test_views_are_uniform_centre_crops(stores):
 
 def test_flow_test_stacks_centred_and_clamped(stores):
     _, flow, videos = stores
-    ds = TestViews(flow, videos, "flow", num_frames=3, input_size=32, flow_length=10)
+    ds = EvalViews(flow, videos, "flow", num_frames=3, input_size=32, flow_length=10)
     x = ds[0]["input"]
     assert x.shape == (3, 20, 32, 32)
     # 30 frames (29 flows), 3 views: centres 5, 15, 25 -> flows 0..9, 10..19 and (clamped) 19..28.

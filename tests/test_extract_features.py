@@ -382,7 +382,7 @@ def test_bad_input_is_refused_before_work(cache, monkeypatch, case):
         expect = "not enough disk space"
     elif case == "views":
         args += ["--views", "5"]
-        expect = "--views must be 1"
+        expect = "--views: 5 is neither 1 (centre crop) nor 10"
     elif case == "weights_file":
         args += ["--rgb-weights", str(cache / "nope.pt")]
         expect = "nope.pt does not exist"

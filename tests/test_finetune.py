@@ -23,7 +23,7 @@ from pipeline.io import artifacts
 from pipeline.stage import StageError, run_stage
 from stages.cli import main
 from pipeline.models.backbones import create_backbone, normalize_rgb
-from pipeline.data.sampling import test_indices
+from pipeline.data.sampling import eval_indices
 from pipeline.io.store import VideoStore, read_frames
 from pipeline.data.table import VideoTable
 from pipeline.data.transforms import center_view
@@ -116,7 +116,7 @@ def test_rgb_outputs_and_test_scores_recomputed(rgb_run):
     model = create_backbone("resnet18", num_classes=2, weights=out / "best.pt").eval()
     frames = VideoStore(cache / "decode" / "frames")
     for k, i in enumerate(test_rows):
-        x = read_frames(frames, table.video_ids[i], test_indices(table.num_frames[i], 3)).permute(0, 3, 1, 2)
+        x = read_frames(frames, table.video_ids[i], eval_indices(table.num_frames[i], 3)).permute(0, 3, 1, 2)
         with torch.no_grad():
             p = model(normalize_rgb(center_view(x, 32))).softmax(1).mean(0)
         np.testing.assert_allclose(s["scores"][k], p.numpy(), atol=1e-5)
@@ -148,15 +148,78 @@ def test_flow_stream_trains_on_20_channel_stacks(upstream, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("change,expect", [
-    ({"flow_bound": 10.0}, r"bound 20\.0, but --flow-bound 10\.0"),
-    ({"flow_step": 2}, r"step 1, but --flow-step 2"),
-])
-def test_flow_store_with_other_bound_or_step_is_refused(upstream, tmp_path, change, expect):
+# The fingerprints 7e8f4a7 computed (stages.finetune before the RGB fingerprint fix) for the upstream and plan of
+# _fingerprint below, with the old code's --flow-bound / --flow-step equal to the flow store's: a cache written
+# then stays fresh where the result is unchanged.
+OLD_FINGERPRINTS = {
+    "rgb": "dc386d8175cd1bee42460d3b9c8905b25dd1f53bf9719bb49a0bd29c5870ace1",
+    "flow": "a9bfe8342d6c8a21b3275fa89e5a863215db4ef23c4bb42df7dd25016a8bcd51",
+    "flow L=5": "99b19c732b9d0e4fe0413d54ba50508ba3768f46262eb342ec221d20a58a66b0",
+    "flow bound 15, step 2": "2b87e566f1910f3a4b72c4976b7ef079d0991c714c9c37e09590c5fc09044c4f",
+    "rgb resnet18, lr 0.01": "cd0d329b311d8a1699aec794edb2515fc337ae6a903578f34358e428a9bffb18",
+}
+
+
+def _fingerprint(bound: float = 20.0, step: int = 1, **kw) -> str:
+    from pipeline.stage import Plan, Upstream, compute_fingerprint
+    from pipeline.stage.manifest import Manifest
+
+    root = Path("/nowhere")
+    up = {"decode": Manifest(root / "decode", {"fingerprint": "d" * 64, "complete": True, "params": {}})}
+    if kw.get("stream") == "flow":
+        up["extract-flow"] = Manifest(root / "extract-flow", {
+            "fingerprint": "f" * 64, "complete": True, "params": {"bound": bound, "step": step, "backend": "torch"}})
+    return compute_fingerprint(STAGE, FinetuneParams(**kw), Upstream(root, up), Plan("a" * 64))
+
+
+def test_fingerprints_of_both_streams_equal_the_old_codes():
+    assert _fingerprint() == OLD_FINGERPRINTS["rgb"]
+    assert _fingerprint(stream="flow") == OLD_FINGERPRINTS["flow"]
+    assert _fingerprint(stream="flow", flow_length=5) == OLD_FINGERPRINTS["flow L=5"]
+    assert _fingerprint(15.0, 2, stream="flow") == OLD_FINGERPRINTS["flow bound 15, step 2"]
+    assert _fingerprint(arch="resnet18", lr=0.01) == OLD_FINGERPRINTS["rgb resnet18, lr 0.01"]
+
+
+def test_flow_settings_are_in_the_flow_streams_fingerprint_only():
+    rgb = _fingerprint()
+    for change in ({"flow_length": 5}, {"flow_bound": 30.0}, {"flow_step": 2}):
+        assert _fingerprint(**change) == rgb, change  # an RGB network never depends on a flow setting
+    flow = _fingerprint(stream="flow")
+    assert _fingerprint(stream="flow", flow_length=5) != flow
+    assert _fingerprint(30.0, stream="flow") != flow and _fingerprint(step=2, stream="flow") != flow  # the store's
+    assert _fingerprint(stream="flow", flow_bound=30.0, flow_step=2) == flow  # the ignored options are ignored
+
+
+def test_an_rgb_network_stays_fresh_when_a_flow_setting_changes(rgb_run):
+    cache, first = rgb_run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        again = run_stage(STAGE, FinetuneParams(stream="rgb", epochs=2, flow_length=5, flow_bound=30.0, flow_step=2,
+                                                **TINY), cache)
+    finally:
+        torch.set_num_threads(threads)
+    assert again.skipped and again.fingerprint == first.fingerprint
+
+
+def test_flow_bound_and_step_come_from_extract_flows_manifest(upstream, tmp_path, caplog):
+    """--flow-bound / --flow-step are not asked again: the flow store's are read from its manifest, the options
+    are accepted (one release), ignored with a warning, and every container is checked against the manifest."""
+    from stages.finetune import plan
+
+    from pipeline.stage import load_upstream
+    from pipeline.stage.manifest import Manifest
+
     cache = fresh_cache(upstream, tmp_path)
-    with pytest.raises(StageError, match=expect):
-        run_stage(STAGE, FinetuneParams(stream="flow", epochs=1, **{**TINY, **change}), cache)
-    assert not (cache / artifacts.finetune_key("flow", 1, "resnet18")).exists()  # refused before any work
+    up = load_upstream(cache, ("decode", "extract-flow"), "finetune")
+    with caplog.at_level("WARNING", logger="pipeline"):
+        data = plan(FinetuneParams(stream="flow", flow_bound=10.0, flow_step=2, **TINY), up).data
+    assert data.flow == {"flow_bound": 20.0, "flow_step": 1} and "are ignored" in caplog.text
+    manifest = json.loads((upstream / "extract-flow" / "manifest.json").read_text())
+    wrong = {**up.manifests, "extract-flow": Manifest(cache / "extract-flow", {
+        **manifest, "params": {**manifest["params"], "bound": 10.0}})}
+    with pytest.raises(StageError, match=r"stored with bound 20\.0, but extract-flow's manifest records 10\.0"):
+        plan(FinetuneParams(stream="flow", **TINY), type(up)(cache, wrong))
 
 
 def test_unknown_arch_is_refused(upstream, tmp_path):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.data.frame_diff import frame_difference, read_fstcn_clip
 from pipeline.data.sampling import (fstcn_clip, fstcn_scl_frame, fstcn_span, fstcn_test_clips, fstcn_train_clip,
-                                    test_indices)
+                                    eval_indices)
 from pipeline.data.transforms import GRID_POSITIONS, grid_crop, grid_offsets, sample_random_crop
 from pipeline.eval.scores import sci, sci_max_fuse
 from pipeline.io.store import VideoStore
@@ -412,7 +412,7 @@ def test_fstcn_test_clips_table(num_frames, num_clips, starts):
     clips = fstcn_test_clips(num_frames, num_clips)
     assert [c.start for c in clips] == starts
     assert all(max(c.partners) < num_frames for c in clips)
-    assert starts == test_indices(max(num_frames - 29, 1), num_clips)
+    assert starts == eval_indices(max(num_frames - 29, 1), num_clips)
 
 
 def test_scl_frame_middle_at_test_random_in_training():

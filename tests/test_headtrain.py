@@ -1,4 +1,5 @@
-"""Head training loop: sampling tables ([STFN] §4.2), fit_head, predict, the metrics, the split column."""
+"""Head training loop: fit_head, predict, the metrics, the split column (the sampling tables of [STFN] §4.2
+are in test_sampling.py)."""
 
 import copy
 import math
@@ -7,64 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data.sampling import eval_sequences, segment_positions
 from pipeline.eval.metrics import accuracy_metrics
 from pipeline.training.heads import (
     fit_head,
     gather_segments,
     predict,
     predict_views,
-    sample_train,
-    segment_positions,
     split_indices,
-    test_sequences,
 )
 from pipeline.models.heads import create_head
 from pipeline.training import heads as H
 
-
-
-@pytest.mark.parametrize(
-    "p, n, expected",
-    [
-        (25, 7, [[0, 3], [3, 7], [7, 10], [10, 14], [14, 17], [17, 21], [21, 25]]),
-        (25, 5, [[0, 5], [5, 10], [10, 15], [15, 20], [20, 25]]),
-        (10, 3, [[0, 3], [3, 6], [6, 10]]),
-        (4, 4, [[0, 1], [1, 2], [2, 3], [3, 4]]),
-        (25, 1, [[0, 25]]),
-    ],
-)
-def test_segment_positions_table(p, n, expected):
-    assert segment_positions(p, n).tolist() == expected
-
-
-def test_too_few_positions_refused():
-    with pytest.raises(ValueError, match="P >= N"):
-        segment_positions(4, 5)
-    with pytest.raises(ValueError, match=">= 1"):
-        segment_positions(4, 0)
-
-
-def test_test_sequences_tables():
-    # P=25, N=5: segments of 5 -> offsets floor((2j+1)*5/10) = j.
-    assert test_sequences(25, 5).tolist() == [[0 + j, 5 + j, 10 + j, 15 + j, 20 + j] for j in range(5)]
-    # P=25, N=7, segment [0, 3): floor((2j+1)*3/10) = 0, 0, 1, 2, 2; segment [3, 7): 0, 1, 2, 2, 3.
-    seqs = test_sequences(25, 7)
-    assert seqs.shape == (5, 7)
-    assert seqs[:, 0].tolist() == [0, 0, 1, 2, 2]
-    assert seqs[:, 1].tolist() == [3, 4, 5, 5, 6]
-
-
-def test_sample_train_stays_in_segments_and_covers_them():
-    g = torch.Generator().manual_seed(0)
-    pos = sample_train(25, 7, g, num_videos=2000)
-    bounds = torch.from_numpy(segment_positions(25, 7))
-    assert pos.shape == (2000, 7) and pos.dtype == torch.int64
-    assert ((pos >= bounds[:, 0]) & (pos < bounds[:, 1])).all()
-    for s, (a, b) in enumerate(bounds.tolist()):
-        assert sorted(pos[:, s].unique().tolist()) == list(range(a, b))
-    again = sample_train(25, 7, torch.Generator().manual_seed(0), num_videos=2000)
-    assert torch.equal(pos, again)
-    assert sample_train(25, 7, g).shape == (7,)
 
 
 def test_gather_segments_by_hand():
@@ -146,7 +101,7 @@ def test_predict_views_shape_and_mean():
     torch.testing.assert_close(views.sum(-1), torch.ones(6, 5))
     torch.testing.assert_close(predict(head, rgb, flow, 4), views.mean(1))
     # Each view is the head applied to the hand-picked positions of that test sequence.
-    seq = test_sequences(8, 4)[2]
+    seq = torch.from_numpy(eval_sequences(8, 4)[2])
     with torch.no_grad():
         direct = head(rgb[:, seq], flow[:, seq]).exp()
     torch.testing.assert_close(views[:, 2], direct)
@@ -197,7 +152,7 @@ def test_split_indices_from_the_split_column():
 
 def test_head_epoch_equals_a_plain_loop_bit_for_bit():
     """Indices moved to the device once per epoch, loss read once: the same steps as drawing and reading
-    them per batch (reference written out here: randperm, then sample_train, from one generator)."""
+    them per batch (reference written out here: randperm, then train_positions, from one generator)."""
     from pipeline.models.heads import create_head
 
     g = torch.Generator().manual_seed(5)
@@ -213,7 +168,7 @@ def test_head_epoch_equals_a_plain_loop_bit_for_bit():
                               generator=torch.Generator().manual_seed(7))
     gen = torch.Generator().manual_seed(7)
     order = torch.randperm(v, generator=gen)
-    bounds = H.segment_positions(p, n)
+    bounds = segment_positions(p, n)
     u = torch.rand((v, n), generator=gen, dtype=torch.float64)
     length = torch.from_numpy(bounds[:, 1] - bounds[:, 0])
     pos = torch.from_numpy(bounds[:, 0]) + torch.minimum((u * length).long(), length - 1)

@@ -195,3 +195,73 @@ def test_no_stage_module_imports_another_stage_module():
     assert {f"stages.{m}" for m in STAGE_MODULES} <= declaring
     offenders = {m: sorted(_stage_imports(m, modules[m], modules) - STAGE_MAY_IMPORT) for m in sorted(declaring)}
     assert not {m: v for m, v in offenders.items() if v}, offenders
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which way the imports go inside the library (docs/architecture.md)
+# ----------------------------------------------------------------------------------------------------------
+
+#: A package -> (the packages it may not import, lazily or not; the modules among them it may). Data is read by
+#: training, never the other way; the models take what they need (the streams' names, a checkpoint converter)
+#: as arguments or from the leaf module pipeline.streams, and may read the sampling rules (numpy only:
+#: FstCN's test-time frame).
+LAYERS = {
+    "pipeline.data": (("pipeline.training",), ()),
+    "pipeline.models": (("pipeline.data", "pipeline.interop", "pipeline.training"),
+                        ("pipeline.data", "pipeline.data.sampling")),
+}
+
+
+def _within(name: str, packages) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def _layer_breaks(graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    out = {}
+    for m, targets in graph.items():
+        for package, (forbidden, allowed) in LAYERS.items():
+            bad = sorted(t for t in targets if _within(t, forbidden) and t not in allowed)
+            if _within(m, (package,)) and bad:
+                out[m] = bad
+    return out
+
+
+def test_layer_scan_sees_lazy_and_relative_imports(tmp_path):
+    for sub in ("data", "training", "models", "interop"):
+        (tmp_path / "pipeline" / sub).mkdir(parents=True)
+        (tmp_path / "pipeline" / sub / "__init__.py").write_text("")
+    (tmp_path / "pipeline" / "__init__.py").write_text("")
+    (tmp_path / "pipeline" / "training" / "heads.py").write_text("")
+    (tmp_path / "pipeline" / "interop" / "checkpoints.py").write_text("")
+    (tmp_path / "pipeline" / "data" / "paired.py").write_text("def f():\n    from ..training.heads import g\n")
+    (tmp_path / "pipeline" / "models" / "backbones.py").write_text("from pipeline.interop import checkpoints\n")
+    (tmp_path / "pipeline" / "data" / "sampling.py").write_text("")
+    (tmp_path / "pipeline" / "data" / "clips.py").write_text("")
+    (tmp_path / "pipeline" / "models" / "fstcn.py").write_text("from pipeline.data.sampling import f\n")
+    (tmp_path / "pipeline" / "models" / "heads.py").write_text("from ..data import clips\n")
+    assert _layer_breaks(_graph(tmp_path, "pipeline")) == {
+        "pipeline.data.paired": ["pipeline.training", "pipeline.training.heads"],
+        "pipeline.models.backbones": ["pipeline.interop", "pipeline.interop.checkpoints"],
+        "pipeline.models.heads": ["pipeline.data.clips"]}
+
+
+def test_library_layers():
+    assert _layer_breaks(_graph(REPO, "pipeline")) == {}
+
+
+def test_streams_is_a_leaf_module():
+    tree = ast.parse((REPO / "pipeline" / "streams.py").read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
+def test_nothing_reads_the_streams_from_their_old_home():
+    """``pipeline.data.STREAMS`` is kept for one release; the code reads ``pipeline.streams`` (so that the
+    models import nothing of ``pipeline.data`` for it)."""
+    old = []
+    for p in sorted(f for d in ("pipeline", "stages", "bench") for f in (REPO / d).rglob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            if isinstance(node, ast.ImportFrom) and node.module in ("pipeline.data", "pipeline.data.clips") and \
+                    any(a.name == "STREAMS" for a in node.names):
+                old.append(str(p.relative_to(REPO)))
+    assert old == []

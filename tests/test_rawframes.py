@@ -354,12 +354,13 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, clips, shared_data)
 
 
 def test_later_stages_read_an_import_as_usual(tmp_path, clips):
-    """finetune (flow stream) trains on the imported flow with its bound, and reads the frames."""
+    """finetune (flow stream) trains on the imported flow with its bound (read from extract-flow's manifest, as
+    for a computed one), and reads the frames."""
     import torch
 
     from pipeline.data.clips import read_flow_stacks
     from pipeline.io import artifacts
-    from pipeline.stage import StageError, run_stage
+    from pipeline.stage import load_upstream, run_stage
     from stages.finetune import STAGE as FINETUNE, FinetuneParams
 
     # Two classes x three groups: g01, g02 train, g03 test.
@@ -371,9 +372,9 @@ def test_later_stages_read_an_import_as_usual(tmp_path, clips):
     rows = [(f"{cls}/{name} {T} {label[cls]}\n", "_g03_" in name) for name, cls, _, _ in many]
     (root / "train.txt").write_text("".join(r for r, test in rows if not test))
     (root / "test.txt").write_text("".join(r for r, test in rows if test))
-    run_import(root, "mmaction2", cache, val_fraction=0.0)
+    run_import(root, "mmaction2", cache, val_fraction=0.0, flow_bound=15.0)
     vid = f"{clips[0][1]}/{clips[0][0]}"
-    stacks = read_flow_stacks(artifacts.flow_store(cache / "extract-flow"), vid, [1], 2, bound=20.0, step=1)
+    stacks = read_flow_stacks(artifacts.flow_store(cache / "extract-flow"), vid, [1], 2, bound=15.0, step=1)
     codes = expected[vid][2]  # stack centred on frame 1: flows 0 and 1, channels x0, y0, x1, y1
     want = np.stack([codes[0, ..., 0], codes[0, ..., 1], codes[1, ..., 0], codes[1, ..., 1]])
     np.testing.assert_array_equal(stacks[0].numpy(), want)
@@ -383,11 +384,13 @@ def test_later_stages_read_an_import_as_usual(tmp_path, clips):
     torch.set_num_threads(1)
     try:
         r = run_stage(FINETUNE, FinetuneParams(stream="flow", epochs=1, **tiny), cache)
-        with pytest.raises(StageError, match="bound"):  # the imported bound is checked like a computed one
-            run_stage(FINETUNE, FinetuneParams(stream="flow", epochs=1, flow_bound=15.0, **tiny), cache)
     finally:
         torch.set_num_threads(threads)
     assert r.manifest["upstream"].keys() == {"decode", "extract-flow"} and r.manifest["complete"]
+    p = FinetuneParams(stream="flow", epochs=1, **tiny)
+    up = load_upstream(cache, ("decode", "extract-flow"), "finetune")
+    assert FINETUNE.plan(p, up).data.flow == {"flow_bound": 15.0, "flow_step": 1}
+    assert FINETUNE.fingerprinted(p, up)["flow_bound"] == 15.0
 
 
 def test_new_options_keep_the_fingerprints_of_earlier_runs():

@@ -462,10 +462,12 @@ def test_head_that_does_not_fit_the_backbones(upstream, tmp_path, head, match):
 
 
 def test_bad_parameters():
+    from pipeline.stage.validate import validate_params
+
     for bad, match in ((dict(micro_batch=0), "--micro-batch"),
                        (dict(head_name="a/b"), "--head-name")):
         with pytest.raises(StageError, match=match):
-            RefineParams(**bad).validate()
+            validate_params(RefineParams(**bad))
 
 
 def test_one_holdout_feature_store_train_head_and_refine_validate_on_the_same_videos(upstream, tmp_path):

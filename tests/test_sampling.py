@@ -1,10 +1,12 @@
-"""Frame sampling: TSN segments, test frames, flow stacks, dense feature positions (hand-worked tables)."""
+"""Frame sampling: TSN segments, test frames, flow stacks, dense feature positions, a head's segments and test
+sequences over them (hand-worked tables)."""
 
 import math
 from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.data import sampling
 
@@ -48,12 +50,12 @@ def test_train_indices_rejects_bad_sizes(args):
         sampling.train_indices(*args, np.random.default_rng(0))
 
 
-# ---------------------------------------------------------------- test_indices
+# ---------------------------------------------------------------- eval_indices
 
 
-def test_test_indices_25_of_100_frames():
+def test_eval_indices_25_of_100_frames():
     # tick = 4: centres 2, 6, 10, ..., 98.
-    assert sampling.test_indices(100) == list(range(2, 100, 4))
+    assert sampling.eval_indices(100) == list(range(2, 100, 4))
 
 
 @pytest.mark.parametrize(
@@ -65,11 +67,11 @@ def test_test_indices_25_of_100_frames():
         (7, 1, [3]),
     ],
 )
-def test_test_indices_hand_worked(num_frames, num_samples, expected):
-    assert sampling.test_indices(num_frames, num_samples) == expected
+def test_eval_indices_hand_worked(num_frames, num_samples, expected):
+    assert sampling.eval_indices(num_frames, num_samples) == expected
 
 
-def test_test_indices_match_tsn_formula_in_exact_arithmetic():
+def test_eval_indices_match_tsn_formula_in_exact_arithmetic():
     # TSN _get_test_indices: int(tick / 2 + tick * k), tick = num_frames / num_samples (0-based here).
     # In floats TSN lands 1 below where tick/2 + tick*k is an exact integer (6 frames, 7 samples,
     # k = 3: 2.9999... -> 2); the documented rule is the exact value.
@@ -77,7 +79,7 @@ def test_test_indices_match_tsn_formula_in_exact_arithmetic():
         for num_samples in (1, 3, 5, 7, 9, 25):
             tick = Fraction(num_frames, num_samples)
             exact = [math.floor(tick / 2 + tick * k) for k in range(num_samples)]
-            assert sampling.test_indices(num_frames, num_samples) == exact, (num_frames, num_samples)
+            assert sampling.eval_indices(num_frames, num_samples) == exact, (num_frames, num_samples)
             tsn_float = [int(float(tick) / 2.0 + float(tick) * k) for k in range(num_samples)]
             for e, t, k in zip(exact, tsn_float, range(num_samples)):
                 assert e == t or (t == e - 1 and (tick / 2 + tick * k).denominator == 1)
@@ -145,3 +147,49 @@ def test_flow_stack_rejects_centre_outside_video(center):
 def test_flow_stack_rejects_video_without_flow():
     with pytest.raises(ValueError, match="num_flows"):
         sampling.flow_stack_indices(0, num_flows=0)
+
+
+# ---------------------------------------------------------------- a head's segments over P positions ([STFN] §4.2)
+
+@pytest.mark.parametrize(
+    "p, n, expected",
+    [
+        (25, 7, [[0, 3], [3, 7], [7, 10], [10, 14], [14, 17], [17, 21], [21, 25]]),
+        (25, 5, [[0, 5], [5, 10], [10, 15], [15, 20], [20, 25]]),
+        (10, 3, [[0, 3], [3, 6], [6, 10]]),
+        (4, 4, [[0, 1], [1, 2], [2, 3], [3, 4]]),
+        (25, 1, [[0, 25]]),
+    ],
+)
+def test_segment_positions_table(p, n, expected):
+    assert sampling.segment_positions(p, n).tolist() == expected
+
+
+def test_too_few_positions_refused():
+    with pytest.raises(ValueError, match="P >= N"):
+        sampling.segment_positions(4, 5)
+    with pytest.raises(ValueError, match=">= 1"):
+        sampling.segment_positions(4, 0)
+
+
+def test_eval_sequences_tables():
+    # P=25, N=5: segments of 5 -> offsets floor((2j+1)*5/10) = j.
+    assert sampling.eval_sequences(25, 5).tolist() == [[0 + j, 5 + j, 10 + j, 15 + j, 20 + j] for j in range(5)]
+    # P=25, N=7, segment [0, 3): floor((2j+1)*3/10) = 0, 0, 1, 2, 2; segment [3, 7): 0, 1, 2, 2, 3.
+    seqs = sampling.eval_sequences(25, 7)
+    assert seqs.shape == (5, 7)
+    assert seqs[:, 0].tolist() == [0, 0, 1, 2, 2]
+    assert seqs[:, 1].tolist() == [3, 4, 5, 5, 6]
+
+
+def test_train_positions_stays_in_segments_and_covers_them():
+    g = torch.Generator().manual_seed(0)
+    pos = sampling.train_positions(25, 7, g, num_videos=2000)
+    bounds = torch.from_numpy(sampling.segment_positions(25, 7))
+    assert pos.shape == (2000, 7) and pos.dtype == torch.int64
+    assert ((pos >= bounds[:, 0]) & (pos < bounds[:, 1])).all()
+    for s, (a, b) in enumerate(bounds.tolist()):
+        assert sorted(pos[:, s].unique().tolist()) == list(range(a, b))
+    again = sampling.train_positions(25, 7, torch.Generator().manual_seed(0), num_videos=2000)
+    assert torch.equal(pos, again)
+    assert sampling.train_positions(25, 7, g).shape == (7,)

@@ -255,7 +255,7 @@ def test_mismatched_dims_train_with_fused_dim(tmp_path):
     (("--fusion", "sum"), "Invalid value for '--fusion'"),
     (("--dir", "up"), "Invalid value for '--direction' / '--dir'"),
     (("--val-fraction", 0.2), "No such option '--val-fraction'"),
-    (("--segments", 0), "--segments must be >= 1"),
+    (("--segments", 0), "--segments: 0 must be >= 1"),
     (("--name", "../x"), "plain folder name"),
 ])
 def test_bad_options(tmp_path, args, message):
@@ -382,3 +382,28 @@ def test_tensorboard_curves_written_and_read_back(tmp_path):
     assert [e.step for e in events.Scalars("loss/train")] == [h["epoch"] for h in history]
     assert losses == pytest.approx([h["train_loss"] for h in history], rel=1e-6)
     assert [e.value for e in events.Scalars("lr")] == pytest.approx([h["lr"] for h in history])
+
+
+def test_the_device_comes_from_pipeline_dist(tmp_path, monkeypatch):
+    """train-head and fit_head take this rank's device from pipeline.dist (the one device rule), not from
+    torch.cuda themselves."""
+    import pipeline.dist
+    from pipeline.training.heads import fit_head
+    from pipeline.models.heads import create_head
+    from stages.train_head import STAGE, TrainHeadParams
+
+    asked = []
+
+    def device(name="auto"):
+        asked.append(name)
+        return "cpu"
+
+    monkeypatch.setattr(pipeline.dist, "device", device)
+    root = tmp_path / "cache"
+    build_upstream(root, make_features())
+    r = run_stage(STAGE, TrainHeadParams(head="tsn", segments=2, max_epochs=1), root)
+    assert asked == ["auto"] and r.manifest["summary"]["line"].endswith(" on cpu)")
+    x, y = torch.randn(6, 4, 8), torch.tensor([0, 1] * 3)
+    fit_head(create_head("tsn", num_classes=2, rgb_dim=8, flow_dim=8, num_segments=2), (x, x, y), (x, x, y),
+             max_epochs=1)
+    assert asked == ["auto", "auto"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.stage import StageError, param
+from pipeline.stage import StageError, param, run_stage
 from pipeline.stage import config as cfg
-from pipeline.stage.validate import validate_params
+from pipeline.stage.validate import option_name, validate_params
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def _float_options(tp) -> list[str]:
         base = cfg._base(hints[f.name])
         inner = typing.get_args(base)[0] if typing.get_origin(base) is tuple else base
         if inner is float and f.metadata.get("cli", True) and not f.metadata.get("choices"):
-            out.append("--" + f.name.rstrip("_").replace("_", "-"))
+            out.append(option_name(f.name))
     return out
 
 
@@ -145,3 +145,97 @@ def test_unknown_key_in_known_table(tmp_path):
         cfg.build_params(DecodeParams, cfg.load_config(conf), "decode", {}, config_path=conf)
     res = CliRunner().invoke(main, ["decode", "--config", str(conf), "--cache-dir", str(tmp_path / "c")])
     assert res.exit_code == 2 and "unknown parameter 'short_sid'" in res.output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every declared check, from Python (run_stage) and from the command line: refused before any work, one message
+# ---------------------------------------------------------------------------------------------------------
+
+def _out_of_range(f: dataclasses.Field, inner: type) -> list:
+    """Values just outside the declared range of ``f`` (at an exclusive bound, one step past an inclusive one),
+    skipping the values ``also`` accepts."""
+    meta, step = f.metadata, 1 if inner is int else 0.5
+    out = []
+    for bound, sign, exclusive in (("min", -1, "min_exclusive"), ("max", 1, "max_exclusive")):
+        if meta.get(bound) is None:
+            continue
+        v = meta[bound] if meta.get(exclusive) else meta[bound] + sign * step
+        while v in meta.get("also", ()):
+            v += sign * step
+        out.append(inner(v))
+    return out
+
+
+def _range_cases() -> list:
+    """(stage, field, value, command-line text) for every declared range of every stage's parameters."""
+    from stages import all_stages
+
+    cases = []
+    for stage in all_stages():
+        hints = typing.get_type_hints(stage.params_type)
+        for f in dataclasses.fields(stage.params_type):
+            base = cfg._base(hints[f.name])
+            is_tuple = typing.get_origin(base) is tuple
+            inner = typing.get_args(base)[0] if is_tuple else base
+            if inner in (int, float):
+                cases += [(stage, f.name, (v,) if is_tuple else v, str(v)) for v in _out_of_range(f, inner)]
+    return cases
+
+
+def _refused_alike(stage, over: dict, args: list, cache: Path) -> str:
+    """The message run_stage refuses ``over`` with, checked to be the command line's for ``args``, both before
+    any work (nothing written under ``cache``)."""
+    from stages.cli import main
+
+    with pytest.raises(StageError) as e:
+        run_stage(stage, dataclasses.replace(stage.params_type(), **over), cache)
+    res = CliRunner().invoke(main, [stage.name, *args, "--cache-dir", str(cache)])
+    assert res.exit_code == 2 and f"Error: {e.value}" in res.output, (stage.name, over, str(e.value), res.output)
+    assert not cache.exists() or not any(cache.iterdir()), (stage.name, over)
+    return str(e.value)
+
+
+def test_every_declared_range_is_refused_from_python_and_the_cli_alike(tmp_path):
+    from stages import all_stages
+
+    cases = _range_cases()
+    for stage, name, value, text in cases:
+        msg = _refused_alike(stage, {name: value}, [option_name(name), text], tmp_path / "cache")
+        shown = repr(value[0] if isinstance(value, tuple) else value)
+        assert msg.startswith(f"{option_name(name)}: {shown} must be "), msg
+    assert {s.name for s, *_ in cases} == {s.name for s in all_stages()}  # every stage declares ranges
+    assert len(cases) >= 50  # the ~15 checks the stages wrote by hand, now declared, and the others
+
+
+def test_checks_beyond_ranges_are_refused_from_python_and_the_cli_alike(tmp_path):
+    """``check=`` declarations and the checks across fields (``validate()``) also run in run_stage."""
+    from stages.decode import STAGE as DECODE
+    from stages.evaluate import STAGE as EVALUATE
+    from stages.extract_features import STAGE as FEATURES
+    from stages.extract_flow import STAGE as FLOW
+    from stages.refine import STAGE as REFINE
+    from stages.train_head import STAGE as TRAIN_HEAD
+
+    missing = str(tmp_path / "nope.npz")
+    cases = [
+        (FEATURES, {"views": 5}, ["--views", "5"], "--views: 5 is neither 1 (centre crop) nor 10"),
+        (TRAIN_HEAD, {"name": "../x"}, ["--name", "../x"], "--name: '../x' must be a plain folder name"),
+        (TRAIN_HEAD, {"min_lr": 0.1}, ["--min-lr", "0.1"], "need --min-lr <= --lr (got 0.1, 0.0001)"),
+        (REFINE, {"head_name": "a/b"}, ["--head-name", "a/b"], "--head-name: 'a/b' must be the name of a train-head"),
+        (EVALUATE, {"splits": (1, 1)}, ["--splits", "1,1"], "--splits: (1, 1) must list distinct split ids"),
+        (EVALUATE, {"external_scores": Path(missing)}, ["--external-scores", missing], "is not a file (not found)"),
+        (DECODE, {"dataset": "ucf101"}, ["--dataset", "ucf101"], "--root is required for --dataset ucf101"),
+        (FLOW, {"tau": 0.0}, ["--tau", "0"], "tau must be > 0"),
+    ]
+    for stage, over, args, expect in cases:
+        assert expect in _refused_alike(stage, over, args, tmp_path / "cache"), (stage.name, over)
+
+
+def test_option_name_is_the_one_spelling():
+    assert option_name("short_side") == "--short-side" and option_name("lambda_") == "--lambda"
+    # a config table takes the same spelling, with - or _
+    from stages.extract_flow import FlowParams
+
+    p = cfg.build_params(FlowParams, {"extract-flow": {"lambda": 0.2, "scale-step": 0.5, "inner_iterations": 7}},
+                         "extract-flow", {})
+    assert (p.lambda_, p.scale_step, p.inner_iterations) == (0.2, 0.5, 7)

@@ -13,7 +13,7 @@ Samples are dicts ``{"input": uint8 tensor, "label": int, "index": int}``:
 * RGB training input ``(N, 3, S, S)``; flow training input ``(N, 2L, S, S)`` with channels
   ``x0, y0, x1, y1, ...`` (the layout :func:`pipeline.data.transforms.apply_crop` and
   :func:`pipeline.models.backbones.normalize_flow` expect);
-* test views ``(T, C, S, S)``: T uniformly spaced frames (:func:`pipeline.data.sampling.test_indices`), each the
+* test views ``(T, C, S, S)``: T uniformly spaced frames (:func:`pipeline.data.sampling.eval_indices`), each the
   centre view (:func:`pipeline.data.transforms.center_view`).
 
 Normalisation happens on the training device (:func:`input_normalizer`), so the loader moves uint8.
@@ -37,14 +37,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from pipeline.models.backbones import normalize_flow, normalize_rgb
-from pipeline.data.sampling import flow_stack_indices, test_indices, train_indices
+from pipeline.data.sampling import eval_indices, flow_stack_indices, train_indices
 from pipeline.io.store import VideoStore
 from pipeline.data.transforms import CROP_SCALES, apply_crop, center_view, sample_crop_params
+from pipeline.streams import STREAMS
 
-__all__ = ["STREAMS", "VideoList", "TrainClips", "TestViews", "input_channels", "input_normalizer",
+__all__ = ["STREAMS", "VideoList", "TrainClips", "EvalViews", "input_channels", "input_normalizer",
            "read_flow_stacks"]
-
-from pipeline.data import STREAMS  # noqa: E402,F401
 
 
 def input_channels(stream: str, flow_length: int = 10) -> int:
@@ -223,14 +222,12 @@ class TrainClips(SegmentSamples):
         return {"input": x, "label": int(self.videos.labels[index]), "index": int(index)}
 
 
-class TestViews(Dataset):
+class EvalViews(Dataset):
     """Test (and validation) views: ``num_frames`` uniformly spaced frames or stacks, centre view each.
 
     ``dataset[i]`` returns ``{"input": (T, C, S, S) uint8, "label": int, "index": int}`` with
     T = ``num_frames`` (25 in the two-stream test protocol, Simonyan & Zisserman 2014 and TSN).
     """
-
-    __test__ = False  # not a pytest class
 
     def __init__(self, store: VideoStore, videos: VideoList, stream: str, *, num_frames: int = 25,
                  input_size: int = 224, flow_length: int = 10, flow_bound: float | None = None,
@@ -247,7 +244,7 @@ class TestViews(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         vid = self.videos.video_ids[index]
-        frames = test_indices(self.videos.num_frames[index], self.num_frames)
+        frames = eval_indices(self.videos.num_frames[index], self.num_frames)
         x = _read(self.store, self.stream, vid, frames, self.flow_length, self.flow_bound, self.flow_step)
         return {"input": center_view(x, self.input_size).contiguous(), "label": int(self.videos.labels[index]),
                 "index": int(index)}

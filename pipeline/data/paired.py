@@ -11,7 +11,7 @@ one :class:`~pipeline.data.transforms.CropParams` per sample, applied to the N R
   like :class:`pipeline.data.clips.TrainClips` (everything drawn from ``default_rng([seed, epoch, index])``: the
   segment frames, then the crop), so resumed and distributed runs see the same samples.
 * :class:`PairedTestSequences`: the head's test protocol (``train-head``) on frames: the ``num_test``
-  sequences of :func:`pipeline.training.heads.test_sequences` over the ``P`` feature positions of
+  sequences of :func:`pipeline.data.sampling.eval_sequences` over the ``P`` feature positions of
   :func:`pipeline.data.sampling.feature_positions`, i.e. the very frames ``extract-features`` computed the head's
   test features at, centre view (:func:`pipeline.data.transforms.center_view`).
 
@@ -27,8 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from pipeline.data.clips import SegmentSamples, VideoList, read_flow_stacks
-from pipeline.training.heads import NUM_TEST, test_sequences
-from pipeline.data.sampling import feature_positions
+from pipeline.data.sampling import NUM_TEST, eval_sequences, feature_positions
 from pipeline.io.store import VideoStore
 from pipeline.data.transforms import CROP_SCALES, apply_crop, center_view, sample_crop_params
 
@@ -86,13 +85,13 @@ class PairedClips(SegmentSamples):
 def sequence_frames(num_frames: int, num_positions: int, num_segments: int, num_test: int = NUM_TEST) -> np.ndarray:
     """(num_test, N) frame indices of the head's test sequences for a video of ``num_frames`` frames.
 
-    Sequence ``j`` takes, in every segment, the position of :func:`pipeline.training.heads.test_sequences` over
+    Sequence ``j`` takes, in every segment, the position of :func:`pipeline.data.sampling.eval_sequences` over
     ``P = num_positions`` feature positions, and position ``k`` is frame
     :func:`pipeline.data.sampling.feature_positions` ``(num_frames, P)[k]``: the frames whose features the head
     was tested on.
     """
     positions = feature_positions(num_frames, num_positions).astype(np.int64)
-    return positions[test_sequences(num_positions, num_segments, num_test).numpy()]
+    return positions[eval_sequences(num_positions, num_segments, num_test)]
 
 
 class PairedTestSequences(Dataset):
@@ -103,12 +102,10 @@ class PairedTestSequences(Dataset):
     "index": int}``.
     """
 
-    __test__ = False  # not a pytest class
-
     def __init__(self, frames: VideoStore, flows: VideoStore, videos: VideoList, *, num_segments: int,
                  num_positions: int, num_test: int = NUM_TEST, rgb_size: int = 224, flow_size: int = 224,
                  flow_length: int = 10, flow_bound: float | None = None, flow_step: int | None = None) -> None:
-        test_sequences(num_positions, num_segments, num_test)  # validates P >= N, num_test >= 1
+        eval_sequences(num_positions, num_segments, num_test)  # validates P >= N, num_test >= 1
         self.frames, self.flows, self.videos = frames, flows, videos
         self.num_segments, self.num_positions, self.num_test = num_segments, num_positions, num_test
         self.rgb_size, self.flow_size, self.flow_length = rgb_size, flow_size, flow_length

@@ -1,4 +1,5 @@
-"""Which frames and flow fields a sample uses: TSN segments, test views, flow stacks, feature positions.
+"""Which frames and flow fields a sample uses: TSN segments, test views, flow stacks, feature positions, and
+which of a video's P cached feature positions a head's segments and test sequences take.
 
 All indices are 0-based frame indices into a decoded video of ``num_frames`` frames. Its flow
 has ``num_flows = num_frames - 1`` fields (step 1); flow ``i`` goes from frame ``i`` to frame
@@ -7,8 +8,15 @@ has ``num_flows = num_frames - 1`` fields (step 1); flow ``i`` goes from frame `
 [STFN] §4.2: a video is divided into N segments of equal length; in training one random frame
 is taken from each segment and the flow stack centred on it goes with it; in testing frames are
 sampled uniformly. The rules below follow TSN's reference data loader
-(yjxiong/tsn-pytorch, ``dataset.py``: ``TSNDataSet._sample_indices`` and ``_get_test_indices``),
+(yjxiong/tsn-pytorch, ``dataset.py``: ``TSNDataSet._sample_indices`` and ``_get_eval_indices``),
 shifted from its 1-based image names to 0-based indices.
+
+A head ([STFN] §4.2) reads features at P cached positions per video (:func:`feature_positions`). Segment s of
+N covers positions [floor(s P / N), floor((s + 1) P / N)) (:func:`segment_positions`); training takes one
+random position per segment (:func:`train_positions`), testing ``num_test`` = 5 (:data:`NUM_TEST`) sequences,
+sequence j taking in every segment the position start + floor((j + 1/2) L / num_test) (L the segment's length:
+uniformly spaced, centred; :func:`eval_sequences`). ``refine`` samples its frames by the same rules
+(:mod:`pipeline.data.paired`).
 """
 
 from __future__ import annotations
@@ -18,13 +26,20 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
+    "NUM_TEST",
     "FlowStack",
+    "eval_indices",
+    "eval_sequences",
     "feature_positions",
     "flow_stack",
     "flow_stack_indices",
-    "test_indices",
+    "segment_positions",
     "train_indices",
+    "train_positions",
 ]
+
+#: [STFN] §4.2: a head is tested on 5 sequences of N positions per video.
+NUM_TEST = 5
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -58,10 +73,10 @@ def train_indices(num_frames: int, num_segments: int, rng: np.random.Generator) 
     return [int(k * duration + o) for k, o in enumerate(offsets)]
 
 
-def test_indices(num_frames: int, num_samples: int = 25) -> list[int]:
+def eval_indices(num_frames: int, num_samples: int = 25) -> list[int]:
     """``num_samples`` uniformly spaced frames: the centre frame of each of that many equal parts.
 
-    TSN's ``_get_test_indices``: ``tick = num_frames / num_samples`` and sample ``k`` is
+    TSN's ``_get_eval_indices``: ``tick = num_frames / num_samples`` and sample ``k`` is
     ``int(tick / 2 + tick * k)``, computed here exactly in integers as
     ``(num_frames * (2k + 1)) // (2 * num_samples)``. (TSN's floats land one frame lower where
     that value is an exact integer: 6 frames, 7 samples, k = 3 gives 3 here and 2 in TSN.)
@@ -81,7 +96,7 @@ def feature_positions(num_frames: int, num_positions: int) -> np.ndarray:
 
     Position ``k`` is the frame index ``floor(num_frames * (k + 0.5) / P)``, the frame that
     contains the centre of the k-th of P equal parts of the video (the same rule as
-    :func:`test_indices`, so P = 25 reproduces the two-stream test frames). Dense positions let
+    :func:`eval_indices`, so P = 25 reproduces the two-stream test frames). Dense positions let
     the number of segments of a head (3, 5, 7, 9) be chosen when training the head: segment
     ``s`` of N uses the positions whose part lies in it.
 
@@ -131,10 +146,6 @@ def flow_stack(center: int, num_flows: int, L: int = 10) -> FlowStack:
 def flow_stack_indices(center: int, num_flows: int, L: int = 10) -> list[int]:
     """The flow indices of :func:`flow_stack` (``L`` of them)."""
     return flow_stack(center, num_flows, L).indices
-
-
-# The name starts with "test_"; keep pytest from collecting it where a test module imports it.
-test_indices.__test__ = False  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,13 +231,13 @@ def stpn_test_snippets(num_frames: int, rng: np.random.Generator, *, num_snippet
     """The test snippets of one video ([STPN] §4.7): ``num_snippets`` frames, each with its own tau.
 
     [STPN] samples the 10 snippets "randomly"; here they are the uniformly spaced frames of
-    :func:`test_indices` (the two-stream test frames [Two-Stream] that §4.7 follows, and reproducible), and tau
+    :func:`eval_indices` (the two-stream test frames [Two-Stream] that §4.7 follows, and reproducible), and tau
     is drawn per snippet, ``rng.integers(1, max_tau + 1, size=num_snippets)``, since §3.2 draws it in testing
     too. Each snippet is then seen in the 10 crops and flips of :func:`pipeline.data.transforms.ten_crop` and
     the class probabilities of all snippets and views are averaged.
     """
     _check_positive("max_tau", max_tau)
-    frames = test_indices(num_frames, num_snippets)
+    frames = eval_indices(num_frames, num_snippets)
     taus = rng.integers(1, max_tau + 1, size=num_snippets)
     return [PathSample(t, int(tau), path_centres(t, int(tau), num_frames, num_paths)) for t, tau in zip(frames, taus)]
 
@@ -276,11 +287,11 @@ def stpn_cached_train_sample(num_positions: int, offsets: list[int] | tuple[int,
 def stpn_cached_test_snippets(num_positions: int, offsets: list[int] | tuple[int, ...], rng: np.random.Generator,
                               *, num_snippets: int = STPN_TEST_SNIPPETS,
                               num_paths: int = 3) -> list[CachedPathSample]:
-    """The test snippets on cached maps: positions ``test_indices(num_positions, num_snippets)`` (P = 25 gives
+    """The test snippets on cached maps: positions ``eval_indices(num_positions, num_snippets)`` (P = 25 gives
     1, 3, 6, 8, 11, 13, 16, 18, 21, 23), each with a tau drawn among :func:`cached_taus`
     (``rng.integers(len(taus), size=num_snippets)``); the cached views stand for the crops and flips."""
     taus = cached_taus(offsets, num_paths)
-    positions = test_indices(num_positions, num_snippets)
+    positions = eval_indices(num_positions, num_snippets)
     picks = rng.integers(len(taus), size=num_snippets)
     return [CachedPathSample(p, int(taus[k]), _cached_paths(offsets, int(taus[k]), num_paths))
             for p, k in zip(positions, picks)]
@@ -362,11 +373,11 @@ def fstcn_train_clip(num_frames: int, rng: np.random.Generator, l_t: int = FSTCN
 def fstcn_test_clips(num_frames: int, num_clips: int = FSTCN_NUM_CLIPS, l_t: int = FSTCN_L_T,
                      s_t: int = FSTCN_S_T, d_t: int = FSTCN_D_T) -> list[FstcnClip]:
     """The M test clips of a video ([FstCN] §2.4; M is not stated): starts spread evenly over the
-    ``num_frames - span + 1`` starts that fit, by :func:`test_indices` (the centre of each of M equal parts);
+    ``num_frames - span + 1`` starts that fit, by :func:`eval_indices` (the centre of each of M equal parts);
     all start at 0 in a video shorter than the span."""
     _check_positive("num_clips", num_clips)
     valid = max(num_frames - fstcn_span(l_t, s_t, d_t) + 1, 1)
-    return [fstcn_clip(s, num_frames, l_t, s_t, d_t) for s in test_indices(valid, num_clips)]
+    return [fstcn_clip(s, num_frames, l_t, s_t, d_t) for s in eval_indices(valid, num_clips)]
 
 
 def fstcn_scl_frame(l_t: int = FSTCN_L_T, rng: np.random.Generator | None = None) -> int:
@@ -391,7 +402,7 @@ def stmult_train_indices(num_frames: int, rng: np.random.Generator, *, num_sampl
     frame as ``rng.integers(0, num_frames - (num_samples - 1) * s)``; the clip is ``start + k * s``. The
     paper's "random temporal stride between 5 and 35 frames" does not say how the stride meets short videos;
     the released loader (``cnn_get_im_flow_batch.m``, ``temporalStrideRandom``) falls back to evenly spaced
-    frames. A video shorter than ``num_samples`` frames likewise gets :func:`test_indices`' ``num_samples``
+    frames. A video shorter than ``num_samples`` frames likewise gets :func:`eval_indices`' ``num_samples``
     evenly spaced frames (frames repeat; nothing is drawn).
 
     Returns:
@@ -407,7 +418,7 @@ def stmult_train_indices(num_frames: int, rng: np.random.Generator, *, num_sampl
         return [int(rng.integers(0, num_frames))]
     cap = (num_frames - 1) // (num_samples - 1)
     if cap == 0:
-        return test_indices(num_frames, num_samples)
+        return eval_indices(num_frames, num_samples)
     hi = min(max_stride, cap)
     stride = int(rng.integers(min(min_stride, hi), hi + 1))
     start = int(rng.integers(0, num_frames - (num_samples - 1) * stride))
@@ -415,7 +426,7 @@ def stmult_train_indices(num_frames: int, rng: np.random.Generator, *, num_sampl
 
 
 def stmult_test_chunks(num_frames: int, *, num_samples: int = 25, chunk_size: int = 25) -> list[list[int]]:
-    """The test frames of [ST-Mult] §4.2: :func:`test_indices`' ``num_samples`` = 25 uniformly spaced frames,
+    """The test frames of [ST-Mult] §4.2: :func:`eval_indices`' ``num_samples`` = 25 uniformly spaced frames,
     cut into consecutive chunks of ``chunk_size`` frames, each one forward pass of the network (its temporal
     convs and max over time see one chunk). The default, one chunk of 25, is §4.2's "classifying the video in
     a single forward pass"; smaller chunks (e.g. 5, the training clip's length) bound memory and the span of
@@ -428,8 +439,51 @@ def stmult_test_chunks(num_frames: int, *, num_samples: int = 25, chunk_size: in
     _check_positive("chunk_size", chunk_size)
     if num_samples % chunk_size:
         raise ValueError(f"chunk_size {chunk_size} does not divide num_samples {num_samples}")
-    frames = test_indices(num_frames, num_samples)
+    frames = eval_indices(num_frames, num_samples)
     return [frames[i:i + chunk_size] for i in range(0, num_samples, chunk_size)]
 
 
 __all__ += ["stmult_test_chunks", "stmult_train_indices"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A head's segments over the P cached feature positions
+# ----------------------------------------------------------------------------------------------------------
+
+def segment_positions(P: int, N: int) -> np.ndarray:
+    """(N, 2) int64 array of [start, stop) position ranges of the N segments over P positions."""
+    if N < 1:
+        raise ValueError(f"number of segments must be >= 1, got {N}")
+    if P < N:
+        raise ValueError(f"{P} cached positions cannot be split into {N} segments (need P >= N)")
+    s = np.arange(N + 1, dtype=np.int64)
+    edges = (s * P) // N
+    bounds = np.stack([edges[:-1], edges[1:]], axis=1)
+    empty = np.flatnonzero(bounds[:, 1] <= bounds[:, 0])
+    if empty.size:
+        raise ValueError(f"segments {empty.tolist()} of {N} get no position out of P={P}")
+    return bounds
+
+
+def train_positions(P: int, N: int, generator, num_videos: int | None = None):
+    """One uniformly random position per segment: (N,) or (num_videos, N) int64 torch tensor (CPU), drawn from
+    the ``torch.Generator`` ``generator`` (one float64 uniform per segment and video)."""
+    import torch
+
+    bounds = torch.from_numpy(segment_positions(P, N))
+    start, length = bounds[:, 0], bounds[:, 1] - bounds[:, 0]
+    shape = (N,) if num_videos is None else (num_videos, N)
+    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    offset = torch.minimum((u * length).long(), length - 1)
+    return start + offset
+
+
+def eval_sequences(P: int, N: int, num: int = NUM_TEST) -> np.ndarray:
+    """(num, N) int64: sequence j takes start + floor((2j+1) L / (2 num)) in each segment (the test and
+    validation protocol of a head, [STFN] §4.2)."""
+    if num < 1:
+        raise ValueError(f"num test sequences must be >= 1, got {num}")
+    bounds = segment_positions(P, N)
+    start, length = bounds[:, 0], bounds[:, 1] - bounds[:, 0]
+    j = np.arange(num, dtype=np.int64)[:, None]
+    return start + ((2 * j + 1) * length) // (2 * num)

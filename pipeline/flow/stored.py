@@ -20,6 +20,15 @@ def read_flow(store: VideoStore, video_id: str, indices: Sequence[int] | None = 
     return dequantize_flow(q.numpy(), bound) if dequantize else q
 
 
+def flow_settings(manifest: Mapping[str, Any], where: Any = "extract-flow") -> tuple[float, int]:
+    """``(bound, step)`` of a finished extract-flow run, from its manifest's parameters: what every container of
+    its flow store was written with (stages downstream read them here rather than asking for them again)."""
+    params = manifest.get("params") or {}
+    if params.get("bound") is None or params.get("step") is None:
+        raise ValueError(f"{where}: the manifest records no flow bound / step; re-run `pipeline extract-flow`")
+    return float(params["bound"]), int(params["step"])
+
+
 def tvl1_params(values: Mapping[str, Any]):
     """The :class:`~pipeline.flow.tvl1.TVL1Params` among ``values`` (e.g. a stage's parameters)."""
     from pipeline.flow.tvl1 import TVL1Params

@@ -25,7 +25,8 @@ Recognised (each from the file's own structure, never from its name):
     already torchvision's) and the classifier ``module.new_fc.*`` (dropout > 0) or ``module.base_model.fc.*``.
 
 :func:`convert` returns the converted state and, per converted key, the key as the file spells it, so a
-mismatch names the file's keys.
+mismatch names the file's keys. :func:`convert_foreign` is the converter a caller resolving ``--weights`` passes
+to :func:`pipeline.models.backbones.create_backbone` (``convert=``; the model layer knows no foreign format).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["FOREIGN_FORMATS", "Converted", "convert", "detect"]
+__all__ = ["FOREIGN_FORMATS", "Converted", "convert", "convert_foreign", "detect"]
 
 FOREIGN_FORMATS = ("mmaction2", "tsn-pytorch")
 
@@ -115,3 +116,11 @@ def convert(obj: Mapping, fmt: str) -> Converted:
         where[new] = value
         out.source_keys[new] = key
     return out
+
+
+def convert_foreign(obj: Mapping) -> Converted | None:
+    """``obj`` (a loaded weights file) in torchvision names when it is a checkpoint of one of
+    :data:`FOREIGN_FORMATS`, else None: the ``convert`` argument of
+    :func:`pipeline.models.backbones.create_backbone`."""
+    fmt = detect(obj)
+    return None if fmt is None else convert(obj, fmt)

@@ -14,6 +14,9 @@ Every backbone shares the API that feature extraction and the heads need::
 
 Input normalisation lives here too, because it belongs to the ImageNet weights:
 :func:`normalize_rgb` for uint8 frames and :func:`normalize_flow` for uint8 quantized flow.
+
+Other tools' checkpoint formats are not known here: a caller that accepts them passes a converter
+(``create_backbone(..., convert=pipeline.interop.checkpoints.convert_foreign)``), as timm's ``filter_fn``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -42,9 +46,6 @@ from torchvision.models import (
     resnet152,
 )
 
-from pipeline.interop import checkpoints as foreign
-from pipeline.interop.checkpoints import Converted
-
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -60,7 +61,14 @@ __all__ = [
     "normalize_flow",
     "normalize_rgb",
     "reinit_first_conv",
+    "WeightsConverter",
 ]
+
+#: ``convert(loaded weights file) -> None`` when it is not a checkpoint the converter knows, else an object with
+#: ``format`` (str), ``trunk`` and ``head`` (tensors in torchvision names; head ``fc.weight``, ``fc.bias``),
+#: ``source_keys`` (converted key -> the file's key) and ``arch`` (str or None), e.g.
+#: :func:`pipeline.interop.checkpoints.convert_foreign`.
+WeightsConverter = Callable[[Mapping], Any]
 
 # ImageNet statistics the torchvision weights were trained with (RGB order, on [0, 1] pixels).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -377,14 +385,15 @@ def _build_trunk(arch: str, in_channels: int, random_init: bool) -> nn.Module:
     return trunk
 
 
-def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], Mapping | None, Converted | None]:
+def _read_state_dict(path: Path, convert: WeightsConverter | None = None
+                     ) -> tuple[dict[str, Tensor], dict[str, Tensor], Mapping | None, Any]:
     """Load ``path`` and split it into (trunk, head) state dicts with torchvision key names.
 
     Accepts a torchvision state dict (keys ``conv1.weight``, ..., ``fc.weight``), our checkpoint
     format, a dict with a ``"model"`` entry holding :class:`Backbone` state (keys ``trunk.*``,
-    ``fc.*``; a ``module.`` prefix from DistributedDataParallel is removed), or a foreign checkpoint
-    (mmaction2's TSN, tsn-pytorch's: :mod:`pipeline.interop.checkpoints`). The third value is the
-    checkpoint dict for our format, None otherwise; the fourth the conversion of a foreign one.
+    ``fc.*``; a ``module.`` prefix from DistributedDataParallel is removed), or a checkpoint ``convert``
+    (a :data:`WeightsConverter`) recognises. The third value is the checkpoint dict for our format, None
+    otherwise; the fourth the conversion of a foreign one.
     """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -397,12 +406,11 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], 
         raise ValueError(f"cannot read weights file {path}: {exc}{hint}") from exc
     if not isinstance(obj, Mapping):
         raise ValueError(f"weights file {path} holds a {type(obj).__name__}, not a state dict or checkpoint")
-    fmt = foreign.detect(obj)
-    if fmt is not None:
-        conv = foreign.convert(obj, fmt)
+    conv = convert(obj) if convert is not None else None
+    if conv is not None:
         for key, value in (*conv.trunk.items(), *conv.head.items()):
             if not isinstance(value, Tensor):
-                raise ValueError(f"weights file {path} ({fmt}): entry {conv.source_keys[key]!r} is a "
+                raise ValueError(f"weights file {path} ({conv.format}): entry {conv.source_keys[key]!r} is a "
                                  f"{type(value).__name__}, not a tensor")
         return conv.trunk, conv.head, None, conv
     is_checkpoint = "model" in obj and isinstance(obj["model"], Mapping)
@@ -411,7 +419,10 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], 
     head: dict[str, Tensor] = {}
     for key, value in state.items():
         if not isinstance(value, Tensor):
-            raise ValueError(f"weights file {path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+            foreign = isinstance(state.get("state_dict"), Mapping)
+            hint = (" (another tool's checkpoint? it loads through a converter: create_backbone(..., "
+                    "convert=pipeline.interop.checkpoints.convert_foreign))") if foreign else ""
+            raise ValueError(f"weights file {path}: entry {key!r} is a {type(value).__name__}, not a tensor{hint}")
         key = key.removeprefix("module.")
         if key.startswith("trunk."):
             trunk[key.removeprefix("trunk.")] = value
@@ -482,10 +493,10 @@ def _load_imagenet(model: Backbone) -> None:
     _load_trunk(model, trunk, str(path))
 
 
-def _load_file(model: Backbone, path: Path) -> None:
+def _load_file(model: Backbone, path: Path, convert: WeightsConverter | None) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    trunk, head, checkpoint, conv = _read_state_dict(path)
+    trunk, head, checkpoint, conv = _read_state_dict(path, convert)
     if conv is not None:
         _load_foreign(model, path, conv)
         return
@@ -505,7 +516,7 @@ def _load_file(model: Backbone, path: Path) -> None:
     model.fc.load_state_dict({k.removeprefix("fc."): v for k, v in head.items()})
 
 
-def _load_foreign(model: Backbone, path: Path, conv: Converted) -> None:
+def _load_foreign(model: Backbone, path: Path, conv: Any) -> None:
     """An mmaction2 / tsn-pytorch checkpoint: the backbone must fit; its classifier is kept when it has the
     model's shape (same number of classes; the class order is the file's list's), else a fresh one."""
     if conv.arch is not None and conv.arch.lower() != model.arch:
@@ -560,6 +571,7 @@ def create_backbone(
     in_channels: int = 3,
     weights: str | os.PathLike | None = "none",
     dropout: float = 0.0,
+    convert: WeightsConverter | None = None,
 ) -> Backbone:
     """Build a two-stream backbone ([STFN] §4.2).
 
@@ -570,13 +582,15 @@ def create_backbone(
         weights: ``"none"`` (or None) trains from scratch; ``"imagenet"`` loads torchvision's
             default ImageNet weights from the torch hub cache (:func:`imagenet_weights_path`),
             never downloading; a path loads a torchvision state dict for ``arch``, one of our
-            checkpoints (a dict with a ``"model"`` entry), or an mmaction2 / tsn-pytorch TSN
-            checkpoint (:mod:`pipeline.interop.checkpoints`). A first conv whose channel count
+            checkpoints (a dict with a ``"model"`` entry), or a checkpoint ``convert`` recognises
+            (mmaction2 / tsn-pytorch TSN with :func:`pipeline.interop.checkpoints.convert_foreign`). A first
+            conv whose channel count
             differs from a flow model's ``in_channels`` (3 from RGB, 10 from mmaction2's flow TSN)
             is re-initialised by :func:`reinit_first_conv` (TSN's cross-modality average). The
             classifier is new, except from one of our checkpoints, or a foreign one, with the same
             ``num_classes``.
         dropout: dropout before the classifier.
+        convert: a :data:`WeightsConverter` for other tools' checkpoints (none: only torchvision's and ours).
 
     Inception-V3 is built without its auxiliary classifier; its native input is 299 x 299, it
     works at 224 x 224 too, and inputs below 75 x 75 are refused with a clear error.
@@ -612,5 +626,5 @@ def create_backbone(
     if kind == "imagenet":
         _load_imagenet(model)
     elif kind == "file":
-        _load_file(model, Path(weights))
+        _load_file(model, Path(weights), convert)
     return model

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pipeline.data import STREAMS
+from pipeline.streams import STREAMS
 from pipeline.models.backbones import Backbone, create_backbone, normalize_flow, normalize_rgb
 from pipeline.models.heads import create_head, load_head_checkpoint
 

@@ -154,11 +154,17 @@ def coerce(params_type: type, name: str, value: Any, *, base: Path | None = None
 
 def build_params(params_type: type, config: Mapping[str, Mapping[str, Any]], section: str,
                  overrides: Mapping[str, Any], *, config_path: Path | None = None) -> Any:
-    """Dataclass defaults, then the config file's ``[section]`` table, then non-None ``overrides``."""
+    """Dataclass defaults, then the config file's ``[section]`` table, then non-None ``overrides``.
+
+    A table's key is the option's name without ``--``, with ``-`` or ``_`` (``short-side``, ``short_side``,
+    ``lambda``), or the field's name (``lambda_``)."""
+    from pipeline.stage.validate import check_field, option_name, validate_params
+
     names = {f.name for f in dataclasses.fields(params_type)}
     # A renamed parameter's old name (``recorded_as``) still works as a key; other CLI aliases do not.
-    alias_of = {f.metadata["recorded_as"]: f.name for f in dataclasses.fields(params_type)
-                if f.metadata.get("recorded_as")}
+    spelled = {option_name(f.metadata["recorded_as"])[2:]: f.name for f in dataclasses.fields(params_type)
+               if f.metadata.get("recorded_as")}
+    spelled.update({option_name(n)[2:]: n for n in names})
     values: dict[str, Any] = {}
     shared = config.get("pipeline", {})
     for f in dataclasses.fields(params_type):  # the [pipeline] scope settings (split, backbone)
@@ -171,25 +177,19 @@ def build_params(params_type: type, config: Mapping[str, Mapping[str, Any]], sec
     table = dict(config.get(section, {}))
     base = table.pop("__base__", None)
     for key, value in table.items():
-        name = key.replace("-", "_")
-        name = alias_of.get(name, name)
-        if name not in names:
-            known = sorted(n.replace('_', '-') for n in names)
+        name = key if key in names else spelled.get(key.replace("_", "-"))
+        if name is None:
+            known = sorted(option_name(n)[2:] for n in names)
             raise ConfigError(f"{config_path or 'config'}: [{section}] has unknown parameter {key!r}"
                               f"{_closest(key, known)}; known: {', '.join(known)}")
         values[name] = coerce(params_type, name, value, base=base, source=f"{config_path} [{section}]")
     for name, value in overrides.items():
         if value is not None and name in names:
             values[name] = coerce(params_type, name, value)
-    from pipeline.stage.validate import check_field, validate_params
-
     for name, value in values.items():  # as given, before __post_init__ may reset fields that do not apply
         check_field(params_type, name, value)
     params = params_type(**values)
-    validate_params(params)  # types, finite numbers, ranges: before the stage's own checks and any work
-    validate = getattr(params, "validate", None)
-    if callable(validate):
-        validate()
+    validate_params(params)  # types, finite numbers, ranges, then the checks across fields: before any work
     return params
 
 

@@ -28,6 +28,10 @@ def param(default: Any, help: str, *, fingerprint: bool = True, choices: Iterabl
           cli: bool = True, omit_default: bool = False, **kw) -> Any:
     """A stage parameter: a dataclass field with help text (shown by ``--help``), optional choices, and
     whether it changes the output (``fingerprint=False`` for execution-only knobs like ``workers``).
+    Its checks are declared here too and run by :func:`pipeline.stage.validate.validate_params` (from the command
+    line and from :func:`pipeline.stage.run_stage` alike): ``min=``, ``max=`` (``min_exclusive``,
+    ``max_exclusive``), ``also=`` (values accepted outside the range, e.g. ``(0,)`` for "automatic") and
+    ``check=`` (``value -> None or the problem``).
     ``omit_default``: left out of the fingerprint while it has its default value, so that adding a parameter
     to a stage keeps the fingerprints of the runs made before it existed. ``recorded_as="old_name"`` (with
     ``aliases=("--old-name",)``): a renamed parameter keeps its old name in manifests and fingerprints, so the
@@ -92,9 +96,19 @@ class Stage:
     upstream: Callable[..., tuple[str, ...]] = lambda params: ()
     key: Callable[[Any], str] | None = None
     help: str = ""
+    #: ``(params, upstream) -> dict``: the parameters the fingerprint digests, when they depend on more than the
+    #: fields' ``fingerprint`` flags (finetune: the flow settings for the flow stream only). Default:
+    #: :func:`params_dict` ``(params, only_fingerprinted=True)``.
+    fingerprint_params: Callable[[Any, "Upstream"], dict] | None = None
 
     def output_key(self, params: Any) -> str:
         return self.key(params) if self.key else self.name
+
+    def fingerprinted(self, params: Any, upstream: "Upstream") -> dict:
+        """The parameters this run's fingerprint digests."""
+        if self.fingerprint_params is not None:
+            return self.fingerprint_params(params, upstream)
+        return params_dict(params, only_fingerprinted=True)
 
     def upstream_keys(self, params: Any, cache_root: Path) -> tuple[str, ...]:
         """The upstream outputs this run reads. ``upstream`` takes ``(params)``, or ``(params, cache_root)``

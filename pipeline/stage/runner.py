@@ -3,8 +3,8 @@
 1. load the upstream manifests (each must be complete) and let the stage ``plan`` its work, which may
    raise a clear error before anything is written (bad paths, missing split files, ...);
 2. compute the fingerprint = sha256 of the stage name, its version, the parameters it reads (fields marked
-   ``fingerprint=False`` such as ``workers`` are left out), the upstream fingerprints and the plan's input
-   digest; all of it before running (DVC's run-cache rule);
+   ``fingerprint=False`` such as ``workers`` are left out; a stage may declare ``fingerprint_params``), the
+   upstream fingerprints and the plan's input digest; all of it before running (DVC's run-cache rule);
 3. take the stage's lock (:class:`~pipeline.stage.lock.StageLock`; a second concurrent run is refused with a
    clear message, and a killed run never leaves a stale lock);
 4. if a complete manifest with the same fingerprint exists, do nothing and say so;
@@ -105,7 +105,7 @@ def compute_fingerprint(stage: Stage, params: Any, upstream: Upstream, plan: Pla
     return digest({
         "stage": stage.name,
         "version": stage.version,
-        "params": params_dict(params, only_fingerprinted=True),
+        "params": stage.fingerprinted(params, upstream),
         "upstream": upstream.fingerprints(),
         "inputs": plan.inputs_digest,
     })

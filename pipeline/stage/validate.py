@@ -1,10 +1,22 @@
 """One check of every stage's parameters: types right, numbers finite and in range.
 
 :func:`validate_params` works on any stage parameter dataclass. It reads each field's type hint and its
-:func:`pipeline.stage.param` metadata (``min``, ``max``, ``min_exclusive``, ``max_exclusive``, ``choices``)
-and raises :class:`pipeline.stage.StageError` naming the option (``--lr``) and the value. It runs in
-:func:`pipeline.stage.config.build_params`, i.e. before any work and before upstream outputs are looked at, so
-``--lr nan`` exits 2 at once rather than training a network full of NaN.
+:func:`pipeline.stage.param` metadata and raises :class:`pipeline.stage.StageError` naming the option
+(``--lr``) and the value. A check on one parameter is declared with it:
+
+- ``min``, ``max`` (inclusive unless ``min_exclusive`` / ``max_exclusive``): the range of a number, or of each
+  item of a tuple;
+- ``also``: values accepted outside that range, such as ``-1`` or ``0`` meaning "automatic"
+  (``param(0, ..., min=16, also=(0,))``);
+- ``choices``: the values allowed;
+- ``check``: ``check(value) -> None or the problem`` for anything else (a pattern, distinct items, a file that
+  must exist), e.g. :func:`existing_file`.
+
+A check across parameters (``--min-lr <= --lr``) is the params class's ``validate()`` method, which
+:func:`validate_params` calls last. It runs in :func:`pipeline.stage.config.build_params` and in
+:func:`pipeline.stage.run_stage`, so a Python caller gets the same checks and messages as the command line,
+before any work and before upstream outputs are looked at: ``--lr nan`` exits 2 at once rather than training a
+network full of NaN. :func:`option_name` is the one spelling rule of an option (``--short-side``).
 """
 from __future__ import annotations
 
@@ -18,7 +30,7 @@ from typing import Any
 
 from pipeline.stage import StageError
 
-__all__ = ["check_field", "option_name", "validate_params"]
+__all__ = ["check_field", "existing_file", "option_name", "validate_params"]
 
 
 def option_name(name: str) -> str:
@@ -70,12 +82,13 @@ def _check_value(opt: str, tp: Any, value: Any, meta: dict) -> None:
     choices = meta.get("choices")
     if choices and value not in choices:
         raise StageError(f"{opt}: {shown} is not one of {', '.join(map(str, choices))}")
-    if tp in (int, float):
+    if tp in (int, float) and value not in meta.get("also", ()):
         lo, hi = meta.get("min"), meta.get("max")
+        also = "".join(f" or {v}" for v in meta.get("also", ()))
         if lo is not None and (value <= lo if meta.get("min_exclusive") else value < lo):
-            raise StageError(f"{opt}: {shown} must be {'>' if meta.get('min_exclusive') else '>='} {lo}")
+            raise StageError(f"{opt}: {shown} must be {'>' if meta.get('min_exclusive') else '>='} {lo}{also}")
         if hi is not None and (value >= hi if meta.get("max_exclusive") else value > hi):
-            raise StageError(f"{opt}: {shown} must be {'<' if meta.get('max_exclusive') else '<='} {hi}")
+            raise StageError(f"{opt}: {shown} must be {'<' if meta.get('max_exclusive') else '<='} {hi}{also}")
 
 
 def check_field(params_type: type, name: str, value: Any) -> Any:
@@ -91,11 +104,21 @@ def check_field(params_type: type, name: str, value: Any) -> Any:
             return value
         raise StageError(f"{option_name(name)}: a value is required (got None)")
     _check_value(option_name(name), tp, value, dict(f.metadata))
+    check = f.metadata.get("check")
+    problem = check(value) if check is not None else None
+    if problem:
+        raise StageError(f"{option_name(name)}: {value!r} {problem}")
     return value
 
 
+def existing_file(value: Any) -> str | None:
+    """A ``check=`` for a path that must name an existing file."""
+    return None if Path(value).is_file() else "is not a file (not found)"
+
+
 def validate_params(params: Any) -> Any:
-    """Check every field of the dataclass ``params`` against its type hint and range metadata; returns it.
+    """Check every field of the dataclass ``params`` against its type hint and declared checks, then the
+    params' own ``validate()`` (the checks across fields) when it has one; returns ``params``.
 
     Floats must be finite (NaN and infinity are refused), ints must be ints (a float or a string is refused;
     an int is accepted where a float is declared), ``X | None`` fields may be None, tuple fields are checked
@@ -105,4 +128,7 @@ def validate_params(params: Any) -> Any:
         raise TypeError(f"validate_params expects a dataclass instance, got {type(params).__name__}")
     for f in dataclasses.fields(params):
         check_field(type(params), f.name, getattr(params, f.name))
+    validate = getattr(params, "validate", None)
+    if callable(validate):
+        validate()
     return params

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipeline.data import STREAMS
+from pipeline.streams import STREAMS
 from pipeline.models.two_stream import TwoStreamSegmentNet
 from pipeline.training import loop as T
 

@@ -2,13 +2,14 @@
 
 Feature layout: per stream a tensor (V, P, D) of features at P cached temporal positions per
 video, position k at the centre of the k-th of P equal parts of the video; labels (V,).
-Segment s of N covers positions [floor(s P / N), floor((s + 1) P / N)).
+Which positions a segment and a test sequence take is :mod:`pipeline.data.sampling`'s rule
+(:func:`~pipeline.data.sampling.segment_positions`, :func:`~pipeline.data.sampling.train_positions`,
+:func:`~pipeline.data.sampling.eval_sequences`).
 
 Protocol ([STFN] §4.2):
 - training: one random position per segment, fresh each epoch;
-- testing: ``num_test`` = 5 sequences, sequence j taking in every segment the position
-  start + floor((j + 1/2) L / num_test) (L the segment's length: uniformly spaced, centred),
-  the class probabilities averaged over the sequences (or SCI-fused, :mod:`pipeline.eval.scores`);
+- testing: ``num_test`` = 5 sequences of N positions, the class probabilities averaged over the sequences
+  (or SCI-fused, :mod:`pipeline.eval.scores`);
 - RMSProp, learning rate 1e-4 divided by 10 whenever the validation error stops improving for
   ``patience`` epochs, down to 1e-7; when it stops improving at 1e-7, training ends. The
   weights of the best validation epoch are restored. "Improving" compares (error, loss)
@@ -34,14 +35,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.data import STREAMS
+from pipeline import dist
+from pipeline.data.sampling import NUM_TEST, eval_sequences, segment_positions, train_positions
 from pipeline.eval.scores import fuse_scores
+from pipeline.streams import STREAMS
 from pipeline.training import NonFiniteLoss, check_finite_loss  # noqa: F401 (NonFiniteLoss re-exported)
 
 __all__ = [
-    "segment_positions",
-    "sample_train",
-    "test_sequences",
     "gather_segments",
     "train_head_epoch",
     "predict_views",
@@ -52,55 +52,16 @@ __all__ = [
     "stream_shapes",
     "split_indices",
     "feature_tensors",
-    "test_scores",
+    "eval_scores",
 ]
 
-# [STFN] §4.2: 5 test sequences per video; RMSProp with lr 1e-4 decayed by 10 down to 1e-7.
-NUM_TEST = 5
+# [STFN] §4.2: RMSProp with lr 1e-4 decayed by 10 down to 1e-7 (5 test sequences: sampling.NUM_TEST).
 LR = 1e-4
 MIN_LR = 1e-7
 FACTOR = 0.1
 
 
-# ----------------------------------------------------------------------------- sampling
-
-def segment_positions(P: int, N: int) -> np.ndarray:
-    """(N, 2) int64 array of [start, stop) position ranges of the N segments over P positions."""
-    if N < 1:
-        raise ValueError(f"number of segments must be >= 1, got {N}")
-    if P < N:
-        raise ValueError(f"{P} cached positions cannot be split into {N} segments (need P >= N)")
-    s = np.arange(N + 1, dtype=np.int64)
-    edges = (s * P) // N
-    bounds = np.stack([edges[:-1], edges[1:]], axis=1)
-    empty = np.flatnonzero(bounds[:, 1] <= bounds[:, 0])
-    if empty.size:
-        raise ValueError(f"segments {empty.tolist()} of {N} get no position out of P={P}")
-    return bounds
-
-
-def sample_train(P: int, N: int, generator: torch.Generator, num_videos: int | None = None) -> Tensor:
-    """One uniformly random position per segment: (N,) or (num_videos, N) int64 (CPU)."""
-    bounds = torch.from_numpy(segment_positions(P, N))
-    start, length = bounds[:, 0], bounds[:, 1] - bounds[:, 0]
-    shape = (N,) if num_videos is None else (num_videos, N)
-    u = torch.rand(shape, generator=generator, dtype=torch.float64)
-    offset = torch.minimum((u * length).long(), length - 1)
-    return start + offset
-
-
-def test_sequences(P: int, N: int, num: int = NUM_TEST) -> Tensor:
-    """(num, N) int64: sequence j takes start + floor((2j+1) L / (2 num)) in each segment."""
-    if num < 1:
-        raise ValueError(f"num test sequences must be >= 1, got {num}")
-    bounds = torch.from_numpy(segment_positions(P, N))
-    start, length = bounds[:, 0], bounds[:, 1] - bounds[:, 0]
-    j = torch.arange(num, dtype=torch.int64)[:, None]
-    return start + ((2 * j + 1) * length) // (2 * num)
-
-
-test_sequences.__test__ = False  # a protocol helper, not a test, when imported into test modules
-
+# ----------------------------------------------------------------------------- batches
 
 def gather_segments(features: Tensor, videos: Tensor, positions: Tensor) -> Tensor:
     """features (V, P, D), videos (B,), positions (B, N) or (N,) -> (B, N, D)."""
@@ -137,7 +98,7 @@ def train_head_epoch(head: nn.Module, optimizer: torch.optim.Optimizer, rgb: Ten
     # Drawn on the CPU generator (the same draws on every device), moved to the features' device once per
     # epoch: no host-to-device copy and no host sync per step; the loss is read once, at the end.
     order = torch.randperm(v, generator=generator).to(rgb.device)
-    positions = sample_train(p, num_segments, generator, num_videos=v).to(rgb.device)
+    positions = train_positions(p, num_segments, generator, num_videos=v).to(rgb.device)
     total, count = 0.0, 0  # a device tensor after the first step
     for i in range(0, v, batch_size):
         idx = order[i : i + batch_size]
@@ -165,7 +126,7 @@ def predict_views(head: nn.Module, rgb: Tensor, flow: Tensor, num_segments: int,
     was_training = head.training
     head.eval()
     v, p = rgb.shape[:2]
-    seqs = test_sequences(p, num_segments, num_test).to(rgb.device)  # (num_test, N), moved once
+    seqs = torch.from_numpy(eval_sequences(p, num_segments, num_test)).to(rgb.device)  # (num_test, N), moved once
     out = []
     try:
         for i in range(0, v, batch_size):
@@ -224,7 +185,7 @@ def fit_head(head: nn.Module, train: tuple[Tensor, Tensor, Tensor], val: tuple[T
             number of epochs without validation improvement before each decay (§4.2).
         batch_size, max_epochs: mini-batch size (videos) and a hard cap on epochs.
         num_test: test sequences per video for validation (§4.2: 5).
-        device: training device (default: CUDA when available, else CPU).
+        device: training device (default: this rank's, :func:`pipeline.dist.device`).
         seed: seeds the order, the positions and dropout.
         log: called with each epoch's record (dict).
 
@@ -239,7 +200,7 @@ def fit_head(head: nn.Module, train: tuple[Tensor, Tensor, Tensor], val: tuple[T
         )
     _check_split("train", *train)
     _check_split("val", *val)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device if device is not None else dist.device("auto"))
     # Moved once; every batch is then gathered on the device.
     tr_rgb, tr_flow, tr_labels = (t.to(device) for t in train)
     va_rgb, va_flow, va_labels = (t.to(device) for t in val)
@@ -356,13 +317,10 @@ def feature_tensors(fs, idx: np.ndarray, view: int | None) -> tuple[Tensor, Tens
     return out[0], out[1]
 
 
-def test_scores(head: nn.Module, rgb: Tensor, flow: Tensor, num_segments: int, num_test: int = NUM_TEST,
+def eval_scores(head: nn.Module, rgb: Tensor, flow: Tensor, num_segments: int, num_test: int = NUM_TEST,
                 fusion: str = "mean") -> Tensor:
     """Video scores (V, C) of the test protocol: ``num_test`` sequences of every view of rgb, flow
     (V, P, views, D), all fused by ``fusion`` (TSN trains on one crop and tests on all)."""
     views = torch.cat([predict_views(head, rgb[:, :, k], flow[:, :, k], num_segments, num_test)
                        for k in range(rgb.shape[2])], dim=1)
     return fuse_scores(views, fusion)
-
-
-test_scores.__test__ = False
