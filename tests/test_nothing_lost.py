@@ -373,6 +373,19 @@ def test_verify_finds_missing_videos_arrays_and_chunks_naming_each_file(data, tm
     assert res.exit_code == 0 and "0 missing/damaged" in res.output, res.output
 
 
+@pytest.mark.parametrize("backend", ["zarr", "h5"])
+def test_an_undecodable_jpeg_is_an_error_naming_the_file(tmp_path, backend):
+    """Bytes with valid checksums that OpenCV cannot decode (written so by a buggy tool): the error names the
+    container, not only "corrupt JPEG data"."""
+    from pipeline.io.store import StoreError, VideoStore
+
+    store = VideoStore(tmp_path / "frames", backend)
+    with store.writer("v") as w:
+        w.write_encoded_images("frames", [b"not a jpeg", b"nor this"])
+    with store.reader("v") as r, pytest.raises(StoreError, match=str(store.path("v")).replace(".", r"\.")):
+        r.read_images("frames", [1])
+
+
 def test_verify_checks_both_feature_stores_and_a_deleted_feature_chunk(tmp_path, monkeypatch):
     import pipeline.io.store as store_mod
     from pipeline.io.store import write_feature_store
