@@ -157,12 +157,16 @@ def cache_root_from(cache_dir, config_path) -> Path:
     return resolve_cache_dir(cache_dir, conf)
 
 
+_STATE_NOTE = {"torn": "manifest.json torn: rebuilt from its journal when restored",
+               "unknown": "unknown run: its run.json and manifest are gone (only `pipeline gc` removes it)"}
+
+
 def _run_line(rec, current_params: dict) -> str:
-    diff = ", ".join(runcache.param_diff(current_params, rec.params)) if not rec.current else ""
-    state = "complete" if rec.complete else "partial"
+    diff = ", ".join(runcache.param_diff(current_params, rec.params)) if not rec.current and rec.params else ""
+    state = rec.state or ("complete" if rec.complete else "partial")
+    note = _STATE_NOTE.get(state) or diff or ("current" if rec.current else "same parameters")
     return (f"{'*' if rec.current else ' '} {rec.key}  {rec.fingerprint[:12]:<12}  {state:<8}  "
-            f"{runcache.human_age(rec.age_seconds) + ' ago':>9}  {runcache.human_size(rec.size):>10}  "
-            f"{diff or ('current' if rec.current else 'same parameters')}")
+            f"{runcache.human_age(rec.age_seconds) + ' ago':>9}  {runcache.human_size(rec.size):>10}  {note}")
 
 
 @main.command("runs")
@@ -194,16 +198,20 @@ def runs_command(stage_or_key, cache_dir, config_path):
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="TOML config.")
 def gc_command(stage, keep_last, older_than, yes, cache_dir, config_path):
     """Remove kept runs from the run cache (a dry run unless --yes); the current run of a key is never removed
-    and a key being run is refused."""
+    and a key being run is refused. --yes also empties the trash a killed deletion left (<cache>/.trash)."""
     root = cache_root_from(cache_dir, config_path)
     try:
         age = runcache.parse_duration(older_than) if older_than is not None else None
     except ValueError as e:
         fail(str(e), 2)
+    trash = [(p, runcache.folder_size(p)) for p in runcache.trash_folders(root)]
     try:
         removed = runcache.gc(root, stage=stage, keep_last=keep_last, older_than=age, yes=yes)
     except StageError as e:
         fail(str(e), 2)
+    if trash:
+        click.echo(f"trash left by interrupted deletions: {len(trash)} folder(s), "
+                   f"{runcache.human_size(sum(n for _, n in trash))} ({'removed' if yes else 'removed by --yes'})")
     currents = {}
     for rec in removed:
         if rec.key not in currents:

@@ -1,7 +1,7 @@
-"""``verify``: check every stored video's chunks (frames, flow, features) and list the damaged ones.
+"""``verify``: find the missing and damaged data of the stored videos (frames, flow, features).
 
-A plain command over :mod:`pipeline.stage.verify`: the damaged videos are journaled for redo, so re-running
-their stage recomputes exactly them.
+A plain command over :mod:`pipeline.stage.verify`: the videos with missing or damaged data are journaled for
+redo, so re-running their stage recomputes exactly them.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import click
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="TOML config.")
 @click.option("-v", "--verbose", is_flag=True, default=False, help="Debug logging.")
 def verify_command(stage, cache_dir, config_path, verbose):
-    """Read every stored video of the finished decode, extract-flow and extract-features outputs, verifying
-    each chunk's checksum; list the damaged videos (exit status 1 when there are any) and mark them so that
-    re-running their stage recomputes only them.
+    """Check the finished decode, extract-flow and extract-features outputs for missing data (every video the
+    journal and the video table list, every array and chunk file, both feature stores) and damaged data (every
+    chunk read, its checksum verified); list what is wrong, naming each file (exit status 1 when anything is)
+    and mark it so that re-running the stage recomputes only that.
 
     \b
     Example:
@@ -41,15 +42,17 @@ def verify_command(stage, cache_dir, config_path, verbose):
         with tqdm(desc=f"verify {key}", unit="video", dynamic_ncols=True, leave=False, disable=None) as bar:
             report = verify_key(root, key, progress=bar.update)
         mark_for_redo(root, report)
-        line = f"{key}: {report.checked} checked, {len(report.damaged)} damaged"
+        line = f"{key}: {report.checked} checked, {len(report.damaged)} missing/damaged"
         if report.old_format:
             line += (f", {report.old_format} of store format 1 (no checksums: only unreadable data is found; "
                      "re-run the stage with --force to rewrite them)")
         click.echo(line)
+        for finding in report.findings:
+            click.echo(f"  {finding}")
         for vid, reason in sorted(report.damaged.items()):
             click.echo(f"  {vid}: {reason}")
-        if report.damaged:
+        if report.problems:
             click.echo(f"  re-run `pipeline {key.split('/')[0]}` to recompute them")
-        damaged += len(report.damaged)
+        damaged += report.problems
     if damaged:
         raise SystemExit(1)

@@ -431,7 +431,7 @@ def test_verify_then_rerun_recomputes_only_the_damaged_videos(cache, monkeypatch
     chunk.write_bytes(bytes(b))
     damaged = str(before.video_ids[2])
     res = CliRunner().invoke(main, ["verify", "--stage", "extract-features", "--cache-dir", str(cache)])
-    assert res.exit_code == 1 and f"  {damaged}: {path}" in res.output and "1 damaged" in res.output, res.output
+    assert res.exit_code == 1 and f"  {damaged}: {path}" in res.output and "1 missing/damaged" in res.output, res.output
     r = run_stage(STAGE, p, cache)
     assert not r.skipped and r.manifest["complete"] and r.manifest["done"] == 6
     runs = [json.loads(line) for line in (cache / FEATURES / "journal.jsonl").read_text().splitlines()]

@@ -294,11 +294,11 @@ def test_verify_lists_exactly_the_damaged_videos_and_the_rerun_redoes_only_them(
 
     listed = re.findall(r"^  (\S+): /", res.output, flags=re.M)
     assert sorted(listed) == sorted([bad_frame, bad_flow]), res.output
-    assert "decode: 4 checked, 1 damaged" in res.output and "extract-flow: 4 checked, 1 damaged" in res.output
+    assert "decode: 4 checked, 1 missing/damaged" in res.output and "extract-flow: 4 checked, 1 missing/damaged" in res.output
     assert str(flows.path(bad_flow)) in res.output
 
     quick = dict(nscales=1, warps=1, inner_iterations=2, outer_iterations=1, fast=False)
-    with pytest.raises(Exception, match="1 damaged videos found by `pipeline verify`"):
+    with pytest.raises(Exception, match=r"1 videos missing/damaged \(found by `pipeline verify`\)"):
         run_stage(FLOW, FlowParams(**quick), cache)  # decode first
     r = run_stage(DECODE, DecodeParams(dataset="csv", root=data, short_side=48, workers=1), cache)
     assert not r.skipped and r.manifest["complete"]
@@ -308,7 +308,7 @@ def test_verify_lists_exactly_the_damaged_videos_and_the_rerun_redoes_only_them(
     after = {v: flows.path(v).stat().st_mtime_ns for v in vids}
     assert [v for v in vids if after[v] != before[v]] == [bad_flow]  # only the damaged video recomputed
     res = CliRunner().invoke(main, ["verify", "--stage", "extract-flow", "--cache-dir", str(cache)])
-    assert res.exit_code == 0 and "extract-flow: 4 checked, 0 damaged" in res.output, res.output
+    assert res.exit_code == 0 and "extract-flow: 4 checked, 0 missing/damaged" in res.output, res.output
 
 
 @pytest.mark.parametrize("codec", ["jpeg", "zstd", "raw"])

@@ -55,6 +55,14 @@ class StoreError(RuntimeError):
     """A store on disk is missing, unreadable, or written by an incompatible version."""
 
 
+class MissingArray(StoreError, KeyError):
+    """A container lacks an array (or image sequence) it must hold; the message names the file. Also a KeyError,
+    for the callers that look an array up by name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def _check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown store backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -153,6 +161,11 @@ def _concat_images(images: Sequence[bytes | np.ndarray]) -> tuple[np.ndarray, np
 # Per-video containers
 # ----------------------------------------------------------------------------------------------------------
 
+#: Zarr stores every chunk, also one equal to the fill value (zarr 3 skips those by default), so that a chunk
+#: file found missing is missing data (a deleted chunk would otherwise read back as zeros): :func:`missing_chunks`.
+_EVERY_CHUNK = {"write_empty_chunks": True}
+
+
 class _Container:
     """Backend-neutral view of one open container: named arrays plus a JSON attribute dict."""
 
@@ -191,7 +204,8 @@ class _Container:
         path = f"{self.handle.path}/{name}".lstrip("/")
         if data.dtype.kind in "US":  # variable-length UTF-8, the string type with a Zarr v3 spec
             arr = zarr.create_array(self.handle.store, name=path, shape=data.shape, dtype=str,
-                                    chunks=tuple(max(1, s) for s in data.shape), compressors=[Crc32cCodec()])
+                                    chunks=tuple(max(1, s) for s in data.shape), compressors=[Crc32cCodec()],
+                                    config=_EVERY_CHUNK)
             arr[...] = data.astype(str).astype(object)
         else:
             if not compress:
@@ -210,7 +224,8 @@ class _Container:
             if shard and data.size and chunks is not None:  # the whole array as one shard file
                 shards = tuple(-(-s // c) * c for s, c in zip(data.shape, chunk_shape))
             arr = zarr.create_array(self.handle.store, name=path, shape=data.shape, dtype=data.dtype,
-                                    chunks=chunk_shape, shards=shards, compressors=[*codec, Crc32cCodec()])
+                                    chunks=chunk_shape, shards=shards, compressors=[*codec, Crc32cCodec()],
+                                    config=_EVERY_CHUNK)
             arr[...] = data
         if attrs:
             arr.attrs.update({k: jsonable(v) for k, v in attrs.items()})
@@ -269,16 +284,51 @@ def reading(path: Path | None, what: str) -> Iterator[None]:
     the file and the array."""
     try:
         yield
-    except (StoreError, IndexError, KeyError):
+    except StoreError as e:
+        if path is None or str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from e  # e.g. a JPEG OpenCV cannot decode: name the file
+    except (IndexError, KeyError):
         raise
     except Exception as e:  # noqa: BLE001 - zarr / numcodecs / h5py raise ValueError, OSError, RuntimeError
         raise StoreError(f"{path}: corrupt or truncated data in {what!r} ({type(e).__name__}: {str(e)[:200]}); "
                          "`pipeline verify` lists the damaged videos, re-running the stage recomputes them") from e
 
 
-def check_arrays(c: "_Container") -> list[str]:
-    """Read every array of an open container in full (each chunk's checksum is verified on read); the
-    problems found, each naming the array, empty when all is well."""
+def missing_chunks(c: "_Container", name: str) -> list[str]:
+    """The chunks of array ``name`` absent on disk, each naming its file: a Zarr chunk (or shard) file that is
+    gone reads back as the fill value (zeros) without an error, so a deleted chunk is found only by looking for
+    its file; in HDF5, chunks never allocated. Empty when every chunk the array's shape needs is there."""
+    return [f"{where}: missing data of {name!r} ({what})" for where, what, _ in _absent_chunks(c, name)]
+
+
+def _absent_chunks(c: "_Container", name: str) -> list[tuple[Path, str, tuple[int, int] | None]]:
+    """(file, what, rows along axis 0 or None for "somewhere") of every absent chunk of array ``name``."""
+    arr = c.handle[name]
+    shape = tuple(int(x) for x in arr.shape)
+    if c.backend == "h5":
+        if arr.chunks is None or not all(shape):
+            return []
+        expected = int(np.prod([-(-s // k) for s, k in zip(shape, arr.chunks)]))
+        stored = arr.id.get_num_chunks()
+        return [(Path(c.path), f"{expected - stored} of {expected} chunks never stored", None)] \
+            if stored < expected else []
+    import itertools
+
+    outer = tuple(arr.metadata.chunk_grid.chunk_shape)  # the shard shape of a sharded array: one file each
+    encode = arr.metadata.chunk_key_encoding.encode_chunk_key
+    folder = Path(c.path) / arr.path
+    out = []
+    for coords in itertools.product(*(range(-(-s // k)) for s, k in zip(shape, outer))):
+        f = folder / encode(coords)
+        if not f.exists():
+            rows = (coords[0] * outer[0], min(shape[0], (coords[0] + 1) * outer[0])) if shape else None
+            out.append((f, "the file is gone: it would read as zeros", rows))
+    return out
+
+
+def array_names(c: "_Container") -> list[str]:
+    """Every array of an open container, by path (``frames/jpeg``, ``streams/rgb``, ``labels``)."""
     names: list[str] = []
     if c.backend == "h5":
         import h5py
@@ -287,8 +337,31 @@ def check_arrays(c: "_Container") -> list[str]:
     else:
         names = sorted(n for n, _ in c.handle.arrays()) + [f"{g}/{n}" for g, grp in sorted(c.handle.groups())
                                                             for n, _ in grp.arrays()]
+    return names
+
+
+def check_arrays(c: "_Container", sequences: Mapping[str, str] | None = None) -> list[str]:
+    """Every problem of an open container, each naming the array: an image sequence it must hold that is absent
+    (``sequences``: name -> the attribute counting its images, e.g. ``{"frames": "num_frames"}``) or shorter
+    than that count; a chunk file missing (:func:`missing_chunks`); an array that cannot be read in full (each
+    chunk's checksum is verified on read). Empty when all is well."""
+    names = array_names(c)
     problems = []
+    for name, count in (sequences or {}).items():
+        if not any(n in names for n in (f"{name}/jpeg", f"{name}/raw")):
+            problems.append(f"no image sequence {name!r} ({name}/jpeg or {name}/raw): missing data")
+            continue
+        try:
+            n = c.num_images(name) if isinstance(c, ContainerReader) and count in c.attrs else None
+        except StoreError:
+            n = None  # damaged offsets: reported below
+        if n is not None and n != int(c.attrs[count]):
+            problems.append(f"{name}: {n} images stored, its {count} attribute says {c.attrs[count]}")
     for name in names:
+        missing = missing_chunks(c, name)
+        if missing:
+            problems.append(f"{name}: {len(missing)} chunk file(s) missing ({missing[0]})")
+            continue
         arr = c.handle[name]
         try:
             step = max(1, int(arr.chunks[0])) if arr.chunks and arr.ndim else 1
@@ -374,7 +447,7 @@ class ContainerReader(_Container):
     def __getitem__(self, name: str):
         arr = self._array(name)
         if arr is None:
-            raise KeyError(f"no array {name!r} in {self.path}")
+            raise MissingArray(f"{self.path}: no array {name!r}")
         return arr
 
     def __contains__(self, name: str) -> bool:
@@ -385,7 +458,9 @@ class ContainerReader(_Container):
             return "jpeg"
         if f"{name}/raw" in self:
             return "raw"
-        raise KeyError(f"no image sequence {name!r} in this container")
+        raise MissingArray(f"{self.path}: no image sequence {name!r} ({name}/jpeg or {name}/raw): missing data; "
+                           "`pipeline verify` lists the videos with missing data, re-running the stage recomputes "
+                           "them")
 
     def _jpeg_sequence(self, name: str) -> tuple[Any, np.ndarray, int]:
         """(bytes array, (T * planes + 1,) int64 offsets, planes) of a JPEG-in-array sequence; the offsets
@@ -731,25 +806,52 @@ def _read_marking(arr, key: str, path: Path, ids: Sequence[str], bad: dict[str, 
     return out
 
 
-def damaged_feature_videos(path: Path) -> dict[str, str]:
-    """Videos of a feature store whose rows sit in a damaged chunk (checksum mismatch, truncated chunk):
-    video id -> reason. Every stream is read chunk by chunk; a damaged id list is reported as ``*``."""
+#: The arrays every feature store holds besides one ``streams/<name>`` per stream its ``streams`` attribute lists.
+FEATURE_ARRAYS = ("positions", "labels", "video_ids", "split", "groups", "class_names")
+
+
+def damaged_feature_videos(path: Path, expected: Sequence[str] = ()) -> dict[str, str]:
+    """Videos of a feature store with damaged or missing data, video id -> reason naming the file: rows in a
+    chunk that fails its checksum (or is truncated) or whose file is gone (it would read as zeros), every video
+    when an array the store must hold (:data:`FEATURE_ARRAYS`, each stream) is absent, and each video of
+    ``expected`` (the journal's) absent from its ids. Every array is read chunk by chunk. When the ids
+    themselves are missing or unreadable, every ``expected`` video is listed (``*`` without ``expected``)."""
     path = Path(path)
     r = open_feature_store(path)
     bad: dict[str, str] = {}
     try:
+        names = set(array_names(r))
+        required = [*FEATURE_ARRAYS, *[f"streams/{s}" for s in r.attrs.get("streams", [])]]
         try:
+            gone = _absent_chunks(r, "video_ids") if "video_ids" in names else [(path, "array 'video_ids' missing",
+                                                                                   None)]
+            if gone:
+                raise StoreError(f"{gone[0][0]}: {gone[0][1]}")
             ids = decode_strings(r["video_ids"][...]).ravel().tolist()
         except Exception as e:  # noqa: BLE001 - without ids no video can be named
-            return {"*": f"{path}: video_ids unreadable ({type(e).__name__}: {e})"}
-        for key in ["positions", "labels", *[f"streams/{s}" for s in r.attrs.get("streams", [])]]:
+            why = f"{path}: video_ids missing or unreadable ({type(e).__name__}: {e})"
+            return {v: why for v in expected} if expected else {"*": why}
+        known = set(ids)
+        for vid in expected:
+            if vid not in known:
+                bad[vid] = f"{path}: no features for this video (absent from video_ids)"
+        for key in required:
+            if key not in names:
+                for vid in ids:
+                    bad.setdefault(vid, f"{path}: array {key!r} missing")
+                continue
+            per_video = key != "class_names"  # class_names has a row per class: all videos need it
+            for where, what, rows in _absent_chunks(r, key):
+                lo, hi = rows if rows and per_video else (0, len(ids))
+                for vid in ids[lo:hi]:
+                    bad.setdefault(vid, f"{where}: {key} rows {lo}-{hi - 1}: {what}")
             arr = r[key]
-            step = max(1, int(arr.chunks[0]))
+            step = max(1, int(arr.chunks[0]) if arr.chunks else arr.shape[0])  # HDF5 strings: contiguous
             for lo in range(0, arr.shape[0], step):
                 try:
                     arr[lo:lo + step]
                 except Exception as e:  # noqa: BLE001 - a damaged chunk damages the videos in it
-                    for vid in ids[lo:lo + step]:
+                    for vid in (ids[lo:lo + step] if per_video else ids):
                         bad.setdefault(vid, f"{path}: {key} rows {lo}-{min(lo + step, len(ids)) - 1}: "
                                             f"{type(e).__name__}: {str(e)[:120]}")
     finally:

@@ -145,7 +145,9 @@ def load_upstream(cache_root: Path, keys: Iterable[str], for_stage: str) -> Upst
                              f"{cache_root / key}: run `pipeline {key.split('/')[0]}` first"
                              + _other_scopes_hint(cache_root, key))
         if not m.complete:
-            why = (f"{len(m.damaged)} damaged videos found by `pipeline verify`" if m.damaged
+            found = len(m.damaged) + len(m.get("verify_findings") or [])
+            why = (f"{len(m.damaged)} videos missing/damaged (found by `pipeline verify`)" if m.damaged
+                   else f"{(m.get('verify_findings') or [''])[0]} (found by `pipeline verify`)" if found
                    else f"{m.failed} failures")
             raise StageError(f"stage {for_stage!r} reads the output of {key!r}, which is incomplete "
                              f"({why}): re-run `pipeline {key.split('/')[0]}` "

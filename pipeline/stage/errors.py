@@ -16,3 +16,8 @@ class StageFailures(StageError):
 
 class ArtifactError(StageError):
     """A stage's output is missing or unreadable; the message names the file and the stage to re-run."""
+
+
+class ManifestTorn(StageError):
+    """A stage folder's ``manifest.json`` is torn (unreadable, not a manifest): the runner rebuilds it from the
+    journal and ``run.json`` by resuming the run (nothing journaled is recomputed)."""

@@ -44,11 +44,44 @@ def read_records(files: Iterable[Path]) -> tuple[dict[str, dict], dict[str, str]
     return done, failed
 
 
+def repair_tail(path: Path) -> int:
+    """Cut a torn last line (no final newline: a kill mid-write) off the journal ``path``; returns the bytes
+    removed. Appending after it would glue the next record to the torn one and lose both. The torn record's
+    video was committed but not journaled: it is redone, as after a kill just before the write."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if size == 0:
+        return 0
+    with open(path, "rb+") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return 0
+        end, block = size, 1 << 16
+        keep = 0
+        while end > 0:  # the last newline, read backwards in blocks
+            start = max(0, end - block)
+            fh.seek(start)
+            at = fh.read(end - start).rfind(b"\n")
+            if at >= 0:
+                keep = start + at + 1
+                break
+            end = start
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+    log.warning("%s: removed a torn last line (%d bytes, a kill mid-write); its video is redone", path, size - keep)
+    return size - keep
+
+
 class Journal:
     """Append-only JSON-lines record of finished and failed videos of one run (``journal.jsonl``).
 
     Each line is written and fsynced after the video's output was committed, so on resume every
-    recorded success has its output on disk. A torn last line (a kill mid-write) is ignored.
+    recorded success has its output on disk. A torn last line (a kill mid-write) is ignored when read and cut
+    off when the file is opened for append (:func:`repair_tail`), so the next record starts on a line of its own.
     """
 
     def __init__(self, path: Path, *, read_all_ranks: bool = True):
@@ -57,6 +90,7 @@ class Journal:
         # skips what any rank finished.
         files = journal_files(self.path.parent) if read_all_ranks else [self.path]
         self.done, self.failed = read_records(files)
+        repair_tail(self.path)
         self._fh = open(self.path, "a")
 
     def is_done(self, video_id: str) -> bool:

@@ -19,8 +19,9 @@ so the models of split 1 and split 2, or of two backbones, exist side by side in
 | evaluate         | ``evaluate/<scope>``, ``evaluate/splits1-2-3-<backbone>`` | ``results.md``, ``results.json``, plots |
 
 Beside those, every stage folder holds the run's own files (:data:`MANIFEST`, :data:`RUN_INFO`, the journal,
-:data:`LOG`); the lock is ``<cache>/<key>.lock`` and the kept runs ``<cache>/.runs/<key>/<fingerprint>/``
-(:mod:`pipeline.stage.runner`, :mod:`pipeline.stage.runcache`).
+:data:`LOG`); the lock is ``<cache>/<key>.lock``, the kept runs ``<cache>/.runs/<key>/<fingerprint>/``
+(:mod:`pipeline.stage.runner`, :mod:`pipeline.stage.runcache`) and a run folder being deleted is first renamed
+into ``<cache>/.trash/`` (never listed, never restored; ``pipeline gc --yes`` empties it).
 """
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ JOURNAL_GLOB = "journal*.jsonl"
 LOG = "log.txt"
 LOCK_SUFFIX = ".lock"           # <cache>/<key>.lock, beside the folder
 RUNS_DIR = ".runs"              # <cache>/.runs/<key>/<fingerprint>/: the kept runs
+TRASH_DIR = ".trash"            # <cache>/.trash/<unique>: run folders renamed here, then deleted
+DELETING_PREFIX = ".deleting-"  # <folder's parent>/.deleting-<name>-<pid>: the same, where .trash is on another disk
 
 # A stage's outputs.
 FRAMES_DIR = "frames"           # decode: one container per video
@@ -75,6 +78,19 @@ TENSORBOARD_DIR = "tensorboard"
 SCORES = "test_scores.npz"      # per-video test scores (pipeline.eval.results)
 RESULTS = "results.json"
 RESULTS_MD = "results.md"       # evaluate's table
+
+
+#: Files a finished run of each stage always holds besides its per-video stores (a kept run missing one is not
+#: restored as finished: :mod:`pipeline.stage.integrity`).
+REQUIRED_FILES = {
+    DECODE: (TABLE,),
+    FINETUNE: (BEST,),
+    TRAIN_HEAD: (BEST, RESULTS),
+    REFINE: (BEST, RESULTS),
+    EVALUATE: (RESULTS,),
+}
+#: The per-video store folder of each stage that has one.
+VIDEO_STORE_DIRS = {DECODE: FRAMES_DIR, FLOW: FLOW_DIR}
 
 
 def journal_name(rank: int) -> str:
@@ -124,6 +140,13 @@ def evaluate_key(splits: Sequence[int] = (1,), backbone: str = DEFAULT_BACKBONE)
     if len(splits) == 1:
         return f"{EVALUATE}/{scope(splits[0], backbone)}"
     return f"{EVALUATE}/splits{'-'.join(map(str, splits))}-{backbone}"
+
+
+def key_depth(stage: str) -> int:
+    """How many path parts a key of ``stage`` has: 3 for ``finetune/<scope>/<stream>``, ``train-head`` and
+    ``refine`` (``<scope>/<name>``), 2 for ``extract-features/<scope>`` and ``evaluate/<scope>``, 1 otherwise.
+    (A kept run that lost its run.json and manifest is found by this depth under ``.runs/``.)"""
+    return {FINETUNE: 3, TRAIN_HEAD: 3, REFINE: 3, FEATURES: 2, EVALUATE: 2}.get(stage, 1)
 
 
 def split_key(key: str) -> tuple[str, str]:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.io.atomic import TMP_PREFIX, write_json
-from pipeline.stage.errors import StageError
-from pipeline.stage.keys import CACHE_FORMAT, MANIFEST, RUN_INFO, RUNS_DIR, SCOPED, key_parts
+from pipeline.stage.errors import ManifestTorn, StageError
+from pipeline.stage.keys import CACHE_FORMAT, MANIFEST, RUN_INFO, RUNS_DIR, SCOPED, TRASH_DIR, key_parts
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,24 +100,33 @@ def _load_json(path: Path) -> Any:
 
 
 def read_manifest(stage_dir: Path) -> Manifest | None:
-    """A stage folder's manifest; None when the stage never finished there. A StageError naming the file when
-    it is unreadable, not a manifest, or of another cache format."""
+    """A stage folder's manifest; None when the stage never finished there. A torn file (unreadable, not a
+    manifest: a kill or a power cut mid-write) is a :class:`~pipeline.stage.errors.ManifestTorn` naming the file
+    and the command that rebuilds it from the journal; a manifest of another cache format a StageError."""
     path = Path(stage_dir) / MANIFEST
     if not path.exists():
         return None
     try:
         data = _load_json(path)
     except (OSError, ValueError) as e:
-        raise StageError(f"{path}: unreadable manifest ({e}); remove {stage_dir} to recompute it") from e
+        raise ManifestTorn(f"{path}: unreadable manifest ({e}); {_rebuild_hint(stage_dir)}") from e
     if not isinstance(data, dict):
-        raise StageError(f"{path}: not a manifest (a JSON {type(data).__name__}); remove {stage_dir} to "
-                         "recompute it")
+        raise ManifestTorn(f"{path}: not a manifest (a JSON {type(data).__name__}); {_rebuild_hint(stage_dir)}")
     if data.get("cache_format") != CACHE_FORMAT:
         raise StageError(f"{path}: written by cache format {data.get('cache_format')}, this pipeline uses "
                          f"{CACHE_FORMAT}; remove {stage_dir} (or use another --cache-dir) to recompute it")
     if not isinstance(data.get("fingerprint"), str) or not data["fingerprint"]:
-        raise StageError(f"{path}: not a manifest (no fingerprint); remove {stage_dir} to recompute it")
+        raise ManifestTorn(f"{path}: not a manifest (no fingerprint); {_rebuild_hint(stage_dir)}")
     return Manifest(path, data)
+
+
+def _rebuild_hint(stage_dir: Path) -> str:
+    """What rebuilds a torn manifest: re-running the stage, which resumes the run recorded in run.json and
+    skips every journaled video (a folder without run.json is kept in the run cache and recomputed)."""
+    stage = (read_run_info(stage_dir) or {}).get("stage")
+    cmd = f"`pipeline {stage}`" if stage else "its stage"
+    return (f"re-run {cmd} with the same parameters to rebuild it from the journal and run.json (nothing "
+            "journaled is recomputed; do not remove the folder)")
 
 
 def peek_manifest(folder: Path) -> Manifest | None:
@@ -150,8 +159,8 @@ def read_run_info(stage_dir: Path) -> dict | None:
 
 def output_keys(cache_root: Path, under: str = "") -> list[str]:
     """Every current stage output folder (one holding run.json or manifest.json) under ``<cache>/<under>``,
-    as keys (``decode``, ``finetune/split1-resnet101/rgb``), sorted. The run cache (``.runs/``), temporary
-    folders and a stage folder's own outputs are not searched."""
+    as keys (``decode``, ``finetune/split1-resnet101/rgb``), sorted. The run cache (``.runs/``), the trash
+    (``.trash/``), temporary folders and a stage folder's own outputs are not searched."""
     cache_root = Path(cache_root)
     top = cache_root / under if under else cache_root
     keys = []
@@ -161,7 +170,8 @@ def output_keys(cache_root: Path, under: str = "") -> list[str]:
             if rel != "." and (RUN_INFO in filenames or MANIFEST in filenames):
                 keys.append(rel)
                 dirnames.clear()  # a stage folder's outputs hold no other key (no scan of big stores)
-            dirnames[:] = sorted(d for d in dirnames if d != RUNS_DIR and not d.startswith(TMP_PREFIX))
+            dirnames[:] = sorted(d for d in dirnames
+                                 if d not in (RUNS_DIR, TRASH_DIR) and not d.startswith(TMP_PREFIX))
     return sorted(keys)
 
 

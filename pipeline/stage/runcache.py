@@ -3,12 +3,19 @@
 The current run of a key is where every stage reads it, ``<cache>/<key>/``. Every other run of that key is kept
 (finished or partial) in ``<cache>/.runs/<key>/<fingerprint>/``: before a run with another fingerprint starts,
 the folder in place is moved there (``os.replace``: atomic, same file system, no copy), and a run whose
-fingerprint is kept there is moved back (restored at once when complete, resumed when partial). Nothing is
-deleted except by :func:`gc` (``pipeline gc --yes``). All moves happen under the key's lock.
+fingerprint is kept there is moved back (restored at once when complete and nothing it recorded is missing,
+resumed when partial). Nothing is deleted except by :func:`gc` (``pipeline gc --yes``) and ``--force`` (the run
+it replaces). All moves happen under the key's lock.
+
+A deletion never leaves a half-deleted run under a run's name: the folder is first renamed (under the key's
+lock, atomically) into ``<cache>/.trash/`` and only then removed (:func:`discard`). A deletion killed half-way
+leaves only trash, which is never listed nor restored; the next ``pipeline gc --yes`` empties it.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import logging
 import os
 import re
 import shutil
@@ -17,9 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.stage.errors import StageLocked
-from pipeline.stage.keys import MANIFEST, RUN_INFO, RUNS_DIR, lock_path
-from pipeline.stage.lock import lock_holder
+from pipeline.stage.keys import (DELETING_PREFIX, MANIFEST, RUN_INFO, RUNS_DIR, TRASH_DIR, key_depth, key_parts,
+                                 lock_path)
+from pipeline.stage.lock import StageLock, lock_holder
 from pipeline.stage.manifest import Manifest, peek_manifest, read_run_info
+
+log = logging.getLogger("pipeline")
 
 
 def runs_root(cache_root: Path, key: str) -> Path:
@@ -54,9 +64,10 @@ def stash(cache_root: Path, key: str) -> Path | None:
     return dest
 
 
-def restore(cache_root: Path, key: str, fingerprint: str) -> bool:
-    """Move the kept run ``fingerprint`` of ``key`` back in place (the place must be empty); False if none."""
-    src, dest = kept_dir(cache_root, key, fingerprint), Path(cache_root) / key
+def restore(cache_root: Path, key: str, fingerprint: str, src: Path | None = None) -> bool:
+    """Move the kept run ``fingerprint`` of ``key`` (or the kept folder ``src``, one of :func:`kept_copies`) back
+    in place (the place must be empty); False if none."""
+    src, dest = Path(src) if src else kept_dir(cache_root, key, fingerprint), Path(cache_root) / key
     if not (src / RUN_INFO).exists() and not (src / MANIFEST).exists():
         return False
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -64,13 +75,101 @@ def restore(cache_root: Path, key: str, fingerprint: str) -> bool:
     return True
 
 
+def kept_copies(cache_root: Path, key: str, fingerprint: str) -> list[Path]:
+    """The kept folders of run ``fingerprint``: ``<fp>`` and the ``<fp>.<n>`` copies :func:`stash` made when that
+    name was taken, whose run.json (or manifest) is of that fingerprint."""
+    root = runs_root(cache_root, key)
+    if not root.is_dir():
+        return []
+    pattern = re.compile(re.escape(fingerprint) + r"(\.\d+)?")
+    found = [d for d in root.iterdir() if pattern.fullmatch(d.name) and d.is_dir()
+             and folder_fingerprint(d) == fingerprint]
+    return sorted(found, key=lambda d: int(d.name.rpartition(".")[2]) if d.name != fingerprint else 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Deleting: rename into the trash, then remove
+# ----------------------------------------------------------------------------------------------------------
+
+def trash_root(cache_root: Path) -> Path:
+    return Path(cache_root) / TRASH_DIR
+
+
+def move_to_trash(cache_root: Path, folder: Path) -> Path:
+    """Rename ``folder`` (a run folder; the caller holds its key's lock) into ``<cache>/.trash/`` under a unique
+    name, atomically, so no reader ever sees it half-deleted; where the trash is on another file system, to a
+    ``.deleting-`` sibling instead (never listed either). Returns the new path."""
+    cache_root, folder = Path(cache_root), Path(folder)
+    rel = folder.name
+    for base in (cache_root / RUNS_DIR, cache_root):
+        if folder.is_relative_to(base):
+            rel = folder.relative_to(base).as_posix()
+            break
+    unique = f"{os.getpid()}-{time.time_ns()}"
+    dest = trash_root(cache_root) / f"{rel.replace('/', '+')}.{unique}"  # e.g. decode+<fingerprint>.<pid>-<ns>
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(folder, dest)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        dest = folder.parent / f"{DELETING_PREFIX}{folder.name}.{unique}"
+        os.replace(folder, dest)
+    return dest
+
+
+def remove_trash(path: Path) -> bool:
+    """Remove one trash folder (another process removing it at once is harmless); False when some of it is left
+    (the next ``pipeline gc --yes`` tries again)."""
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        log.warning("%s: could not remove all of it; `pipeline gc --yes` tries again", path)
+        return False
+    return True
+
+
+def discard(cache_root: Path, folder: Path) -> None:
+    """Delete a run folder (the caller holds its key's lock): renamed into the trash first, then removed, so a
+    kill part-way leaves only trash, never a partial run under the run's name."""
+    remove_trash(move_to_trash(cache_root, folder))
+
+
+def trash_folders(cache_root: Path) -> list[Path]:
+    """Every folder left in the trash by a deletion that did not finish (``.trash/*`` and ``.deleting-*``
+    folders under ``.runs/``)."""
+    out = []
+    root = trash_root(cache_root)
+    if root.is_dir():
+        out += sorted(root.iterdir())
+    runs = Path(cache_root) / RUNS_DIR
+    if runs.is_dir():
+        for dirpath, dirnames, _ in os.walk(runs):  # down to the keys' folders, never into a run's outputs
+            out += [Path(dirpath) / d for d in dirnames if d.startswith(DELETING_PREFIX)]
+            key = Path(dirpath).relative_to(runs).as_posix()
+            dirnames[:] = [] if _key_like(key) else [d for d in dirnames if not d.startswith(".")
+                                                      and not _is_run_folder(Path(dirpath) / d)]
+    return out
+
+
+def empty_trash(cache_root: Path) -> list[Path]:
+    """Remove every trash folder (:func:`trash_folders`); returns those removed. (``.trash/`` itself stays: another
+    process may be renaming a folder into it.)"""
+    return [p for p in trash_folders(cache_root) if remove_trash(p)]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Listing runs
 # ----------------------------------------------------------------------------------------------------------
 
+def _is_run_folder(folder: Path) -> bool:
+    return (folder / RUN_INFO).exists() or (folder / MANIFEST).exists()
+
+
 @dataclass
 class RunRecord:
-    """One run of a stage key: the current one (in place) or a kept one."""
+    """One run of a stage key: the current one (in place) or a kept one. ``state``: ``complete``, ``partial``,
+    ``torn`` (its manifest.json is torn: the run finished, and restoring it rebuilds the manifest from the
+    journal) or ``unknown`` (a kept folder whose run.json and manifest are both gone: only ``gc`` can use it)."""
 
     key: str
     fingerprint: str
@@ -82,6 +181,7 @@ class RunRecord:
     mtime: float = 0.0
     params: dict = field(default_factory=dict)
     size: int = -1  # bytes; -1 until measured
+    state: str = ""
 
     @property
     def age_seconds(self) -> float:
@@ -89,16 +189,23 @@ class RunRecord:
 
 
 def _record(key: str, folder: Path, current: bool, with_size: bool) -> RunRecord:
-    manifest = peek_manifest(folder) or Manifest(folder / MANIFEST, {})
+    peeked = peek_manifest(folder)
+    manifest = peeked or Manifest(folder / MANIFEST, {})
     info = read_run_info(folder) or {}
     when = manifest.finished or info.get("started") or ""
     try:
         mtime = _dt.datetime.fromisoformat(when).timestamp() if when else folder.stat().st_mtime
     except ValueError:
         mtime = folder.stat().st_mtime
+    if peeked is None and (folder / MANIFEST).exists():
+        state = "torn"
+    elif peeked is None and not info:
+        state = "unknown"
+    else:
+        state = "complete" if manifest.complete else "partial"
     rec = RunRecord(key, manifest.fingerprint or info.get("fingerprint") or folder.name, folder, current,
                     manifest.complete, info.get("started", manifest.get("started", "")),
-                    manifest.finished, mtime, manifest.params or info.get("params") or {})
+                    manifest.finished, mtime, manifest.params or info.get("params") or {}, state=state)
     if with_size:
         rec.size = folder_size(folder)
     return rec
@@ -122,13 +229,25 @@ def folder_size(folder: Path) -> int:
 
 
 def kept_runs(cache_root: Path, key: str, *, with_size: bool = False) -> list[RunRecord]:
-    """The kept (non-current) runs of ``key``, newest first."""
+    """The kept (non-current) runs of ``key``, newest first: every folder of ``.runs/<key>/`` holding run.json or
+    a manifest, and (as ``unknown``) one that lost both, so its disk space stays visible to ``gc``. Trash and
+    temporary (dot-named) folders are not runs."""
     root = runs_root(cache_root, key)
     if not root.is_dir():
         return []
+    unknown_ok = _key_like(key)
     recs = [_record(key, d, False, with_size) for d in root.iterdir()
-            if d.is_dir() and ((d / RUN_INFO).exists() or (d / MANIFEST).exists())]
+            if d.is_dir() and not d.name.startswith(".") and (_is_run_folder(d) or unknown_ok)]
     return sorted(recs, key=lambda r: -r.mtime)
+
+
+def _key_like(rel: str) -> bool:
+    """Whether the path ``rel`` (under ``.runs/``) has the shape of a key: the depth of its stage's keys and,
+    for a per-scope stage, a scope (``split1-resnet101``) as its second part."""
+    parts = rel.split("/")
+    if not parts[0] or parts[0].startswith(".") or len(parts) != key_depth(parts[0]):
+        return False
+    return len(parts) == 1 or key_parts(rel).split is not None
 
 
 def all_runs(cache_root: Path, key: str, *, with_size: bool = True) -> list[RunRecord]:
@@ -139,14 +258,18 @@ def all_runs(cache_root: Path, key: str, *, with_size: bool = True) -> list[RunR
 
 
 def keys_with_kept_runs(cache_root: Path) -> list[str]:
-    """Every key that has kept runs (a kept run is a folder holding run.json or manifest.json)."""
+    """Every key that has kept runs (a kept run is a folder holding run.json or manifest.json, or one that lost
+    both at the depth of its stage's keys: :func:`kept_runs`)."""
     root = Path(cache_root) / RUNS_DIR
     keys = set()
     if root.is_dir():
         for dirpath, dirnames, filenames in os.walk(root):
-            if RUN_INFO in filenames or MANIFEST in filenames:
-                keys.add(Path(dirpath).parent.relative_to(root).as_posix())
+            rel = Path(dirpath).relative_to(root).as_posix()
+            parent = Path(rel).parent.as_posix()
+            if rel != "." and (RUN_INFO in filenames or MANIFEST in filenames or _key_like(parent)):
+                keys.add(parent)
                 dirnames.clear()  # do not descend into a run's outputs
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # trash and temporary folders
     return sorted(keys)
 
 
@@ -218,22 +341,51 @@ def gc_candidates(cache_root: Path, *, stage: str | None = None, keep_last: int 
 
 def gc(cache_root: Path, *, stage: str | None = None, keep_last: int | None = None,
        older_than: float | None = None, yes: bool = False) -> list[RunRecord]:
-    """Remove (``yes``) or list (dry run) the kept runs :func:`gc_candidates` selects. A key whose lock is
-    held (a run in progress) is refused with StageLocked before anything is removed."""
+    """Remove (``yes``) or list (dry run) the kept runs :func:`gc_candidates` selects; ``yes`` also empties the
+    trash (:func:`trash_folders`). A key whose lock is held (a run in progress) is refused with StageLocked
+    before anything is removed. Each key's runs are moved into the trash while gc holds that key's lock (a stage
+    started meanwhile is refused, and never sees a half-deleted run); the trash is then removed without it."""
+    cache_root = Path(cache_root)
     cands = gc_candidates(cache_root, stage=stage, keep_last=keep_last, older_than=older_than)
-    for key in sorted({c.key for c in cands}):
+    keys = sorted({c.key for c in cands})
+    for key in keys:
         pid = lock_holder(lock_path(cache_root, key))
         if pid is not None:
-            raise StageLocked(f"gc: {key!r} is being run (pid {pid if pid > 0 else '?'}, lock "
-                              f"{lock_path(cache_root, key)}); run gc when that run has finished")
-    if yes:
-        for c in cands:
-            shutil.rmtree(c.path)
-            parent = c.path.parent
-            while parent != Path(cache_root) / RUNS_DIR and parent.is_dir() and not any(parent.iterdir()):
-                parent.rmdir()
-                parent = parent.parent
-    return cands
+            raise _gc_refused(cache_root, key, pid)
+    if not yes:
+        return cands
+    removed = []
+    try:
+        for key in keys:
+            try:
+                with StageLock(lock_path(cache_root, key), key):
+                    # What is kept may have changed before the lock was taken (a run restored or stashed):
+                    # decide again under it.
+                    still = {c.path for c in gc_candidates(cache_root, stage=key, keep_last=keep_last,
+                                                           older_than=older_than) if c.key == key}
+                    for c in cands:
+                        if c.key == key and c.path in still:
+                            move_to_trash(cache_root, c.path)
+                            removed.append(c)
+                    _prune_empty(cache_root, runs_root(cache_root, key))
+            except StageLocked:
+                raise _gc_refused(cache_root, key, lock_holder(lock_path(cache_root, key)) or -1) from None
+    finally:
+        empty_trash(cache_root)  # the runs moved out, and what a killed deletion left
+    return removed
+
+
+def _gc_refused(cache_root: Path, key: str, pid: int) -> StageLocked:
+    return StageLocked(f"gc: {key!r} is being run (pid {pid if pid > 0 else '?'}, lock "
+                       f"{lock_path(cache_root, key)}); run gc when that run has finished")
+
+
+def _prune_empty(cache_root: Path, folder: Path) -> None:
+    """Remove ``folder`` and its parents up to ``.runs/`` while they are empty."""
+    top = Path(cache_root) / RUNS_DIR
+    while folder != top and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
 
 
 def human_size(n: int) -> str:

@@ -11,8 +11,13 @@
 5. the run cache (:mod:`pipeline.stage.runcache`): a folder in place with another fingerprint (finished or
    partial) is moved to ``<cache>/.runs/<key>/<its fingerprint>/``, never deleted; a kept run with the
    requested fingerprint is moved back: a complete one is "restored from the run cache" with no recompute, a
-   partial one is resumed. ``force`` moves the finished run of the same fingerprint aside and removes it only
-   once the new run has finished (a killed forced run leaves it kept). Partial work of the same fingerprint
+   partial one is resumed. Before a kept run is made current it is checked against its own record
+   (:func:`pipeline.stage.integrity.missing_data`: every journaled video's container, the files its stage
+   always writes): one missing data is not restored as finished but resumed, its missing videos journaled for
+   redo (or, for a stage without per-video outputs, recomputed), and the log says why; an intact copy kept as
+   ``<fingerprint>.<n>`` is preferred. ``force`` moves the finished run of the same fingerprint aside and
+   deletes it (renamed into the trash first: :func:`pipeline.stage.runcache.discard`) only once the new run
+   has finished (a killed forced run leaves it kept). Partial work of the same fingerprint
    is resumed: the stage asks its
    :class:`~pipeline.stage.journal.Journal` which videos are done and skips them. Each video's output is
    committed atomically before its journal line, so a resumed run produces the same result as an
@@ -22,8 +27,9 @@
 
 Cache layout: ``<cache>/<stage key>/{manifest.json, run.json, journal.jsonl, log.txt, ...}`` (the current run)
 with the lock file beside the folder (``<cache>/<stage key>.lock``, one run of a key at a time whatever its
-fingerprint) and the kept runs in ``<cache>/.runs/<stage key>/<fingerprint>/``. A lost manifest.json with
-run.json and the journal intact is rebuilt by re-running: the journaled work is skipped.
+fingerprint) and the kept runs in ``<cache>/.runs/<stage key>/<fingerprint>/``. A lost or torn manifest.json
+with run.json and the journal intact is rebuilt by re-running: the journaled work is skipped (the folder is
+never to be removed for it).
 
 Under ``torchrun`` every rank calls :func:`run_stage`: rank 0 takes the lock, decides (error / skip / run),
 writes run.json and, after every rank's ``run`` returned, the manifest; the other ranks follow its decision
@@ -33,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -43,12 +48,12 @@ from typing import Any
 from pipeline import dist
 from pipeline.io.atomic import write_json
 from pipeline.stage.declare import Plan, Stage, Upstream, digest, load_upstream, params_dict
-from pipeline.stage.errors import StageError, StageFailures
+from pipeline.stage.errors import ManifestTorn, StageError, StageFailures
 from pipeline.stage.keys import CACHE_FORMAT, LOG, MANIFEST, RUN_INFO, journal_name
 from pipeline.stage.manifest import Manifest, read_manifest, read_run_info, write_manifest
 from pipeline.stage.journal import Journal, journal_files
 from pipeline.stage.lock import StageLock, lock_path, now
-from pipeline.stage import runcache
+from pipeline.stage import integrity, runcache
 
 log = logging.getLogger("pipeline")
 
@@ -178,8 +183,15 @@ def _follow_rank0(stage: Stage, params: Any, cache_root: Path, key: str, allow_f
 
 
 def _fresh_result(out: Path, key: str, fp: str, force: bool) -> RunResult | None:
-    """The no-op result when a complete manifest with fingerprint ``fp`` exists (and not ``force``)."""
-    manifest = read_manifest(out)
+    """The no-op result when a complete manifest with fingerprint ``fp`` exists (and not ``force``). A torn
+    manifest is not fresh: the run recorded in run.json is resumed, which rebuilds it (nothing journaled is
+    recomputed)."""
+    try:
+        manifest = read_manifest(out)
+    except ManifestTorn as e:
+        log.warning("%s: %s", key, e)
+        log.info("%s: rebuilding the torn manifest from the journal and run.json", key)
+        return None
     if force or not manifest or not manifest.complete or manifest.fingerprint != fp:
         return None
     msg = f"{key}: fresh (fingerprint {fp[:12]}, finished {manifest.finished}); nothing to do"
@@ -190,24 +202,57 @@ def _fresh_result(out: Path, key: str, fp: str, force: bool) -> RunResult | None
 
 def _from_run_cache(cache_root: Path, key: str, fp: str) -> RunResult | None:
     """Make run ``fp`` of ``key`` current: the folder in place (another fingerprint) goes to the run cache and
-    a kept run ``fp`` comes back. The restored result when that run is complete, else None (run / resume)."""
+    a kept run ``fp`` comes back. The restored result when that run is complete and nothing it recorded is
+    missing, else None (run / resume: a run missing videos has them journaled for redo)."""
     out = cache_root / key
     if out.exists() and runcache.folder_fingerprint(out) == fp:
-        return None  # partial work of this run in place: resumed
-    if not runcache.kept_dir(cache_root, key, fp).exists():
+        return None  # partial work of this run in place (or its torn manifest): resumed
+    chosen = _pick_kept(cache_root, key, fp)
+    if chosen is None:
         return None  # a new run: _prepare_folder keeps what is in place
+    src, missing = chosen
     where = runcache.stash(cache_root, key)
     if where is not None:
         log.info("%s: kept the run in place in the run cache (%s)", key, where)
-    runcache.restore(cache_root, key, fp)
-    manifest = read_manifest(out)
+    runcache.restore(cache_root, key, fp, src)
+    if missing.videos:
+        journal = Journal(out / journal_name(0), read_all_ranks=False)
+        try:
+            for vid, why in sorted(missing.videos.items()):
+                journal.record_damaged(vid, f"missing when restored from the run cache: {why}")
+        finally:
+            journal.close()
+    manifest = None if missing else read_manifest(out)
     if not manifest or not manifest.complete or manifest.fingerprint != fp:
-        log.info("%s: partial run %s taken back from the run cache, resuming it", key, fp[:12])
+        if missing:
+            log.warning("%s: kept run %s (%s) is missing data: %s; resuming it (what is missing is recomputed)",
+                        key, fp[:12], src.name, missing.describe())
+        else:
+            log.info("%s: partial run %s taken back from the run cache, resuming it", key, fp[:12])
         return None
     msg = f"{key}: restored from the run cache (fingerprint {fp[:12]}, finished {manifest.finished})"
     if manifest.summary.get("line"):
         msg += f"\nlast run: {manifest.summary['line']}"
     return RunResult(key, fp, True, manifest, msg, restored=True)
+
+
+def _pick_kept(cache_root: Path, key: str, fp: str) -> tuple[Path, integrity.Missing] | None:
+    """Which kept copy of run ``fp`` to take back (``<fp>`` or an ``<fp>.<n>``) and what it is missing: a
+    finished one missing nothing first, else one a resume repairs (the first); None when no copy can be used
+    (each is then left kept and a new run starts; the log says why)."""
+    resumable = None
+    for src in runcache.kept_copies(cache_root, key, fp):
+        missing = integrity.missing_data(src)
+        if not missing:
+            manifest, _, _ = integrity.recorded(src)
+            if manifest is not None and manifest.complete:
+                return src, missing
+        if missing.resumable:
+            resumable = resumable or (src, missing)
+        else:
+            log.warning("%s: kept run %s (%s) is missing data (%s); not restored, a new run recomputes it "
+                        "(`pipeline gc` removes the kept copy)", key, fp[:12], src, missing.describe())
+    return resumable
 
 
 def _prepare_folder(cache_root: Path, key: str, fp: str, force: bool) -> bool:
@@ -266,7 +311,7 @@ def _run(stage: Stage, params: Any, cache_root: Path, upstream: Upstream, plan: 
         "world_size": world,
     })
     if replaced is not None and not had_kept and replaced.exists() and manifest.complete:
-        shutil.rmtree(replaced)  # --force: the finished run it replaces (same fingerprint) is superseded
+        runcache.discard(cache_root, replaced)  # --force: the run it replaces (same fingerprint) is superseded
     dist.barrier()
     return manifest
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pipeline.stage.declare import Stage
-from pipeline.stage.errors import StageError
+from pipeline.stage.errors import ManifestTorn, StageError
 from pipeline.stage.journal import journal_files, read_records
 from pipeline.stage.keys import MANIFEST, lock_path, old_layout_hint
 from pipeline.stage.lock import lock_holder
@@ -59,6 +59,10 @@ def status(cache_root: Path, stages: Iterable[Stage], *, sizes: bool = True) -> 
     for key in keys:
         try:
             manifests[key] = read_manifest(cache_root / key)
+        except ManifestTorn as e:  # finished, but its manifest must be rebuilt (re-running the stage does it)
+            info = read_run_info(cache_root / key) or {}
+            rows[key] = StageStatus(key, "incomplete", str(e), info.get("fingerprint", ""))
+            manifests[key] = None
         except StageError as e:
             rows[key] = StageStatus(key, "stale", str(e))
             manifests[key] = None
@@ -97,7 +101,14 @@ def _finished(m: Manifest, key: str, stage: Stage | None, manifests: dict[str, M
         return row
     if not m.complete:
         row.state = "incomplete"
-        reasons.append(f"{m.failed} failures not allowed")
+        other = list(m.get("verify_findings") or [])
+        if m.damaged or other:  # `pipeline verify` marked it for redo
+            found = [f"{len(m.damaged)} videos missing/damaged"] if m.damaged else []
+            found += [f"{other[0]}" + (f" (and {len(other) - 1} more)" if len(other) > 1 else "")] if other else []
+            reasons.append(f"{'; '.join(found)} (found by verify): re-run `pipeline {key.split('/')[0]}` to "
+                           "recompute them")
+        if m.failed or not (m.damaged or other):
+            reasons.append(f"{m.failed} failures not allowed")
     if stage is not None and stage.version != m.version:
         reasons.append(f"stage code version changed ({m.version} -> {stage.version})")
     for up_key, up_fp in m.upstream.items():
