@@ -3,6 +3,7 @@
     .venv/bin/python bench/finetune.py                      # CPU: resnet18 @ 64 px, resnet101 @ 224 px
     .venv/bin/python bench/finetune.py --device cuda        # GPU (bf16 autocast + channels_last)
     .venv/bin/python bench/finetune.py --configs resnet18:96 resnet50:224 --workers 4
+    .venv/bin/python bench/finetune.py --test-pass --configs resnet18:112   # the test pass only
 
 Model throughput: one SGD step (normalise on the device, forward, backward, update) on a batch of uint8
 inputs already in memory, timed after warm-up; images/s for RGB, stacks/s for flow (each stack is one
@@ -11,10 +12,15 @@ sampling, read from the store, multi-scale corner crop, resize, flip, collate) o
 JPEG frames / raw flow at the size the configuration expects (short side 256 for 224 px input, the demo's
 96x72 for small inputs), with ``--workers`` processes. The loader keeps up when its rate exceeds the
 model's. Prints a markdown table for docs/benchmarks.md.
+
+``--test-pass``: milliseconds per video of finetune's test pass (``pipeline.training.loop.predict_videos``:
+the views of several videos per forward pass, ``--batch`` views each) against one forward pass per video (what
+it did before), on ``--test-videos`` videos of ``--test-views`` views already in memory.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -93,6 +99,39 @@ def loader_rate(store: VideoStore, stream: str, size: int, batch: int, workers: 
     return count / (time.perf_counter() - t0)
 
 
+def test_pass_ms(arch: str, size: int, stream: str, device: torch.device, amp: bool, videos: int, views: int,
+                 chunk: int) -> tuple[float, float]:
+    """(ms per video one video per forward pass, ms per video with predict_videos), best of 2."""
+    model = create_backbone(arch, num_classes=101, in_channels=input_channels(stream)).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    items = [{"input": torch.randint(0, 256, (views, input_channels(stream), size, size), dtype=torch.uint8,
+                                     generator=g), "index": i} for i in range(videos)]
+    norm = input_normalizer(stream)
+
+    def one_per_pass():
+        with torch.no_grad():
+            for item in items:
+                with T.autocast(device, amp):
+                    model(norm(item["input"].to(device))).float().cpu()
+
+    def batched():
+        with torch.no_grad():
+            T.predict_videos(model, items, videos, 101, device=device, normalize=norm, amp=amp, chunk=chunk)
+
+    out = []
+    for fn in (one_per_pass, batched):
+        fn() if device.type == "cuda" else None  # warm-up
+        best = math.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        out.append(1000 * best / videos)
+    return out[0], out[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -102,6 +141,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--loader-seconds", type=float, default=5.0)
     ap.add_argument("--no-amp", action="store_true")
+    ap.add_argument("--test-pass", action="store_true", help="time the test pass only (see above)")
+    ap.add_argument("--test-videos", type=int, default=64)
+    ap.add_argument("--test-views", type=int, default=1)
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -111,6 +153,17 @@ def main() -> None:
     steps = args.steps or (20 if gpu else 3)
     name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; batch {batch}; loader workers {args.workers}; torch {torch.__version__}\n")
+    if args.test_pass:
+        print(f"| device | arch | input | stream | views | one video per pass (ms/video) | {batch} views per pass "
+              "(ms/video) |\n|---|---|---|---|---|---|---|")
+        for cfg in configs:
+            arch, size = cfg.split(":")
+            for stream in ("rgb", "flow"):
+                one, many = test_pass_ms(arch, int(size), stream, device, gpu and not args.no_amp, args.test_videos,
+                                         args.test_views, batch)
+                print(f"| {device.type} | {arch} | {size} | {stream} | {args.test_views} | {one:.1f} | {many:.1f} |",
+                      flush=True)
+        return
     print("| device | arch | input | stream | model (SGD step) /s | loader /s | loader keeps up |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

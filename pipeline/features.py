@@ -10,7 +10,8 @@ What the ``extract-features`` stage (and ``pipeline predict``, through that stag
 * :func:`video_features`: both backbones' pooled features ``(P, views, D)`` per stream, refusing non-finite
   values; :func:`features_of_video` is both steps for one video;
 * :func:`extract`: many videos, the next ones read by threads while the networks run; :func:`write_part`
-  commits one video's features.
+  commits one video's features; :func:`consolidate` writes the parts into the feature store(s), one chunk of
+  videos at a time.
 
 Every video's batches are formed from that video alone, so its features do not depend on which other videos
 ran beside it.
@@ -336,6 +337,50 @@ def write_part(parts: VideoStore, vf: VideoFeatures) -> None:
         for stream, arr in vf.features.items():
             c.create(stream, arr, compress=False)
         c.create("positions", vf.positions.astype(np.float32), compress=False)
+
+
+def consolidate(parts: VideoStore, video_ids: Sequence[str], paths: Sequence[Path], *, labels: Sequence[int],
+                split: Sequence[str], groups: Sequence[str], class_names: Sequence[str],
+                shapes: dict[str, tuple[int, int, int]], dtype: str, attrs: dict) -> None:
+    """Write the parts of ``video_ids`` (in that order) into the feature store(s) ``paths`` (``features.zarr`` /
+    ``features.h5``), one chunk of videos at a time.
+
+    ``shapes``: stream -> (P, views, D) of every part. Each chunk's parts are read into one block and written to
+    every store (:func:`pipeline.io.store.feature_store_writer`), so memory holds one chunk of rows (at most
+    :data:`pipeline.io.store.FEATURE_CHUNK_BYTES` per stream) whatever the number of videos. A store is renamed
+    into place only when complete; temporaries left by a killed consolidation are removed first, and the parts
+    stay until the caller removes them, so the next run writes the same stores again.
+    """
+    from contextlib import ExitStack
+
+    from pipeline.io.atomic import TMP_PREFIX, remove_path
+    from pipeline.io.store import feature_store_writer
+
+    for path in map(Path, paths):
+        for stale in path.parent.glob(f"{TMP_PREFIX}*-{path.name}"):
+            remove_path(stale)
+    P = next(iter(shapes.values()))[0]
+    with ExitStack() as stack:
+        writers = [stack.enter_context(feature_store_writer(
+            path, video_ids=video_ids, labels=labels, split=split, groups=groups, class_names=class_names,
+            attrs=attrs, streams={s: (shape, dtype) for s, shape in shapes.items()}, num_positions=P))
+            for path in paths]
+        step = writers[0].chunk_rows if writers else 1
+        for lo in range(0, len(video_ids), step):
+            ids = video_ids[lo:lo + step]
+            block = {s: np.empty((len(ids), *shape), dtype) for s, shape in shapes.items()}
+            positions = np.empty((len(ids), P), np.float32)
+            for k, vid in enumerate(ids):
+                with parts.reader(vid) as r:
+                    try:
+                        for s in shapes:
+                            block[s][k] = r[s][...]
+                        positions[k] = r["positions"][...]
+                    except (ValueError, KeyError) as e:
+                        raise StoreError(f"{parts.path(vid)}: not a part of ({P} positions, "
+                                         f"{', '.join(f'{s} {shape}' for s, shape in shapes.items())}): {e}") from e
+            for w in writers:
+                w.write(lo, block, positions)
 
 
 def restore_parts(store_path: Path, parts: VideoStore, wanted: set[str]) -> int:

@@ -25,8 +25,9 @@ Each video's features are committed atomically to ``parts/<video_id>.h5`` and jo
 resumes where it stopped. Every video's batches are formed from that video alone, so its features do not
 depend on which other videos ran beside it: a resumed run and a ``torchrun`` run (rank ``r`` takes videos
 ``r::world``; rank 0 waits for the others and consolidates) give the same bytes as one uninterrupted
-process. At the end the parts are consolidated into ``features.zarr`` / ``features.h5`` (docs/formats.md),
-written atomically, and removed. Non-finite features (NaN, inf, or float16 overflow) are per-video
+process. At the end the parts are consolidated into ``features.zarr`` / ``features.h5`` (docs/formats.md) one
+chunk of videos at a time (memory does not grow with the number of videos), each store renamed into place when
+complete, and the parts removed (a run killed while consolidating writes the same stores again from them). Non-finite features (NaN, inf, or float16 overflow) are per-video
 failures and are never stored.
 
 Examples::
@@ -49,10 +50,10 @@ import torch
 
 from pipeline import dist
 from pipeline.data.table import VideoTable
-from pipeline.features import (TEN_VIEW_NAMES, StreamSource, build_backbone, extract, resolve_source,
-                               restore_parts, write_part)
+from pipeline.features import (TEN_VIEW_NAMES, StreamSource, build_backbone, consolidate, extract,
+                               resolve_source, restore_parts, write_part)
 from pipeline.io import artifacts
-from pipeline.io.store import FeatureSet, StoreError, VideoStore, feature_store_path, write_feature_store
+from pipeline.io.store import StoreError, VideoStore, feature_store_path
 from pipeline.models.backbones import list_backbones
 from pipeline.stage import Journal, Plan, Stage, StageContext, StageError, Upstream, digest, param
 
@@ -182,17 +183,11 @@ def plan(p: ExtractFeaturesParams, upstream: Upstream) -> Plan:
 
 
 def _consolidate(ctx: StageContext, fp: FeaturePlan, done: list[int], parts: VideoStore) -> list[Path]:
+    """The parts of ``done`` (rows of the video table) into the store(s) of ``fp.outputs``, one chunk of videos
+    at a time (:func:`pipeline.features.consolidate`); the parts are left for the caller to remove."""
     p: ExtractFeaturesParams = ctx.params
     t = fp.table
-    ids = [t.video_ids[i] for i in done]
     P, views = p.positions, p.views
-    streams = {s: np.empty((len(ids), P, views, src.num_features), dtype=p.dtype) for s, src in fp.sources.items()}
-    positions = np.empty((len(ids), P), np.float32)
-    for k, vid in enumerate(ids):
-        with parts.reader(vid) as r:
-            for s in STREAMS:
-                streams[s][k] = r[s][...]
-            positions[k] = r["positions"][...]
     membership = t.split_of(p.split)
     attrs = {
         "stage": "extract-features", "stage_version": VERSION, "fingerprint": ctx.fingerprint,
@@ -207,16 +202,10 @@ def _consolidate(ctx: StageContext, fp: FeaturePlan, done: list[int], parts: Vid
         "backbones": {s: asdict(src) for s, src in fp.sources.items()},
         "upstream": ctx.upstream.fingerprints(),
     }
-    fs = FeatureSet(streams=streams, positions=positions, video_ids=np.array(ids, dtype=str),
-                    labels=np.array([t.labels[i] for i in done], np.int64),
-                    split=np.array([membership[i] for i in done], dtype=str),
-                    groups=np.array([t.groups[i] for i in done], dtype=str),
-                    class_names=np.array(t.classes, dtype=str), attrs=attrs)
-    written = []
-    for backend in fp.outputs:
-        path = feature_store_path(ctx.dir, backend)
-        write_feature_store(path, fs)
-        written.append(path)
+    written = [feature_store_path(ctx.dir, backend) for backend in fp.outputs]
+    consolidate(parts, [t.video_ids[i] for i in done], written, labels=[t.labels[i] for i in done],
+                split=[membership[i] for i in done], groups=[t.groups[i] for i in done], class_names=list(t.classes),
+                shapes={s: (P, views, src.num_features) for s, src in fp.sources.items()}, dtype=p.dtype, attrs=attrs)
     return written
 
 

@@ -36,8 +36,10 @@ from pipeline.stage.validate import option_name
 from pipeline.training.tensorboard import EpochScalars, TensorBoardMissing
 from pipeline.training.tensorboard import check_available as check_tensorboard
 from pipeline.data.sampling import NUM_TEST, eval_sequences
-from pipeline.training.heads import (NonFiniteLoss, eval_scores, feature_tensors, fit_head, load_features,
-                                     nonfinite_videos, split_indices, stream_shapes)
+from pipeline.data.feature_dataset import FeatureDataset
+from pipeline.memory import format_size, memory_budget, size_problem
+from pipeline.training.heads import (NonFiniteLoss, eval_scores, fit_head, load_array, nonfinite_videos,
+                                     split_indices, stream_shapes)
 
 VERSION = "2"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -92,6 +94,9 @@ class TrainHeadParams:
     batch_size: int = param(32, "Videos per mini-batch.", min=1)
     max_epochs: int = param(100, "Hard cap on epochs.", min=1)
     device: str = param("auto", "Training device: auto, cpu, cuda, cuda:1, ...", fingerprint=False)
+    max_memory: str = param("auto", "Features held in memory at most (2G, 512M, ...; auto: half the available "
+                            "memory); beyond it they are read from the store as needed, with the same results.",
+                            fingerprint=False, check=size_problem)
     tensorboard: bool = param(False, "Write per-epoch loss, error and lr for TensorBoard to <output>/tensorboard/.",
                               fingerprint=False)
     name: str | None = param(None, "Output name (train-head/<name>); default derived from the head's options.",
@@ -210,9 +215,10 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     p: TrainHeadParams = ctx.params
     info = plan.data
     name = ctx.dir.name
-    fs = load_features(Path(info["path"]))
-    parts = split_indices(fs.split, info["path"])
-    bad = nonfinite_videos(fs)
+    path = Path(info["path"])
+    ds = FeatureDataset(path, STREAMS, dtype=None)
+    parts = split_indices(ds.split, info["path"])
+    bad = nonfinite_videos(path)
     if bad:
         for vid, why in bad.items():
             ctx.journal.record_failure(vid, f"{why} in {info['path']}")
@@ -222,10 +228,22 @@ def run(ctx: StageContext, plan: Plan) -> dict:
                              f"{' ...' if len(bad) > 10 else ''}. Re-run `pipeline extract-features` for them, "
                              "or pass --allow-failures to train without them")
         ctx.log.warning("training without %d video(s) with damaged or NaN/inf features: %s", len(bad), shown)
-        keep = ~np.isin(np.asarray(fs.video_ids).astype(str), list(bad))
+        keep = ~np.isin(np.asarray(ds.video_ids).astype(str), list(bad))
         parts = {k: v[keep[v]] for k, v in parts.items()}
     tr, va, test = parts["train"], parts["val"], parts["test"]
-    labels = torch.from_numpy(np.asarray(fs.labels, dtype=np.int64))
+    labels = torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))
+    view = info["train_view"]
+    # Training and validation read the centre view of every position, the test every view; in memory when the
+    # first fits the budget (stored dtype, cast per batch), else read from the store as needed (same results).
+    budget = memory_budget(p.max_memory)
+    arrays = {k: tuple(ds.array(s, view, parts[k]) for s in STREAMS) for k in ("train", "val")}
+    fit_bytes = sum(a.nbytes for pair in arrays.values() for a in pair)
+    in_memory = fit_bytes <= budget
+    ctx.log.info("features: %s (train + val, one view) %s the memory budget %s: %s", format_size(fit_bytes),
+                 "fit" if in_memory else "exceed", format_size(budget),
+                 "in memory" if in_memory else "read from the store as needed")
+    if in_memory:
+        arrays = {k: tuple(load_array(a) for a in pair) for k, pair in arrays.items()}
     n = p.segments
     if info["distinct_test_sequences"] < p.num_test:
         ctx.log.warning("%d positions per video and N=%d: segments hold fewer than %d positions, so only %d of "
@@ -252,12 +270,11 @@ def run(ctx: StageContext, plan: Plan) -> dict:
                       "val error %(val_error).4f", rec)
 
     t0 = time.perf_counter()
-    view = info["train_view"]
     try:
-        history = fit_head(head, (*feature_tensors(fs, tr, view), labels[tr]),
-                           (*feature_tensors(fs, va, view), labels[va]), num_segments=n, lr=p.lr, min_lr=p.min_lr,
-                           patience=p.patience, batch_size=p.batch_size, max_epochs=p.max_epochs,
-                           num_test=p.num_test, device=device, seed=p.seed, log=on_epoch)
+        history = fit_head(head, (*arrays["train"], labels[tr]), (*arrays["val"], labels[va]), num_segments=n,
+                           lr=p.lr, min_lr=p.min_lr, patience=p.patience, batch_size=p.batch_size,
+                           max_epochs=p.max_epochs, num_test=p.num_test, device=device, seed=p.seed, log=on_epoch,
+                           max_bytes=budget)
     except NonFiniteLoss as e:
         raise NonFiniteLoss(f"{head_key(p)}: {e}; nothing was written") from None
     finally:
@@ -265,9 +282,12 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         curves.close()
     fit_seconds = time.perf_counter() - t0
 
-    scores = eval_scores(head, *feature_tensors(fs, test, None), n, p.num_test, p.test_fusion).numpy()
-    class_names = [str(c) for c in fs.class_names]
-    ts = TestScores(scores, fs.video_ids[test], fs.labels[test], class_names)
+    # Test views in blocks of what is left of the budget (the training features stay cached for ablate's next head).
+    scores = eval_scores(head, *(ds.array(s, None, test) for s in STREAMS), n, p.num_test, p.test_fusion,
+                         max_bytes=budget - fit_bytes if in_memory else budget).numpy()
+    class_names = [str(c) for c in ds.class_names]
+    video_ids = np.asarray(ds.video_ids)
+    ts = TestScores(scores, video_ids[test], ds.labels[test], class_names)
     ev = accuracy_metrics(ts.scores, ts.labels, class_names)
 
     save_checkpoint(ctx.dir / artifacts.BEST, {
@@ -281,7 +301,8 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     results = {
         "name": name, "head": p.head, "head_kwargs": kwargs, "head_options": options, "params": params_dict(p),
         **ev.as_dict(), "videos": {"train": int(tr.size), "val": int(va.size), "test": int(test.size)},
-        "val_video_ids": [str(v) for v in np.asarray(fs.video_ids)[va]],
+        "val_video_ids": [str(v) for v in video_ids[va]],
+        "features_in_memory": in_memory,
         "positions": info["P"], "views": info["views"], "segments": n, "num_test": p.num_test,
         "distinct_test_sequences": info["distinct_test_sequences"], "test_fusion": p.test_fusion,
         "device": str(device), "fit_seconds": fit_seconds, "history": history.as_dict(),

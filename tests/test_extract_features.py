@@ -440,3 +440,80 @@ def test_verify_then_rerun_recomputes_only_the_damaged_videos(cache, monkeypatch
     after = read_feature_store(path)
     for s in before.streams:
         np.testing.assert_array_equal(after.streams[s], before.streams[s])
+
+
+def _parts_by_h5py(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Every per-video part, read with plain h5py: {video id: {"rgb", "flow", "positions"}}."""
+    out = {}
+    for f in sorted(folder.rglob("*.h5")):
+        with h5py.File(f, "r") as h:
+            out[str(f.relative_to(folder).with_suffix(""))] = {k: h[k][...] for k in ("rgb", "flow", "positions")}
+    return out
+
+
+def test_consolidation_writes_chunk_by_chunk_and_equals_the_parts(cache, monkeypatch):
+    """The consolidation holds one chunk of videos at a time (2 here, of 6) and writes each chunk once, to both
+    stores; read back with plain zarr / h5py, the stores equal the per-video parts."""
+    import pipeline.io.store as store_mod
+
+    per_video = 8 * 1 * 512 * 2  # P x views x D x float16
+    monkeypatch.setattr(store_mod, "FEATURE_CHUNK_BYTES", 2 * per_video)
+    monkeypatch.setattr(ef.shutil, "rmtree", lambda *a, **k: None)  # keep the parts to compare with
+    calls = []
+    real = store_mod.FeatureStoreWriter.write
+
+    def write(self, lo, streams, positions):
+        calls.append((self.num_videos, lo, {s: a.shape[0] for s, a in streams.items()}, len(positions)))
+        return real(self, lo, streams, positions)
+
+    monkeypatch.setattr(store_mod.FeatureStoreWriter, "write", write)
+    p = ExtractFeaturesParams(arch=ARCH, positions=8, input_size=112, store="both", workers=1)
+    run_stage(STAGE, p, cache)
+    blocks = [(0, {"rgb": 2, "flow": 2}, 2), (2, {"rgb": 2, "flow": 2}, 2), (4, {"rgb": 2, "flow": 2}, 2)]
+    assert calls == [(6, *b) for b in blocks for _ in range(2)]  # zarr then h5, chunk by chunk
+    parts = _parts_by_h5py(cache / FEATURES / "parts")
+    z = zarr.open_group(str(cache / FEATURES / "features.zarr"), mode="r")
+    assert z["streams/rgb"].chunks == (2, 8, 1, 512) and z["positions"].chunks == (2, 8)
+    ids = [str(v) for v in z["video_ids"][...]]
+    assert sorted(ids) == sorted(parts) and len(ids) == 6
+    with h5py.File(cache / FEATURES / "features.h5", "r") as h:
+        assert [v.decode() for v in h["video_ids"][...]] == ids
+        for k, vid in enumerate(ids):
+            for s in ("rgb", "flow"):
+                np.testing.assert_array_equal(z[f"streams/{s}"][k], parts[vid][s])
+                np.testing.assert_array_equal(h[f"streams/{s}"][k], parts[vid][s])
+            np.testing.assert_array_equal(z["positions"][k], parts[vid]["positions"])
+            np.testing.assert_array_equal(h["positions"][k], parts[vid]["positions"])
+
+
+def test_killed_consolidation_resumes_to_the_same_store(cache, tmp_path, monkeypatch):
+    """A run stopped in the middle of the consolidation (after its first chunk; a SIGKILL would also leave its
+    temporary store, planted here) recomputes nothing on the next run and writes the same store as an
+    uninterrupted run; no temporary is left."""
+    import pipeline.io.store as store_mod
+
+    clean = tmp_path / "clean"
+    shutil.copytree(cache, clean)
+    monkeypatch.setattr(store_mod, "FEATURE_CHUNK_BYTES", 2 * 8 * 512 * 2)
+    real = store_mod.FeatureStoreWriter.write
+
+    def dies(self, lo, streams, positions):
+        if lo > 0:
+            raise KeyboardInterrupt("killed mid-consolidation")
+        return real(self, lo, streams, positions)
+
+    p = ExtractFeaturesParams(arch=ARCH, positions=8, input_size=112, store="h5", workers=1)
+    monkeypatch.setattr(store_mod.FeatureStoreWriter, "write", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(STAGE, p, cache)
+    out = cache / FEATURES
+    assert not (out / "features.h5").exists() and len(list((out / "parts").rglob("*.h5"))) == 6
+    (out / ".tmp-99999-features.h5").write_bytes(b"half a store")  # what a SIGKILL leaves
+    monkeypatch.setattr(store_mod.FeatureStoreWriter, "write", real)
+    r = run_stage(STAGE, p, cache)
+    assert r.manifest["done"] == 6 and r.manifest["complete"]
+    records = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()]
+    assert len([x for x in records if x.get("ok")]) == 6  # nothing recomputed
+    run_stage(STAGE, p, clean)
+    _assert_same_store(out / "features.h5", clean / FEATURES / "features.h5")
+    assert not list(out.rglob(".tmp-*")) and not (out / "parts").exists()

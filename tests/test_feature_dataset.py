@@ -62,3 +62,31 @@ def test_missing_stream_and_file_are_named(tmp_path):
         FeatureDataset(path, ["depth"])
     with pytest.raises(StoreError, match="not found"):
         FeatureDataset(tmp_path / "nothing.zarr")
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_read_many_videos_at_positions_and_views_equals_plain_reads(tmp_path, suffix, monkeypatch):
+    """read / FeatureArray: videos in any order (repeats too), optionally at per-video positions and one view,
+    in the stored dtype, from a store of 2 videos per chunk (one call spans several chunks)."""
+    import pipeline.io.store as store_mod
+
+    monkeypatch.setattr(store_mod, "FEATURE_CHUNK_BYTES", 2 * 5 * 2 * 8 * 2)  # 2 videos per chunk
+    path = tmp_path / f"features{suffix}"
+    write_feature_store(path, _feature_set())
+    ds = FeatureDataset(path, subset=("train", "test"), dtype=None)  # rows 0 2 3 4 6
+    assert ds.chunk_rows == {"rgb": 2, "flow": 2}
+    plain = _plain(path, "streams/flow", slice(None))                  # (7, 5, 2, 6)
+    items = [4, 0, 2, 0]                                                # store rows 6, 0, 3, 0
+    got = ds.read("flow", items)
+    assert got.dtype == np.float16 and np.array_equal(got, plain[[6, 0, 3, 0]])
+    pos = np.array([[4, 0], [1, 1], [2, 3], [0, 4]])
+    np.testing.assert_array_equal(ds.read("flow", items, pos, view=1),
+                                  np.stack([plain[r, pos[k], 1] for k, r in enumerate([6, 0, 3, 0])]))
+    arr = ds.array("rgb", view=0, items=[1, 2, 3])                      # store rows 2 3 4
+    rgb = _plain(path, "streams/rgb", slice(None))
+    assert arr.shape == (3, 5, 8) and arr.dtype == torch.float16 and arr.nbytes == 3 * 5 * 8 * 2
+    assert torch.equal(arr.load(), torch.from_numpy(rgb[[2, 3, 4], :, 0]))
+    assert torch.equal(arr.rows(1, 3), torch.from_numpy(rgb[[3, 4], :, 0]))
+    assert torch.equal(arr.take(np.array([2, 0]), np.array([[1, 2], [3, 3]])),
+                       torch.from_numpy(np.stack([rgb[4, [1, 2], 0], rgb[2, [3, 3], 0]])))
+    assert ds.array("flow").shape == (5, 5, 2, 6)

@@ -187,3 +187,96 @@ def test_head_epoch_equals_a_plain_loop_bit_for_bit():
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
     assert loss == pytest.approx(total / v, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- streamed from a store
+
+@pytest.mark.parametrize("backend", ["zarr", "h5"])
+def test_streamed_features_give_the_in_memory_weights_and_scores(tmp_path, monkeypatch, backend):
+    """fit_head and eval_scores on FeatureArrays read from a feature store (store chunks of 3 videos, training
+    epochs read one batch at a time, test scored in blocks of 4 videos) give bit-identical weights, history and
+    scores to the same features in memory, as float32 (the former path) or as the stored float16."""
+    import pipeline.io.store as store_mod
+    from pipeline.data.feature_dataset import FeatureDataset
+    from pipeline.eval.scores import fuse_scores
+    from pipeline.io.store import FeatureSet, write_feature_store
+
+    p, d, views = 8, 8, 2
+    parts = {"train": _order_problem(48, 0), "val": _order_problem(20, 1), "test": _order_problem(22, 2)}
+    split = np.array([k for k in parts for _ in range(len(parts[k][2]))])
+    perm = np.random.default_rng(0).permutation(len(split))  # interleaved rows: no part is contiguous
+    split = split[perm]
+    streams = {}
+    for i, s in enumerate(("rgb", "flow")):
+        x = torch.cat([parts[k][i] for k in parts]).numpy()[perm]                      # (V, P, D)
+        streams[s] = np.stack([x, x[:, ::-1] * 0.5], axis=2).astype(np.float16)       # (V, P, 2 views, D)
+    labels = torch.cat([parts[k][2] for k in parts]).numpy()[perm]
+    monkeypatch.setattr(store_mod, "FEATURE_CHUNK_BYTES", 3 * p * views * d * 2)
+    path = tmp_path / f"features.{backend}"
+    write_feature_store(path, FeatureSet(streams, np.zeros((len(split), p), np.float32),
+                                         np.array([f"v{i}" for i in range(len(split))]), labels, split,
+                                         np.array(["g"] * len(split)), np.array(["a", "b"]), {}))
+    idx = {k: np.flatnonzero(split == k) for k in parts}
+    ds = FeatureDataset(path, dtype=None)
+    assert ds.chunk_rows == {"rgb": 3, "flow": 3}
+
+    def run(kind):
+        if kind == "streamed":
+            fit = {k: (ds.array("rgb", 0, idx[k]), ds.array("flow", 0, idx[k])) for k in ("train", "val")}
+            test = (ds.array("rgb", None, idx["test"]), ds.array("flow", None, idx["test"]))
+        else:
+            dtype = np.float32 if kind == "float32" else np.float16
+            fit = {k: tuple(torch.from_numpy(streams[s][idx[k], :, 0].astype(dtype)) for s in ("rgb", "flow"))
+                   for k in ("train", "val")}
+            test = tuple(torch.from_numpy(streams[s][idx["test"]].astype(dtype)) for s in ("rgb", "flow"))
+        torch.manual_seed(3)
+        head = create_head("stfn", num_classes=2, rgb_dim=d, flow_dim=d, num_segments=4, dropout=0.5)
+        y = torch.from_numpy(labels)
+        hist = fit_head(head, (*fit["train"], y[idx["train"]]), (*fit["val"], y[idx["val"]]), lr=3e-3,
+                        min_lr=3e-5, patience=1, batch_size=8, max_epochs=3, device="cpu", seed=5,
+                        max_bytes=1 if kind == "streamed" else None)
+        views_scores = H.eval_scores(head, *test, 4, fusion="sci", batch_size=4,
+                                     max_bytes=1 if kind == "streamed" else None)
+        return head.state_dict(), [(r["train_loss"], r["val_loss"]) for r in hist.epochs], views_scores
+
+    ref_state, ref_hist, ref_scores = run("float32")
+    for kind in ("float16", "streamed"):
+        state, hist, scores = run(kind)
+        assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state), kind
+        assert hist == ref_hist and torch.equal(scores, ref_scores), kind
+    # The scores are those of every view's 5 sequences, SCI-fused: against predict_views view by view.
+    head = create_head("stfn", num_classes=2, rgb_dim=d, flow_dim=d, num_segments=4)
+    head.load_state_dict(ref_state)
+    rgb, flow = (torch.from_numpy(streams[s][idx["test"]].astype(np.float32)) for s in ("rgb", "flow"))
+    by_view = torch.cat([predict_views(head, rgb[:, :, k], flow[:, :, k], 4) for k in range(views)], dim=1)
+    torch.testing.assert_close(ref_scores, fuse_scores(by_view, "sci"))
+
+
+def test_streamed_epoch_reads_the_store_once_per_window_of_batches(tmp_path, monkeypatch):
+    """A streamed training epoch reads each stream once per window of batches that fits ``max_bytes`` (once for
+    the whole epoch when it fits), not once per batch (a read goes through each store chunk once)."""
+    import pipeline.io.store as store_mod
+    from pipeline.data.feature_dataset import FeatureDataset
+    from pipeline.io.store import FeatureSet, write_feature_store
+
+    rgb, flow, labels = _order_problem(40, 0)
+    monkeypatch.setattr(store_mod, "FEATURE_CHUNK_BYTES", 4 * 8 * 8 * 2)  # 4 videos per chunk: 10 chunks
+    path = tmp_path / "features.zarr"
+    streams = {"rgb": rgb[:, :, None].numpy().astype(np.float16), "flow": flow[:, :, None].numpy().astype(np.float16)}
+    write_feature_store(path, FeatureSet(streams, np.zeros((40, 8), np.float32), np.array([f"v{i}" for i in range(40)]),
+                                         labels.numpy(), np.array(["train"] * 40), np.array(["g"] * 40),
+                                         np.array(["a", "b"]), {}))
+    ds = FeatureDataset(path, dtype=None)
+    reads = []
+    real = FeatureDataset.read
+    monkeypatch.setattr(FeatureDataset, "read", lambda self, s, items, *a, **k: reads.append((s, len(items)))
+                        or real(self, s, items, *a, **k))
+    head = create_head("tsn", num_classes=2, rgb_dim=8, flow_dim=8, num_segments=4)
+    opt = torch.optim.RMSprop(head.parameters(), lr=1e-3)
+    train = (ds.array("rgb", 0), ds.array("flow", 0), labels)
+    H.train_head_epoch(head, opt, *train, num_segments=4, batch_size=8, generator=torch.Generator().manual_seed(0))
+    assert reads == [("rgb", 40), ("flow", 40)]
+    reads.clear()
+    H.train_head_epoch(head, opt, *train, num_segments=4, batch_size=8, generator=torch.Generator().manual_seed(0),
+                       max_bytes=2 * 8 * 4 * 16 * 2)  # two batches' segments (8 videos x 4 x 16 values x 2 B)
+    assert reads == [("rgb", 16), ("flow", 16)] * 2 + [("rgb", 8), ("flow", 8)]

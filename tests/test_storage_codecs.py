@@ -359,17 +359,22 @@ def test_old_format_containers_read_and_are_counted_by_verify(tmp_path):
 
 
 def test_train_head_sees_the_videos_of_a_damaged_feature_chunk_as_failures(tmp_path):
-    """load_features marks the rows of a damaged chunk (NaN) and names those videos with the file, so
-    train-head fails exactly them (and trains without them under --allow-failures)."""
-    from pipeline.training.heads import load_features, nonfinite_videos
-    from pipeline.io.store import write_feature_store
+    """nonfinite_videos names the videos of a damaged chunk with the file, so train-head fails exactly them (and
+    trains without them under --allow-failures, reading the other videos' rows)."""
+    from pipeline.data.feature_dataset import FeatureDataset
+    from pipeline.training.heads import nonfinite_videos
+    from pipeline.io.store import StoreError, write_feature_store
 
     path = tmp_path / "features.zarr"
     fs = small_feature_set()
+    fs.streams["rgb"][3, 0, 0, 5] = np.nan
     write_feature_store(path, fs)
     target = path / "streams" / "rgb" / "c" / "0" / "0" / "0" / "0"  # videos v0, v1
     damage(target, 0, target.stat().st_size, "flip")
-    got = load_features(path, ["rgb"])
-    bad = nonfinite_videos(got, ["rgb"])
-    assert sorted(bad) == ["v0", "v1"] and all(str(path) in why for why in bad.values())
-    np.testing.assert_array_equal(got.streams["rgb"][2:], fs.streams["rgb"][2:])
+    bad = nonfinite_videos(path, ["rgb"])
+    assert sorted(bad) == ["v0", "v1", "v3"] and all(str(path) in bad[v] for v in ("v0", "v1"))
+    assert bad["v3"] == "rgb: 1 non-finite values"
+    ds = FeatureDataset(path, ["rgb"], dtype=None)
+    np.testing.assert_array_equal(ds.read("rgb", [2, 3]), fs.streams["rgb"][2:])
+    with pytest.raises(StoreError, match="features.zarr"):
+        ds.read("rgb", [1])

@@ -106,3 +106,19 @@ def test_feature_store_round_trip_and_plain_access(tmp_path, suffix):
         rgb, ids, attrs = g["streams/rgb"][...], list(g["video_ids"][...]), dict(g.attrs)
     np.testing.assert_array_equal(rgb, fs.streams["rgb"])
     assert ids == ["A/v1", "A/v2", "B/v3"] and attrs["streams"] == ["rgb", "flow"]
+
+
+def test_consolidate_refuses_a_part_of_another_shape_naming_it(tmp_path):
+    """A part whose features are not (P, views, D) stops the consolidation with the part's path; no store is
+    left, not even a temporary."""
+    from pipeline.features import VideoFeatures, consolidate, write_part
+
+    parts = VideoStore(tmp_path / "parts", "h5")
+    for vid, d in (("a/v1", 4), ("a/v2", 3)):
+        write_part(parts, VideoFeatures(vid, np.arange(2, dtype=np.float32),
+                                        {s: np.ones((2, 1, d), np.float16) for s in ("rgb", "flow")}, 0))
+    out = tmp_path / "features.zarr"
+    with pytest.raises(StoreError, match=r"parts/a/v2\.h5: not a part of \(2 positions"):
+        consolidate(parts, ["a/v1", "a/v2"], [out], labels=[0, 0], split=["train", "test"], groups=["g", "g"],
+                    class_names=["a"], shapes={"rgb": (2, 1, 4), "flow": (2, 1, 4)}, dtype="float16", attrs={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]

@@ -407,3 +407,34 @@ def test_the_device_comes_from_pipeline_dist(tmp_path, monkeypatch):
     fit_head(create_head("tsn", num_classes=2, rgb_dim=8, flow_dim=8, num_segments=2), (x, x, y), (x, x, y),
              max_epochs=1)
     assert asked == ["auto", "auto"]
+
+
+def test_streamed_and_in_memory_features_give_identical_weights_and_scores(tmp_path):
+    """--max-memory below the features' size reads them from the store as needed: the same seed gives the
+    same weights (every state-dict tensor) and the same test scores as the in-memory path."""
+    root = tmp_path / "cache"
+    build_upstream(root, make_features(views=2))
+    cfg = _config(tmp_path)
+    runs = {}
+    for name, budget in (("inmem", "auto"), ("streamed", "1K")):
+        res = invoke("train-head", "--head", "stfn", "--segments", 4, "--dropout", "0.3", "--config", cfg,
+                     "--max-memory", budget, "--name", name, "--cache-dir", root)
+        assert res.exit_code == 0, res.output
+        out = root / HEADS_DIR / name
+        with np.load(out / "test_scores.npz") as z:
+            scores = z["scores"]
+        runs[name] = (torch.load(out / "best.pt", weights_only=True)["model"], scores,
+                      json.loads((out / "results.json").read_text()))
+    (w1, s1, r1), (w2, s2, r2) = runs["inmem"], runs["streamed"]
+    assert r1["features_in_memory"] is True and r2["features_in_memory"] is False
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert np.array_equal(s1, s2) and r1["history"]["epochs"][-1]["val_loss"] == r2["history"]["epochs"][-1]["val_loss"]
+    # Not fingerprinted: another budget is the same output.
+    res = invoke("train-head", "--head", "stfn", "--segments", 4, "--dropout", "0.3", "--config", cfg,
+                 "--max-memory", "3G", "--name", "inmem", "--cache-dir", root)
+    assert res.exit_code == 0 and "nothing to do" in res.output, res.output
+
+
+def test_max_memory_must_be_a_size(tmp_path):
+    res = invoke("train-head", "--max-memory", "lots", "--cache-dir", tmp_path / "cache")
+    assert res.exit_code == 2 and "--max-memory" in res.output and "not a size" in res.output, res.output

@@ -95,3 +95,30 @@ def test_global_batch_sizes_come_from_the_epoch_batches():
 @pytest.mark.parametrize("num, den", [(1, 3), (2, 7), (4, 33), (8, 101)])
 def test_loss_scale_is_the_float32_quotient(num, den):
     assert T.loss_scale(num, den) == (torch.tensor([float(num)]) / torch.tensor([float(den)]))[0].item()
+
+
+def test_predict_videos_batches_several_videos_and_matches_one_at_a_time():
+    """Views of consecutive videos share forward passes of ``chunk`` views (never more); every video's scores
+    equal its own views run alone through the network (softmax averaged, logits averaged), by hand."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 5))
+    model.train()  # predict_videos switches to eval mode and back
+    views = [3, 7, 1, 5, 9, 2]
+    g = torch.Generator().manual_seed(1)
+    items = [{"input": torch.randint(0, 256, (t, 3, 12, 12), dtype=torch.uint8, generator=g), "index": i}
+             for i, t in zip([4, 0, 5, 2, 1, 3], views)]
+    sizes = []
+    model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    normalize = lambda x: x.float() / 255 - 0.5  # noqa: E731
+    done = []
+    res = T.predict_videos(model, items, 6, 5, device=torch.device("cpu"), normalize=normalize, chunk=4,
+                           progress=done.append)
+    assert model.training and sizes == [4] * 6 + [3] and sum(done) == 6 and res["scored"].all()
+    assert not res["probs"].requires_grad  # no autograd graph kept across forward passes
+    model.eval()
+    with torch.no_grad():  # float32 convolutions of another batch size round differently (~3e-8 here)
+        for item in items:
+            lg = model(normalize(item["input"]))
+            torch.testing.assert_close(res["probs"][item["index"]], lg.softmax(1).mean(0), rtol=0, atol=1e-6)
+            torch.testing.assert_close(res["logits"][item["index"]], lg.mean(0), rtol=0, atol=1e-6)

@@ -11,8 +11,9 @@ Layout (see ``docs/formats.md`` for the full description and plain h5py / zarr e
   of the sequence concatenated in a 1-D uint8 array whose attributes hold the int64 byte ``offsets``, their
   ``offsets_crc32`` and ``planes``) or as raw uint8 chunks (``<name>/raw``: (T, H, W, C) uint8, one frame
   per chunk, compressed losslessly). Either way a Zarr video is 4 files, an HDF5 video 1.
-* Features are one consolidated container (``features.zarr`` / ``features.h5``) holding every video;
-  written once, atomically, at the end of ``extract-features``.
+* Features are one consolidated container (``features.zarr`` / ``features.h5``) holding every video,
+  written at the end of ``extract-features`` one chunk of videos at a time (:func:`feature_store_writer`: memory
+  holds one chunk whatever the number of videos) under a temporary name, renamed into place when complete.
 
 Nothing here knows about stages; the stages decide what to store.
 """
@@ -188,18 +189,14 @@ class _Container:
             kw: dict[str, Any] = {}
             if data.size and chunks is not None:
                 kw["chunks"] = tuple(min(c, s) for c, s in zip(chunks, data.shape)) or None
-            if compress and data.size:
-                kw["compression"] = "lzf" if compression == "lz4" else "gzip"
-                if compression == "zstd":
-                    kw["compression_opts"] = 6
-            if data.size and data.dtype.kind not in "USO":
-                kw["fletcher32"] = True
+            if data.size:
+                kw.update(_h5_filters(data.dtype, compress, compression))
             ds = self.handle.create_dataset(name, data=data, **kw)
             for k, v in (attrs or {}).items():
                 ds.attrs[k] = json.dumps(jsonable(v))
             return
         import zarr
-        from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+        from zarr.codecs import Crc32cCodec
 
         path = f"{self.handle.path}/{name}".lstrip("/")
         if data.dtype.kind in "US":  # variable-length UTF-8, the string type with a Zarr v3 spec
@@ -208,13 +205,7 @@ class _Container:
                                     config=_EVERY_CHUNK)
             arr[...] = data.astype(str).astype(object)
         else:
-            if not compress:
-                codec = []
-            elif compression == "zstd":
-                codec = [ZstdCodec(level=5)]
-            else:
-                codec = [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle" if data.dtype == np.uint8
-                                    else "shuffle")]
+            codec = _zarr_codecs(data.dtype, compress, compression)
             chunk_shape = chunks if chunks is not None else "auto"
             if data.size == 0:
                 chunk_shape = tuple(max(1, s) for s in data.shape) or (1,)
@@ -229,6 +220,23 @@ class _Container:
             arr[...] = data
         if attrs:
             arr.attrs.update({k: jsonable(v) for k, v in attrs.items()})
+
+    def allocate(self, name: str, shape: tuple[int, ...], dtype: Any, *, chunks: tuple[int, ...],
+                 compress: bool = True):
+        """An empty numeric array ``name`` of ``shape``, chunked by ``chunks``, with :meth:`create`'s codecs and
+        checksums, to be filled by slices (``arr[lo:hi] = block``: a slice covering whole chunks writes each
+        chunk once). Returns the h5py dataset or zarr array."""
+        dtype = np.dtype(dtype)
+        chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, shape))
+        if self.backend == "h5":
+            kw = {"chunks": chunks, **_h5_filters(dtype, compress, "lz4")} if 0 not in shape else {}
+            return self.handle.create_dataset(name, shape=shape, dtype=dtype, **kw)
+        import zarr
+        from zarr.codecs import Crc32cCodec
+
+        return zarr.create_array(self.handle.store, name=f"{self.handle.path}/{name}".lstrip("/"), shape=shape,
+                                 dtype=dtype, chunks=chunks, compressors=[*_zarr_codecs(dtype, compress, "lz4"),
+                                                                         Crc32cCodec()], config=_EVERY_CHUNK)
 
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:
         if self.backend == "h5":
@@ -263,6 +271,29 @@ class _Container:
     def close(self) -> None:
         if self.backend == "h5":
             self.handle.close()
+
+
+def _h5_filters(dtype: np.dtype, compress: bool, compression: str) -> dict[str, Any]:
+    """h5py ``create_dataset`` keywords of a non-empty array: LZF (``lz4``) or gzip (``zstd``), fletcher32."""
+    kw: dict[str, Any] = {}
+    if compress:
+        kw["compression"] = "lzf" if compression == "lz4" else "gzip"
+        if compression == "zstd":
+            kw["compression_opts"] = 6
+    if np.dtype(dtype).kind not in "USO":
+        kw["fletcher32"] = True
+    return kw
+
+
+def _zarr_codecs(dtype: np.dtype, compress: bool, compression: str) -> list:
+    """The compressors of a numeric Zarr array before its crc32c: Blosc-LZ4 + (bit)shuffle or Zstandard."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if not compress:
+        return []
+    if compression == "zstd":
+        return [ZstdCodec(level=5)]
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle" if np.dtype(dtype) == np.uint8 else "shuffle")]
 
 
 def _open_container(path: Path, backend: str, mode: str) -> _Container:
@@ -684,21 +715,17 @@ def feature_store_path(folder: Path, backend: str) -> Path:
 
 def write_feature_store(path: Path, fs: FeatureSet) -> None:
     """Write a FeatureSet atomically to ``path`` (backend from the suffix: ``.zarr`` or ``.h5``)."""
-    path = Path(path)
-    backend = "zarr" if path.suffix == ".zarr" else "h5" if path.suffix == ".h5" else None
-    if backend is None:
-        raise ValueError(f"{path}: feature store name must end in .zarr or .h5")
     V = len(fs.video_ids)
     for name, arr in fs.streams.items():
         if arr.ndim != 4 or arr.shape[0] != V:
             raise ValueError(f"stream {name!r}: expected (V={V}, P, views, D), got {arr.shape}")
-    with atomic_dir(path) as tmp:
-        c = _open_container(tmp, backend, "w")
-        w = ContainerWriter(c.backend, c.handle)
-        try:
-            _write_features(w, fs, backend)
-        finally:
-            w.close()
+    with feature_store_writer(path, video_ids=fs.video_ids, labels=fs.labels, split=fs.split, groups=fs.groups,
+                              class_names=fs.class_names, attrs=fs.attrs,
+                              streams={s: (a.shape[1:], a.dtype) for s, a in fs.streams.items()},
+                              num_positions=fs.positions.shape[1]) as w:
+        for lo in range(0, V, w.chunk_rows):
+            w.write(lo, {s: a[lo:lo + w.chunk_rows] for s, a in fs.streams.items()},
+                    fs.positions[lo:lo + w.chunk_rows])
 
 
 #: Target bytes per feature chunk: a few videos' (P, views, D) blocks, so reading one video decompresses
@@ -706,18 +733,77 @@ def write_feature_store(path: Path, fs: FeatureSet) -> None:
 FEATURE_CHUNK_BYTES = 8 << 20
 
 
-def _write_features(w: "ContainerWriter", fs: FeatureSet, backend: str) -> None:
-    V = len(fs.video_ids)
-    for name, arr in fs.streams.items():
-        per_video = max(1, arr[:1].nbytes)
-        w.create(f"streams/{name}", arr, chunks=(max(1, min(V, FEATURE_CHUNK_BYTES // per_video)), *arr.shape[1:]))
-    w.create("positions", fs.positions.astype(np.float32))
-    w.create("labels", fs.labels.astype(np.int64))
-    for key in ("video_ids", "split", "groups", "class_names"):
-        # HDF5: UTF-8 encoded bytes; Zarr: variable-length UTF-8 strings.
-        w.create(key, np.char.encode(np.asarray(getattr(fs, key)).astype(str), "utf-8")
-                 if backend == "h5" else np.asarray(getattr(fs, key)).astype(str), compress=False)
-    w.set_attrs({**fs.attrs, "format_version": FORMAT_VERSION, "streams": list(fs.streams)})
+def feature_chunk_rows(shapes: Mapping[str, tuple[tuple[int, ...], Any]], num_videos: int) -> int:
+    """Videos per chunk of a feature store whose streams are ``{name: ((P, views, D), dtype)}``: as many as fit
+    in :data:`FEATURE_CHUNK_BYTES` in the widest stream (at least 1, at most ``num_videos``)."""
+    per_video = max([int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in shapes.values()] or [1])
+    return max(1, min(num_videos, FEATURE_CHUNK_BYTES // max(1, per_video)))
+
+
+class FeatureStoreWriter:
+    """The open feature store of :func:`feature_store_writer`: stream rows are written block by block."""
+
+    def __init__(self, w: ContainerWriter, shapes: Mapping[str, tuple[tuple[int, ...], Any]], num_videos: int,
+                 num_positions: int):
+        self.num_videos = num_videos
+        #: Videos per chunk: a block of this many rows starting at a multiple of it writes whole chunks, once.
+        self.chunk_rows = feature_chunk_rows(shapes, num_videos)
+        self.shapes = {s: tuple(int(x) for x in shape) for s, (shape, _) in shapes.items()}
+        self._streams = {s: w.allocate(f"streams/{s}", (num_videos, *shape), dtype,
+                                       chunks=(self.chunk_rows, *shape)) for s, (shape, dtype) in shapes.items()}
+        self._positions = w.allocate("positions", (num_videos, num_positions), np.float32,
+                                     chunks=(self.chunk_rows, num_positions))
+
+    def write(self, lo: int, streams: Mapping[str, np.ndarray], positions: np.ndarray) -> None:
+        """Rows ``lo .. lo + n - 1`` of every stream (``{name: (n, P, views, D)}``) and of ``positions`` (n, P)."""
+        n = len(positions)
+        if set(streams) != set(self._streams) or lo < 0 or lo + n > self.num_videos:
+            raise ValueError(f"rows {lo}..{lo + n - 1} of streams {sorted(streams)}: the store holds "
+                             f"{self.num_videos} videos of streams {sorted(self._streams)}")
+        for s, block in streams.items():
+            if block.shape != (n, *self.shapes[s]):
+                raise ValueError(f"stream {s!r}: expected ({n}, {', '.join(map(str, self.shapes[s]))}), "
+                                 f"got {block.shape}")
+            self._streams[s][lo:lo + n] = block
+        self._positions[lo:lo + n] = np.asarray(positions, np.float32)
+
+
+@contextmanager
+def feature_store_writer(path: Path, *, video_ids: Sequence[str], labels: Sequence[int], split: Sequence[str],
+                         groups: Sequence[str], class_names: Sequence[str], attrs: Mapping[str, Any],
+                         streams: Mapping[str, tuple[tuple[int, ...], Any]],
+                         num_positions: int) -> Iterator[FeatureStoreWriter]:
+    """Write a feature store (``.zarr`` or ``.h5`` by the suffix) block by block of videos, atomically.
+
+    The per-video tables (ids, labels, split, groups) and the class names are written first; the block yields a
+    :class:`FeatureStoreWriter` whose ``write(lo, streams, positions)`` fills rows of the streams
+    (``{name: ((P, views, D), dtype)}``) and positions; the attributes are set last. The store is built under a
+    temporary name and renamed into place when the block ends: an exception removes it, a killed process leaves
+    only the temporary (``.tmp-<pid>-features.*``). Memory holds what the caller writes, one block at a time.
+    """
+    path = Path(path)
+    backend = "zarr" if path.suffix == ".zarr" else "h5" if path.suffix == ".h5" else None
+    if backend is None:
+        raise ValueError(f"{path}: feature store name must end in .zarr or .h5")
+    for name, (shape, _) in streams.items():
+        if len(shape) != 3:
+            raise ValueError(f"stream {name!r}: expected rows of (P, views, D), got {tuple(shape)}")
+    V = len(video_ids)
+    with atomic_dir(path) as tmp:
+        c = _open_container(tmp, backend, "w")
+        w = ContainerWriter(c.backend, c.handle)
+        try:
+            w.create("labels", np.asarray(labels).astype(np.int64))
+            for key, values in (("video_ids", video_ids), ("split", split), ("groups", groups),
+                                ("class_names", class_names)):
+                # HDF5: UTF-8 encoded bytes; Zarr: variable-length UTF-8 strings.
+                text = np.asarray(values).astype(str)
+                w.create(key, np.char.encode(text, "utf-8") if backend == "h5" else text, compress=False)
+            out = FeatureStoreWriter(w, streams, V, num_positions)
+            yield out
+            w.set_attrs({**attrs, "format_version": FORMAT_VERSION, "streams": list(streams)})
+        finally:
+            w.close()
 
 
 def open_feature_store(path: Path, *, check_format: bool = False) -> "ContainerReader":
@@ -792,17 +878,35 @@ def read_feature_store(path: Path, streams: Sequence[str] | None = None, *, dama
         r.close()
 
 
+def feature_chunks(arr) -> Iterator[tuple[int, int, np.ndarray | Exception]]:
+    """``(lo, hi, rows lo .. hi - 1)`` of a stored array, one chunk of rows (axis 0) at a time; a chunk that
+    cannot be read (checksum mismatch, truncated chunk) comes as the exception instead of its rows. Memory holds
+    one chunk."""
+    step = max(1, int(arr.chunks[0])) if arr.chunks else max(1, arr.shape[0])
+    for lo in range(0, arr.shape[0], step):
+        hi = min(lo + step, arr.shape[0])
+        try:
+            block = np.asarray(arr[lo:hi])
+        except Exception as e:  # noqa: BLE001 - zarr / numcodecs / h5py raise ValueError, OSError, RuntimeError
+            block = e
+        yield lo, hi, block
+
+
+def damaged_chunk_reason(path: Path, key: str, lo: int, hi: int, e: Exception) -> str:
+    """Why the videos of rows ``lo .. hi - 1`` of a feature store are damaged (names the file and the array)."""
+    return f"{path}: damaged chunk of {key}, rows {lo}-{hi - 1} ({type(e).__name__}: {str(e)[:120]})"
+
+
 def _read_marking(arr, key: str, path: Path, ids: Sequence[str], bad: dict[str, str]) -> np.ndarray:
     """Read ``arr`` chunk by chunk along axis 0; a chunk that fails is NaN, its videos noted in ``bad``."""
     out = np.empty(arr.shape, arr.dtype)
-    step = max(1, int(arr.chunks[0]))
-    for lo in range(0, arr.shape[0], step):
-        try:
-            out[lo:lo + step] = arr[lo:lo + step]
-        except Exception as e:  # noqa: BLE001 - checksum mismatch, truncated chunk
-            out[lo:lo + step] = np.nan
-            for vid in ids[lo:lo + step]:
-                bad.setdefault(str(vid), f"{path}: damaged chunk of {key} ({type(e).__name__}: {str(e)[:120]})")
+    for lo, hi, block in feature_chunks(arr):
+        if isinstance(block, Exception):
+            out[lo:hi] = np.nan
+            for vid in ids[lo:hi]:
+                bad.setdefault(str(vid), damaged_chunk_reason(path, key, lo, hi, block))
+        else:
+            out[lo:hi] = block
     return out
 
 
@@ -845,15 +949,10 @@ def damaged_feature_videos(path: Path, expected: Sequence[str] = ()) -> dict[str
                 lo, hi = rows if rows and per_video else (0, len(ids))
                 for vid in ids[lo:hi]:
                     bad.setdefault(vid, f"{where}: {key} rows {lo}-{hi - 1}: {what}")
-            arr = r[key]
-            step = max(1, int(arr.chunks[0]) if arr.chunks else arr.shape[0])  # HDF5 strings: contiguous
-            for lo in range(0, arr.shape[0], step):
-                try:
-                    arr[lo:lo + step]
-                except Exception as e:  # noqa: BLE001 - a damaged chunk damages the videos in it
-                    for vid in (ids[lo:lo + step] if per_video else ids):
-                        bad.setdefault(vid, f"{path}: {key} rows {lo}-{min(lo + step, len(ids)) - 1}: "
-                                            f"{type(e).__name__}: {str(e)[:120]}")
+            for lo, hi, block in feature_chunks(r[key]):
+                if isinstance(block, Exception):  # a damaged chunk damages the videos in it
+                    for vid in (ids[lo:hi] if per_video else ids):
+                        bad.setdefault(vid, damaged_chunk_reason(path, key, lo, hi, block))
     finally:
         r.close()
     return bad

@@ -309,14 +309,17 @@ def sum_over_ranks(out: Tensor, device: torch.device) -> Tensor:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def predict_videos(model: nn.Module, loader: Iterable[dict], num_videos: int, num_classes: int, *,
-                         device: torch.device, normalize: Callable[[Tensor], Tensor], amp: bool = False,
+                   device: torch.device, normalize: Callable[[Tensor], Tensor], amp: bool = False,
                    chunk: int = 32, progress: Callable[[int], Any] | None = None) -> dict[str, Tensor]:
     """Score videos from per-video view batches; views are averaged (two-stream test protocol).
 
     ``loader`` yields ``{"input": (T, C, H, W) uint8, "index": int}`` per video (``batch_size=None``); on
-    each rank it covers that rank's share of the ``num_videos`` videos. The per-video results are summed
-    over ranks (each video is scored by exactly one rank).
+    each rank it covers that rank's share of the ``num_videos`` videos. The views of consecutive videos go
+    through the network together, ``chunk`` views per forward pass (a video's views may span two passes), so
+    short videos do not pay one pass each; memory holds at most ``chunk`` views plus one video's. The per-video
+    results are summed over ranks (each video is scored by exactly one rank).
 
     Returns:
         ``probs``: (V, C) float32 softmax scores averaged over the T views (the two-stream fusion input,
@@ -326,19 +329,40 @@ def predict_videos(model: nn.Module, loader: Iterable[dict], num_videos: int, nu
     was_training = model.training
     model.eval()
     out = torch.zeros(num_videos, 2 * num_classes + 1, dtype=torch.float64)
+    queued: list[Tensor] = []            # views not yet run, on the device
+    videos: list[tuple[int, int]] = []   # (index, views) of the videos not yet complete, in order
+    logits = torch.zeros(0, num_classes)  # CPU logits of their views already run
+
+    def run(n: int) -> None:
+        nonlocal queued, logits
+        x = torch.cat(queued) if len(queued) > 1 else queued[0]
+        queued = [x[n:]] if n < x.shape[0] else []
+        with autocast(device, amp):
+            lg = model(_to_input(x[:n], device, normalize)).float()
+        logits = torch.cat([logits, lg.cpu()])  # one copy back per forward pass
+        done = 0
+        while videos and videos[0][1] <= logits.shape[0] - done:
+            idx, t = videos.pop(0)
+            lv = logits[done:done + t]
+            out[idx, :num_classes] = lv.softmax(1).mean(0).double()
+            out[idx, num_classes:-1] = lv.mean(0).double()
+            out[idx, -1] = 1
+            done += t
+            if progress is not None:
+                progress(1)
+        logits = logits[done:]
+
+    pending = 0
     for item in loader:
         x = item["input"]
-        logits = []
-        for i in range(0, x.shape[0], chunk):
-            with autocast(device, amp):
-                logits.append(model(_to_input(x[i:i + chunk], device, normalize)).float())
-        lg = torch.cat(logits).cpu()  # one copy back per video
-        idx = int(item["index"])
-        out[idx, :num_classes] = lg.softmax(1).mean(0).double()
-        out[idx, num_classes:-1] = lg.mean(0).double()
-        out[idx, -1] = 1
-        if progress is not None:
-            progress(1)
+        videos.append((int(item["index"]), x.shape[0]))
+        queued.append(x.to(device, non_blocking=True))
+        pending += x.shape[0]
+        while pending >= chunk:
+            run(chunk)
+            pending -= chunk
+    if pending:
+        run(pending)
     out = sum_over_ranks(out, device)
     model.train(was_training)
     return {"probs": out[:, :num_classes].float(), "logits": out[:, num_classes:-1].float(),
