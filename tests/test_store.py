@@ -122,3 +122,21 @@ def test_consolidate_refuses_a_part_of_another_shape_naming_it(tmp_path):
         consolidate(parts, ["a/v1", "a/v2"], [out], labels=[0, 0], split=["train", "test"], groups=["g", "g"],
                     class_names=["a"], shapes={"rgb": (2, 1, 4), "flow": (2, 1, 4)}, dtype="float16", attrs={})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]
+
+
+def test_all_zero_feature_chunks_are_stored_and_not_taken_for_missing_ones(tmp_path):
+    """Zarr skips writing an all-zero chunk unless told otherwise, and a chunk file that is absent reads as zeros:
+    verify takes an absent chunk file for lost data, so the feature store must write every chunk (labels of
+    class 0, zero positions and ReLU-zero features are all-zero chunks in real stores)."""
+    from pipeline.io.store import FeatureSet, damaged_feature_videos, write_feature_store
+
+    V = 300
+    fs = FeatureSet(streams={"rgb": np.zeros((V, 3, 1, 4), np.float16), "flow": np.ones((V, 3, 1, 4), np.float16)},
+                    positions=np.zeros((V, 3), np.float32), video_ids=np.array([f"v{i}" for i in range(V)]),
+                    labels=np.zeros(V, np.int64), split=np.array(["train"] * V), groups=np.array(["g"] * V),
+                    class_names=np.array(["a", "b"]), attrs={"streams": ["rgb", "flow"]})
+    path = tmp_path / "features.zarr"
+    write_feature_store(path, fs)
+    assert damaged_feature_videos(path) == {}
+    chunk_files = {p.relative_to(path).parts[0] for p in path.rglob("c/*") if p.is_file() or p.is_dir()}
+    assert {"labels", "positions"} <= chunk_files
