@@ -80,7 +80,8 @@ def find_models(cache_root: Path, split: int, backbone: str, head: str | None = 
         if head is None:
             listed = ", ".join(names) if names else "none"
             raise PredictError(f"no finished STFN head in {cache_root / artifacts.TRAIN_HEAD / scope}: run "
-                               f"`pipeline train-head` (or pick one with --head; finished: {listed})")
+                               f"`pipeline train-head` (or pick one with --head; finished: {listed})"
+                               + other_scopes_hint(cache_root, scope))
     keys = {"decode": artifacts.DECODE, "extract-flow": artifacts.FLOW,
             **{f"finetune {s}": artifacts.finetune_key(s, split, backbone) for s in STREAMS},
             "extract-features": artifacts.features_key(split, backbone),
@@ -90,12 +91,31 @@ def find_models(cache_root: Path, split: int, backbone: str, head: str | None = 
         m = finished.get(key)
         if m is None:
             hint = (f"; finished heads of {scope}: {', '.join(names) or 'none'}" if stage == "train-head" else "")
+            if not names or stage != "train-head":
+                hint += other_scopes_hint(cache_root, scope)
             command = stage.split()[0] + (f" --stream {stage.split()[1]}" if " " in stage else "")
             scoped = f" with --split {split} and backbone {backbone}" if key_parts(key).split is not None else ""
             raise PredictError(f"{cache_root / key}: no finished {stage} output; run `pipeline {command}`"
                                f"{scoped} first{hint}")
         manifests[key] = m
     return Models(cache_root, split, backbone, keys["train-head"], manifests)
+
+
+def other_scopes_hint(cache_root: Path, scope: str) -> str:
+    """For a scope without the models: the scopes that have finished heads, and the options that pick one
+    (``--split 1 --backbone resnet18``); "" when there are none."""
+    heads: dict[str, list[str]] = {}
+    for key in finished_outputs(cache_root, artifacts.TRAIN_HEAD):
+        parts = key_parts(key)
+        other = artifacts.scope(parts.split, parts.backbone)
+        if other != scope:
+            heads.setdefault(other, []).append(parts.name)
+    if not heads:
+        return ""
+    listed = "; ".join(f"{s}: {', '.join(sorted(n))}" for s, n in sorted(heads.items()))
+    split, backbone = artifacts.parse_scope(min(heads))
+    return (f". Finished heads in other scopes: {listed}; pick a scope with --split and --backbone (e.g. "
+            f"--split {split} --backbone {backbone}), or set split / backbone in the config's [pipeline] table")
 
 
 def video_probabilities(head: torch.nn.Module, rgb: np.ndarray, flow: np.ndarray, num_segments: int,

@@ -72,8 +72,9 @@ def make_stage_command(stage):
         try:
             conf = cfg.load_config(config_path, config_tables())
             params = cfg.build_params(stage.params_type, conf, stage.name, overrides, config_path=config_path)
+            given = cfg.given_params(stage.params_type, conf, stage.name, overrides, config_path=config_path)
             root = resolve_cache_dir(cache_dir, conf)
-            result = run_stage(stage, params, root, allow_failures=allow_failures, force=force)
+            result = run_stage(stage, params, root, allow_failures=allow_failures, force=force, given=given)
             dist.shutdown()
         except StageFailures as e:
             fail(str(e), 1)
@@ -161,12 +162,39 @@ _STATE_NOTE = {"torn": "manifest.json torn: rebuilt from its journal when restor
                "unknown": "unknown run: its run.json and manifest are gone (only `pipeline gc` removes it)"}
 
 
-def _run_line(rec, current_params: dict) -> str:
-    diff = ", ".join(runcache.param_diff(current_params, rec.params)) if not rec.current and rec.params else ""
+def _run_line(rec, current_params: dict | None, ignore: frozenset[str] = frozenset()) -> str:
+    """One run of ``runs`` / ``gc``: the parameters that differ from the current run's (``ignore``: those that
+    do not change the output, such as ``workers``); ``current_params`` None when the key has no current run."""
+    if rec.current:
+        diff = "current"
+    elif not rec.params:
+        diff = ""
+    elif current_params is None:
+        diff = "no current run to compare with"
+    else:
+        diff = ", ".join(runcache.param_diff({k: v for k, v in current_params.items() if k not in ignore},
+                                             {k: v for k, v in rec.params.items() if k not in ignore}))
     state = rec.state or ("complete" if rec.complete else "partial")
-    note = _STATE_NOTE.get(state) or diff or ("current" if rec.current else "same parameters")
+    note = _STATE_NOTE.get(state) or diff or "same parameters"
     return (f"{'*' if rec.current else ' '} {rec.key}  {rec.fingerprint[:12]:<12}  {state:<8}  "
             f"{runcache.human_age(rec.age_seconds) + ' ago':>9}  {runcache.human_size(rec.size):>10}  {note}")
+
+
+def _execution_only(recs) -> frozenset[str]:
+    """The parameters that do not change the output (``fingerprint=False``: workers, device) of the runs ``recs``
+    of one key, as they recorded them; for runs recorded before that, from the key's stage declaration."""
+    recorded = [r.execution_only for r in recs if r.execution_only is not None]
+    if recorded:
+        return frozenset().union(*recorded)
+    import importlib
+
+    from pipeline.stage.declare import execution_only
+    from stages import CATALOG
+
+    module, attr, _ = CATALOG.get(recs[0].key.split("/")[0], (None, "", ""))
+    if module is None or attr is not None:
+        return frozenset()
+    return execution_only(importlib.import_module(f"stages.{module}").STAGE.params_type)
 
 
 @main.command("runs")
@@ -183,9 +211,10 @@ def runs_command(stage_or_key, cache_dir, config_path):
         fail(f"no run of {stage_or_key!r} in {root}", 2)
     for key in keys:
         recs = runcache.all_runs(root, key)
-        current = next((r.params for r in recs if r.current), {})
+        current = next((r.params for r in recs if r.current), None)
+        ignore = _execution_only(recs)
         for rec in recs:
-            click.echo(_run_line(rec, current))
+            click.echo(_run_line(rec, current, ignore))
 
 
 @main.command("gc")
@@ -212,12 +241,13 @@ def gc_command(stage, keep_last, older_than, yes, cache_dir, config_path):
     if trash:
         click.echo(f"trash left by interrupted deletions: {len(trash)} folder(s), "
                    f"{runcache.human_size(sum(n for _, n in trash))} ({'removed' if yes else 'removed by --yes'})")
-    currents = {}
+    currents, ignored = {}, {}
     for rec in removed:
         if rec.key not in currents:
-            currents[rec.key] = next((r.params for r in runcache.all_runs(root, rec.key, with_size=False)
-                                      if r.current), {})
-        click.echo(_run_line(rec, currents[rec.key]))
+            recs = runcache.all_runs(root, rec.key, with_size=False)
+            currents[rec.key] = next((r.params for r in recs if r.current), None)
+            ignored[rec.key] = _execution_only(recs + [rec])
+        click.echo(_run_line(rec, currents[rec.key], ignored[rec.key]))
     total = runcache.human_size(sum(r.size for r in removed))
     click.echo(f"{'removed' if yes else 'would remove'} {len(removed)} run(s), {total}"
                + ("" if yes or not removed else "; pass --yes to delete them"))

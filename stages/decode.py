@@ -5,13 +5,20 @@ splits) is decoded with PyAV, resized so the short side is ``short_side`` (256 b
 "resized to make the smaller side as 256"), and stored as one container per video in ``<out>/frames/``
 (JPEG-in-array by default, see docs/formats.md for the measurement behind that choice). Videos are spread
 over ``workers`` processes; each worker writes its video's container atomically and the main process
-journals it, so a killed run resumes where it stopped.
+journals it, so a killed run resumes where it stopped. A worker process that dies (the kernel's out-of-memory
+killer on a large video, say) breaks the pool: it is restarted, and the videos it had in flight are retried one
+at a time in a process of their own; one that dies again is a per-video failure naming the signal. The frames'
+bytes are only known once compressed, so the free space is checked against a projection from the videos done
+(:class:`pipeline.stage.space.SpaceGuard`), and a full disk stops the run at once.
 """
 from __future__ import annotations
 
 import os
+import signal
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -21,6 +28,7 @@ from pipeline.data.annotations.rawframes import LABEL_SOURCES
 from pipeline.interop import rawframes
 from pipeline.io import artifacts
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, digest, param
+from pipeline.stage.space import SpaceGuard, is_disk_full, path_size
 from pipeline.io.store import BACKENDS, IMAGE_CODECS, VideoStore
 from pipeline.data.splits import mark_validation
 from pipeline.data.table import VideoTable
@@ -213,6 +221,8 @@ def _decode_one(source: str, video_id: str, store_root: str, store_kind: str, sh
     extra = {"declared_frames": video.declared}
     if video.truncated:
         extra["truncated"] = video.truncated
+    if video.size_changes:  # stored at the first frame's size, never silently
+        extra["size_changes"] = video.size_changes
     store = VideoStore(Path(store_root), store_kind)
     with store.writer(video_id) as c:
         c.write_images("frames", video.frames, codec=codec, quality=quality)
@@ -220,6 +230,96 @@ def _decode_one(source: str, video_id: str, store_root: str, store_kind: str, sh
                      "source_size": list(video.source_size), "source_codec": video.codec, **extra})
     return {"num_frames": n, "fps": video.fps, "height": h, "width": w, **extra,
             "seconds": time.perf_counter() - t0}
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _pool_pass(queue: deque, work, args: tuple, workers: int, finish) -> list[tuple[str, str]]:
+    """Decode the videos of ``queue`` (taken from its left) in a pool of ``workers`` processes, calling
+    ``finish(vid, info, error)`` for each; returns the videos the pool had in flight when a worker process
+    died (the kernel's out-of-memory killer, say), which the caller retries alone. A bounded number of videos
+    is in flight, so a kill loses little work."""
+    suspects: list[tuple[str, str]] = []
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    pending: dict = {}
+
+    def submit() -> None:
+        while queue and len(pending) < 4 * workers and not suspects:
+            vid, src = queue[0]
+            try:
+                fut = pool.submit(work, src, vid, *args)
+            except BrokenProcessPool:
+                return
+            queue.popleft()
+            pending[fut] = (vid, src)
+
+    try:
+        submit()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                vid, src = pending.pop(fut)
+                error = fut.exception()
+                if isinstance(error, BrokenProcessPool):
+                    suspects.append((vid, src))
+                else:
+                    finish(vid, fut.result() if error is None else None, error)
+            submit()
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    if not suspects and queue and not pending:
+        raise StageError("decode: the worker pool stopped before decoding any video; re-run with --workers 1")
+    return suspects
+
+
+def _run_alone(work, args: tuple) -> tuple[dict | None, BaseException | str | None]:
+    """``work(*args)`` in a process of its own: (its result, None), (None, the exception it raised), or
+    (None, how it died: "worker killed by SIGKILL (out of memory?)")."""
+    mp = get_context("spawn")
+    receive, send = mp.Pipe(duplex=False)
+    proc = mp.Process(target=_alone, args=(send, work, args), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        ok, payload = receive.recv()
+    except EOFError:  # it died before answering
+        ok, payload = None, None
+    finally:
+        receive.close()
+        proc.join()
+    if ok is None:
+        return None, _death(proc.exitcode)
+    return (payload, None) if ok else (None, payload)
+
+
+def _alone(conn, work, args: tuple) -> None:
+    try:
+        result = (True, work(*args))
+    except Exception as e:  # noqa: BLE001 - sent back to the parent, which records it for the video
+        result = (False, e)
+    try:
+        conn.send(result)
+    except Exception:  # noqa: BLE001 - an exception that does not pickle goes back as its text
+        conn.send((False, f"{type(result[1]).__name__}: {result[1]}"))
+    conn.close()
+
+
+def _death(exitcode: int | None) -> str:
+    """Why a worker process ended without a result, from its exit code (negative: the signal)."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"worker killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    return f"worker exited with status {exitcode} before finishing the video"
 
 
 def report_missing(table: VideoTable, stage_dir: Path, log) -> int:
@@ -232,7 +332,7 @@ def report_missing(table: VideoTable, stage_dir: Path, log) -> int:
         return 0
     path = write_text(Path(stage_dir) / "missing.txt", "".join(f"{n}\n" for n in names))
     first = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-    log.warning("%d videos listed in the split files are missing on disk (%s); full list in %s",
+    log.warning("%d videos listed in the split files are missing on disk (or unreadable: %s); full list in %s",
                 len(names), first, path)
     return len(names)
 
@@ -243,7 +343,10 @@ def plan(params: DecodeParams, upstream: Upstream) -> Plan:
         raise StageError(f"dataset {params.dataset} at {table.root} has no videos")
     stats = []
     for vid, src in zip(table.video_ids, table.sources):
-        st = os.stat(src)
+        try:
+            st = os.stat(src)
+        except OSError as e:  # gone since the dataset was listed (the kinds report dangling links themselves)
+            raise StageError(f"{src}: cannot read video {vid} ({e.strerror})") from None
         stats.append((vid, st.st_size, st.st_mtime_ns))
     # The input digest covers the dataset's content as the split files and the disk describe it.
     inputs = digest({"classes": table.classes, "labels": table.labels, "splits": table.splits,
@@ -273,43 +376,47 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     if p.dataset == "rawframes":  # frames already extracted: checked and copied (pipeline/interop/rawframes.py)
         work, args = _import_one, (*args[:6], p.rawframes_layout)
 
-    def finish(vid: str, fut) -> None:
+    # Free space: the output's size is only known once compressed, so it is projected from the videos done,
+    # per byte of source video (pipeline/stage/space.py).
+    source_bytes = {vid: _file_size(src) if p.dataset != "rawframes" else 1 for vid, src in todo}
+    ctx.space = SpaceGuard(ctx.upstream.cache_root, "decode", sum(source_bytes.values()), len(todo), "frames")
+
+    def finish(vid: str, info: dict | None = None, error: BaseException | str | None = None) -> None:
         nonlocal frames
-        try:
-            info = fut.result()
-        except Exception as e:  # noqa: BLE001 - a per-video failure is recorded, not fatal
-            ctx.journal.record_failure(vid, f"{type(e).__name__}: {e}")
+        if error is not None:
+            if isinstance(error, BaseException) and is_disk_full(error):
+                if isinstance(error, OSError) and not error.filename:
+                    error.filename = str(store.path(vid))
+                raise error  # the first ENOSPC stops the run (the runner names the path and the space needed)
+            ctx.journal.record_failure(vid, error if isinstance(error, str) else f"{type(error).__name__}: {error}")
         else:
+            for change in info.get("size_changes", [])[:3]:
+                ctx.log.warning("decode: %s: frame size changes mid-stream: %s", vid, change)
             ctx.journal.record_ok(vid, **info)
             frames += info["num_frames"]
         bar.update(1)
         bar.set_postfix_str(f"{frames / max(time.perf_counter() - t0, 1e-9):.0f} frames/s")
+        if error is None:
+            ctx.space.add(path_size(store.path(vid)), source_bytes.get(vid, 0))
 
     if workers == 1 or len(todo) <= 1:
-        from concurrent.futures import Future
-
         for vid, src in todo:
-            fut: Future = Future()
             try:
-                fut.set_result(work(src, vid, *args))
-            except Exception as e:  # noqa: BLE001
-                fut.set_exception(e)
-            finish(vid, fut)
+                info = work(src, vid, *args)
+            except Exception as e:  # noqa: BLE001 - a per-video failure is recorded, not fatal
+                finish(vid, error=e)
+            else:
+                finish(vid, info)
     else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            pending = {}
-            queue = iter(todo)
-            for vid, src in queue:  # keep a bounded number in flight so a kill loses little work
-                pending[pool.submit(work, src, vid, *args)] = vid
-                if len(pending) >= 4 * workers:
-                    break
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    finish(pending.pop(fut), fut)
-                    nxt = next(queue, None)
-                    if nxt is not None:
-                        pending[pool.submit(work, nxt[1], nxt[0], *args)] = nxt[0]
+        queue = deque(todo)
+        while queue:
+            suspects = _pool_pass(queue, work, args, workers, finish)
+            if suspects:
+                ctx.log.warning("decode: a worker process died; %d video(s) it had in flight are retried one at a "
+                                "time, each in a process of its own, then a new pool goes on", len(suspects))
+            for vid, src in suspects:
+                info, error = _run_alone(work, (src, vid, *args))
+                finish(vid, info, error)
     bar.close()
     seconds = time.perf_counter() - t0
 
@@ -341,8 +448,15 @@ def run(ctx: StageContext, plan: Plan) -> dict:
             "classes": len(out.classes), "truncated": truncated, "missing": n_missing}
 
 
+def imported(recorded: dict) -> str:
+    """What a decode run with these recorded parameters imported: the rawframes tree (docs/rawframes.md)."""
+    if recorded.get("dataset") != "rawframes":
+        return ""
+    return f"the {recorded.get('rawframes_layout') or 'mmaction2'} frames of {recorded.get('root')}"
+
+
 STAGE = Stage(
-    name=artifacts.DECODE, version=VERSION, params_type=DecodeParams, plan=plan, run=run,
+    name=artifacts.DECODE, version=VERSION, params_type=DecodeParams, plan=plan, run=run, imported=imported,
     help="Decode videos to frames (UCF101, HMDB51, folder per class, CSV list, mmaction2 / TSN lists, Kinetics, "
          "Something-Something v2, or the built-in demo).",
 )

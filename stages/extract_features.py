@@ -56,6 +56,7 @@ from pipeline.io import artifacts
 from pipeline.io.store import StoreError, VideoStore, feature_store_path
 from pipeline.models.backbones import list_backbones
 from pipeline.stage import Journal, Plan, Stage, StageContext, StageError, Upstream, digest, param
+from pipeline.stage.space import Space
 
 VERSION = "1"
 from pipeline.streams import STREAMS  # noqa: E402,F401
@@ -118,10 +119,6 @@ def upstream_keys(p: ExtractFeaturesParams) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _free_bytes(path: Path) -> int:
-    return shutil.disk_usage(path).free
-
-
 @dataclass
 class FeaturePlan:
     table: VideoTable
@@ -160,18 +157,14 @@ def plan(p: ExtractFeaturesParams, upstream: Upstream) -> Plan:
             except StoreError as e:
                 raise StageError(str(e)) from None
 
-    # Disk: the parts and the consolidated store(s) exist side by side until the parts are removed.
+    # Disk: the parts and the consolidated store(s) exist side by side until the parts are removed. Checked by
+    # the runner once it decided to run (a fresh output needs no space), the journaled videos' parts excluded.
     itemsize = np.dtype(p.dtype).itemsize
-    per_video = p.positions * p.views * itemsize * sum(s.num_features for s in sources.values()) + 4 * p.positions
-    copies = 1 + (2 if p.store == "both" else 1)
-    estimate = int(len(rows) * per_video * copies * 1.05) + (16 << 20)
-    root = upstream.cache_root
-    free = _free_bytes(root if root.exists() else root.parent)
-    if free < estimate:
-        raise StageError(f"not enough disk space in {root}: extracting {len(rows)} videos needs about "
-                         f"{estimate / 2**20:.0f} MiB ({p.positions} positions x {p.views} view(s), {p.dtype}, "
-                         f"parts + {p.store}), {free / 2**20:.0f} MiB free")
-
+    per_video = int((p.positions * p.views * itemsize * sum(s.num_features for s in sources.values())
+                     + 4 * p.positions) * 1.05)
+    stores = (2 if p.store == "both" else 1) * per_video * len(rows)
+    space = Space(f"{len(rows)} videos, {p.positions} positions x {p.views} view(s), {p.dtype}, parts + {p.store}",
+                  {table.video_ids[i]: per_video for i in rows}, stores + (16 << 20))
     outputs = ["zarr", "h5"] if p.store == "both" else [p.store]
     inputs = digest({"videos": [table.video_ids[i] for i in rows],
                      "sources": {s: src.identity() for s, src in sources.items()}})
@@ -179,7 +172,7 @@ def plan(p: ExtractFeaturesParams, upstream: Upstream) -> Plan:
                 ", ".join(f"{s}: {src.arch} ({src.weights}, {src.input_size}px"
                           + (f", L = {src.flow_length}" if s == "flow" else "") + ")" for s, src in sources.items()))
     return Plan(inputs, FeaturePlan(table, rows, sources, upstream.dir("decode"), upstream.dir("extract-flow"),
-                                    estimate, outputs), describe)
+                                    space.remaining(), outputs), describe, space)
 
 
 def _consolidate(ctx: StageContext, fp: FeaturePlan, done: list[int], parts: VideoStore) -> list[Path]:

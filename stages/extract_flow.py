@@ -24,6 +24,7 @@ from pipeline.flow.stored import tvl1_params
 from pipeline.io import artifacts
 from pipeline.io.store import BACKENDS, IMAGE_CODECS, VideoStore, read_frames
 from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, param
+from pipeline.stage.space import SpaceGuard, is_disk_full, path_size
 
 VERSION = "1"
 FLOW_BACKENDS = ("torch", "opencv", "import")
@@ -132,6 +133,9 @@ def run(ctx: StageContext, plan: Plan) -> dict:
             ctx.journal.record_failure(v, f"too short: {n} frame(s), flow with --step {p.step} needs at least "
                                           f"{p.step + 1}")
     todo = [(v, n) for v, n in todo if n > p.step]
+    # Free space: projected per frame pair from the videos written (pipeline/stage/space.py).
+    ctx.space = SpaceGuard(ctx.upstream.cache_root, artifacts.FLOW, sum(n - p.step for _, n in todo), len(todo),
+                           "flow")
     bar = ctx.progress(sum(n - p.step for _, n in todo), "extract-flow", unit="pair")
     t_start = time.perf_counter()
     pairs_done = 0
@@ -180,6 +184,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
                          "bound": p.bound, "height": q.shape[2], "width": q.shape[3], "backend": p.backend,
                          "tvl1": {f.name: getattr(tv, f.name) for f in fields(tv)}})
         ctx.journal.record_ok(done.video_id, num_flows=num, seconds=round(done.seconds, 3))
+        ctx.space.add(path_size(out.path(done.video_id)), num)
     bar.close()
     seconds = time.perf_counter() - t_start
     rate = pairs_done / max(seconds, 1e-9)
@@ -254,6 +259,8 @@ def _import_run(ctx: StageContext, plan: Plan) -> dict:
             try:
                 flows += fut.result()
             except Exception as e:  # noqa: BLE001 - recorded per video, naming its folder
+                if is_disk_full(e):
+                    raise  # the first ENOSPC stops the run (the runner names the path and the space needed)
                 ctx.journal.record_failure(vid, f"{type(e).__name__}: {e}")
             bar.update(1)
     bar.close()
@@ -273,8 +280,14 @@ def _codec_attrs(p: FlowParams, imported: bool = False) -> dict:
     return {"codec": "jpeg", "quality": None if imported else p.quality}
 
 
+def imported(recorded: dict) -> str:
+    """What an extract-flow run with these recorded parameters imported: the flow images of the rawframes tree
+    decode read (--backend import)."""
+    return "the flow images of the rawframes tree decode read" if recorded.get("backend") == "import" else ""
+
+
 STAGE = Stage(
-    name=artifacts.FLOW, version=VERSION, params_type=FlowParams, plan=plan, run=run,
+    name=artifacts.FLOW, version=VERSION, params_type=FlowParams, plan=plan, run=run, imported=imported,
     upstream=lambda p: (artifacts.DECODE,),
     help="TV-L1 optical flow between consecutive frames (ours on CPU/CUDA, or OpenCV), quantized to uint8.",
 )

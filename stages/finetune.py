@@ -43,7 +43,7 @@ from pipeline.data.clips import EvalViews, TrainClips, VideoList, input_channels
 from pipeline.streams import STREAMS
 from pipeline.models.backbones import (backbone_info, create_backbone, imagenet_weights_path, list_backbones,
                                       require_imagenet_weights)
-from pipeline.flow.stored import flow_settings
+from pipeline.flow.stored import flow_settings, note_without_flow, without_flow
 from pipeline.interop.checkpoints import convert_foreign
 from pipeline.io import artifacts
 from pipeline.io.store import VideoStore
@@ -163,6 +163,7 @@ class _Data:
     test: VideoList
     store: VideoStore
     flow: dict  # the flow store's bound and step (flow stream), for the datasets to check every container
+    left_out: dict  # video -> why it has no flow (extract-flow's failures; flow stream)
 
 
 def _check_flow_store(store: VideoStore, videos: list[str], bound: float, step: int) -> None:
@@ -206,7 +207,7 @@ def plan(p: FinetuneParams, upstream: Upstream) -> Plan:
         raise StageError(f"{decode_dir / artifacts.TABLE}: {e}") from None
     used = list(videos.train.video_ids + videos.val.video_ids + videos.test.video_ids)
 
-    flow = {}
+    flow, left_out = {}, {}
     if p.flow_bound is not None or p.flow_step is not None:
         log.warning("finetune: --flow-bound / --flow-step are ignored (the flow store's are read from "
                     "extract-flow's manifest); drop them from the command or config")
@@ -215,6 +216,11 @@ def plan(p: FinetuneParams, upstream: Upstream) -> Plan:
 
         store = flow_store(upstream.dir("extract-flow"))
         bound, step = _flow_settings(upstream)
+        try:  # the videos extract-flow failed (and accepted: its manifest is complete) have no flow: left out
+            videos, left_out = without_flow(videos, upstream.manifests["extract-flow"], upstream.dir("extract-flow"))
+        except ValueError as e:
+            raise StageError(str(e)) from None
+        used = [v for v in used if v not in left_out]
         _check_flow_store(store, used, bound, step)
         flow = {"flow_bound": bound, "flow_step": step}
     else:
@@ -232,13 +238,14 @@ def plan(p: FinetuneParams, upstream: Upstream) -> Plan:
     if p.input_size < info["min_input_size"]:
         raise StageError(f"{p.arch} needs --input-size >= {info['min_input_size']} (got {p.input_size})")
 
-    data = _Data(list(table.classes), videos.train, videos.val, videos.test, store, flow)
+    data = _Data(list(table.classes), videos.train, videos.val, videos.test, store, flow, left_out)
     inputs = digest({"classes": table.classes, "train": data.train.video_ids, "val": data.val.video_ids,
                      "test": data.test.video_ids, "labels": list(data.train.labels + data.test.labels),
                      "frames": list(data.train.num_frames + data.test.num_frames),
                      "weights": _weights_digest(p.weights, p.arch)})
     describe = (f"{p.stream} {p.arch}, {len(table.classes)} classes, {len(data.train)} train / {len(data.val)} "
-                f"val ({len({table.groups[i] for i in table.indices(p.split, 'val')})} groups) / {len(data.test)} test videos")
+                f"val ({len({table.groups[i] for i in table.indices(p.split, 'val')})} groups) / {len(data.test)} test videos"
+                + (f"; {len(left_out)} without flow left out" if left_out else ""))
 
     return Plan(inputs, data, describe)
 
@@ -328,6 +335,8 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     p: FinetuneParams = ctx.params
     data: _Data = plan.data
     info, device, ckpt = T.start_run(ctx, p.device, _checkpoint_meta(p, data), RESUME_KEYS)
+    if info.is_main:
+        note_without_flow(ctx.log, data.left_out)
     t0 = time.perf_counter()
     res = _fit(p, data, device, info, ctx.dir, ckpt, ctx.log)
     if not info.is_main:
@@ -355,7 +364,8 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     line = (f"{_key(p)}: {p.arch} {p.input_size}px, {res['epochs']} epochs{val}; test top-1 "
             f"{m.top1:.1%}{top5}, mean class {m.mean_class_accuracy:.1%} on {len(labels)} videos "
             f"(chance {1 / len(data.classes):.1%}); {float(np.median(fps)) if fps else 0:.0f} "
-            f"{'images' if p.stream == 'rgb' else 'stacks'}/s, {seconds:.0f} s")
+            f"{'images' if p.stream == 'rgb' else 'stacks'}/s, {seconds:.0f} s"
+            + (f"; {len(data.left_out)} video(s) without flow left out" if data.left_out else ""))
     ctx.log.info(line)
     return {"line": line, "top1": m.top1, "top5": m.as_dict()["top5"], "mean_class_acc": m.mean_class_accuracy,
             "best_epoch": best["epoch"],
@@ -364,7 +374,7 @@ def run(ctx: StageContext, plan: Plan) -> dict:
             "val_videos": len(data.val), "val_video_ids": list(data.val.video_ids), "test_videos": len(labels),
             "world_size": info.world_size,
             "device": str(device), "median_frames_per_s": float(np.median(fps)) if fps else None,
-            "data_wait_fraction": waiting, "seconds": seconds}
+            "data_wait_fraction": waiting, "seconds": seconds, "left_out": data.left_out}
 
 
 STAGE = Stage(

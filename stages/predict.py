@@ -92,37 +92,46 @@ def predict(videos: list[Path], cache_root: Path, p: PredictParams, *, work_dir:
         dp = _copied(models.manifests[artifacts.DECODE], DecodeParams, DATASET_PARAMS, dataset="csv",
                      root=work / "videos", list=list_csv, classes=class_file, val_fraction=0.0)
         decoded = run_stage(DECODE, dp, work / "cache", allow_failures=True)
-        failures = decoded.manifest.failures
+        # Why each video that gets no score failed: the first stage that failed it (a video too short for flow
+        # is "too short", not the features stage's missing flow container in the work cache).
+        failures = {v: f"cannot be read: {why}" for v, why in decoded.manifest.failures.items()}
         table = VideoTable.load(work / "cache" / artifacts.DECODE)
         if not decoded.manifest.done:
-            return [{"video": str(v), "error": f"cannot be read: {_failure(failures, v)}"} for v in videos]
+            return [{"video": str(v), "error": _failure(failures, v)} for v in videos]
         flow_m = models.manifests[artifacts.FLOW]
         # Flow imported from a rawframes tree (import-rawframes): new videos get our TV-L1 with the same bound.
         imported = {"backend": "torch"} if flow_m.params.get("backend") == "import" else {}
         flow_p = _copied(flow_m, FlowParams, {"workers", "flow_start_index"}, device=p.device, **imported)
-        run_stage(FLOW, flow_p, work / "cache", allow_failures=True)
+        flowed = run_stage(FLOW, flow_p, work / "cache", allow_failures=True)
+        for v, why in flowed.manifest.failures.items():
+            failures.setdefault(v, why if why.startswith("too short") else f"no flow: {why}")
         weights = {s: str(models.dir(artifacts.finetune_key(s, p.split, p.backbone)) / artifacts.BEST)
                    for s in ("rgb", "flow")}
         fp = _copied(models.manifests[artifacts.features_key(p.split, p.backbone)], ExtractFeaturesParams,
                      {"workers", "include_unused"}, split=1, rgb_weights=weights["rgb"], flow_weights=weights["flow"],
                      device=p.device)
         feats = run_stage(FEATURES, fp, work / "cache", allow_failures=True)
-        failures.update(feats.manifest.failures)
-        store = artifacts.feature_store_file(work / "cache" / FEATURES.output_key(fp))
-        fs = read_feature_store(store)
+        for v, why in feats.manifest.failures.items():
+            # A temporary work cache is gone when the message is read: it is not named.
+            failures.setdefault(v, f"no features: {why}" if work_dir else
+                                f"no features: {why}".replace(str(work), "<temporary work folder>"))
+        fs = None
+        if feats.manifest.done:
+            fs = read_feature_store(artifacts.feature_store_file(work / "cache" / FEATURES.output_key(fp)))
     finally:
         if work_dir is None:
             shutil.rmtree(work, ignore_errors=True)  # our own scratch folder, never a user's output
 
-    probs = video_probabilities(head, fs.streams["rgb"], fs.streams["flow"], n, num_test, fusion)
-    by_id = {str(v): i for i, v in enumerate(fs.video_ids)}
+    by_id = {str(v): i for i, v in enumerate(fs.video_ids)} if fs is not None else {}
+    if by_id:
+        probs = video_probabilities(head, fs.streams["rgb"], fs.streams["flow"], n, num_test, fusion)
     out = []
     for video in videos:
         vid = _video_id(table, video)
         rec = {"video": str(video), "head": models.head_name, "scope": artifacts.scope(p.split, p.backbone),
                "models": models.fingerprints()}
         if vid is None or vid not in by_id:
-            out.append({**rec, "error": f"cannot be read: {_failure(failures, video)}"})
+            out.append({**rec, "error": _failure(failures, video)})
             continue
         i = by_id[vid]
         rec["top_k"] = top_k(probs[i], classes, p.top_k)
@@ -141,7 +150,7 @@ def _video_id(table, video: Path) -> str | None:
 
 
 def _failure(failures: dict, video: Path) -> str:
-    return failures.get(str(Path(video).resolve().with_suffix("")).lstrip("/"), "not decoded")
+    return failures.get(str(Path(video).resolve().with_suffix("")).lstrip("/"), "cannot be read: not decoded")
 
 
 def _timeline_path(timeline: Path, video: Path, count: int) -> Path:
@@ -210,6 +219,6 @@ def predict_command(videos, head, top_k, json_path, timeline, split, backbone, d
         write_json(json_path, results)
         click.echo(f"written to {json_path}")
     failed = sum("error" in r for r in results)
-    click.echo(f"predict: {len(results) - failed} video(s) scored" + (f", {failed} unreadable" if failed else ""))
+    click.echo(f"predict: {len(results) - failed} video(s) scored" + (f", {failed} not scored" if failed else ""))
     if failed:
         sys.exit(1)

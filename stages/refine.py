@@ -33,7 +33,7 @@ from pipeline.data.paired import PairedClips, PairedTestSequences
 from pipeline.data.sampling import NUM_TEST
 from pipeline.data.table import VideoTable
 from pipeline.eval.metrics import accuracy_metrics
-from pipeline.flow.stored import flow_settings
+from pipeline.flow.stored import flow_settings, note_without_flow, without_flow
 from pipeline.eval.results import TestScores, save_test_scores
 from pipeline.io import artifacts
 from pipeline.io.atomic import save_checkpoint
@@ -137,6 +137,7 @@ class _Data:
     flow_step: int
     partial_bn: dict
     head_only: dict
+    left_out: dict  # video -> why it has no flow (extract-flow's failures)
 
 
 def plan(p: RefineParams, upstream: Upstream) -> Plan:
@@ -209,6 +210,10 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
         raise StageError(f"{upstream.dir(artifacts.DECODE) / artifacts.TABLE}: {e}") from None
 
     flows = flow_store(upstream.dir("extract-flow"))
+    try:  # the videos extract-flow failed (and accepted: its manifest is complete) have no flow: left out
+        videos, left_out = without_flow(videos, upstream.manifests["extract-flow"], upstream.dir("extract-flow"))
+    except ValueError as e:
+        raise StageError(str(e)) from None
     used = videos.train.video_ids + videos.val.video_ids + videos.test.video_ids
     missing = [v for v in used if not flows.path(v).exists()]
     if missing:
@@ -231,7 +236,7 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
         head_path=head_path, head_meta={k: v for k, v in head_ckpt.items() if k != "model"}, positions=positions,
         rgb_size=sizes["rgb"], flow_size=sizes["flow"], flow_length=flow_length,
         flow_bound=flow_bound, flow_step=flow_step,
-        partial_bn={s: p.partial_bn != "off" for s in STREAMS}, head_only=head_only)
+        partial_bn={s: p.partial_bn != "off" for s in STREAMS}, head_only=head_only, left_out=left_out)
     inputs = digest({"classes": table.classes, "train": data.train.video_ids, "val": data.val.video_ids,
                      "test": data.test.video_ids, "labels": list(data.train.labels + data.test.labels),
                      "frames": list(data.train.num_frames + data.test.num_frames), "positions": positions})
@@ -334,6 +339,8 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     p: RefineParams = ctx.params
     data: _Data = plan.data
     info, device, ckpt = T.start_run(ctx, p.device, _checkpoint_meta(p, data), RESUME_KEYS)
+    if info.is_main:
+        note_without_flow(ctx.log, data.left_out)
     t0 = time.perf_counter()
     res = _fit(p, data, device, info, ctx.dir, ckpt, ctx.log)
     if not info.is_main:
@@ -386,11 +393,13 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     line = (f"{_key(p)}: top-1 {100 * ev.top1:.1f}%, mean class accuracy {100 * ev.mean_class_accuracy:.1f}% "
             f"on {len(data.test)} test videos (head only -> refined: top-1 {100 * head_only['top1']:.1f}% -> "
             f"{100 * ev.top1:.1f}%, {100 * comparison['delta_top1']:+.1f}); {res['epochs']} epochs, best "
-            f"{best['epoch']}, {seconds:.0f} s on {device}")
+            f"{best['epoch']}, {seconds:.0f} s on {device}"
+            + (f"; {len(data.left_out)} video(s) without flow left out" if data.left_out else ""))
     ctx.log.info(line)
     return {"line": line, "top1": ev.top1, "mean_class_accuracy": ev.mean_class_accuracy,
             "head_only_top1": head_only["top1"], "delta_top1": comparison["delta_top1"], "epochs": res["epochs"],
-            "best_epoch": best["epoch"], "test_videos": len(data.test), "seconds": seconds}
+            "best_epoch": best["epoch"], "test_videos": len(data.test), "seconds": seconds,
+            "left_out": data.left_out}
 
 
 STAGE = Stage(

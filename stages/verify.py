@@ -5,6 +5,7 @@ redo, so re-running their stage recomputes exactly them.
 """
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import click
@@ -41,7 +42,13 @@ def verify_command(stage, cache_dir, config_path, verbose):
     for key in keys:
         with tqdm(desc=f"verify {key}", unit="video", dynamic_ncols=True, leave=False, disable=None) as bar:
             report = verify_key(root, key, progress=bar.update)
-        mark_for_redo(root, report)
+        read_only = None
+        try:
+            mark_for_redo(root, report)
+        except OSError as e:  # a read-only cache: the listing is still given
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            read_only = e.filename or root / key
         line = f"{key}: {report.checked} checked, {len(report.damaged)} missing/damaged"
         if report.old_format:
             line += (f", {report.old_format} of store format 1 (no checksums: only unreadable data is found; "
@@ -51,7 +58,9 @@ def verify_command(stage, cache_dir, config_path, verbose):
             click.echo(f"  {finding}")
         for vid, reason in sorted(report.damaged.items()):
             click.echo(f"  {vid}: {reason}")
-        if report.problems:
+        if read_only is not None and report.problems:
+            click.echo(f"  cache is read-only: {read_only}; the videos found are not marked for redo")
+        elif report.problems:
             click.echo(f"  re-run `pipeline {key.split('/')[0]}` to recompute them")
         damaged += report.problems
     if damaged:

@@ -51,6 +51,8 @@ def _steps(conf: dict, config_path: Path | None, run_params: RunAllParams):
         return cfg.build_params(stage.params_type if stage else TrainHeadParams, conf, table or stage.name, over,
                                 config_path=config_path)
 
+    # decode and extract-flow may be imports (import-rawframes): kept unless the config names other values.
+    given = {s.name: cfg.given_params(s.params_type, conf, s.name, {}, config_path=config_path) for s in (DECODE, FLOW)}
     steps = [("decode", DECODE, build(DECODE)), ("extract-flow", FLOW, build(FLOW))]
     first = build(FINETUNE, stream="rgb")
     splits = run_params.splits or (first.split,)
@@ -72,7 +74,7 @@ def _steps(conf: dict, config_path: Path | None, run_params: RunAllParams):
         steps.append((f"evaluate{tag}", EVALUATE, build(EVALUATE, splits=(k,), backbone=feats.arch)))
     if len(splits) > 1:
         steps.append(("evaluate (all splits)", EVALUATE, build(EVALUATE, splits=tuple(splits), backbone=feats.arch)))
-    return steps
+    return [(label, stage, params, given.get(stage.name) if stage else None) for label, stage, params in steps]
 
 
 def run_all(config_path: Path | None, cache_root: Path | None = None, echo=click.echo,
@@ -91,7 +93,7 @@ def run_all(config_path: Path | None, cache_root: Path | None = None, echo=click
     t_all = time.perf_counter()
     timings = []
     last_eval = None
-    for label, stage, params in steps:
+    for label, stage, params, given in steps:
         t0 = time.perf_counter()
         echo(f"== {label}")
         if stage is None:  # ablate: a grid of train-head runs on the split and backbone of ``params``
@@ -99,7 +101,7 @@ def run_all(config_path: Path | None, cache_root: Path | None = None, echo=click
             run_ablation(params, root, ap.grid, ap.seeds, echo=echo)
             echo(f"ablate: tables in {ablate_dir(root, params)}")
         else:
-            result = run_stage(stage, params, root)
+            result = run_stage(stage, params, root, given=given)
             # evaluate's message is the results table, printed in full (with per-class rows) at the end.
             lines = result.message.splitlines()
             echo(result.message if stage.name != "evaluate" else lines[0] if result.skipped else lines[-1])

@@ -68,3 +68,16 @@ def _fake_flow_run(ctx, plan):
 #: A stand-in for the extract-flow stage in tests: Farneback flow in the documented store layout.
 FAKE_FLOW_STAGE = Stage(artifacts.FLOW, "test", FakeFlowParams, run=_fake_flow_run, plan=_table_plan,
                         upstream=lambda p: (artifacts.DECODE,))
+
+
+def decode_or_die(source: str, video_id: str, *args, **kw) -> dict:
+    """decode's worker (``stages.decode._decode_one``), except that a video whose file name contains ``oom``
+    kills its process with SIGKILL, as the kernel's out-of-memory killer would."""
+    import os
+    import signal
+
+    from stages.decode import _decode_one
+
+    if "oom" in Path(source).name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _decode_one(source, video_id, *args, **kw)

@@ -80,7 +80,7 @@ def test_splits_is_refused_for_each_kind_without_official_splits(tmp_path, kind)
     ("folder", {"classes": Path("c.txt")}, "classes_file (--classes)"),
     ("ucf101", {"labels": "indices"}, "labels (--labels)"),
     ("rawframes", {"labels": "indices"}, "labels (--labels)"),
-    ("folder", {"allow_missing": True}, "allow_missing (--allow-missing)"),
+    ("folder", {"labels": "indices"}, "labels (--labels)"),  # (every kind takes --allow-missing)
 ])
 def test_an_option_a_kind_does_not_take_is_named_by_its_decode_flag(tmp_path, kind, fields, named):
     with pytest.raises(DatasetError, match=re.escape(f"option(s) {named} do not apply to dataset kind '{kind}'")):

@@ -378,7 +378,7 @@ def test_bad_input_is_refused_before_work(cache, monkeypatch, case):
         g.attrs["format_version"] = 99
         expect = "written by store format 99"
     elif case == "disk":
-        monkeypatch.setattr(ef, "_free_bytes", lambda path: 1000)
+        monkeypatch.setattr("pipeline.stage.space.free_bytes", lambda path: 1000)
         expect = "not enough disk space"
     elif case == "views":
         args += ["--views", "5"]

@@ -19,7 +19,7 @@ from stages.finetune import STAGE as FINETUNE, FinetuneParams
 from stages.predict import PredictParams, predict
 from stages.train_head import STAGE as TRAIN_HEAD, TrainHeadParams
 from tests.conftest import SHARED_DATA
-from tests.videos import make_csv_dataset
+from tests.videos import make_csv_dataset, write_video
 
 SHARED = SHARED_DATA / "clips"
 CLIP = SHARED / "ucf101" / "v_ApplyEyeMakeup_g01_c01.avi"
@@ -101,3 +101,56 @@ def test_missing_model_and_unreadable_video_are_named(trained, tmp_path):
                                          r"`pipeline finetune --stream rgb`"):
         shutil.copytree(cache / "train-head", empty / "train-head")
         predict([bad], empty, PredictParams(backbone=ARCH))
+
+
+def test_a_video_too_short_to_score_is_named_too_short(trained, tmp_path):
+    """A 1-frame video has no flow and so no features: alone, a per-video "too short" (no ValueError); beside a
+    good video, the good one is scored and the short one named by its own path, not the deleted work folder."""
+    cache, data = trained
+    short = tmp_path / "one_frame.avi"
+    write_video(short, num_frames=1, size=(48, 32))
+    out = predict([short], cache, PredictParams(backbone=ARCH, device="cpu"))
+    assert len(out) == 1 and out[0]["video"] == str(short)
+    assert out[0]["error"].startswith("too short: 1 frame(s), flow with --step 1 needs at least 2"), out
+    good = next(data.rglob("*.avi"))
+    res = CliRunner().invoke(main, ["predict", str(short), str(good), "--backbone", ARCH, "--device", "cpu",
+                                    "--cache-dir", str(cache)])
+    assert res.exit_code == 1, res.output
+    assert f"{short}: too short: 1 frame(s)" in res.output and f"{good} ({HEAD}" in res.output, res.output
+    assert "pipeline-predict-" not in res.output and "1 video(s) scored, 1 not scored" in res.output
+
+
+def test_without_models_in_the_scope_predict_names_the_scopes_that_have_heads(trained, tmp_path):
+    cache, _ = trained
+    res = CliRunner().invoke(main, ["predict", str(tmp_path / "any.avi"), "--cache-dir", str(cache)])
+    assert res.exit_code == 2, res.output
+    assert "train-head/split1-resnet101" in res.output  # the default scope, which has no head
+    assert f"split1-resnet18: {HEAD}" in res.output and "--split 1 --backbone resnet18" in res.output, res.output
+
+
+def test_predict_reads_a_cache_it_cannot_write(trained, tmp_path, monkeypatch):
+    """Every open for writing under the dataset's cache fails as on a read-only mount: predict still scores."""
+    import builtins
+    import errno
+    import os
+
+    cache, data = trained
+    real_open, real_os_open = builtins.open, os.open
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def guarded_open(file, mode="r", *a, **kw):
+        if isinstance(file, (str, os.PathLike)) and str(file).startswith(str(cache)) and set(mode) & set("wax+"):
+            refuse(file)
+        return real_open(file, mode, *a, **kw)
+
+    def guarded_os_open(path, flags, *a, **kw):
+        if str(path).startswith(str(cache)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            refuse(path)
+        return real_os_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(os, "open", guarded_os_open)
+    out = predict([next(data.rglob("*.avi"))], cache, PredictParams(backbone=ARCH, top_k=2, device="cpu"))
+    assert "error" not in out[0] and len(out[0]["top_k"]) == 2, out

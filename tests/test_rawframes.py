@@ -420,3 +420,49 @@ def test_new_options_keep_the_fingerprints_of_earlier_runs():
     assert "flow_start_index" not in params_dict(FlowParams(), only_fingerprinted=True)
     assert "rawframes_layout" in params_dict(DecodeParams(dataset="rawframes", root=Path("/x"),
                                                           rawframes_layout="tsn"), only_fingerprinted=True)
+
+
+def test_an_import_stays_current_unless_a_named_parameter_differs(tmp_path, clips):
+    """After import-rawframes, a plain `pipeline extract-flow` / `decode` (or run-all without the printed config
+    tables) keeps the imported flow and frames: status and the commands say "imported"; an option that differs
+    from the import's, or --force, recomputes (the import is kept in the run cache)."""
+    from pipeline.stage import run_stage, runcache, status
+    from stages import all_stages
+    from stages.cli import main
+    from stages.extract_flow import STAGE as FLOW, FlowParams
+    from stages.workflow import RunAllParams, _steps
+
+    root, cache = tmp_path / "tree", tmp_path / "cache"
+    train, test, expected = make_tree(root, "mmaction2", clips)
+    run_import(root, "mmaction2", cache)
+    vid = sorted(expected)[0]
+    manifests = {k: (cache / k / "manifest.json").read_bytes() for k in ("decode", "extract-flow")}
+    for command in (["extract-flow", "--device", "cpu"], ["decode", "--workers", "1"]):
+        res = CliRunner().invoke(main, [*command, "--cache-dir", str(cache)])
+        assert res.exit_code == 0 and "imported from" in res.output and "--force" in res.output, res.output
+    assert {k: (cache / k / "manifest.json").read_bytes() for k in manifests} == manifests  # nothing recomputed
+    assert not runcache.keys_with_kept_runs(cache)
+    rows = {r.key: r for r in status(cache, all_stages())}
+    assert rows["extract-flow"].state == "fresh" and rows["extract-flow"].reason.startswith("imported (")
+    assert rows["decode"].state == "fresh" and "imported (the mmaction2 frames of" in rows["decode"].reason
+    # run-all without [decode] / [extract-flow] tables gives neither stage a parameter: both imports are kept.
+    steps = {label: (stage, p, given) for label, stage, p, given in _steps({}, None, RunAllParams())}
+    for label in ("decode", "extract-flow"):
+        stage, p, given = steps[label]
+        assert given == frozenset() and run_stage(stage, p, cache, given=given).skipped
+    # From Python without `given` every parameter counts as given: the default torch backend recomputes.
+    light = dict(nscales=1, warps=1, inner_iterations=3, outer_iterations=1, fast=False, device="cpu")
+    r = run_stage(FLOW, FlowParams(**light), cache)
+    assert not r.skipped and r.manifest.params["backend"] == "torch"
+    assert runcache.keys_with_kept_runs(cache) == ["extract-flow"]  # the import kept, not deleted
+    flow, attrs = stored_flow(cache, vid)
+    assert attrs["backend"] == "torch"
+    # A named parameter equal to the import's keeps it (restored from the run cache, then kept).
+    res = CliRunner().invoke(main, ["import-rawframes", "--root", str(root), "--train-list", str(train),
+                                    "--test-list", str(test), "--cache-dir", str(cache), "--workers", "1"])
+    assert res.exit_code == 0 and "restored from the run cache" in res.output, res.output
+    res = CliRunner().invoke(main, ["extract-flow", "--bound", "20", "--cache-dir", str(cache)])
+    assert res.exit_code == 0 and "imported from" in res.output, res.output
+    # --force recomputes even with no parameter given.
+    r = run_stage(FLOW, FlowParams(**light), cache, given=frozenset(), force=True)
+    assert not r.skipped and r.manifest.params["backend"] == "torch" and "imported" not in r.manifest

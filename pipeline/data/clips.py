@@ -28,7 +28,7 @@ it, which is what makes resumed and distributed runs repeat a single uninterrupt
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -80,6 +80,12 @@ class VideoList:
     def __len__(self) -> int:
         return len(self.video_ids)
 
+    def without(self, video_ids: Collection[str]) -> "VideoList":
+        """These videos but ``video_ids``, in the same order."""
+        rows = [i for i, v in enumerate(self.video_ids) if v not in video_ids]
+        return VideoList(tuple(self.video_ids[i] for i in rows), tuple(self.labels[i] for i in rows),
+                         tuple(self.num_frames[i] for i in rows))
+
     @classmethod
     def of(cls, table, rows: Sequence[int]) -> "VideoList":
         """The rows ``rows`` of a :class:`pipeline.data.table.VideoTable`."""
@@ -94,6 +100,15 @@ class SplitVideos:
     train: VideoList
     val: VideoList  # the one hold-out decode recorded in the video table (pipeline.data.splits)
     test: VideoList
+
+    def without(self, video_ids: Collection[str]) -> "SplitVideos":
+        """The split without ``video_ids`` (e.g. the videos extract-flow failed); ValueError when no training or
+        no test video is left."""
+        out = SplitVideos(*(v.without(video_ids) for v in (self.train, self.val, self.test)))
+        if not len(out.train) or not len(out.test):
+            raise ValueError(f"without {len(video_ids)} video(s), {len(out.train)} training and {len(out.test)} test "
+                             "videos are left; both are needed")
+        return out
 
 
 def split_videos(table, split: int) -> SplitVideos:

@@ -13,11 +13,13 @@ the counts, or, with ``allow_truncated``, comes back with :attr:`DecodedVideo.tr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.data.annotations.base import video_file_problem
 
 
 class VideoDecodeError(RuntimeError):
@@ -42,6 +44,9 @@ class DecodedVideo:
     declared_from: str = ""  # "frame count" or "duration x rate"
     decode_error: str | None = None  # the error that stopped decoding early, if any
     truncated: str | None = None  # why the video counts as truncated (only with allow_truncated)
+    #: Where the frame size changed mid-stream ("frame 30: 96x72 -> 48x36"); every frame is stored at the size
+    #: the first frame gives (a changed aspect is stretched to it), and the change is recorded, not hidden.
+    size_changes: list[str] = field(default_factory=list)
 
 
 def declared_frames(container, stream) -> tuple[int, str]:
@@ -119,8 +124,9 @@ def decode_video(path: Path | str, *, short_side: int = 256, max_frames: int = 0
     path = Path(path)
     if not (math.isfinite(truncation_tolerance) and 0.0 <= truncation_tolerance < 1.0):
         raise ValueError(f"truncation_tolerance must be in [0, 1), got {truncation_tolerance}")
-    if not path.is_file():
-        raise VideoDecodeError(f"{path}: file not found")
+    problem = video_file_problem(path)
+    if problem:  # absent, a dangling symlink, a fifo (which PyAV would wait on forever)
+        raise VideoDecodeError(f"{path}: {problem}")
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
@@ -138,11 +144,16 @@ def decode_video(path: Path | str, *, short_side: int = 256, max_frames: int = 0
         reformatter = VideoReformatter()
         size = None
         error = None
+        changes: list[str] = []
         try:
             for frame in container.decode(stream):
                 if size is None:
                     src_w, src_h = frame.width, frame.height
-                    size = resized_size(src_w, src_h, short_side)
+                    size, last = resized_size(src_w, src_h, short_side), (src_w, src_h)
+                elif (frame.width, frame.height) != last:
+                    changes.append(f"frame {len(frames)}: {last[0]}x{last[1]} -> {frame.width}x{frame.height} "
+                                   f"(stored at {size[0]}x{size[1]}, the first frame's)")
+                    last = (frame.width, frame.height)
                 # AREA averages when shrinking (no aliasing); it is swscale's good default for downscaling.
                 out = reformatter.reformat(frame, width=size[0], height=size[1], format="rgb24",
                                            interpolation=Interpolation.AREA)
@@ -164,4 +175,5 @@ def decode_video(path: Path | str, *, short_side: int = 256, max_frames: int = 0
     if short and not allow_truncated:
         raise VideoTruncated(f"{path}: truncated or damaged: {short}; allow truncated videos "
                              "(--allow-truncated) to keep what decodes")
-    return DecodedVideo(np.stack(frames), fps, (src_w, src_h), codec, declared, declared_from, error, short)
+    return DecodedVideo(np.stack(frames), fps, (src_w, src_h), codec, declared, declared_from, error, short,
+                        changes)

@@ -29,6 +29,32 @@ def flow_settings(manifest: Mapping[str, Any], where: Any = "extract-flow") -> t
     return float(params["bound"]), int(params["step"])
 
 
+def without_flow(videos, manifest: Mapping[str, Any], where: Any = "extract-flow"):
+    """``(videos without the ones a finished extract-flow run failed, {video: why})`` for a
+    :class:`~pipeline.data.clips.SplitVideos`. A complete manifest accepted those failures (too short for flow,
+    frames it could not read; ``--allow-failures``): the stages that train on flow (finetune ``--stream flow``,
+    refine) leave the videos out with a note rather than refusing the run, since re-running extract-flow cannot
+    give them flow. ValueError naming ``where`` when no training or no test video is left."""
+    failures = dict(manifest.get("failures") or {})
+    used = [*videos.train.video_ids, *videos.val.video_ids, *videos.test.video_ids]
+    left_out = {v: str(failures[v]) for v in used if v in failures}
+    if not left_out:
+        return videos, {}
+    try:
+        return videos.without(left_out), left_out
+    except ValueError as e:
+        raise ValueError(f"{where}: {len(left_out)} video(s) have no flow (extract-flow failures); {e}") from None
+
+
+def note_without_flow(log, left_out: Mapping[str, str]) -> None:
+    """A warning per video left out for want of flow (the first 20) and their count."""
+    for vid, why in list(left_out.items())[:20]:
+        log.warning("%s: left out, it has no flow (extract-flow: %s)", vid, why)
+    if left_out:
+        log.warning("%d video(s) without flow left out of training and testing (all listed in the manifest's "
+                    "summary, left_out)", len(left_out))
+
+
 def tvl1_params(values: Mapping[str, Any]):
     """The :class:`~pipeline.flow.tvl1.TVL1Params` among ``values`` (e.g. a stage's parameters)."""
     from pipeline.flow.tvl1 import TVL1Params

@@ -112,13 +112,20 @@ def _base(tp: Any) -> Any:
     return tp
 
 
-def coerce(params_type: type, name: str, value: Any, *, base: Path | None = None, source: str = "") -> Any:
-    """Convert a config/CLI value to the field's type, with a clear error naming the parameter."""
+def coerce(params_type: type, name: str, value: Any, *, base: Path | None = None, source: str = "",
+           typed: bool = False) -> Any:
+    """Convert a config/CLI value to the field's type, with a clear error naming the parameter. ``typed``: the
+    value comes from a TOML file, whose numbers are typed (a quoted number is refused)."""
     fld = {f.name: f for f in dataclasses.fields(params_type)}[name]
     tp = _base(_type_of(params_type, name))
     where = f" (in {source})" if source else ""
     if value is None:
         return None
+    if typed and tp in (int, float) and isinstance(value, str):
+        # A TOML string ("3") where a number belongs: refused, not parsed (the command line's values are text
+        # and are parsed; a config file's are typed, and a quoted number there is a slip worth naming).
+        raise ConfigError(f"parameter {name!r}{where}: {value!r} is a string, not a {tp.__name__}; write it "
+                          f"without quotes")
     try:
         if tp is Path:
             p = Path(value).expanduser()
@@ -135,6 +142,7 @@ def coerce(params_type: type, name: str, value: Any, *, base: Path | None = None
             raise ValueError(value)  # TOML true is not 1
         if tp is int and isinstance(value, float):
             raise ValueError(value)  # 3.7 is not silently 3
+
         if tp in (int, float, str):
             out = tp(value)
         elif typing.get_origin(tp) is tuple:
@@ -158,7 +166,28 @@ def build_params(params_type: type, config: Mapping[str, Mapping[str, Any]], sec
 
     A table's key is the option's name without ``--``, with ``-`` or ``_`` (``short-side``, ``short_side``,
     ``lambda``), or the field's name (``lambda_``)."""
-    from pipeline.stage.validate import check_field, option_name, validate_params
+    from pipeline.stage.validate import check_field, validate_params
+
+    values = _given_values(params_type, config, section, overrides, config_path)
+    for name, value in values.items():  # as given, before __post_init__ may reset fields that do not apply
+        check_field(params_type, name, value)
+    params = params_type(**values)
+    validate_params(params)  # types, finite numbers, ranges, then the checks across fields: before any work
+    return params
+
+
+def given_params(params_type: type, config: Mapping[str, Mapping[str, Any]], section: str,
+                 overrides: Mapping[str, Any], *, config_path: Path | None = None) -> frozenset[str]:
+    """The fields :func:`build_params` takes from the user rather than the defaults: the ``[pipeline]`` scope
+    settings, the ``[section]`` table's keys and the non-None ``overrides`` (the runner keeps an imported
+    output current unless one of them differs from the import's, :func:`pipeline.stage.run_stage`)."""
+    return frozenset(_given_values(params_type, config, section, overrides, config_path))
+
+
+def _given_values(params_type: type, config: Mapping[str, Mapping[str, Any]], section: str,
+                  overrides: Mapping[str, Any], config_path: Path | None) -> dict[str, Any]:
+    """Field name -> value of everything the user gave (module docstring's precedence), coerced."""
+    from pipeline.stage.validate import option_name
 
     names = {f.name for f in dataclasses.fields(params_type)}
     # A renamed parameter's old name (``recorded_as``) still works as a key; other CLI aliases do not.
@@ -173,7 +202,8 @@ def build_params(params_type: type, config: Mapping[str, Mapping[str, Any]], sec
             value = shared[setting]
             if typing.get_origin(_base(_type_of(params_type, f.name))) is tuple and not isinstance(value, (list, str)):
                 value = [value]
-            values[f.name] = coerce(params_type, f.name, value, source=f"{config_path} [pipeline] {setting}")
+            values[f.name] = coerce(params_type, f.name, value, source=f"{config_path} [pipeline] {setting}",
+                                    typed=config_path is not None)
     table = dict(config.get(section, {}))
     base = table.pop("__base__", None)
     for key, value in table.items():
@@ -182,15 +212,12 @@ def build_params(params_type: type, config: Mapping[str, Mapping[str, Any]], sec
             known = sorted(option_name(n)[2:] for n in names)
             raise ConfigError(f"{config_path or 'config'}: [{section}] has unknown parameter {key!r}"
                               f"{_closest(key, known)}; known: {', '.join(known)}")
-        values[name] = coerce(params_type, name, value, base=base, source=f"{config_path} [{section}]")
+        values[name] = coerce(params_type, name, value, base=base, source=f"{config_path} [{section}] {key}",
+                              typed=base is not None)
     for name, value in overrides.items():
         if value is not None and name in names:
             values[name] = coerce(params_type, name, value)
-    for name, value in values.items():  # as given, before __post_init__ may reset fields that do not apply
-        check_field(params_type, name, value)
-    params = params_type(**values)
-    validate_params(params)  # types, finite numbers, ranges, then the checks across fields: before any work
-    return params
+    return values
 
 
 def pipeline_setting(config: Mapping[str, Mapping[str, Any]], key: str) -> Any:

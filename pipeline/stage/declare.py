@@ -58,6 +58,13 @@ def params_dict(params: Any, *, only_fingerprinted: bool = False) -> dict[str, A
     return out
 
 
+def execution_only(params_type: type) -> frozenset[str]:
+    """The recorded names of the parameters that do not change the output (``fingerprint=False``: workers,
+    device, batch sizes): never a difference between two runs' outputs."""
+    return frozenset(f.metadata.get("recorded_as", f.name) for f in dataclasses.fields(params_type)
+                     if not f.metadata.get("fingerprint", True))
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, read in 4 MiB blocks (weights files, external score files)."""
     h = hashlib.sha256()
@@ -84,6 +91,9 @@ class Plan:
     inputs_digest: str = ""
     data: Any = None
     describe: str = ""
+    #: The bytes the run writes (:class:`pipeline.stage.space.Space`), checked against the free space before
+    #: work; None: only the floor every run needs.
+    space: Any = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,15 @@ class Stage:
     #: fields' ``fingerprint`` flags (finetune: the flow settings for the flow stream only). Default:
     #: :func:`params_dict` ``(params, only_fingerprinted=True)``.
     fingerprint_params: Callable[[Any, "Upstream"], dict] | None = None
+    #: ``(recorded params) -> str``: what a run with these parameters imported instead of computing (decode
+    #: ``--dataset rawframes``, extract-flow ``--backend import``: "the mmaction2 tree /data/x"), "" when it
+    #: computed its output. A current import stays current unless the parameters the user names differ
+    #: (:func:`pipeline.stage.runner.run_stage`).
+    imported: Callable[[dict], str] | None = None
+
+    def import_source(self, recorded: dict) -> str:
+        """What the run with the ``recorded`` parameters imported ("" when it computed its output)."""
+        return self.imported(recorded) if self.imported is not None else ""
 
     def output_key(self, params: Any) -> str:
         return self.key(params) if self.key else self.name

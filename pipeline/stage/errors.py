@@ -21,3 +21,12 @@ class ArtifactError(StageError):
 class ManifestTorn(StageError):
     """A stage folder's ``manifest.json`` is torn (unreadable, not a manifest): the runner rebuilds it from the
     journal and ``run.json`` by resuming the run (nothing journaled is recomputed)."""
+
+
+class DiskFull(StageError):
+    """Not enough free disk space for a run (before work), or the disk filled up during it (ENOSPC): the
+    message names the path, the space needed and what frees it (:mod:`pipeline.stage.space`)."""
+
+
+class CacheReadOnly(StageError):
+    """The cache cannot be written (a read-only file system or no write permission) and the run must write."""

@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fcntl
 import os
 import platform
 import re
 from pathlib import Path
 
-from pipeline.stage.errors import StageLocked
+from pipeline.stage.errors import CacheReadOnly, StageLocked
 from pipeline.stage.keys import lock_path  # noqa: F401  (the lock file's name: the cache layout)
+
+#: The errors of a file that cannot be written: a read-only file system, no permission.
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 #: Lock files this process holds (POSIX record locks do not conflict within one process).
 _HELD_LOCKS: set[str] = set()
@@ -37,31 +42,45 @@ class StageLock:
                            f"{holder}; wait for that run to finish (a second run at once is refused)")
 
     def __enter__(self) -> "StageLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         ident = str(self.path.resolve())
         if ident in _HELD_LOCKS:
             raise self._refuse(f"this process (pid {os.getpid()})")
-        self.fh = open(self.path, "a+")
         try:
-            fcntl.lockf(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            if e.errno in _READ_ONLY:
+                raise CacheReadOnly(f"cache is read-only: {self.path} cannot be opened for writing "
+                                    f"({e.strerror})") from None
+            raise
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self.fh.seek(0)
-            holder = self.fh.read().strip() or "another process"
-            self.fh.close()
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
             raise self._refuse(holder) from None
+        self.fh = fd
         _HELD_LOCKS.add(ident)
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(f"pid {os.getpid()} on {platform.node()} since {now()}")
-        self.fh.flush()
+        # Unbuffered writes: at 0 bytes free the holder's line cannot be written, and the lock holds without it
+        # (the runner then refuses the run for want of space, with no traceback).
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {platform.node()} since {now()}".encode(), 0)
+        except OSError as e:
+            if e.errno not in _FULL:
+                self.__exit__()
+                raise
         return self
 
     def __exit__(self, *exc) -> None:
         _HELD_LOCKS.discard(str(self.path.resolve()))
-        self.fh.truncate(0)
-        self.fh.flush()
-        fcntl.lockf(self.fh.fileno(), fcntl.LOCK_UN)
-        self.fh.close()
+        try:
+            os.ftruncate(self.fh, 0)
+        except OSError:
+            pass  # the line is only informational; the lock itself is released below
+        fcntl.lockf(self.fh, fcntl.LOCK_UN)
+        os.close(self.fh)
+        self.fh = None
 
 
 def lock_holder(path: Path) -> int | None:

@@ -182,6 +182,9 @@ class RunRecord:
     params: dict = field(default_factory=dict)
     size: int = -1  # bytes; -1 until measured
     state: str = ""
+    #: The parameters that do not change the output (workers, device), as the run recorded them; None for a
+    #: run recorded before they were.
+    execution_only: frozenset[str] | None = None
 
     @property
     def age_seconds(self) -> float:
@@ -206,6 +209,8 @@ def _record(key: str, folder: Path, current: bool, with_size: bool) -> RunRecord
     rec = RunRecord(key, manifest.fingerprint or info.get("fingerprint") or folder.name, folder, current,
                     manifest.complete, info.get("started", manifest.get("started", "")),
                     manifest.finished, mtime, manifest.params or info.get("params") or {}, state=state)
+    recorded = manifest.get("execution_only", info.get("execution_only"))
+    rec.execution_only = frozenset(recorded) if recorded is not None else None
     if with_size:
         rec.size = folder_size(folder)
     return rec

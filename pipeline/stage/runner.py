@@ -6,8 +6,11 @@
    ``fingerprint=False`` such as ``workers`` are left out; a stage may declare ``fingerprint_params``), the
    upstream fingerprints and the plan's input digest; all of it before running (DVC's run-cache rule);
 3. take the stage's lock (:class:`~pipeline.stage.lock.StageLock`; a second concurrent run is refused with a
-   clear message, and a killed run never leaves a stale lock);
-4. if a complete manifest with the same fingerprint exists, do nothing and say so;
+   clear message, and a killed run never leaves a stale lock). On a read-only cache the lock cannot be taken:
+   a fresh output is still a no-op (nothing is written), anything else is "cache is read-only: <path>";
+4. if a complete manifest with the same fingerprint exists, do nothing and say so. An output in place that was
+   imported (``Stage.imported``: import-rawframes' decode and extract-flow) of the same upstream stays current
+   when no parameter the user gave (``given``) differs from the import's, unless ``force``;
 5. the run cache (:mod:`pipeline.stage.runcache`): a folder in place with another fingerprint (finished or
    partial) is moved to ``<cache>/.runs/<key>/<its fingerprint>/``, never deleted; a kept run with the
    requested fingerprint is moved back: a complete one is "restored from the run cache" with no recompute, a
@@ -25,6 +28,10 @@
 6. write ``manifest.json``: fingerprint, parameters, upstream fingerprints, counts, timings, failures and
    library versions. A run with failures is marked incomplete (exit status 1) unless failures are allowed.
 
+Before a run writes, its plan's estimate of the bytes still to write (``Plan.space``, at least a floor) is
+checked against the free space, and the first ENOSPC during the run stops it with the path and the space
+needed (:mod:`pipeline.stage.space`); what finished is journaled, so the re-run resumes.
+
 Cache layout: ``<cache>/<stage key>/{manifest.json, run.json, journal.jsonl, log.txt, ...}`` (the current run)
 with the lock file beside the folder (``<cache>/<stage key>.lock``, one run of a key at a time whatever its
 fingerprint) and the kept runs in ``<cache>/.runs/<stage key>/<fingerprint>/``. A lost or torn manifest.json
@@ -37,23 +44,25 @@ and run their share (``StageContext.shard``), each journaling to its own file.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from pipeline import dist
 from pipeline.io.atomic import write_json
-from pipeline.stage.declare import Plan, Stage, Upstream, digest, load_upstream, params_dict
-from pipeline.stage.errors import ManifestTorn, StageError, StageFailures
+from pipeline.stage.declare import Plan, Stage, Upstream, digest, execution_only, load_upstream, params_dict
+from pipeline.stage.errors import CacheReadOnly, ManifestTorn, StageError, StageFailures
 from pipeline.stage.keys import CACHE_FORMAT, LOG, MANIFEST, RUN_INFO, journal_name
 from pipeline.stage.manifest import Manifest, read_manifest, read_run_info, write_manifest
-from pipeline.stage.journal import Journal, journal_files
+from pipeline.stage.journal import Journal, journal_files, read_records
 from pipeline.stage.lock import StageLock, lock_path, now
 from pipeline.stage import integrity, runcache
+from pipeline.stage.space import disk_full_error, is_disk_full, require_free
 
 log = logging.getLogger("pipeline")
 
@@ -72,6 +81,9 @@ class StageContext:
     log: logging.Logger = log
     rank: int = 0
     world_size: int = 1
+    #: A stage that projects its output's size while writing (:class:`pipeline.stage.space.SpaceGuard`) sets
+    #: it: a full disk's error then says how much the rest of the run needs.
+    space: Any = None
 
     def shard(self, items):
         """This rank's share of ``items`` under torchrun (round robin); all of them in a single process."""
@@ -117,8 +129,13 @@ def compute_fingerprint(stage: Stage, params: Any, upstream: Upstream, plan: Pla
 
 
 def run_stage(stage: Stage, params: Any, cache_root: Path, *, allow_failures: bool = False,
-              force: bool = False) -> RunResult:
-    """Run ``stage`` with ``params`` under ``cache_root`` following the contract in the module docstring."""
+              force: bool = False, given: Collection[str] | None = None) -> RunResult:
+    """Run ``stage`` with ``params`` under ``cache_root`` following the contract in the module docstring.
+
+    ``given``: the names of the parameters the user gave (command-line options, config keys;
+    :func:`pipeline.stage.config.given_params`); None counts every parameter as given. A current output that
+    was imported (``Stage.imported``: decode ``--dataset rawframes``, extract-flow ``--backend import``) stays
+    current unless a given parameter differs from the import's or ``force``."""
     from pipeline.stage.validate import validate_params
 
     validate_params(params)  # every rank checks the same params: a bad value fails everywhere before any work
@@ -134,16 +151,31 @@ def run_stage(stage: Stage, params: Any, cache_root: Path, *, allow_failures: bo
         upstream = load_upstream(cache_root, stage.upstream_keys(params, cache_root), stage.name)
         plan = stage.plan(params, upstream)
         fp = compute_fingerprint(stage, params, upstream, plan)
-        with StageLock(lock_path(cache_root, key), key):
-            fresh = _fresh_result(cache_root / key, key, fp, force)
+        lock = StageLock(lock_path(cache_root, key), key)
+        try:
+            lock.__enter__()
+        except CacheReadOnly as e:  # a fresh output needs no write lock: nothing is written
+            fresh = (_fresh_result(cache_root / key, key, fp, force)
+                     or _kept_import(stage, params, given, upstream, cache_root / key, key, force))
+            if fresh is None:
+                raise CacheReadOnly(f"{e}; {key} is not fresh and must be written (nothing was changed)") from None
+            _tell_ranks({"action": "skip", "fingerprint": fresh.fingerprint, "manifest": fresh.manifest,
+                         "message": fresh.message})
+            return fresh
+        try:  # the lock is held
+            fresh = (_fresh_result(cache_root / key, key, fp, force)
+                     or _kept_import(stage, params, given, upstream, cache_root / key, key, force))
             if fresh is None and not force:
                 fresh = _from_run_cache(cache_root, key, fp)
             if fresh is not None:
-                _tell_ranks({"action": "skip", "fingerprint": fp, "manifest": fresh.manifest,
+                _tell_ranks({"action": "skip", "fingerprint": fresh.fingerprint, "manifest": fresh.manifest,
                              "message": fresh.message})
                 return fresh
+            _require_space(cache_root, key, fp, plan, force)
             decided = True
             manifest = _run(stage, params, cache_root, upstream, plan, fp, allow_failures, force)
+        finally:
+            lock.__exit__()
     except StageError as e:
         if not decided:
             _tell_ranks({"action": "error", "message": str(e)})
@@ -198,6 +230,52 @@ def _fresh_result(out: Path, key: str, fp: str, force: bool) -> RunResult | None
     if manifest.summary.get("line"):
         msg += f"\nlast run: {manifest.summary['line']}"
     return RunResult(key, fp, True, manifest, msg)
+
+
+def _kept_import(stage: Stage, params: Any, given: Collection[str] | None, upstream: Upstream, out: Path,
+                 key: str, force: bool) -> RunResult | None:
+    """The no-op result when the output in place is a complete import (``Stage.imported``) of the same upstream
+    and no parameter the user gave differs from the import's: a plain ``pipeline extract-flow`` after
+    ``import-rawframes`` keeps the imported flow (recomputing it could take a day of GPU time)."""
+    if force or given is None:
+        return None
+    try:
+        manifest = read_manifest(out)
+    except StageError:  # torn: rebuilt by resuming its run, not kept as is
+        return None
+    if not manifest or not manifest.complete or manifest.stage != stage.name or manifest.version != stage.version:
+        return None
+    source = manifest.get("imported") or stage.import_source(manifest.params)
+    if not source or manifest.upstream != upstream.fingerprints():
+        return None
+    wanted, recorded = params_dict(params, only_fingerprinted=True), manifest.params
+    names = {f.name: f.metadata.get("recorded_as", f.name) for f in dataclasses.fields(params)}
+    if any(names.get(n) in wanted and recorded.get(names[n]) != wanted[names[n]] for n in given):
+        return None
+    msg = (f"{key}: imported from {source} (fingerprint {manifest.fingerprint[:12]}, finished "
+           f"{manifest.finished}); kept as current: no parameter given differs from the import's "
+           f"(--force, or an option that differs such as --{_recompute_hint(recorded, wanted)}, recomputes it)")
+    return RunResult(key, manifest.fingerprint, True, manifest, msg)
+
+
+def _recompute_hint(recorded: dict, wanted: dict) -> str:
+    """``backend torch``: the first parameter whose value differs between the import and the requested run."""
+    for k in sorted(wanted):
+        if recorded.get(k) != wanted[k]:
+            return f"{k.replace('_', '-').rstrip('-')} {wanted[k]}"
+    return "force"
+
+
+def _require_space(cache_root: Path, key: str, fp: str, plan: Plan, force: bool) -> None:
+    """Before work: the stage's estimate of what this run still writes (journaled videos of the same run
+    excluded), at least the floor, against the cache's free space (:mod:`pipeline.stage.space`)."""
+    out = cache_root / key
+    done: dict = {}
+    if not force and runcache.folder_fingerprint(out) == fp:
+        done = read_records(journal_files(out))[0]
+    need = plan.space.remaining(done) if plan.space is not None else 0
+    what = f"{key} ({plan.space.what})" if plan.space is not None else key
+    require_free(cache_root, need, what)
 
 
 def _from_run_cache(cache_root: Path, key: str, fp: str) -> RunResult | None:
@@ -272,7 +350,22 @@ def _prepare_folder(cache_root: Path, key: str, fp: str, force: bool) -> bool:
 
 def _run(stage: Stage, params: Any, cache_root: Path, upstream: Upstream, plan: Plan, fp: str,
          allow_failures: bool, force: bool) -> Manifest:
-    """Rank 0's run (the lock is held): prepare the folder, run every rank's share, write the manifest."""
+    """Rank 0's run (the lock is held): prepare the folder, run every rank's share, write the manifest. The first
+    ENOSPC anywhere stops it (what finished is journaled and kept), never one failure per remaining video."""
+    contexts: list[StageContext] = []
+    try:
+        return _run_and_record(stage, params, cache_root, upstream, plan, fp, allow_failures, force, contexts)
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        guard = contexts[0].space if contexts else None
+        needed = guard.needed() if guard is not None else (plan.space.remaining() if plan.space else None)
+        raise disk_full_error(e, cache_root, stage.output_key(params), needed) from None
+
+
+def _run_and_record(stage: Stage, params: Any, cache_root: Path, upstream: Upstream, plan: Plan, fp: str,
+                    allow_failures: bool, force: bool, contexts: list) -> Manifest:
+    """:func:`_run`'s work; the run's context is appended to ``contexts`` once made."""
     world, key = dist.world_size(), stage.output_key(params)
     out = cache_root / key
     replaced = runcache.kept_dir(cache_root, key, fp) if force else None
@@ -282,7 +375,7 @@ def _run(stage: Stage, params: Any, cache_root: Path, upstream: Upstream, plan: 
     write_json(out / RUN_INFO, {
         "cache_format": CACHE_FORMAT, "stage": stage.name, "version": stage.version, "fingerprint": fp,
         "params": params_dict(params), "upstream": upstream.fingerprints(), "started": started,
-        "world_size": world,
+        "world_size": world, "execution_only": sorted(execution_only(type(params))),
     })
     dist.broadcast_object({"action": "run", "fingerprint": fp})
     handler = _attach_log_file(out / LOG)
@@ -292,6 +385,7 @@ def _run(stage: Stage, params: Any, cache_root: Path, upstream: Upstream, plan: 
         log.info("%s: %s run, fingerprint %s%s%s", key, "resuming" if resumed else "starting", fp[:12],
                  f" ({plan.describe})" if plan.describe else "", f", {world} ranks" if world > 1 else "")
         ctx = StageContext(stage, params, out, upstream, journal, fp, allow_failures, rank=0, world_size=world)
+        contexts.append(ctx)
         summary = stage.run(ctx, plan) or {}
     finally:
         journal.close()
@@ -308,7 +402,8 @@ def _run(stage: Stage, params: Any, cache_root: Path, upstream: Upstream, plan: 
         "started": started, "finished": now(), "seconds": round(time.perf_counter() - t0, 3), "resumed": resumed,
         "done": len(journal.done), "failed": len(failures), "failures": failures,
         "complete": not failures or allow_failures, "summary": summary, "versions": library_versions(),
-        "world_size": world,
+        "world_size": world, "execution_only": sorted(execution_only(type(params))),
+        **({"imported": source} if (source := stage.import_source(params_dict(params))) else {}),
     })
     if replaced is not None and not had_kept and replaced.exists() and manifest.complete:
         runcache.discard(cache_root, replaced)  # --force: the run it replaces (same fingerprint) is superseded
@@ -330,8 +425,17 @@ def _result(key: str, fp: str, manifest: Manifest, out: Path, allow_failures: bo
     return RunResult(key, fp, False, manifest, line)
 
 
+class _LogFile(logging.FileHandler):
+    """The run's ``log.txt``; a full disk stops logging to it quietly (the run stops with a clear error)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if is_disk_full(sys.exc_info()[1]):
+            return
+        super().handleError(record)
+
+
 def _attach_log_file(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
+    handler = _LogFile(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("pipeline").addHandler(handler)
     return handler

@@ -119,6 +119,9 @@ def _finished(m: Manifest, key: str, stage: Stage | None, manifests: dict[str, M
             reasons.append(runcache.upstream_change(cache_root, up_key, up_fp, up))
     if reasons and row.state == "fresh":
         row.state = "stale"
+    source = m.get("imported") or (stage.import_source(m.params) if stage is not None else "")
+    if source:  # not a reason for staleness: what the output is (kept current by the runner, docs/rawframes.md)
+        reasons.append(f"imported ({source})")
     truncated = m.summary.get("truncated") or {}
     if truncated:  # stored under --allow-truncated: not a failure, but never silent
         first = ", ".join(list(truncated)[:3]) + (", ..." if len(truncated) > 3 else "")

@@ -520,6 +520,11 @@ def fit(model: nn.Module, train: Callable[[torch.optim.Optimizer, Callable[[int]
 
         bar = tqdm(total=(schedule.epochs - start) * sum(len(b) for b in batches.global_batches()), desc=desc,
                    unit=unit, dynamic_ncols=True, file=sys.stderr, disable=None)
+    if main and not done:  # before the first epoch: room for best.pt and last.pt (weights + momentum)
+        from pipeline.stage.space import require_free
+
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        require_free(out, 3 * weights, f"{desc}'s checkpoints (best.pt, and last.pt with the optimizer state)")
     curves = EpochScalars(out, tensorboard and main)
     rate_key, rate_count, rate_unit = rate
     epoch = start

@@ -115,7 +115,7 @@ _ANNOTATION_FILES = frozenset({"train_list", "test_list", "classes_file", "allow
 KINDS: dict[str, Kind] = {
     "ucf101": Kind(load_ucf101, frozenset({"allow_missing"}), official_splits=True),
     "hmdb51": Kind(load_hmdb51, frozenset({"allow_missing"}), official_splits=True),
-    "folder": Kind(load_folder, frozenset({"test_fraction", "seed"})),
+    "folder": Kind(load_folder, frozenset({"test_fraction", "seed", "allow_missing"})),
     "csv": Kind(load_csv_kind, frozenset({"csv", "classes_file", "labels", "allow_missing"})),
     "demo": Kind(load_demo, frozenset({"allow_missing"})),
     "list": Kind(load_video_list, _ANNOTATION_FILES),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ __all__ = [
     "require_file",
     "split_files",
     "ucf_group",
+    "video_file_problem",
     "video_id",
 ]
 
@@ -189,6 +191,26 @@ def check_split_id(split: int) -> int:
     if isinstance(split, bool) or not isinstance(split, int) or split not in OFFICIAL_SPLITS:
         raise DatasetError(f"split must be one of 1, 2, 3 (the official splits), got {split!r}")
     return split
+
+
+def video_file_problem(path: Path) -> str | None:
+    """Why ``path``, named as a video, cannot be read as one: a dangling symlink (naming its target), not a
+    regular file (a fifo, a socket, a device, a folder: reading a fifo would wait forever), or absent; None for a
+    regular file (through any symlinks)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"dangling symlink -> {os.readlink(path)}"
+        return "file not found"
+    except OSError as e:  # a symlink loop, no permission on a folder on the way
+        return f"cannot be read ({e.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        kinds = ((stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"),
+                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+        kind = next((name for test, name in kinds if test(st.st_mode)), "a special file")
+        return f"not a regular file ({kind})"
+    return None
 
 
 def is_video(name: str) -> bool:

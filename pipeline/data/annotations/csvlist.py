@@ -19,6 +19,7 @@ from pipeline.data.annotations.base import (
     existing_file,
     finish,
     handle_missing,
+    video_file_problem,
     id_under,
     integer_classes,
     is_video,
@@ -143,8 +144,9 @@ def load_csv(
             where = f"classes in {classes_file}" if classes_file is not None else "classes"
             raise DatasetError(f"{csv_path}:{n}: unknown label {label_text!r} ({len(classes)} {where})")
         path = absolute(root / path_text)  # an absolute path_text replaces root
-        if not path.is_file():
-            missing.append(path_text)
+        problem = video_file_problem(path)
+        if problem:  # absent, a dangling symlink (its target named), a fifo ...
+            missing.append(path_text if problem == "file not found" else f"{path_text} ({problem})")
             continue
         vid = id_under(root, path)
         group = group or ucf_group(PurePosixPath(vid).name) or vid

@@ -15,8 +15,10 @@ from pipeline.data.annotations.base import (
     absolute,
     finish,
     is_video,
+    listing,
     require_dir,
     ucf_group,
+    video_file_problem,
     video_id,
 )
 from pipeline.data.splits import holdout_groups
@@ -25,13 +27,15 @@ __all__ = ["load_folder"]
 
 
 def load_folder(
-    root: str | os.PathLike, *, test_fraction: float | None = None, seed: int = 0
+    root: str | os.PathLike, *, test_fraction: float | None = None, seed: int = 0, allow_missing: bool = False
 ) -> Dataset:
     """``<root>/<Class>/**/<video>`` with classes sorted by name.
 
     All videos are ``"train"`` when ``test_fraction`` is None or 0; otherwise whole groups
     (UCF-style ``_gNN_`` names, else one group per video) are moved to ``"test"`` by
-    :func:`holdout_groups` with ``seed``.
+    :func:`holdout_groups` with ``seed``. A video file that cannot be read (a dangling symlink, a fifo) is an
+    error naming it, or with ``allow_missing`` an entry of :attr:`Dataset.missing` ("Class/v.avi (dangling
+    symlink -> /gone/v.avi)").
     """
     root = absolute(root)
     require_dir(root, "dataset root")
@@ -47,8 +51,12 @@ def load_folder(
             found += [(folder, f"{rel_dir}/{name}") for name in filenames if is_video(name)]
     classes = sorted({c for c, _ in found})
     label_of = {c: i for i, c in enumerate(classes)}
-    records = []
+    records, missing = [], []
     for class_name, rel in found:
+        problem = video_file_problem(root / rel)
+        if problem:  # a dangling symlink (its target named), a fifo, ...: cannot be decoded
+            missing.append(f"{rel} ({problem})")
+            continue
         vid = video_id(rel)
         group = ucf_group(vid.rsplit("/", 1)[-1]) or vid
         records.append(VideoRecord(vid, root / rel, label_of[class_name], class_name, "train", group))
@@ -58,4 +66,8 @@ def load_folder(
             VideoRecord(r.video_id, r.path, r.label, r.class_name, "test", r.group) if r.group in held else r
             for r in records
         ]
-    return finish("folder", root, classes, records, None, ())
+    if missing and not allow_missing:
+        raise DatasetError(f"{len(missing)} video file(s) under {root} cannot be read: {listing(missing)}; fix or "
+                           "remove them, or allow missing videos (--allow-missing, or allow_missing=True) to go on "
+                           "without them")
+    return finish("folder", root, classes, records, None, tuple(missing))
