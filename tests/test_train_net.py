@@ -1,0 +1,270 @@
+"""train-net: the network registry, and the stage on a tiny demo-like cache (resume after a kill, learning above
+chance, evaluate's row, predict, options from the command line to the network, options refused).
+
+Upstream outputs come from the real decode, extract-flow (a light TV-L1) and finetune stages on two classes that
+differ by their motion only, as the demo's RedHorizontal / RedVertical (docs/demo.md): a texture translating
+horizontally or vertically (tests/videos.py ``moving_texture``; a flip keeps the axis), 12 clips per class of
+16 frames at 64x48. (The demo's own discs cover ~2 % of a 64x48 frame: ResNet-18 streams trained from scratch
+at 32 px on a dozen clips stay at chance on them; the translating texture lets them learn in seconds.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.data.transforms import EVAL_SPACES
+from pipeline.eval.results import load_test_scores
+from pipeline.io import artifacts
+from pipeline.models import stmult_net
+from pipeline.models.networks import (NETWORKS, NetworkOptionError, Source, create_network,
+                                      load_network_checkpoint, network_options, network_output_name, option_fields)
+from pipeline.stage import StageError, run_stage
+from pipeline.training import loop as T
+from stages.cli import main
+from stages.decode import STAGE as DECODE, DecodeParams
+from stages.extract_flow import STAGE as FLOW, FlowParams
+from stages.finetune import STAGE as FINETUNE, FinetuneParams
+from stages.train_net import STAGE, TrainNetParams
+from tests.videos import moving_texture, write_frames
+
+ARCH = "resnet18"
+CLASSES = {"Horizontal": "x", "Vertical": "y"}
+# The streams: ResNet-18 from scratch at 32 px, 4 TSN segments per video so that BatchNorm sees 16 inputs.
+FINETUNE_TINY = dict(arch=ARCH, input_size=32, weights="none", batch_size=4, segments=4, lr=0.01, dropout=0.0,
+                     val_frames=2, num_test_frames=3, workers=0, device="cpu", epochs=8)
+# A lighter TV-L1 than the demo's (2 scales, few iterations): it underestimates the 2 px/frame motion (~0.7 px)
+# but keeps its axis.
+LIGHT_FLOW = dict(nscales=2, warps=1, inner_iterations=5, outer_iterations=1, fast=False, device="cpu")
+# train-net at demo-like settings: steps of 4 videos in micro-batches of 2 (BatchNorm on 2 x 5 frames), dropout
+# 0 as the streams were trained, the test protocol cut to 6 frames (+ flips) in chunks of 3 and validation to 3.
+TINY = dict(backbone=ARCH, batch_size=4, micro_batch=2, lr=1e-3, workers=0, device="cpu", dropout=0.0,
+            test_frames=6, test_chunk=3, val_frames=3, schedule="step", lr_steps=(4,))
+NAME = network_output_name("stmult", {k: v for k, v in TINY.items() if k in option_fields()})
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """decode (2 classes x 12 clips, the first 4 of each test; decode holds one training group in four out for
+    validation), extract-flow and both finetune streams."""
+    root = tmp_path_factory.mktemp("train_net")
+    rows, k = ["path,label,split"], 0
+    for cls, axis in CLASSES.items():
+        for i in range(12):
+            rel = f"{cls}/v_{cls}_g{i + 1:02d}_c01.avi"
+            write_frames(root / "data" / rel, moving_texture(axis, 16, (64, 48), seed=k, speed=2))
+            rows.append(f"{rel},{cls},{'test' if i < 4 else 'train'}")
+            k += 1
+    (root / "data" / "list.csv").write_text("\n".join(rows) + "\n")
+    cache = root / "cache"
+    run_stage(DECODE, DecodeParams(dataset="csv", root=root / "data", short_side=0, val_fraction=0.25, workers=1),
+              cache)
+    run_stage(FLOW, FlowParams(**LIGHT_FLOW), cache)
+    for stream in ("rgb", "flow"):
+        run_stage(FINETUNE, FinetuneParams(stream=stream, **FINETUNE_TINY), cache)
+    return cache, root / "data"
+
+
+def fresh_cache(upstream, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir(parents=True)
+    for key in ("decode", "extract-flow", "finetune"):
+        (cache / key).symlink_to(upstream[0] / key, target_is_directory=True)
+    return cache
+
+
+def _out(cache, name=NAME):
+    return cache / artifacts.net_key(name, 1, ARCH)
+
+
+# ------------------------------------------------------------------------------------------ the registry
+
+def test_registry_options_are_the_model_modules():
+    """The registry reads stmult's options from the model module (declared once): the same names and defaults,
+    which are the constructor's own defaults (an independent reference: its signature)."""
+    spec = NETWORKS["stmult"]
+    assert spec.model_options is stmult_net.OPTIONS
+    defaults = {k: v for k, v in spec.options.items() if k in stmult_net.OPTIONS}
+    assert defaults == {k: d for k, (d, _) in stmult_net.OPTIONS.items()}
+    init = inspect.signature(stmult_net.STMultiplierNet.__init__).parameters
+    assert {k: init[k].default for k in stmult_net.OPTIONS} == defaults
+    # The sampling options are [ST-Mult] §4.1-4.2's numbers.
+    assert {k: spec.options[k] for k in ("clip_frames", "min_stride", "max_stride", "test_frames", "test_chunk")} \
+        == {"clip_frames": 5, "min_stride": 5, "max_stride": 35, "test_frames": 25, "test_chunk": 25}
+    assert network_output_name("stmult") == "stmult-s0"
+    assert spec.checks["test_view"]["choices"] == EVAL_SPACES
+    assert network_output_name("stmult", {"temporal_init": "avg", "dropout": 0.5, "checkpointing": True}, seed=2) \
+        == "stmult-init_avg-p0.5-s2"  # checkpointing changes no result: not in the name
+
+
+@pytest.mark.parametrize("option, value, attribute", [
+    ("gate_appearance", "post_relu", lambda n: n.gate.appearance),
+    ("temporal_placement", "conv5", lambda n: (tuple(n.appearance.residual_temporal), tuple(n.motion.skip_temporal))),
+    ("temporal_init", "avg", lambda n: n.temporal_init),
+    ("temporal_pool", "avg", lambda n: n.temporal_pool),
+    ("dropout", 0.3, lambda n: (n.appearance.backbone.head_drop.p, n.motion.backbone.head_drop.p)),
+    ("fusion", "softmax", lambda n: n.fusion),
+    ("flow_weight", 3.0, lambda n: n.flow_weight),
+    ("checkpointing", True, lambda n: (n.appearance.checkpointing, n.motion.checkpointing)),
+])
+def test_each_option_reaches_the_network(option, value, attribute):
+    expect = {"temporal_placement": (("layer4",), ()), "dropout": (0.3, 0.3), "checkpointing": (True, True)}
+    sources = {"rgb": Source(ARCH, 3), "flow": Source(ARCH, 20)}
+    with torch.device("meta"):
+        net = create_network("stmult", num_classes=3, sources=sources, **{option: value})
+        default = create_network("stmult", num_classes=3, sources=sources)
+    assert attribute(net) == expect.get(option, value) and attribute(default) != attribute(net)
+
+
+def test_an_option_of_another_network_is_refused(monkeypatch, upstream, tmp_path):
+    """A second network with its own option: giving it to stmult is refused naming both, from Python and from
+    the command line (train-net's options come from the registry, so the stage gets the flag unedited)."""
+    toy = dataclasses.replace(NETWORKS["stmult"], model_options={"tau": (3, "a toy network's option")},
+                              sampling_options={}, checks={"tau": {"min": 1}}, tags={}, validate=lambda o: None)
+    monkeypatch.setitem(NETWORKS, "toy", toy)
+    with pytest.raises(NetworkOptionError, match=r"option tau does not apply to network stmult \(it takes: "):
+        network_options("stmult", {"tau": 2})
+    assert network_options("toy", {"tau": 2}) == {"tau": 2}
+    assert "network default: toy 3" in option_fields()["tau"]["help"]
+    import stages.train_net as mod
+
+    try:
+        mod = importlib.reload(mod)
+        from stages.cli import make_stage_command
+
+        cache = fresh_cache(upstream, tmp_path)
+        res = CliRunner().invoke(make_stage_command(mod.STAGE), ["--net", "stmult", "--tau", "2", "--cache-dir",
+                                                                 str(cache)])
+        assert res.exit_code == 2 and "--tau: option tau does not apply to network stmult" in res.output, res.output
+        assert not (cache / artifacts.TRAIN_NET).exists()
+    finally:
+        monkeypatch.delitem(NETWORKS, "toy")
+        importlib.reload(mod)
+    with pytest.raises(StageError, match="--dropout: 1.0 must be < 1.0"):
+        run_stage(STAGE, TrainNetParams(**{**TINY, "dropout": 1.0}), tmp_path / "c2")
+    with pytest.raises(StageError, match="test_chunk 4 does not divide test_frames 6"):
+        run_stage(STAGE, TrainNetParams(**{**TINY, "test_chunk": 4}), tmp_path / "c2")
+
+
+def test_a_network_option_name_must_mean_one_thing(monkeypatch):
+    clash = dataclasses.replace(NETWORKS["stmult"], model_options={"dropout": ("0.5", "dropout as text")},
+                                sampling_options={}, checks={})
+    monkeypatch.setitem(NETWORKS, "clash", clash)
+    with pytest.raises(ValueError, match="option dropout is declared by networks clash and stmult"):
+        option_fields()
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+def _train(cache, epochs=2, **over):
+    return run_stage(STAGE, TrainNetParams(epochs=epochs, **{**TINY, **over}), cache)
+
+
+def test_kill_and_resume_gives_the_same_weights(upstream, tmp_path, monkeypatch):
+    full = fresh_cache(upstream, tmp_path / "full")
+    _train(full, epochs=2)
+    killed = fresh_cache(upstream, tmp_path / "killed")
+
+    class Killed(BaseException):
+        pass
+
+    save_epoch = T.save_epoch
+
+    def kill_after_epoch_1(out, state, *a, **kw):
+        save_epoch(out, state, *a, **kw)
+        if state["epoch"] == 1:
+            raise Killed  # as a kill right after epoch 1's checkpoint: nothing else of the run happens
+
+    monkeypatch.setattr(T, "save_epoch", kill_after_epoch_1)
+    with pytest.raises(Killed):
+        _train(killed, epochs=2)
+    monkeypatch.setattr(T, "save_epoch", save_epoch)
+    assert not torch.load(_out(killed) / "last.pt", weights_only=True)["done"]
+    res = _train(killed, epochs=2)
+    assert res.manifest["resumed"]
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(_out(full) / name, weights_only=True)
+        b = torch.load(_out(killed) / name, weights_only=True)
+        assert a["epoch"] == b["epoch"] and set(a["model"]) == set(b["model"])
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (name, k)
+    np.testing.assert_array_equal(load_test_scores(_out(full) / "test_scores.npz").scores,
+                                  load_test_scores(_out(killed) / "test_scores.npz").scores)
+    r = json.loads((_out(killed) / "results.json").read_text())
+    assert r["epochs"] == 2 and len(r["history"]) == 2
+    assert _train(killed, epochs=2).skipped  # fresh now
+
+
+def test_learns_above_chance_and_evaluate_shows_its_row(upstream, tmp_path):
+    """The two classes differ by motion only (chance 50%): the network, trained end to end from the finetune
+    streams, classifies the 8 test clips better than chance, and evaluate lists it like every row. Centre-crop
+    test views here: at 32 px the streams' last maps are 1 x 1 in training, the whole 64x48 frame changes that."""
+    cache = fresh_cache(upstream, tmp_path)
+    res = _train(cache, epochs=5, test_view="center")
+    name = NAME.replace("-s0", "-view_center-s0")
+    ts = load_test_scores(_out(cache, name) / "test_scores.npz")
+    assert ts.scores.shape == (8, 2) and sorted(ts.class_names) == sorted(CLASSES)
+    np.testing.assert_allclose(ts.scores.sum(1), 1.0, atol=1e-5)
+    top1 = float((ts.scores.argmax(1) == ts.labels).mean())
+    assert top1 == pytest.approx(res.manifest.summary["top1"]) and top1 >= 0.75, top1
+    r = json.loads((_out(cache, name) / "results.json").read_text())
+    assert r["net"] == "stmult" and r["net_options"]["temporal_init"] == "center" and r["seconds_per_epoch"] > 0
+    # The step schedule: lr 1e-3 divided by 10 after epoch 4 (--lr-steps 4).
+    assert [h["lr"] for h in r["history"]] == pytest.approx([1e-3] * 4 + [1e-4]) and r["lr_decays"] == 1
+    assert (_out(cache, name) / "curves.png").is_file() and (_out(cache, name) / "confusion.png").is_file()
+    from stages.evaluate import STAGE as EVALUATE, EvaluateParams
+
+    out = run_stage(EVALUATE, EvaluateParams(backbone=ARCH), cache)
+    rows = {row["name"]: row for row in json.loads((cache / out.key / "results.json").read_text())["rows"]}
+    assert rows[f"train-net {name}"]["source"] == artifacts.net_key(name, 1, ARCH)
+    assert rows[f"train-net {name}"]["top1"] == pytest.approx(top1)
+    assert {"rgb stream", "flow stream"} <= set(rows)
+
+
+def test_cli_flags_reach_the_network_and_predict_scores_with_it(upstream, tmp_path):
+    """--temporal-init avg --dropout 0.5 from the command line: the output is named by them, its checkpoint
+    rebuilds a network with average-initialised temporal filters (eq. 9: I x [1/3, 1/3, 1/3]; a learning rate of
+    1e-9 leaves them there) and dropout 0.5; predict scores a test clip with it exactly as the stage's test did."""
+    cache = fresh_cache(upstream, tmp_path)
+    args = ["train-net", "--net", "stmult", "--temporal-init", "avg", "--dropout", "0.5", "--epochs", "1",
+            "--lr", "1e-9", "--cache-dir", str(cache)]
+    args += [a for k, v in TINY.items() if k not in ("lr", "dropout") for a in (f"--{k.replace('_', '-')}",
+                                                             ",".join(map(str, v)) if isinstance(v, tuple) else str(v))]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    name = NAME.replace("stmult-p0-", "stmult-init_avg-p0.5-")
+    model, ckpt = load_network_checkpoint(_out(cache, name) / "best.pt")
+    assert ckpt["net_options"]["temporal_init"] == "avg" and model.appearance.backbone.head_drop.p == 0.5
+    for stream in (model.appearance, model.motion):
+        for tc in stream.residual_temporal.values():
+            w = tc.conv.weight.detach()
+            c = w.shape[0]
+            want = torch.eye(c)[:, :, None, None, None] * torch.full((3,), 1 / 3)[None, None, :, None, None]
+            torch.testing.assert_close(w, want, atol=1e-6, rtol=0)
+    # predict --net: the new video through decode and extract-flow with the dataset's settings, then the
+    # network's test protocol: the stage's own test score for that clip.
+    ts = load_test_scores(_out(cache, name) / "test_scores.npz")
+    vid = str(ts.video_ids[0])
+    video = upstream[1] / f"{vid}.avi"
+    res = CliRunner().invoke(main, ["predict", str(video), "--net", name, "--backbone", ARCH, "--top-k", "2",
+                                    "--device", "cpu", "--json", str(tmp_path / "p.json"), "--cache-dir", str(cache)])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "p.json").read_text())[0]
+    assert rec["net"] == name and len(rec["top_k"]) == 2
+    expected = dict(zip(ts.class_names, ts.scores[0].tolist()))
+    for t in rec["top_k"]:
+        assert t["prob"] == pytest.approx(expected[t["label"]], abs=1e-5)
+
+
+def test_missing_finetune_and_mismatched_streams_are_named(upstream, tmp_path):
+    cache = fresh_cache(upstream, tmp_path)
+    with pytest.raises(StageError, match=r"finetune/split1-resnet34/flow.*missing.*run `pipeline finetune` first"):
+        _train(cache, flow_arch="resnet34")
+    assert STAGE.output_key(TrainNetParams(rgb_arch="resnet50", flow_arch="resnet152")) == \
+        "train-net/split1-resnet50+resnet152/stmult-s0"
