@@ -32,6 +32,7 @@ from stages.decode import STAGE as DECODE, DecodeParams
 from stages.extract_flow import STAGE as FLOW, FlowParams
 from stages.finetune import STAGE as FINETUNE, FinetuneParams
 from stages.train_net import STAGE, TrainNetParams
+from tests.test_refine import coded_stores  # noqa: F401  (a fixture: frames and flow whose values say where they come from)
 from tests.videos import moving_texture, write_frames
 
 ARCH = "resnet18"
@@ -158,6 +159,57 @@ def test_a_network_option_name_must_mean_one_thing(monkeypatch):
     monkeypatch.setitem(NETWORKS, "clash", clash)
     with pytest.raises(ValueError, match="option dropout is declared by networks clash and stmult"):
         option_fields()
+
+
+# ------------------------------------------------------------------------------------------ samples and views
+
+def test_a_training_sample_has_one_crop_and_flip_for_all_its_frames_and_stacks(coded_stores):
+    """stmult's clip (5 frames at a stride of 5..35, capped) read with one crop and flip for all 5 frames and all
+    their flow fields: the coded stores tell where each was cut (green = 5 x column) and which frame it is
+    (red = 10 t; flow x = 10 + 5 i, 255 - that when flipped)."""
+    from pipeline.data.clips import VideoList
+    from pipeline.data.sampling import flow_stack_indices, stmult_train_indices
+    from pipeline.training.networks import Inputs, NetworkClips
+    from tests.test_refine import H as CH, T as CT
+
+    frames, flows = coded_stores
+    inputs = Inputs({"frames": frames, "flow": flows}, flow_length=4, flow_bound=20.0, flow_step=1)
+    options = network_options("stmult")
+    ds = NetworkClips(NETWORKS["stmult"], options, inputs, VideoList(("v",), (1,), (CT,)), input_size=CH, seed=3,
+                      scales=(256,), base_size=256)
+    flips = set()
+    for epoch in range(8):
+        s = ds[(0, epoch)]
+        rgb, flow = s["rgb"].numpy().astype(int), s["flow"].numpy().astype(int)
+        assert rgb.shape == (5, 3, CH, CH) and flow.shape == (5, 8, CH, CH) and s["label"] == 1
+        want = stmult_train_indices(CT, np.random.default_rng([3, epoch, 0]))  # the sample's first draws
+        assert [int(rgb[k, 0, 0, 0]) // 10 for k in range(5)] == want
+        cols = rgb[0, 1, 0] // 5
+        flipped = bool(cols[0] > cols[-1])
+        for k in range(5):
+            np.testing.assert_array_equal(rgb[k, 1, 0] // 5, cols)
+            for j in range(4):
+                np.testing.assert_array_equal(flow[k, 2 * j + 1, 0] // 5, cols)
+                xq = flow[k, 2 * j, 0, 0]
+                assert ((255 - xq) if flipped else xq) - 10 == 5 * flow_stack_indices(want[k], CT - 1, 4)[j]
+        flips.add(flipped)
+    assert flips == {True, False}
+
+
+def test_test_views_are_the_whole_frame_and_its_mirror():
+    """[ST-Mult] §4.2: the whole frame, short side 256 for 224 crops (here 8 px crops: short side round(8 * 256 /
+    224) = 9), and its horizontal flip; a flow view's flip negates x (255 - x)."""
+    from pipeline.data.transforms import eval_short_side, eval_spatial_views
+
+    assert (eval_short_side(224), eval_short_side(48), eval_short_side(8)) == (256, 55, 9)
+    x = torch.arange(2 * 4 * 9 * 12, dtype=torch.int64).reshape(2, 4, 9, 12).to(torch.uint8)  # short side 9: no resize
+    v = eval_spatial_views(x, "full", 8, is_flow=True)
+    assert v.shape == (2, 2, 4, 9, 12)
+    assert torch.equal(v[0], x)
+    assert torch.equal(v[1, :, 1::2], x[:, 1::2].flip(-1)) and torch.equal(v[1, :, 0::2], 255 - x[:, 0::2].flip(-1))
+    assert eval_spatial_views(x, "full", 8, flips=False).shape == (1, 2, 4, 9, 12)
+    assert eval_spatial_views(x, "center", 8).shape == (2, 2, 4, 8, 8)
+    assert eval_spatial_views(x, "ten_crop", 8).shape == (10, 2, 4, 8, 8)
 
 
 # ------------------------------------------------------------------------------------------ the stage
