@@ -320,3 +320,76 @@ def test_missing_finetune_and_mismatched_streams_are_named(upstream, tmp_path):
         _train(cache, flow_arch="resnet34")
     assert STAGE.output_key(TrainNetParams(rgb_arch="resnet50", flow_arch="resnet152")) == \
         "train-net/split1-resnet50+resnet152/stmult-s0"
+
+
+def test_an_unreadable_video_is_a_recorded_failure_not_a_crash(upstream, tmp_path):
+    import shutil
+
+    from pipeline.stage import StageFailures
+    from pipeline.data.table import VideoTable
+
+    cache = fresh_cache(upstream, tmp_path)
+    (cache / "extract-flow").unlink()
+    shutil.copytree(upstream[0] / "extract-flow", cache / "extract-flow", symlinks=True)
+    table = VideoTable.load(cache / "decode")
+    vid = table.video_ids[table.indices(1, "test")[0]]
+    flow = artifacts.flow_store(cache / "extract-flow")
+    shutil.rmtree(flow.path(vid))
+    with pytest.raises(StageFailures, match=rf"{vid}: flow of .* unreadable"):
+        _train(cache, epochs=1)
+    res = run_stage(STAGE, TrainNetParams(epochs=1, **TINY), cache, allow_failures=True)
+    assert list(res.manifest.failures) == [vid]
+    ts = load_test_scores(_out(cache) / "test_scores.npz")
+    assert len(ts.video_ids) == 7 and vid not in ts.video_ids.tolist()
+    assert json.loads((_out(cache) / "results.json").read_text())["videos"]["failed"] == 1
+
+
+def _ddp_step(rank: int, world: int, init_file: str, out: str) -> None:
+    """One step of the network on this rank's half of a fixed batch, micro-batches of 1 video, under DDP (gloo)."""
+    from pipeline.training.networks import network_loss
+
+    torch.set_num_threads(1)
+    if world > 1:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = _tiny_network()
+    net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batch = _fixed_batch()
+    part = {k: v[2 * rank:2 * rank + 2] for k, v in batch.items()} if world > 1 else batch
+    T.train_one_epoch(net, [part], opt, device=torch.device("cpu"),
+                      loss_fn=network_loss(model, {"rgb": "rgb", "flow": "flow"}), micro_batch=1)
+    if rank == 0:
+        torch.save({k: v.detach() for k, v in model.named_parameters()}, out)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def _tiny_network():
+    torch.manual_seed(0)
+    return create_network("stmult", num_classes=2, sources={"rgb": Source(ARCH, 3), "flow": Source(ARCH, 4)},
+                          dropout=0.0)
+
+
+def _fixed_batch() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"rgb": torch.randint(0, 256, (4, 3, 3, 32, 32), dtype=torch.uint8, generator=g),
+            "flow": torch.randint(0, 256, (4, 3, 4, 32, 32), dtype=torch.uint8, generator=g),
+            "label": torch.tensor([0, 1, 0, 1])}
+
+
+def test_two_ranks_step_like_one_process(tmp_path):
+    """2 ranks x 2 micro-batches of 1 video = 1 process x 4 micro-batches of 1 video: the same BatchNorm batches,
+    and (loss weighting, DDP's average) the gradient of the 4 videos' mean loss; every parameter of the network
+    gets a gradient (DDP without find_unused_parameters needs that)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_step, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp.pt")), nprocs=2)
+    mp.spawn(_ddp_step, args=(1, "", str(tmp_path / "single.pt")), nprocs=1)
+    start = dict(_tiny_network().named_parameters())
+    ddp, single = (torch.load(tmp_path / f, weights_only=True) for f in ("ddp.pt", "single.pt"))
+    for k, q in single.items():
+        step = q - start[k].detach()
+        err = (ddp[k] - start[k].detach() - step).norm() / step.norm().clamp_min(1e-12)
+        assert err < 1e-4 or step.norm() < 1e-9, (k, float(err))
+    unused = [k for k in single if not bool((single[k] != start[k]).any())]
+    assert not unused, unused
