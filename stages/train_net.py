@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.clips import VideoList, split_videos
+from pipeline.data.clips import SplitVideos, VideoList, split_videos
 from pipeline.data.table import VideoTable
 from pipeline.eval.metrics import accuracy_metrics
 from pipeline.eval.results import TestScores, save_test_scores
-from pipeline.flow.stored import flow_settings
+from pipeline.flow.stored import flow_settings, note_without_flow, without_flow
 from pipeline.io import artifacts
 from pipeline.io.atomic import write_json
 from pipeline.models.backbones import backbone_info
@@ -175,14 +175,25 @@ def _upstream(p) -> tuple[str, ...]:
 @dataclass
 class _Data:
     classes: list[str]
-    train: VideoList
-    val: VideoList
-    test: VideoList
+    videos: SplitVideos
     inputs: object  # pipeline.training.networks.Inputs
     options: dict
     sources: dict  # stream -> {"arch", "in_channels", "path"}
     states: dict  # stream -> finetune "model" state dict
     input_size: int
+    left_out: dict  # video -> why it has no flow (extract-flow's accepted failures)
+
+    @property
+    def train(self) -> VideoList:
+        return self.videos.train
+
+    @property
+    def val(self) -> VideoList:
+        return self.videos.val
+
+    @property
+    def test(self) -> VideoList:
+        return self.videos.test
 
 
 def plan(p, upstream: Upstream) -> Plan:
@@ -229,10 +240,12 @@ def plan(p, upstream: Upstream) -> Plan:
             raise StageError(f"{src['arch']} ({s}) needs --input-size >= {need} (got {input_size})")
 
     stores = {i: INPUTS[i].open(upstream.dir(INPUTS[i].key(p.split, scope_backbone(p)))) for i in spec.inputs}
-    flow = {}
+    flow, left_out = {}, {}
     if "flow" in spec.inputs:
-        try:  # the flow store's bound and step, as extract-flow recorded them (every container is checked)
+        try:  # the flow store's bound and step, as extract-flow recorded them (every container is checked);
+            # the videos extract-flow failed (and accepted) have no flow: left out, as finetune and refine do
             bound, step = flow_settings(upstream.manifests[artifacts.FLOW], upstream.dir(artifacts.FLOW))
+            videos, left_out = without_flow(videos, upstream.manifests[artifacts.FLOW], upstream.dir(artifacts.FLOW))
         except ValueError as e:
             raise StageError(str(e)) from None
         flow = {"flow_bound": bound, "flow_step": step}
@@ -249,8 +262,7 @@ def plan(p, upstream: Upstream) -> Plan:
         streams = ", ".join(f"{s} {v['arch']}" for s, v in sources.items())
         raise StageError(f"--net {p.net} on {streams}: {e}") from None
 
-    data = _Data(list(table.classes), videos.train, videos.val, videos.test, inputs, options, sources, states,
-                 input_size)
+    data = _Data(list(table.classes), videos, inputs, options, sources, states, input_size, left_out)
     inputs_digest = digest({
         "classes": table.classes, "train": data.train.video_ids, "val": data.val.video_ids,
         "test": data.test.video_ids, "labels": list(data.train.labels + data.test.labels),
@@ -277,12 +289,6 @@ def _checkpoint_meta(p, data: _Data) -> dict:
 RESUME_KEYS = ("net", "sources", "num_classes", "classes", "input_size")
 
 
-def _without(videos: VideoList, bad: dict) -> VideoList:
-    keep = [i for i, v in enumerate(videos.video_ids) if v not in bad]
-    return VideoList(tuple(videos.video_ids[i] for i in keep), tuple(videos.labels[i] for i in keep),
-                     tuple(videos.num_frames[i] for i in keep))
-
-
 def run(ctx: StageContext, plan: Plan) -> dict:
     import torch
 
@@ -307,10 +313,13 @@ def run(ctx: StageContext, plan: Plan) -> dict:
         if bad:
             ctx.log.warning("train-net: %d video(s) left out: %s", len(bad),
                             "; ".join(f"{v} ({w})" for v, w in list(bad.items())[:5]))
-    train, val, test = (_without(v, bad) for v in (data.train, data.val, data.test))
-    if not len(train) or not len(test):
-        raise StageError(f"no usable training or test video left ({len(bad)} failed, e.g. "
-                         f"{next(iter(bad.items()), ('-', '-'))})")
+    try:
+        videos = data.videos.without(bad)
+    except ValueError as e:
+        raise StageError(f"{e} ({len(bad)} failed, e.g. {next(iter(bad.items()))})") from None
+    train, val, test = videos.train, videos.val, videos.test
+    if data.left_out:
+        note_without_flow(ctx.log, data.left_out)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(p.seed)
@@ -344,7 +353,9 @@ def run(ctx: StageContext, plan: Plan) -> dict:
     epoch_s = [h["seconds"] for h in history]
     results = {
         "name": ctx.dir.name, "net": p.net, "net_options": data.options, "params": params_dict(p), **ev.as_dict(),
-        "videos": {"train": len(train), "val": len(val), "test": len(test), "failed": len(bad) + len(res.failed)},
+        "videos": {"train": len(train), "val": len(val), "test": len(test), "failed": len(bad) + len(res.failed),
+                   "without_flow": len(data.left_out)},
+        "left_out": data.left_out,
         "val_video_ids": list(val.video_ids), "input_size": data.input_size,
         "backbones": {s: v["arch"] for s, v in data.sources.items()}, "epochs": res.epochs,
         "best_epoch": best.get("epoch"), "lr_decays": res.decays,
@@ -359,11 +370,12 @@ def run(ctx: StageContext, plan: Plan) -> dict:
                           title=f"{key}: top-1 {100 * ev.top1:.1f}%")
     line = (f"{key}: top-1 {100 * ev.top1:.1f}%, mean class accuracy {100 * ev.mean_class_accuracy:.1f}% on "
             f"{len(ids)} test videos (chance {100 / len(data.classes):.1f}%); {res.epochs} epochs, best "
-            f"{best.get('epoch')}, {results['seconds_per_epoch'] or 0:.1f} s/epoch, {seconds:.0f} s on {device}")
+            f"{best.get('epoch')}, {results['seconds_per_epoch'] or 0:.1f} s/epoch, {seconds:.0f} s on {device}"
+            + (f"; {len(data.left_out)} video(s) without flow left out" if data.left_out else ""))
     ctx.log.info(line)
     return {"line": line, "top1": ev.top1, "mean_class_accuracy": ev.mean_class_accuracy, "epochs": res.epochs,
             "best_epoch": best.get("epoch"), "test_videos": len(ids),
-            "seconds_per_epoch": results["seconds_per_epoch"], "seconds": seconds}
+            "seconds_per_epoch": results["seconds_per_epoch"], "seconds": seconds, "left_out": data.left_out}
 
 
 STAGE = Stage(
