@@ -188,8 +188,8 @@ def find_network(cache_root: Path, split: int, backbone: str, net: str) -> Model
     name = default_network_output(names, net)
     if name is None:
         raise PredictError(f"no finished train-net output {net!r} in {cache_root / artifacts.TRAIN_NET / scope}: "
-                           f"run `pipeline train-net --net ...` with --split {split} and backbone {backbone} (finished: "
-                           f"{', '.join(names) or 'none'})")
+                           f"run `pipeline train-net --net ...` with --split {split} and backbone {backbone} "
+                           f"(finished: {', '.join(names) or 'none'})")
     keys = (artifacts.DECODE, artifacts.FLOW, artifacts.net_key(name, split, backbone))
     for key in keys[:2]:
         if key not in finished:

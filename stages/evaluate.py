@@ -145,8 +145,9 @@ def _row_name(key: str, params: dict | None = None) -> str:
     parts = artifacts.key_parts(key)
     head = (params or {}).get("head")
     note = HEADS[head].note if parts.stage == artifacts.TRAIN_HEAD and head in HEADS else ""
-    return {artifacts.FINETUNE: f"{parts.name} stream", artifacts.REFINE: f"refine {parts.name}",
-            artifacts.TRAIN_NET: f"train-net {parts.name}"}.get(parts.stage, parts.name) + (f" ({note})" if note else "")
+    name = {artifacts.FINETUNE: f"{parts.name} stream", artifacts.REFINE: f"refine {parts.name}",
+            artifacts.TRAIN_NET: f"train-net {parts.name}"}.get(parts.stage, parts.name)
+    return name + (f" ({note})" if note else "")
 
 
 def _safe(name: str) -> str:

@@ -1,4 +1,5 @@
-"""Train one temporal head (STFN, STCB, ST-Multiplier or a baseline) on the cached features and test it.
+"""Train one temporal head (STFN, STCB, the ST-Multiplier approximation or a baseline) on the cached features
+and test it.
 
 Fits on the store's "train" videos, early-stops on its "val" videos (the hold-out recorded by decode) and
 tests on "test" ([STFN] §4.2). Each head is its own output, train-head/<name>, named after its effective

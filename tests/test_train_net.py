@@ -32,7 +32,7 @@ from stages.decode import STAGE as DECODE, DecodeParams
 from stages.extract_flow import STAGE as FLOW, FlowParams
 from stages.finetune import STAGE as FINETUNE, FinetuneParams
 from stages.train_net import STAGE, TrainNetParams
-from tests.test_refine import coded_stores  # noqa: F401  (a fixture: frames and flow whose values say where they come from)
+from tests.test_refine import coded_stores  # noqa: F401  (a fixture: frames and flow coded by where they come from)
 from tests.videos import moving_texture, write_frames
 
 ARCH = "resnet18"

@@ -179,8 +179,8 @@ class NetworkViews(Dataset):
 
     The network's ``eval_samples`` (temporal views: [ST-Mult]'s chunks of the 25 test frames) times its
     spatial views (``eval_space(options)``: [ST-Mult]'s whole frame at short side ``round(input_size * 256 /
-    224)`` by default, with its flip at test, without at validation). ``dataset[i]`` returns ``{key: (V, ...) uint8, "label",
-    "index"}`` (V views), or ``{"index": i, "error": reason}`` when the video cannot be read, so one bad video
+    224)`` by default, with its flip at test, without at validation). ``dataset[i]`` returns ``{key: (V, ...)
+    uint8, "label", "index"}`` (V views), or ``{"index": i, "error": reason}`` when the video cannot be read, so one bad video
     does not stop the test.
     """
 
