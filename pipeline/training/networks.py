@@ -122,7 +122,7 @@ def probe_videos(inputs: Inputs, videos: VideoList, min_frames: int = 1) -> dict
         for name, store in inputs.stores.items():
             try:
                 with store.reader(vid) as r:
-                    count = r.num_images("frames" if name == "frames" else name)
+                    count = r.num_images(name)  # the image sequences are named as the inputs
                 if count < 1:
                     raise ValueError("no images")
             except Exception as e:  # noqa: BLE001 - any unreadable container is this video's failure
