@@ -19,12 +19,15 @@ measured, so a section stopped at its limit keeps what it had:
   threaded vs serial bit-identity; GPU vs CPU JPEG decode, and nvJPEG called from several threads.
 * ``finetune``: SGD step rate of the model vs the training loader's rate, RGB and flow (bench/finetune.py).
 * ``heads``: a UCF101-scale epoch of the STFN head (9,537 videos, N = 7; bench/heads.py).
+* ``train_net``: train-net's [ST-Mult] network, ResNet-50 + ResNet-152 on 4 videos x 5 frames at 224, bf16:
+  SGD steps/s and peak memory without and with gradient checkpointing; one test video's seconds (2 flips x 25
+  whole 340x256 frames).
 * ``tests``: ``pytest tests/test_cuda.py`` (the CUDA tests; they skip without a GPU).
 
 ``--smoke`` runs every section tiny on the CPU (tests/test_gpu_check.py runs it), so this script cannot rot.
 Full figures and per-section logs go to ``$OUT/gpu_check.json`` (or ``--out``) when set.
 
-    python3 bench/gpu_check.py                 # on the GPU machine: about 7-8 minutes
+    python3 bench/gpu_check.py                 # on the GPU machine: about 8-9 minutes
     python3 bench/gpu_check.py --sections flow,heads
     python3 bench/gpu_check.py --smoke --inline   # on any CPU, well under a minute
 """
@@ -54,8 +57,8 @@ sys.path.insert(0, str(REPO))
 
 DEFAULT_DATA = HERE / "data" / "gpu_check.npz"
 UCF101_SPLIT1_TRAIN = 9537
-#: seconds per section on the GPU (sum 450 s: with start-up and the table, under 8 minutes)
-LIMITS = {"env": 20, "flow": 135, "features": 110, "finetune": 75, "heads": 35, "tests": 75}
+#: seconds per section on the GPU (sum 510 s: with start-up and the table, under 9 minutes)
+LIMITS = {"env": 20, "flow": 135, "features": 110, "finetune": 75, "heads": 35, "train_net": 60, "tests": 75}
 SMOKE_LIMIT = 120
 GRACE = 4  # after a section's limit, before its process is killed
 
@@ -472,6 +475,65 @@ def section_heads(c: Ctx) -> None:
     c.put("epoch", bh.measure(torch.device(c.device), args))
 
 
+def section_train_net(c: Ctx) -> None:
+    """train-net's [ST-Mult] network: SGD steps of ResNet-50 appearance + ResNet-152 motion on 4 videos x 5
+    frames (one micro-batch of the paper's setting), bf16 autocast, without and with gradient checkpointing
+    (step rate, peak GPU memory); then one test video's forward (2 flips x 25 frames, whole 340x256 frame)."""
+    import torch
+
+    from pipeline.models.networks import Source, create_network
+    from pipeline.training import loop as T
+    from pipeline.training.networks import network_loss
+
+    if c.smoke:
+        cfg = dict(rgb="resnet18", flow="resnet18", size=32, batch=2, frames=3, steps=1, classes=5,
+                   test_hw=(36, 48), test_frames=3, seconds=0.2)
+    else:
+        cfg = dict(rgb="resnet50", flow="resnet152", size=224, batch=4, frames=5, steps=8, classes=101,
+                   test_hw=(256, 340), test_frames=25, seconds=5.0)
+    c.put("config", cfg)
+    dev = torch.device(c.device)
+    kinds = {"rgb": "rgb", "flow": "flow"}
+    g = torch.Generator().manual_seed(0)
+    shape = (cfg["batch"], cfg["frames"])
+    batch = {"rgb": torch.randint(0, 256, (*shape, 3, cfg["size"], cfg["size"]), dtype=torch.uint8, generator=g),
+             "flow": torch.randint(0, 256, (*shape, 20, cfg["size"], cfg["size"]), dtype=torch.uint8, generator=g),
+             "label": torch.randint(0, cfg["classes"], (cfg["batch"],), generator=g)}
+    sources = {"rgb": Source(cfg["rgb"], 3), "flow": Source(cfg["flow"], 20)}
+    for checkpointing in (False, True):
+        model = create_network("stmult", num_classes=cfg["classes"], sources=sources,
+                               checkpointing=checkpointing).to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        loss_fn = network_loss(model, kinds, amp=c.cuda)
+
+        def step():
+            model.train()
+            T.train_one_epoch(model, [batch], opt, device=dev, loss_fn=loss_fn, micro_batch=cfg["batch"])
+
+        step()  # warm-up (cuDNN autotuning, allocator)
+        if c.cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        calls, secs = _timed_repeats(step, c, min_calls=cfg["steps"], seconds=cfg["seconds"], max_calls=100)
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if c.cuda else None
+        c.put("checkpointing" if checkpointing else "plain",
+              {"steps_per_s": calls / secs, "videos_per_s": calls * cfg["batch"] / secs, "peak_gib": peak})
+        if checkpointing:
+            from pipeline.training.networks import predict
+
+            h, w = cfg["test_hw"]
+            views = {"rgb": torch.randint(0, 256, (2, cfg["test_frames"], 3, h, w), dtype=torch.uint8, generator=g),
+                     "flow": torch.randint(0, 256, (2, cfg["test_frames"], 20, h, w), dtype=torch.uint8, generator=g),
+                     "label": 0, "index": 0}
+            predict(model, [views], 1, cfg["classes"], kinds, device=dev, amp=c.cuda, chunk=2)  # warm-up
+            calls, secs = _timed_repeats(lambda: predict(model, [views], 1, cfg["classes"], kinds, device=dev,
+                                                         amp=c.cuda, chunk=2), c, min_calls=1,
+                                         seconds=cfg["seconds"] / 2, max_calls=20)
+            c.put("test_video_s", secs / calls)
+        del model, opt
+        if c.cuda:
+            torch.cuda.empty_cache()
+
+
 def section_tests(c: Ctx) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_cuda.py"]
@@ -486,7 +548,7 @@ def section_tests(c: Ctx) -> None:
 
 SECTIONS: dict[str, Callable[[Ctx], None]] = {
     "env": section_env, "flow": section_flow, "features": section_features, "finetune": section_finetune,
-    "heads": section_heads, "tests": section_tests,
+    "heads": section_heads, "train_net": section_train_net, "tests": section_tests,
 }
 
 
@@ -543,6 +605,12 @@ def goal_rows(res: dict[str, dict], smoke: bool) -> list[tuple[str, str, str, st
     he = res.get("heads", {}).get("results", {})
     row("STFN head epoch s (9,537 videos, N=7)", "< 1", _get(he, "epoch", "epoch_seconds_ucf101"), lambda x: x < 1,
         "{:.2f}")
+    tn = res.get("train_net", {}).get("results", {})
+    for mode in ("plain", "checkpointing"):
+        row(f"train-net stmult R50+R152 steps/s, 4x5 frames bf16 ({mode})", "-", _get(tn, mode, "steps_per_s"), None,
+            "{:.2f}")
+        row(f"train-net stmult peak GiB ({mode})", "< 78 (H100)", _get(tn, mode, "peak_gib"), None, "{:.1f}")
+    row("train-net stmult test video s (2x25 frames, 340x256)", "-", _get(tn, "test_video_s"), None, "{:.2f}")
     te = res.get("tests", {}).get("results", {})
     row("CUDA tests (tests/test_cuda.py)", "all pass", _get(te, "pytest", "summary"),
         lambda x: _get(te, "pytest", "rc") == 0 and "passed" in x and "skipped" not in x)

@@ -6,7 +6,9 @@ dataset's fine-tuned backbones as weights files, so the videos go through exactl
 head was trained on. This module holds what comes before and after: finding the models in the cache
 (:func:`find_models`), the test protocol of ``train-head`` on the new features (:func:`video_probabilities`,
 the same :func:`pipeline.training.heads.eval_scores`), the top-k (:func:`top_k`) and the per-window scores of
-the timeline (:func:`timeline_probabilities`).
+the timeline (:func:`timeline_probabilities`). With an end-to-end network (``--net``, a ``train-net`` output)
+no features are extracted: :func:`find_network` finds it, :func:`network_probabilities` runs its own test
+protocol on the new videos' frames and flow.
 """
 from __future__ import annotations
 
@@ -153,3 +155,62 @@ def top_k(probs: np.ndarray, class_names: Sequence[str], k: int) -> list[dict]:
     """``[{"label": name, "prob": p}, ...]``, the k most probable classes, highest first."""
     order = np.argsort(-probs, kind="stable")[:k]
     return [{"label": str(class_names[i]), "prob": float(probs[i])} for i in order]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# An end-to-end network (train-net) instead of a head
+# ----------------------------------------------------------------------------------------------------------
+
+def default_network_output(names: Sequence[str], net: str) -> str | None:
+    """The train-net output ``net`` names: itself when finished; for a network's name (``stmult``), its output
+    at the default options (``stmult-s0``), else the first other finished output of that network."""
+    from pipeline.models.networks import NETWORKS, network_output_name
+
+    if net in names:
+        return net
+    if net not in NETWORKS:
+        return None
+    if network_output_name(net) in names:
+        return network_output_name(net)
+    hits = sorted(n for n in names if n.startswith(net + "-"))
+    return hits[0] if hits else None
+
+
+def find_network(cache_root: Path, split: int, backbone: str, net: str) -> Models:
+    """The decode, extract-flow and train-net outputs an end-to-end network's prediction uses (``net``: an
+    output name or a network's name, :func:`default_network_output`); a PredictError naming the stage to run
+    when one is missing. ``backbone`` is the scope's (``resnet50+resnet152`` for streams of two archs)."""
+    cache_root = Path(cache_root)
+    scope = artifacts.scope(split, backbone)
+    finished = {**finished_outputs(cache_root, artifacts.DECODE), **finished_outputs(cache_root, artifacts.FLOW),
+                **finished_outputs(cache_root, artifacts.TRAIN_NET, scope)}
+    names = [key_parts(k).name for k in finished if key_parts(k).stage == artifacts.TRAIN_NET]
+    name = default_network_output(names, net)
+    if name is None:
+        raise PredictError(f"no finished train-net output {net!r} in {cache_root / artifacts.TRAIN_NET / scope}: "
+                           f"run `pipeline train-net --net ...` with --split {split} and backbone {backbone} "
+                           f"(finished: {', '.join(names) or 'none'})")
+    keys = (artifacts.DECODE, artifacts.FLOW, artifacts.net_key(name, split, backbone))
+    for key in keys[:2]:
+        if key not in finished:
+            raise PredictError(f"{cache_root / key}: no finished {key} output; run `pipeline {key}` first")
+    return Models(cache_root, split, backbone, keys[2], {k: finished[k] for k in keys})
+
+
+def network_probabilities(model: torch.nn.Module, ckpt: dict, frames, flow, videos, flow_settings: tuple,
+                          *, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """(V, C) class probabilities of ``videos`` (a :class:`pipeline.data.clips.VideoList`) with a train-net
+    network and its test protocol (:class:`pipeline.training.networks.NetworkViews`, e.g. [ST-Mult] §4.2's 25
+    frames and flips over the whole frame), read from the frame and flow stores; also which videos were scored
+    and why the others could not be read."""
+    from pipeline.models.networks import NETWORKS
+    from pipeline.training.networks import READERS, Inputs, NetworkViews, predict
+
+    spec = NETWORKS[ckpt["net"]]
+    bound, step = flow_settings
+    inputs = Inputs({"frames": frames, "flow": flow}, flow_length=int(ckpt["flow_length"]), flow_bound=bound,
+                    flow_step=step)
+    views = NetworkViews(spec, ckpt["net_options"], inputs, videos, input_size=int(ckpt["input_size"]))
+    probs, scored, failed = predict(model, (views[i] for i in range(len(videos))), len(videos),
+                                    int(ckpt["num_classes"]), READERS[spec.data].kinds, device=torch.device(device))
+    return probs.numpy(), scored.numpy(), failed

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 
 #: Stage modules in pipeline order.
-STAGE_MODULES = ("decode", "extract_flow", "finetune", "extract_features", "train_head", "refine", "evaluate")
+STAGE_MODULES = ("decode", "extract_flow", "finetune", "extract_features", "train_head", "refine", "train_net",
+                 "evaluate")
 
 #: command name -> (module in stages/, attribute of a plain Click command or None for the module's STAGE, help)
 CATALOG: dict[str, tuple[str, str | None, str]] = {
@@ -29,6 +30,8 @@ CATALOG: dict[str, tuple[str, str | None, str]] = {
                "features."),
     "refine": ("refine", None, "Train both backbones and a trained head end to end ([STFN] §4.2, second "
                "training step)."),
+    "train-net": ("train_net", None, "Train an end-to-end network (ST-Multiplier [ST-Mult]) from the finetune "
+                  "outputs, and test it."),
     "run-all": ("workflow", "run_all_command", "Every stage in order, in one process; fresh stages are skipped."),
     "predict": ("predict", "predict_command", "Top-k classes of new videos with the cache's trained models."),
     "import-rawframes": ("import_rawframes", "import_rawframes_command", "Frames and flow extracted by mmaction2, "
@@ -39,8 +42,8 @@ CATALOG: dict[str, tuple[str, str | None, str]] = {
                "list the damaged ones for redo."),
     "report": ("report", "report_command", "One self-contained HTML page of the cache: results, curves, ablation, "
                "flow."),
-    "evaluate": ("evaluate", None, "Results table of every finished stream, head and refined model in the cache "
-                 "(+ external scores)."),
+    "evaluate": ("evaluate", None, "Results table of every finished stream, head, refined model and end-to-end "
+                 "network in the cache (+ external scores)."),
 }
 
 

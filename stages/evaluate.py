@@ -5,7 +5,8 @@ Rows, each with top-1, top-5 and mean class accuracy on the test split (TSN repo
 - per stream, from ``finetune/<scope>/<stream>/test_scores.npz`` ([STFN] Table 5 "Appear." / "Motion"), and
   their two-stream late fusion (rgb + w flow) / (1 + w), ``--flow-weight`` w = 1.5 by default as in TSN;
 - every finished ``train-head/<scope>/<name>`` (including the rows ``pipeline ablate`` trained);
-- every finished ``refine/<scope>/<name>`` that wrote ``test_scores.npz``.
+- every finished ``refine/<scope>/<name>`` that wrote ``test_scores.npz``;
+- every finished ``train-net/<scope>/<name>`` (an end-to-end network: ``train-net stmult-s0``).
 
 ``<scope>`` is ``split<k>-<backbone>`` (:mod:`pipeline.io.artifacts`). With several splits (``--splits
 1,2,3``) every row is evaluated on each split and the table gives each split's top-1 and the mean ± sample
@@ -57,7 +58,7 @@ from pipeline.stage.validate import existing_file
 
 VERSION = "2"
 #: The stages whose finished outputs become rows.
-SOURCES = (artifacts.FINETUNE, artifacts.TRAIN_HEAD, artifacts.REFINE)
+SOURCES = (artifacts.FINETUNE, artifacts.TRAIN_HEAD, artifacts.REFINE, artifacts.TRAIN_NET)
 
 
 def _distinct_splits(splits: tuple[int, ...]) -> str | None:
@@ -116,7 +117,7 @@ def plan(params: EvaluateParams, upstream: Upstream) -> Plan:
     for split in params.splits:
         found = _sources(params, root, split)
         if not found:
-            what = "finetune" if params.streams else "finetune, train-head or refine"
+            what = "finetune" if params.streams else "finetune, train-head, refine or train-net"
             scope = artifacts.scope(split, params.backbone)
             others = sorted({s for st in SOURCES for s in artifacts.scope_keys(root, st)} - {scope})
             raise StageError(f"nothing to evaluate for split {split} and backbone {params.backbone}: no finished "
@@ -138,10 +139,15 @@ def plan(params: EvaluateParams, upstream: Upstream) -> Plan:
     return Plan(ext, by_split, f"{n} finished outputs over split(s) {', '.join(map(str, by_split))}")
 
 
-def _row_name(key: str) -> str:
+def _row_name(key: str, params: dict | None = None) -> str:
+    from pipeline.models.heads import HEADS
+
     parts = artifacts.key_parts(key)
-    return {artifacts.FINETUNE: f"{parts.name} stream", artifacts.REFINE: f"refine {parts.name}"}.get(
-        parts.stage, parts.name)
+    head = (params or {}).get("head")
+    note = HEADS[head].note if parts.stage == artifacts.TRAIN_HEAD and head in HEADS else ""
+    name = {artifacts.FINETUNE: f"{parts.name} stream", artifacts.REFINE: f"refine {parts.name}",
+            artifacts.TRAIN_NET: f"train-net {parts.name}"}.get(parts.stage, parts.name)
+    return name + (f" ({note})" if note else "")
 
 
 def _safe(name: str) -> str:
@@ -187,11 +193,13 @@ def split_rows(root: Path, keys: list[str], manifests: dict[str, Manifest], p: E
             continue
         params = manifests[key].params
         results = root / key / artifacts.RESULTS
-        if results.is_file():  # the head's effective options, as train-head and refine record them
-            params.update(json.loads(results.read_text()).get("head_options") or {})
+        if results.is_file():  # the effective options, as train-head and refine (head), train-net (net) record them
+            recorded = json.loads(results.read_text())
+            params.update(recorded.get("head_options") or recorded.get("net_options") or {})
         desc = ", ".join(f"{k}={v}" for k, v in params.items()
-                         if k in ("head", "arch", "fusion", "direction", "segments", "blocks", "seed") and v is not None)
-        add(_row_name(key), key, load(key), desc)
+                         if k in ("head", "net", "arch", "fusion", "direction", "segments", "blocks", "seed")
+                         and v is not None)
+        add(_row_name(key, params), key, load(key), desc)
     notes = []
     if streams and not any(r.name.startswith("late fusion") for r in rows):
         notes.append("No late fusion row: it needs both a finetune rgb and a finetune flow output.")
@@ -296,5 +304,6 @@ STAGE = Stage(
     # What evaluate reads is discovered in the cache, so that every finished head's fingerprint enters its
     # own fingerprint and manifest (and `pipeline status` tells when one of them changed).
     upstream=_upstream, key=_key,
-    help="Results table of every finished stream, head and refined model in the cache (+ external scores).",
+    help="Results table of every finished stream, head, refined model and end-to-end network in the cache "
+         "(+ external scores).",
 )

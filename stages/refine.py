@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import dist
 from pipeline.streams import STREAMS
 from pipeline.data.clips import VideoList, split_videos
 from pipeline.data.paired import PairedClips, PairedTestSequences
@@ -45,8 +44,6 @@ from pipeline.stage import Plan, Stage, StageContext, StageError, Upstream, dige
     params_dict
 from pipeline.training import end_to_end as E2E
 from pipeline.training import loop as T
-from pipeline.training.tensorboard import TensorBoardMissing
-from pipeline.training.tensorboard import check_available as check_tensorboard
 
 VERSION = "1"
 #: The default head: train-head's default output (STFN a, avg, bi, N = 5; [STFN] §4.2).
@@ -144,13 +141,7 @@ def plan(p: RefineParams, upstream: Upstream) -> Plan:
     from pipeline.io.artifacts import frame_store
     from pipeline.io.artifacts import flow_store
 
-    if p.tensorboard:
-        try:
-            check_tensorboard()
-        except TensorBoardMissing as e:
-            raise StageError(str(e)) from None
-    if p.batch_size < dist.world_size():
-        raise StageError(f"--batch-size {p.batch_size} is smaller than the {dist.world_size()} ranks")
+    T.check_plan(tensorboard=p.tensorboard, batch_size=p.batch_size)
     table = VideoTable.load(upstream.dir("decode"))
     fkeys = {s: artifacts.finetune_key(s, p.split, p.backbone) for s in STREAMS}
     ck = {s: artifacts.finetune_checkpoint(upstream.dir(fkeys[s]), table.classes) for s in STREAMS}

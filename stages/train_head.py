@@ -1,4 +1,5 @@
-"""Train one temporal head (STFN, STCB, ST-Multiplier or a baseline) on the cached features and test it.
+"""Train one temporal head (STFN, STCB, the ST-Multiplier approximation or a baseline) on the cached features
+and test it.
 
 Fits on the store's "train" videos, early-stops on its "val" videos (the hold-out recorded by decode) and
 tests on "test" ([STFN] §4.2). Each head is its own output, train-head/<name>, named after its effective
@@ -63,8 +64,9 @@ def _head_option(option: str, help: str, **kw):
 
 @dataclass(frozen=True)
 class TrainHeadParams:
-    head: str = param(DEFAULT_HEAD, "Head: stfn, stcb, stcb_temporal, stmultiplier or a baseline (rgb, flow, late, "
-                      "tsn, concat).", choices=list_heads())
+    head: str = param(DEFAULT_HEAD, "Head: stfn, stcb, stcb_temporal, stmultiplier (a pooled-feature approximation "
+                      "of [ST-Mult]; the network: train-net) or a baseline (rgb, flow, late, tsn, concat).",
+                      choices=list_heads())
     arch: str | None = _head_option("arch", "STFN architecture, Fig. 4: a, b or c.", choices=ARCHS)
     fusion: str | None = _head_option("fusion", "STFN fusion G: avg, max, mul (eq. 4-6) or stcb.",
                                       choices=STFN_FUSIONS)
@@ -206,7 +208,8 @@ def plan(params: TrainHeadParams, upstream: Upstream) -> Plan:
             **{k: int(v.size) for k, v in parts.items()}}
     describe = (f"{p.head} on {parts['train'].size} train / {parts['val'].size} val / {parts['test'].size} test "
                 f"videos, {c} classes, rgb {da}-d, flow {dm}-d, P={P}, N={n}, {va} view(s)")
-    return Plan(digest({"head_options": options}), info, describe)
+    version = HEADS[p.head].version  # a head's own version, digested only when it has one (old runs stay fresh)
+    return Plan(digest({"head_options": options, **({"head_version": version} if version else {})}), info, describe)
 
 
 def run(ctx: StageContext, plan: Plan) -> dict:

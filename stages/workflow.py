@@ -1,7 +1,8 @@
 """``run-all``: every stage in order, in one process, from one config file.
 
 decode -> extract-flow -> finetune (rgb, flow) -> extract-features -> train-head (each listed head) -> ablate ->
-refine -> evaluate, the stages after extract-flow once per split of ``--splits`` (then one evaluate over them),
+refine -> train-net (each listed network) -> evaluate, the stages after extract-flow once per split of ``--splits``
+(then one evaluate over them),
 then ``pipeline report``'s page (``<cache>/report/index.html``). Each stage goes through :func:`pipeline.stage.run_stage`, so fresh stages are skipped
 and a changed parameter recomputes only what depends on it. Running in one process
 (rather than one ``pipeline`` process per stage) means PyTorch is imported once: a re-run of a finished
@@ -23,6 +24,13 @@ from pipeline.stage import StageError, StageFailures, param, run_stage
 DEFAULT_HEADS = ("stfn", "stcb", "rgb", "flow", "late", "tsn", "concat", "stmultiplier")
 
 
+def _known_nets(names: tuple[str, ...]) -> str | None:
+    from pipeline.models.networks import list_networks
+
+    unknown = [n for n in names if n not in list_networks()]
+    return f"names unknown networks {unknown}; known: {', '.join(list_networks())}" if unknown else None
+
+
 @dataclass(frozen=True)
 class RunAllParams:
     heads: tuple[str, ...] = param(DEFAULT_HEADS, "Heads trained by train-head (each with the [train-head] settings "
@@ -31,6 +39,9 @@ class RunAllParams:
     refine: bool = param(True, "Run `pipeline refine` (end-to-end training of backbones + the first head).")
     splits: tuple[int, ...] = param((), "Splits to train and evaluate (e.g. 1,2,3, [STFN] Table 6); empty: "
                                     "[finetune]'s split.")
+    nets: tuple[str, ...] = param((), "End-to-end networks trained by train-net with the [train-net] settings "
+                                  "(e.g. stmult); empty: none. Their streams must be finetune's arch.",
+                                  check=_known_nets)
 
 
 def _steps(conf: dict, config_path: Path | None, run_params: RunAllParams):
@@ -46,6 +57,7 @@ def _steps(conf: dict, config_path: Path | None, run_params: RunAllParams):
     from stages.refine import STAGE as REFINE
     from stages.train_head import STAGE as TRAIN_HEAD
     from stages.train_head import TrainHeadParams, head_name
+    from stages.train_net import STAGE as TRAIN_NET
 
     def build(stage, table=None, **over):
         return cfg.build_params(stage.params_type if stage else TrainHeadParams, conf, table or stage.name, over,
@@ -71,6 +83,7 @@ def _steps(conf: dict, config_path: Path | None, run_params: RunAllParams):
         if run_params.refine:
             over = {} if "head_name" in conf.get("refine", {}) else {"head_name": head_name(head_params[0])}
             steps.append((f"refine{tag}", REFINE, build(REFINE, **over, **scoped)))
+        steps += [(f"train-net {n}{tag}", TRAIN_NET, build(TRAIN_NET, net=n, **scoped)) for n in run_params.nets]
         steps.append((f"evaluate{tag}", EVALUATE, build(EVALUATE, splits=(k,), backbone=feats.arch)))
     if len(splits) > 1:
         steps.append(("evaluate (all splits)", EVALUATE, build(EVALUATE, splits=tuple(splits), backbone=feats.arch)))
@@ -115,7 +128,7 @@ def run_all(config_path: Path | None, cache_root: Path | None = None, echo=click
     for pattern in (f"{artifacts.EVALUATE}/*/{artifacts.RESULTS_MD}", f"{artifacts.EVALUATE}/*/confusion/*.png",
                     f"{artifacts.ABLATE}/*/*.md", f"{artifacts.ABLATE}/*/*.png",
                     *(f"{s}/*/*/{artifacts.CURVES}" for s in (artifacts.FINETUNE, artifacts.TRAIN_HEAD,
-                                                               artifacts.REFINE))):
+                                                               artifacts.REFINE, artifacts.TRAIN_NET))):
         for path in sorted(root.glob(pattern)):
             echo(f"  {path}")
     slow = ", ".join(f"{label} {sec:.0f} s" for label, sec in timings if sec >= 1.0)

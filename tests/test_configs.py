@@ -33,6 +33,23 @@ def test_demo_config_lists_every_results_row():
     assert {"stfn", "stcb", "rgb", "flow", "late", "tsn", "concat"} <= set(heads)
 
 
+def test_demo_run_all_trains_the_stmult_network_with_its_table():
+    """[run-all] nets = ["stmult"]: a train-net step after refine, with the [train-net] table's settings on the
+    demo's scope (split 1, ResNet-18), evaluated with the other rows."""
+    from stages.workflow import _steps
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+    conf = cfg.load_config(path)
+    steps = _steps(conf, path, cfg.build_params(RunAllParams, conf, "run-all", {}))
+    labels = [label for label, *_ in steps]
+    assert labels.index("refine") < labels.index("train-net stmult") < labels.index("evaluate")
+    p = next(params for label, _, params, _ in steps if label == "train-net stmult")
+    table = conf["train-net"]
+    assert (p.net, p.split, p.backbone) == ("stmult", 1, "resnet18")
+    assert (p.epochs, p.lr_steps, p.dropout, p.batch_size, p.micro_batch) == (
+        table["epochs"], tuple(table["lr_steps"]), table["dropout"], table["batch_size"], table["micro_batch"])
+
+
 def test_renamed_parameter_keeps_its_old_name_in_fingerprints_and_configs(tmp_path):
     """extract-features --format became --store: runs recorded under "format" stay fresh, and the old option
     and config key still work."""

@@ -1,6 +1,7 @@
 """evaluate: per-stream and late-fusion rows ([STFN] Table 5), external scores, re-runs, bad input."""
 import csv
 import json
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,3 +235,24 @@ def test_top5_and_per_class_report_by_hand():
     assert (r[1]["precision"], r[1]["recall"], r[1]["f1"]) == pytest.approx((2 / 3, 1.0, 0.8))
     assert r[2]["precision"] is None and r[2]["recall"] == 0.0 and r[2]["f1"] is None
     assert [x["support"] for x in r] == [2, 2, 1] and [x["predicted"] for x in r] == [2, 3, 0]
+
+
+def test_stmultiplier_head_rows_say_they_approximate_and_only_they_go_stale_on_its_version(tmp_path, monkeypatch):
+    """The gated head on pooled features is labelled as the approximation of [ST-Mult] it is; a bump of its own
+    version (its training changed: the paper's two losses) changes its fingerprint, so re-running it
+    recomputes, and no other head's (a re-run of those does nothing)."""
+    from pipeline.models import heads
+    from tests.test_train_head import build_upstream, make_features
+
+    root = tmp_path / "cache"
+    build_upstream(root, make_features())
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[train-head]\nmax_epochs = 1\nsegments = 2\ndevice = "cpu"\n')
+    for head in ("tsn", "stmultiplier"):
+        assert invoke("train-head", "--head", head, "--config", cfg, "--cache-dir", root).exit_code == 0
+    assert invoke("evaluate", "--cache-dir", root).exit_code == 0
+    assert set(rows_of(root)) == {"tsn-n2-s0", "stmultiplier-n2-s0 (pooled-feature approximation of [ST-Mult])"}
+    monkeypatch.setitem(heads.HEADS, "stmultiplier", dataclasses.replace(heads.HEADS["stmultiplier"], version="3"))
+    for head, recomputed in (("tsn", False), ("stmultiplier", True)):
+        res = invoke("train-head", "--head", head, "--config", cfg, "--cache-dir", root)
+        assert res.exit_code == 0 and ("nothing to do" not in res.output) == recomputed, (head, res.output)

@@ -39,6 +39,7 @@ def test_smoke_runs_every_section_and_ends_with_the_goal_table(gpu_check, tmp_pa
     assert r["features"]["results"]["threaded_vs_serial"]["identical"] is True
     assert r["finetune"]["results"]["flow"]["loader_per_s"] > 0
     assert r["heads"]["results"]["epoch"]["videos"] == 64
+    assert r["train_net"]["results"]["plain"]["steps_per_s"] > 0 and r["train_net"]["results"]["test_video_s"] > 0
     assert "skipped" in r["tests"]["results"]["pytest"]["summary"]  # no GPU here: the CUDA tests skip
     # the goal table is the last thing printed, one row per goal, nothing judged in a smoke run
     table = out.rstrip().split("\n\n")[-1].splitlines()

@@ -111,3 +111,16 @@ def test_stmultiplier_gate_and_max_pool():
     torch.testing.assert_close(head(rgb, flow).exp(), (pa + pm) / 2)
     with pytest.raises(ValueError, match="equal widths"):
         STMultiplierHead(3, 4, 8, 2)
+
+
+def test_stmultiplier_loss_is_one_cross_entropy_per_stream():
+    """[ST-Mult] §5.1: two loss layers; the head's loss is the sum of its two classifiers' cross-entropies,
+    computed here by hand from their logits (log-sum-exp minus the true class's logit)."""
+    torch.manual_seed(0)
+    head = STMultiplierHead(3, 8, 8, 4, dropout=0.0).eval()
+    rgb, flow, y = torch.randn(5, 4, 8), torch.randn(5, 4, 8), torch.tensor([0, 2, 1, 1, 0])
+    za, zm = head.stream_logits(rgb, flow)
+    by_hand = sum((z.logsumexp(1) - z[torch.arange(5), y]).mean() for z in (za, zm))
+    torch.testing.assert_close(head.loss(rgb, flow, y), by_hand)
+    # The prediction is still the average of the two streams' softmaxes (as a log-probability).
+    torch.testing.assert_close(head(rgb, flow).exp(), (za.softmax(1) + zm.softmax(1)) / 2)

@@ -185,6 +185,10 @@ def test_published_figure_lookup():
     assert fig("finetune", stream="rgb", backbone="resnet101", across_splits=True) is None
     assert fig("train-head", head="stfn", backbone="inception_v3", across_splits=True) == (95.4, 72.1)
     assert fig("train-head", head="stmultiplier", across_splits=True) == (94.2, 68.9)
+    # [ST-Mult] Table 3's best row is 6.00 / 30.98 % error; Table 5 94.2 / 68.9 % over splits.
+    assert fig("train-net", net="stmult", options={"temporal_init": "center", "dropout": 0.0}) == (94.0, 69.02)
+    assert fig("train-net", net="stmult", across_splits=True) == (94.2, 68.9)
+    assert fig("train-net", net="stmult", options={"temporal_init": "avg"}) is None
 
 
 def test_refined_row_gets_the_figure_of_its_head_options(cache, tmp_path):

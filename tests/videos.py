@@ -16,6 +16,12 @@ def write_video(path: Path, num_frames: int = 12, size: tuple[int, int] = (64, 4
     base = rng.integers(0, 200)
     frames = np.stack([np.stack([(x * 3 + t * 4 + base) % 256, (y * 4) % 256, np.full_like(x, 60 + 10 * (t % 10))],
                                 -1) for t in range(num_frames)]).astype(np.uint8)
+    return write_frames(path, frames, fps, codec)
+
+
+def write_frames(path: Path, frames: np.ndarray, fps: int = 10, codec: str = "mpeg4") -> np.ndarray:
+    """Encode RGB frames (T, H, W, 3) uint8 to ``path``; returns them."""
+    h, w = frames.shape[1:3]
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=fps)
@@ -27,6 +33,20 @@ def write_video(path: Path, num_frames: int = 12, size: tuple[int, int] = (64, 4
         for pkt in s.encode():
             c.mux(pkt)
     return frames
+
+
+def moving_texture(axis: str, num_frames: int = 16, size: tuple[int, int] = (64, 48), seed: int = 0,
+                   speed: int = 1) -> np.ndarray:
+    """(T, H, W, 3) uint8: a random smooth colour texture translating by ``speed`` px per frame along ``axis``
+    (``"x"`` or ``"y"``; the sign drawn from ``seed``), wrapping around. Clips of the two axes differ by their
+    motion only, and a horizontal flip keeps the axis (as the demo's RedHorizontal / RedVertical)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    coarse = rng.uniform(30, 225, size=(h // 8 + 1, w // 8 + 1, 3))
+    tex = np.kron(coarse, np.ones((8, 8, 1)))[:h, :w] + rng.normal(0, 12, size=(h, w, 3))
+    tex = np.clip(tex, 0, 255).astype(np.uint8)
+    sign = 1 if rng.random() < 0.5 else -1
+    return np.stack([np.roll(tex, sign * speed * t, axis=1 if axis == "x" else 0) for t in range(num_frames)])
 
 
 def make_csv_dataset(root: Path, videos_per_class: int = 3, classes=("Alpha", "Beta"), num_frames: int = 12,

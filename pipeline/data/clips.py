@@ -43,7 +43,7 @@ from pipeline.data.transforms import CROP_SCALES, apply_crop, center_view, sampl
 from pipeline.streams import STREAMS
 
 __all__ = ["STREAMS", "VideoList", "TrainClips", "EvalViews", "input_channels", "input_normalizer",
-           "read_flow_stacks"]
+           "read_flow_stacks", "read_stream"]
 
 
 def input_channels(stream: str, flow_length: int = 10) -> int:
@@ -155,9 +155,10 @@ def read_flow_stacks(store: VideoStore, video_id: str, centers: Sequence[int], f
     return q.view(k, flow_length, h, w, 2).permute(0, 1, 4, 2, 3).reshape(k, 2 * flow_length, h, w)
 
 
-def _read(store: VideoStore, stream: str, video_id: str, frames: Sequence[int], flow_length: int,
-          bound: float | None, step: int | None) -> Tensor:
-    """``(k, C, H, W)`` uint8 frames (RGB) or flow stacks centred on ``frames``."""
+def read_stream(store: VideoStore, stream: str, video_id: str, frames: Sequence[int], flow_length: int = 10,
+                bound: float | None = None, step: int | None = None) -> Tensor:
+    """``(k, C, H, W)`` uint8 frames (RGB, a channels-last view) or flow stacks centred on ``frames``
+    (:func:`read_flow_stacks`)."""
     if stream == "rgb":
         with store.reader(video_id) as r:
             return r.read_images("frames", frames).permute(0, 3, 1, 2)
@@ -231,7 +232,7 @@ class TrainClips(SegmentSamples):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, rng, vid, frames = self.draw(key)
-        x = _read(self.store, self.stream, vid, frames, self.flow_length, self.flow_bound, self.flow_step)
+        x = read_stream(self.store, self.stream, vid, frames, self.flow_length, self.flow_bound, self.flow_step)
         crop = sample_crop_params(x.shape[-2], x.shape[-1], rng, scales=self.scales, base_size=self.base_size)
         x = apply_crop(x, crop, self.input_size, is_flow=self.stream == "flow").contiguous()
         return {"input": x, "label": int(self.videos.labels[index]), "index": int(index)}
@@ -260,6 +261,6 @@ class EvalViews(Dataset):
     def __getitem__(self, index: int) -> dict:
         vid = self.videos.video_ids[index]
         frames = eval_indices(self.videos.num_frames[index], self.num_frames)
-        x = _read(self.store, self.stream, vid, frames, self.flow_length, self.flow_bound, self.flow_step)
+        x = read_stream(self.store, self.stream, vid, frames, self.flow_length, self.flow_bound, self.flow_step)
         return {"input": center_view(x, self.input_size).contiguous(), "label": int(self.videos.labels[index]),
                 "index": int(index)}

@@ -315,3 +315,52 @@ def sample_random_crop(height: int, width: int, size: int, rng: np.random.Genera
     top = int(rng.integers(height - size + 1))
     left = int(rng.integers(width - size + 1))
     return CropParams(top=top, left=left, h=size, w=size, flip=bool(rng.random() < 0.5))
+
+
+# --------------------------------------------------------------------------------------------
+# Test views of the end-to-end networks (``train-net``): the whole frame ([ST-Mult] §4.2), a centre crop, or
+# TSN's ten crops, each with its horizontal flip
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["EVAL_SPACES", "eval_short_side", "eval_spatial_views"]
+
+#: The spatial test views an end-to-end network may ask for (:func:`eval_spatial_views`).
+EVAL_SPACES = ("full", "center", "ten_crop")
+
+
+def eval_short_side(input_size: int) -> int:
+    """The short side test frames are resized to: ``round(input_size * 256 / 224)``, 256 for 224 (the ratio of
+    [ST-Mult] §4.2's "smallest side rescaled to 256" to its 224 training crops, and TSN's ``scale_size``)."""
+    if input_size < 1:
+        raise ValueError(f"input_size must be >= 1, got {input_size}")
+    return round(input_size * 256 / 224)
+
+
+def eval_spatial_views(x: Tensor, space: str, input_size: int, *, flips: bool = True,
+                       is_flow: bool = False) -> Tensor:
+    """The spatial test views of one sample, the same for all its frames.
+
+    Args:
+        x: ``(..., C, H, W)`` uint8 at the stored resolution.
+        space: ``full``: the whole frame with its short side resized to :func:`eval_short_side` (a fully
+            convolutional network, [ST-Mult] §4.2: "smallest side rescaled to 256"); ``center``:
+            :func:`center_view`; ``ten_crop``: :func:`ten_crop` of that resized frame (its own 5 flips).
+        input_size: the training crop side.
+        flips: add each view's horizontal mirror image (flow: ``255 - x`` on the x channels).
+
+    Returns:
+        ``(V, ..., C, h, w)`` uint8: V = 2 with flips (the view, then its mirror), else 1 (10 / 5 for
+        ``ten_crop``).
+    """
+    _check_uint8(x)
+    if space == "ten_crop":
+        views = ten_crop(resize_short_side(x, eval_short_side(input_size)), input_size, is_flow=is_flow)
+        return views if flips else views[:5]
+    if space == "full":
+        view = resize_short_side(x, eval_short_side(input_size))
+    elif space == "center":
+        view = center_view(x, input_size)
+    else:
+        raise ValueError(f"unknown test view {space!r}; valid: {', '.join(EVAL_SPACES)}")
+    views = [view, flip_horizontal(view, is_flow=is_flow)] if flips else [view]
+    return torch.stack(views)

@@ -13,6 +13,8 @@ beside any cache, and says so when the cache holds another dataset.
 - [STFN] Table 6 (mean over 3 splits): STFN with ResNet-101 and Inception-V3 (N = 7, §4.6), and the baselines
   ST-Multiplier and TSN as the paper quotes them (the original networks, not heads on cached features).
 - [STPN] Table 3 (UCF101 split 1): two-stream compact bilinear fusion, output dimension 4096 (our ``stcb``).
+- [ST-Mult] Tables 3 and 5 for ``train-net``'s ``stmult`` at its default options: Table 3's best row (split 1,
+  ResNet-50 streams, error 6.00 / 30.98 %) and Table 5 (mean of 3 splits, ResNet-50 + ResNet-152).
 """
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ _STREAM_NAMES = {"rgb": "Appear.", "flow": "Motion", "late": "Late Fusion"}
 #: [STFN] Table 6, mean over 3 splits: STFN per backbone (N = 7) and the quoted baselines.
 STFN_TABLE6 = {"resnet101": (94.3, 71.2), "inception_v3": (95.4, 72.1)}
 TABLE6_BASELINES = {"stmultiplier": ("ST-Multiplier [ST-Mult]", 94.2, 68.9), "tsn": ("TSN [TSN]", 94.9, 71.0)}
+#: The note of a head row whose figure is a network it only approximates.
+_APPROXIMATES = {"stmultiplier": "; our head approximates it on pooled features"}
 
 
 def _backbone(backbone: str | None) -> tuple[str, str]:
@@ -88,15 +92,36 @@ def _stfn_split1(options: Mapping[str, object], segments: int | None) -> Figure 
     return Figure(ucf, hmdb, f"[STFN] Table {table}, {key[0]} {key[1]} (split 1)")
 
 
+#: [ST-Mult] for train-net's stmult at its defaults (residual ⊙ gating, ‡ centre-initialised temporal filters, max
+#: over time): Table 3's best row, split 1, ResNet-50 streams (100 - error), and Table 5, mean of 3 splits.
+STMULT_SPLIT1 = (94.00, 69.02)
+STMULT_TABLE5 = (94.2, 68.9)
+_STMULT_PAPER = {"gate_appearance": "pre_relu", "temporal_placement": "residual", "temporal_init": "center",
+                 "temporal_pool": "max"}
+
+
+def _network_figure(net: str | None, options: Mapping[str, object], across_splits: bool) -> Figure | None:
+    if net != "stmult" or any(options.get(k, v) != v for k, v in _STMULT_PAPER.items()):
+        return None
+    if across_splits:
+        return Figure(*STMULT_TABLE5, "[ST-Mult] Table 5 (ResNet-50 + ResNet-152; mean of 3 splits)")
+    return Figure(*STMULT_SPLIT1, "[ST-Mult] Table 3, residual ⊙ + ‡ centre init + max over time (ResNet-50; "
+                                  "split 1)")
+
+
 def published_figure(stage: str, *, stream: str | None = None, head: str | None = None,
                      options: Mapping[str, object] | None = None, segments: int | None = None,
-                     backbone: str | None = None, across_splits: bool = False) -> Figure | None:
+                     backbone: str | None = None, across_splits: bool = False, net: str | None = None
+                     ) -> Figure | None:
     """The published figure for one of our rows, or None when the papers have none.
 
     ``stage``: ``finetune`` (``stream`` rgb, flow, or ``late`` for the late fusion row), ``train-head`` or
-    ``refine`` (``head`` with its effective ``options`` and ``segments``). ``across_splits``: the row is a mean
-    over splits, compared with Table 6's 3-split means (STFN and the quoted baselines only)."""
+    ``refine`` (``head`` with its effective ``options`` and ``segments``), ``train-net`` (``net`` with its
+    effective ``options``). ``across_splits``: the row is a mean over splits, compared with Table 6's 3-split
+    means (STFN and the quoted baselines only) or [ST-Mult] Table 5."""
     options = dict(options or {})
+    if stage == "train-net":
+        return _network_figure(net, options, across_splits)
     if stage == "finetune":
         if across_splits or stream not in _STREAM_NAMES:
             return None
@@ -105,7 +130,8 @@ def published_figure(stage: str, *, stream: str | None = None, head: str | None 
         return Figure(ucf, hmdb, f"[STFN] Table 5, {_STREAM_NAMES[stream]} ({name}; split 1)")
     if head in TABLE6_BASELINES:
         name, ucf, hmdb = TABLE6_BASELINES[head]
-        return Figure(ucf, hmdb, f"[STFN] Table 6, {name} (the original network; mean of 3 splits)")
+        return Figure(ucf, hmdb, f"[STFN] Table 6, {name} (the original network; mean of 3 splits"
+                                 f"{_APPROXIMATES.get(head, '')})")
     if head == "stcb" and not across_splits:
         return Figure(93.2, None, "[STPN] Table 3, compact bilinear d = 4096 (BN-Inception; UCF101 split 1)")
     if head != "stfn":

@@ -41,7 +41,7 @@ from pipeline.stage import finished_outputs
 __all__ = ["ReportError", "Report", "build_report", "default_output_dir"]
 
 #: The stages whose outputs have training curves, in pipeline order.
-CURVE_STAGES = (artifacts.FINETUNE, artifacts.TRAIN_HEAD, artifacts.REFINE)
+CURVE_STAGES = (artifacts.FINETUNE, artifacts.TRAIN_HEAD, artifacts.REFINE, artifacts.TRAIN_NET)
 #: Up to this many classes a confusion matrix shows its counts and every row gets one; beyond, the best row's
 #: matrix alone, colour only (a 101 x 101 table of numbers is unreadable; results.json holds them all).
 CONFUSION_COUNTS_MAX = 30
@@ -151,7 +151,8 @@ class _Cache:
     _results: dict[str, dict | None] = field(default_factory=dict)
 
     def source_results(self, key: str) -> dict | None:
-        """``results.json`` of a train-head or refine output (None where it has none or it is unreadable)."""
+        """``results.json`` of a train-head, refine or train-net output (None where it has none or it is
+        unreadable)."""
         if key not in self._results:
             try:
                 self._results[key] = artifacts.read_results(self.root / key, key)
@@ -168,6 +169,9 @@ class _Cache:
         if parts.stage == artifacts.FINETUNE:
             return published_figure(parts.stage, stream=parts.name, backbone=backbone, across_splits=across_splits)
         r = self.source_results(source) or {}
+        if parts.stage == artifacts.TRAIN_NET:
+            return published_figure(parts.stage, net=r.get("net"), options=r.get("net_options") or {},
+                                    backbone=backbone, across_splits=across_splits)
         if not r.get("head"):
             return None
         options = r.get("head_options") or r.get("head_kwargs") or {}  # train-head records both, refine the kwargs

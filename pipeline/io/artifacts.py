@@ -20,16 +20,18 @@ from pipeline.stage.errors import ArtifactError
 from pipeline.stage.keys import (ABLATE, ABLATE_CHART, ABLATE_JSON, BEST, CONFUSION, CURVES, DECODE, DEFAULT_BACKBONE,
                                  EVALUATE, FEATURE_FILES, FEATURES, FINETUNE, FLOW, FLOW_DIR, FRAMES_DIR, HISTORY, LAST,
                                  MANIFEST, REFINE, REPORT, REPORT_PAGE, RESULTS, RESULTS_MD, SCOPED, SCORES, TABLE,
-                                 TRAIN_HEAD, KeyParts, evaluate_key, features_key, finetune_key, head_key, key_parts,
-                                 old_layout_hint, parse_scope, refine_key, scope, scope_keys, split_key)
+                                 TRAIN_HEAD, TRAIN_NET, KeyParts, evaluate_key, features_key, finetune_key, head_key,
+                                 key_parts, net_key, old_layout_hint, pair_backbone, parse_scope, refine_key, scope,
+                                 scope_keys, split_key)
 from pipeline.stage.manifest import read_manifest
 
 __all__ = [
     # re-exported from pipeline.stage.keys, their one home
     "ABLATE", "ABLATE_CHART", "ABLATE_JSON", "BEST", "CONFUSION", "CURVES", "DECODE", "DEFAULT_BACKBONE", "EVALUATE",
     "FEATURE_FILES", "FEATURES", "FINETUNE", "FLOW", "FLOW_DIR", "FRAMES_DIR", "HISTORY", "LAST", "REFINE", "REPORT",
-    "REPORT_PAGE", "RESULTS", "RESULTS_MD", "SCOPED", "SCORES", "TABLE", "TRAIN_HEAD", "KeyParts", "evaluate_key", "features_key", "finetune_key", "head_key",
-    "key_parts", "old_layout_hint", "parse_scope", "refine_key", "scope", "scope_keys", "split_key",
+    "REPORT_PAGE", "RESULTS", "RESULTS_MD", "SCOPED", "SCORES", "TABLE", "TRAIN_HEAD", "TRAIN_NET", "KeyParts", "evaluate_key", "features_key", "finetune_key", "head_key",
+    "key_parts", "net_key", "old_layout_hint", "pair_backbone", "parse_scope", "refine_key", "scope", "scope_keys",
+    "split_key",
     # opening outputs
     "ArtifactError", "manifest_params", "frame_store", "flow_store", "feature_store_file", "checkpoint_file",
     "check_classes", "finetune_checkpoint", "FINETUNE_CHECKPOINT_KEYS", "read_results",

@@ -14,7 +14,8 @@ tsn             TSN average consensus, both streams, ``flow_weight``
 concat          feature concatenation + temporal average + linear
 stcb            per-segment compact bilinear fusion ([STPN] §3.1)
 stcb_temporal   multi-path temporal STCB on flow, then STCB with rgb ([STPN] §3.2)
-stmultiplier    motion-gated residual temporal head ([ST-Mult])
+stmultiplier    pooled-feature approximation of [ST-Mult]: motion-gated residual temporal head (the
+                network itself: ``pipeline train-net --net stmult``)
 ==============  =================================================================
 
 Options (:data:`HEADS`): each head declares the options it takes and their defaults, named as in the papers.
@@ -46,13 +47,18 @@ DROPOUT = 0.5
 @dataclass(frozen=True)
 class HeadSpec:
     """One head: its builder, its options -> defaults, whether the builder takes a ``seed``, the options
-    always written in its name, and ``applies(option, options) -> reason or None`` for conditional options."""
+    always written in its name, and ``applies(option, options) -> reason or None`` for conditional options.
+    ``note``: what a results table adds to the head's rows (e.g. that it approximates a paper's network);
+    ``version``: bumped when the head's training changes, so that only its outputs go stale (train-head's
+    fingerprint digests it when set)."""
 
     builder: Callable[..., Head]
     options: Mapping[str, Any]
     seeded: bool = False
     named: tuple[str, ...] = ()
     applies: Callable[[str, Mapping[str, Any]], str | None] = field(default=lambda option, options: None)
+    note: str = ""
+    version: str = ""
 
 
 def _stfn_applies(option: str, o: Mapping[str, Any]) -> str | None:
@@ -85,7 +91,10 @@ HEADS: dict[str, HeadSpec] = {
     "stcb": HeadSpec(build_stcb, {"stcb_dim": DEFAULT_STCB_DIM, "dropout": DROPOUT}, seeded=True),
     "stcb_temporal": HeadSpec(build_stcb_temporal, {"stcb_dim": DEFAULT_STCB_DIM, "dropout": DROPOUT},
                               seeded=True),
-    "stmultiplier": HeadSpec(build_stmultiplier, {"dropout": DROPOUT}),
+    # Version 2: the paper's two losses (one cross-entropy per stream, [ST-Mult] §5.1) instead of the NLL of the
+    # fused prediction.
+    "stmultiplier": HeadSpec(build_stmultiplier, {"dropout": DROPOUT},
+                             note="pooled-feature approximation of [ST-Mult]", version="2"),
 }
 
 #: Every option some head takes, in name order (the parameters a command exposes).

@@ -1,11 +1,15 @@
-"""ST-Multiplier-style head ([ST-Mult], Feichtenhofer et al., §3.2.2 eq. 5, §3.3 eq. 8-10).
+"""ST-Multiplier-style head: an approximation of [ST-Mult] on pooled features (§3.2.2 eq. 5, §3.3 eq. 8-10).
+
+Not the paper's network: [ST-Mult] gates per pixel inside the residual units of two ResNets trained end to end
+(that network is :mod:`pipeline.models.stmult_net`, trained by ``pipeline train-net --net stmult``). This head
+applies the same two ideas, once, to the globally pooled segment features the pipeline caches.
 
 On segment feature sequences (B, N, D), one residual unit per stream:
 
     motion:      x̂_m = f(x_m) + F_m(f(x_m))
     appearance:  x̂_a = f(x_a) + F_a(x_a ⊙ f(x_m))        (eq. 5, motion gates appearance)
 
-with f = ReLU ([ST-Mult] eq. 1) and F(z) = BN(T(z)), T a 1-D temporal convolution over all D
+with f = ReLU (the f of [ST-Mult] eq. 1 and 5) and F(z) = BN(T(z)), T a 1-D temporal convolution over all D
 channels (eq. 8) whose kernel is initialised as W = 1 ⊗ f_t (eq. 9): the D x D identity
 between channels times a temporal filter f_t of length ``temporal_kernel``. With the default
 ``temporal_init="identity"`` f_t is a centred unit impulse, so T is exactly the identity at
@@ -13,7 +17,8 @@ initialisation ("do not impact the information flow at initialization"); ``"aver
 f_t = 1 / T. Biases start at zero. Then global max pooling over time (eq. 10), dropout and a
 linear softmax classifier per stream; the two streams' predictions are averaged ([ST-Mult]
 §4.2 averages the predictions; the head returns log of that average, see
-:mod:`pipeline.models.fusion`). The multiplicative gate needs Da == Dm.
+:mod:`pipeline.models.fusion`). The training loss is the paper's: one cross-entropy per stream, summed
+([ST-Mult] §5.1, "two loss layers"). The multiplicative gate needs Da == Dm.
 """
 
 from __future__ import annotations
@@ -101,15 +106,24 @@ class STMultiplierHead(Head):
         self.fc_a = nn.Linear(rgb_dim, num_classes)
         self.fc_m = nn.Linear(flow_dim, num_classes)
 
-    def forward(self, rgb: Tensor, flow: Tensor) -> Tensor:
+    def stream_logits(self, rgb: Tensor, flow: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C) logits of the appearance and the motion classifier."""
         self.check_inputs(rgb, flow)
         gate = F.relu(flow)
         xa = self.unit_a(rgb, rgb * gate)  # eq. 5
         xm = self.unit_m(flow, gate)
         # Global max pooling over time (eq. 10).
         za, zm = xa.amax(dim=1), xm.amax(dim=1)
-        return log_mean_probs([F.log_softmax(self.fc_a(self.dropout(za)), dim=-1),
-                               F.log_softmax(self.fc_m(self.dropout(zm)), dim=-1)])
+        return self.fc_a(self.dropout(za)), self.fc_m(self.dropout(zm))
+
+    def forward(self, rgb: Tensor, flow: Tensor) -> Tensor:
+        za, zm = self.stream_logits(rgb, flow)
+        return log_mean_probs([F.log_softmax(za, dim=-1), F.log_softmax(zm, dim=-1)])
+
+    def loss(self, rgb: Tensor, flow: Tensor, target: Tensor) -> Tensor:
+        """[ST-Mult] §5.1: one softmax cross-entropy per stream ("two loss layers"), summed."""
+        za, zm = self.stream_logits(rgb, flow)
+        return F.cross_entropy(za, target) + F.cross_entropy(zm, target)
 
 
 def build_stmultiplier(*, num_classes: int, rgb_dim: int, flow_dim: int, num_segments: int,

@@ -6,7 +6,9 @@ training loop) takes them from here. This module imports no other module of the 
 Every stage's output lives in ``<cache>/<key>/``. ``decode`` and ``extract-flow`` are shared by every split
 and backbone (one decode serves UCF101's three splits, and the ResNet-101 and Inception-V3 configs share it).
 Every later stage's output is per *scope*: the split and the backbone, ``split<k>-<backbone>`` (:func:`scope`),
-so the models of split 1 and split 2, or of two backbones, exist side by side in one cache.
+so the models of split 1 and split 2, or of two backbones, exist side by side in one cache. An end-to-end
+network whose two streams have different backbones (``train-net --rgb-arch resnet50 --flow-arch resnet152``)
+lives in the scope of the pair, ``split1-resnet50+resnet152`` (:func:`pair_backbone`).
 
 | stage            | key                                      | what is inside                                  |
 |------------------|------------------------------------------|-------------------------------------------------|
@@ -16,6 +18,7 @@ so the models of split 1 and split 2, or of two backbones, exist side by side in
 | extract-features | ``extract-features/<scope>``             | ``features.zarr`` and/or ``features.h5``        |
 | train-head       | ``train-head/<scope>/<name>``            | ``best.pt``, ``results.json``, ``test_scores.npz`` |
 | refine           | ``refine/<scope>/<name>``                | ``best.pt``, ``last.pt``, ``results.json``, ``test_scores.npz`` |
+| train-net        | ``train-net/<scope>/<name>``             | ``best.pt``, ``last.pt``, ``results.json``, ``test_scores.npz`` |
 | evaluate         | ``evaluate/<scope>``, ``evaluate/splits1-2-3-<backbone>`` | ``results.md``, ``results.json``, plots |
 
 Beside those, every stage folder holds the run's own files (:data:`MANIFEST`, :data:`RUN_INFO`, the journal,
@@ -40,6 +43,7 @@ FINETUNE = "finetune"
 FEATURES = "extract-features"
 TRAIN_HEAD = "train-head"
 REFINE = "refine"
+TRAIN_NET = "train-net"
 EVALUATE = "evaluate"
 #: ``pipeline ablate``'s tables (a command, not a stage): ``<cache>/ablate/<scope>/``, with the rows of every
 #: table (``ablate.json``), a bar chart (``ablate.png``) and one ``<table>.md`` each.
@@ -51,7 +55,7 @@ REPORT = "report"
 REPORT_PAGE = "index.html"
 
 #: The stages whose outputs are per scope (split and backbone).
-SCOPED = (FINETUNE, FEATURES, TRAIN_HEAD, REFINE, EVALUATE)
+SCOPED = (FINETUNE, FEATURES, TRAIN_HEAD, REFINE, TRAIN_NET, EVALUATE)
 
 # Files of every run (written by pipeline.stage.runner).
 MANIFEST = "manifest.json"      # a finished run: fingerprint, parameters, upstream, counts (pipeline.stage.manifest)
@@ -69,8 +73,8 @@ FRAMES_DIR = "frames"           # decode: one container per video
 FLOW_DIR = "flow"               # extract-flow: one container per video
 TABLE = "videos.json"           # decode: the video table (pipeline.data.table)
 FEATURE_FILES = {"zarr": "features.zarr", "h5": "features.h5"}  # extract-features, by store kind
-BEST = "best.pt"                # the checkpoint of the best validation epoch (finetune, train-head, refine)
-LAST = "last.pt"                # the checkpoint a killed run resumes from (finetune, refine)
+BEST = "best.pt"                # the checkpoint of the best validation epoch (finetune, train-head, refine, train-net)
+LAST = "last.pt"                # the checkpoint a killed run resumes from (finetune, refine, train-net)
 HISTORY = "history.csv"         # one row per epoch
 CURVES = "curves.png"
 CONFUSION = "confusion.png"
@@ -132,6 +136,17 @@ def head_key(name: str, split: int = 1, backbone: str = DEFAULT_BACKBONE) -> str
 
 def refine_key(name: str, split: int = 1, backbone: str = DEFAULT_BACKBONE) -> str:
     return f"{REFINE}/{scope(split, backbone)}/{name}"
+
+
+def net_key(name: str, split: int = 1, backbone: str = DEFAULT_BACKBONE) -> str:
+    """``train-net/split1-resnet18/stmult-s0``: an end-to-end network's output."""
+    return f"{TRAIN_NET}/{scope(split, backbone)}/{name}"
+
+
+def pair_backbone(rgb_arch: str, flow_arch: str) -> str:
+    """The backbone part of the scope of a two-stream network: the arch when both streams share it
+    (``resnet18``), else ``<rgb>+<flow>`` (``resnet50+resnet152``, [ST-Mult] §5.3's best pair)."""
+    return rgb_arch if rgb_arch == flow_arch else f"{rgb_arch}+{flow_arch}"
 
 
 def evaluate_key(splits: Sequence[int] = (1,), backbone: str = DEFAULT_BACKBONE) -> str:

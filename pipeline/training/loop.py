@@ -44,7 +44,7 @@ from pipeline.training.tensorboard import EpochScalars
 __all__ = [
     "DistInfo", "EpochBatches", "FitResult", "GlobalBatchNorm2d", "Schedule", "autocast", "auto_workers",
     "fit", "global_batch_size", "global_batch_sizes", "freeze_partial_bn", "load_checkpoint", "loss_scale",
-    "make_loader", "micro_batches", "predict_videos",
+    "check_plan", "make_loader", "micro_batches", "predict_videos",
     "resume_checkpoint", "save_checkpoint", "segment_consensus_loss", "seed_epoch", "set_train_mode",
     "sum_over_ranks", "sync_batchnorm", "train_one_epoch", "trainable_param_groups",
 ]
@@ -402,6 +402,21 @@ def resume_checkpoint(path: Path, meta: dict, keys: tuple[str, ...], *, is_main:
     return ckpt
 
 
+def check_plan(*, tensorboard: bool, batch_size: int) -> None:
+    """What a stage training end to end (refine, train-net) checks in its plan, before any work: TensorBoard is
+    installed when asked for, and the global batch has a video for every rank. StageError otherwise."""
+    from pipeline.stage import StageError
+    from pipeline.training.tensorboard import TensorBoardMissing, check_available
+
+    if tensorboard:
+        try:
+            check_available()
+        except TensorBoardMissing as e:
+            raise StageError(str(e)) from None
+    if batch_size < _world():
+        raise StageError(f"--batch-size {batch_size} is smaller than the {_world()} ranks")
+
+
 def start_run(ctx, device: str, meta: dict, resume_keys: tuple[str, ...]) -> tuple[DistInfo, torch.device, dict | None]:
     """What a training stage's ``run`` starts with: this process's rank, its device (``pipeline.dist.device``
     of ``device``) and the ``last.pt`` of a killed run in the stage folder ``ctx.dir`` to resume from
@@ -414,7 +429,8 @@ def start_run(ctx, device: str, meta: dict, resume_keys: tuple[str, ...]) -> tup
 def end_epoch(row: dict, history: list[dict], best: dict, *, epoch: int, decays: int, lr: float, scheduler,
               optimizer: torch.optim.Optimizer, max_epochs: int, max_decays: int) -> tuple[int, int, dict, bool, bool]:
     """Bookkeeping after one epoch of a plateau-scheduled run ([STFN] §4.2: lr divided by 10 when the
-    validation error saturates; TSN stops after ``max_decays`` divisions).
+    validation error saturates; TSN stops after ``max_decays`` divisions) or a step-scheduled one (the lr
+    divided at fixed epochs, :attr:`Schedule.milestones`).
 
     ``row`` holds ``val_acc`` / ``val_loss`` (None without a validation set, then the training loss is
     monitored) and ``train_loss``; it is appended to ``history``. Returns (epoch, decays, best, improved, done).
@@ -424,7 +440,10 @@ def end_epoch(row: dict, history: list[dict], best: dict, *, epoch: int, decays:
         improved = (row["val_acc"], -row["val_loss"]) > (best["val_acc"], -best["val_loss"])
     else:
         monitored, improved = row["train_loss"], True
-    scheduler.step(monitored)
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(monitored)
+    else:  # a step schedule: the epoch alone decides
+        scheduler.step()
     epoch += 1
     if optimizer.param_groups[0]["lr"] < lr:
         decays += 1
@@ -457,7 +476,11 @@ def save_epoch(out: Path, state: dict, last_extra: dict, history: list[dict], *,
 class Schedule:
     """The plateau schedule of [STFN] §4.2 as finetune and refine run it: SGD with momentum, the learning rate
     divided by 10 after ``patience`` epochs without a lower validation error, stopping at the first plateau
-    after ``lr_decays`` divisions or after ``epochs`` epochs; ``seed`` seeds the data order and dropout."""
+    after ``lr_decays`` divisions or after ``epochs`` epochs; ``seed`` seeds the data order and dropout.
+
+    With ``milestones`` (epoch counts, increasing) it is a step schedule instead: the learning rate divided by
+    10 after each of those epochs ([ST-Mult] §4.1: after 20, then after 10 more, ``(20, 30)``), ``epochs``
+    epochs in all; ``patience`` and ``lr_decays`` are unused. Validation still picks ``best.pt``."""
 
     lr: float
     momentum: float
@@ -466,6 +489,14 @@ class Schedule:
     lr_decays: int
     epochs: int
     seed: int = 0
+    milestones: tuple[int, ...] = ()
+
+    def scheduler(self, optimizer: torch.optim.Optimizer):
+        """The learning-rate scheduler of this schedule (stepped once per epoch by :func:`end_epoch`)."""
+        if self.milestones:
+            return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(self.milestones), gamma=0.1)
+        # [STFN] §4.2: divide the learning rate by 10 when the validation error saturates.
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=self.patience)
 
 
 @dataclass
@@ -484,7 +515,7 @@ def fit(model: nn.Module, train: Callable[[torch.optim.Optimizer, Callable[[int]
         best: dict | None = None, last_extra: dict | None = None,
         rate: tuple[str, str, str] = ("frames_per_s", "frames", "frames"), desc: str = "train",
         unit: str = "sample", tensorboard: bool = False) -> FitResult:
-    """Train ``model`` (from ``ckpt`` when resuming a killed run) on the plateau ``schedule``; rank 0 writes
+    """Train ``model`` (from ``ckpt`` when resuming a killed run) on the plateau or step ``schedule``; rank 0 writes
     ``best.pt`` on every validation improvement, ``last.pt`` and ``history.csv`` after every epoch.
 
     ``train(optimizer, progress)`` runs one epoch (:func:`train_one_epoch` with the stage's loader and loss) and returns
@@ -501,9 +532,7 @@ def fit(model: nn.Module, train: Callable[[torch.optim.Optimizer, Callable[[int]
     if optimizer is None:
         optimizer = torch.optim.SGD(trainable_param_groups(model, schedule.weight_decay), lr=schedule.lr,
                                     momentum=schedule.momentum)
-    # [STFN] §4.2: divide the learning rate by 10 when the validation error saturates.
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1,
-                                                           patience=schedule.patience)
+    scheduler = schedule.scheduler(optimizer)
     history: list[dict] = []
     best = dict(best) if best is not None else {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf}
     start, decays, done = 0, 0, schedule.epochs == 0
@@ -545,7 +574,8 @@ def fit(model: nn.Module, train: Callable[[torch.optim.Optimizer, Callable[[int]
                 row["val_acc"], row["val_loss"] = validate()
             epoch, decays, best, improved, done = end_epoch(
                 row, history, best, epoch=epoch, decays=decays, lr=lr, scheduler=scheduler, optimizer=optimizer,
-                max_epochs=schedule.epochs, max_decays=schedule.lr_decays)
+                max_epochs=schedule.epochs,
+                max_decays=len(schedule.milestones) if schedule.milestones else schedule.lr_decays)
             if main:
                 save_epoch(out, {**meta, "model": model.state_dict(), "epoch": epoch, "metrics": row},
                            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best": best,
